@@ -1,0 +1,41 @@
+# athanor — the two commands of the README's quick start:
+#   make demo   build .venv (offline-safe), run recipes/minilm.yaml, print the before/after table
+#   make test   build .venv, run the whole test suite (unit + slow end-to-end + distributed)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.athanor-installed
+export ATHANOR_HOME ?= $(CURDIR)/.athanor
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export MLFLOW_ENABLE_ASYNC_LOGGING ?= false
+
+.PHONY: venv demo test test-fast lint clean
+
+venv: $(STAMP)
+
+# torch first, pinned: it is the local CPU build; an open range would pull a multi-GB CUDA build.
+# deepspeed builds against the installed torch, so it is installed without build isolation.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-build-isolation 'deepspeed>=0.15'
+	@# PyPI's `kernels` package would shadow ours (transformers probes for it): keep it out.
+	-$(PY) -m pip uninstall -q -y kernels 2>/dev/null
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/athanor submit recipes/minilm.yaml --wait
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not distributed and not browser"
+
+clean:
+	rm -rf $(VENV) .athanor .pytest_cache
