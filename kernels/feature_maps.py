@@ -1,0 +1,80 @@
+"""Feature maps φ for linear attention: `elu+1`, `relu`, and the learnable Hedgehog map.
+
+Hedgehog (Zhang et al. 2024, "The Hedgehog & the Porcupine") is φ(x) = softmax(xW) ⊕ softmax(−xW)
+per head, W learnable, so φ has 2·feature_dim features. Maps run in float32 (why: softmax and elu
+on fp16 inputs lose the small entries that dominate long sums).
+Tested by `.venv/bin/python -m pytest tests/kernels/test_linear_attention.py -q`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FeatureMap = Union[str, nn.Module, Callable[[torch.Tensor], torch.Tensor]]
+NAMED_MAPS = ("elu+1", "relu")
+
+
+def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x.float()) + 1.0
+
+
+def relu_map(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x.float())
+
+
+class HedgehogFeatureMap(nn.Module):
+    """φ(x) = softmax(x W_h) ⊕ softmax(−x W_h) for each head h, on `[batch, heads, tokens, head_dim]`.
+
+    W starts as the identity (as in LoLCATs) when feature_dim == head_dim, so the map starts
+    as a softmax over the raw query/key coordinates; otherwise it starts as a small random matrix.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, feature_dim: int | None = None) -> None:
+        super().__init__()
+        if num_heads < 1 or head_dim < 1:
+            raise ValueError(f"num_heads={num_heads}, head_dim={head_dim}: both must be >= 1")
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.feature_dim = head_dim if feature_dim is None else feature_dim
+        if self.feature_dim < 1:
+            raise ValueError(f"feature_dim={feature_dim}: must be >= 1")
+        weight = torch.empty(num_heads, head_dim, self.feature_dim)
+        if self.feature_dim == head_dim:
+            weight.copy_(torch.eye(head_dim).expand(num_heads, -1, -1))
+        else:
+            nn.init.normal_(weight, std=head_dim**-0.5)
+        self.weight = nn.Parameter(weight)
+
+    @property
+    def out_dim(self) -> int:
+        return 2 * self.feature_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.num_heads or x.shape[-1] != self.head_dim:
+            raise ValueError(
+                f"Hedgehog map built for [batch, {self.num_heads}, tokens, {self.head_dim}], "
+                f"got {tuple(x.shape)}"
+            )
+        proj = torch.einsum("bhnd,hdf->bhnf", x.float(), self.weight.float())
+        return torch.cat([proj.softmax(-1), (-proj).softmax(-1)], dim=-1)
+
+
+def resolve_feature_map(feature_map: FeatureMap) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A name from NAMED_MAPS, a HedgehogFeatureMap (or any module), or a callable on tensors."""
+    if isinstance(feature_map, str):
+        if feature_map == "elu+1":
+            return elu_plus_one
+        if feature_map == "relu":
+            return relu_map
+        if feature_map == "hedgehog":
+            raise ValueError(
+                "feature_map='hedgehog' has learnable weights: pass a HedgehogFeatureMap(num_heads, "
+                "head_dim) module instead of the string"
+            )
+        raise ValueError(f"feature_map={feature_map!r}: use one of {NAMED_MAPS} or a HedgehogFeatureMap")
+    if callable(feature_map):
+        return feature_map
+    raise ValueError(f"feature_map={feature_map!r} is neither a name nor callable")
