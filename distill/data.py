@@ -1,0 +1,195 @@
+"""Text data for distillation: local files, any `datasets` loader, or a built-in offline corpus.
+
+The built-in corpus is the docstrings of a fixed list of installed packages, read with `ast` from
+their source files (nothing is imported), in a deterministic order, deduplicated and split into
+paragraph passages. `load_texts` returns (train, held_out); `TrainLoader` turns passages into
+tokenized, dynamically padded batches.
+
+Tests: `.venv/bin/python -m pytest tests/distill/test_data.py -q`
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import importlib.util
+import os
+import random
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from distill.spec import DataSpec, RecipeError
+
+# Stdlib first (always present), then the project's own dependencies. Order matters: passages are
+# read in this order until `max_texts` is reached.
+BUILTIN_PACKAGES = (
+    "json", "logging", "email", "http", "urllib", "asyncio", "concurrent", "unittest",
+    "importlib", "collections", "xml", "multiprocessing", "argparse", "pathlib", "typing",
+    "dataclasses", "functools", "inspect", "pydoc", "tarfile", "zipfile", "subprocess",
+    "threading", "datetime", "decimal", "fractions", "statistics", "random", "textwrap",
+    "pydantic", "yaml", "rich", "datasets", "lightning", "transformers", "torch",
+)
+_MIN_WORDS, _MAX_CHARS = 8, 1200
+_PROSE = re.compile(r"[A-Za-z]")
+
+
+def _source_files(package: str) -> list[Path]:
+    """The .py files of an installed top-level module or package, sorted; [] when absent."""
+    try:
+        spec = importlib.util.find_spec(package)  # top-level: locates without importing
+    except (ImportError, ValueError):
+        return []
+    if spec is None:
+        return []
+    if spec.submodule_search_locations:
+        files: list[Path] = []
+        for root in sorted(spec.submodule_search_locations):
+            for dirpath, dirnames, filenames in os.walk(root):
+                dirnames.sort()
+                files += [Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py")]
+        return files
+    return [Path(spec.origin)] if spec.origin and spec.origin.endswith(".py") else []
+
+
+def _docstrings(path: Path) -> Iterator[str]:
+    """Module, class and function docstrings of one source file, in source order."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+        return
+    nodes = [tree] + [
+        n for n in ast.walk(tree)
+        if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+    ]
+    for node in nodes:  # ast.walk is breadth-first and deterministic
+        doc = ast.get_docstring(node, clean=True)
+        if doc:
+            yield doc
+
+
+def split_passages(doc: str) -> list[str]:
+    """Split a docstring into prose paragraphs (code, doctests and short fragments dropped)."""
+    passages = []
+    for para in re.split(r"\n\s*\n", doc):
+        lines = [ln.strip() for ln in para.strip().splitlines()]
+        if not lines or any(ln.startswith((">>>", "...", "$ ", "```")) for ln in lines):
+            continue
+        text = " ".join(ln for ln in lines if ln)
+        letters = len(_PROSE.findall(text))
+        if len(text.split()) >= _MIN_WORDS and letters >= 0.6 * len(text):
+            passages.append(text[:_MAX_CHARS])
+    return passages
+
+
+def builtin_corpus(limit: int) -> list[str]:
+    """Up to `limit` unique docstring passages of BUILTIN_PACKAGES, in a fixed order."""
+    seen: dict[str, None] = {}
+    for package in BUILTIN_PACKAGES:
+        for path in _source_files(package):
+            for doc in _docstrings(path):
+                for passage in split_passages(doc):
+                    seen.setdefault(passage, None)
+                    if len(seen) >= limit:
+                        return list(seen)
+    return list(seen)
+
+
+def _read_files(paths: list[str]) -> list[str]:
+    texts: list[str] = []
+    for pattern in paths:
+        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matches:
+            raise RecipeError("data.paths", pattern, "no file matches this path or glob")
+        for match in matches:
+            if os.path.isfile(match):
+                with open(match, encoding="utf-8", errors="replace") as f:
+                    texts += [line.strip() for line in f if line.strip()]
+    return texts
+
+
+def _read_datasets(spec: DataSpec) -> list[str]:
+    import datasets  # heavy import, only when used
+
+    if not spec.loader:
+        raise RecipeError(
+            "data.loader", None, "set 'text', 'json', 'csv', 'parquet' or 'disk' for kind 'datasets'"
+        )
+    try:
+        if spec.loader == "disk":
+            if len(spec.paths) != 1:
+                raise RecipeError("data.paths", spec.paths, "give exactly one save_to_disk directory")
+            ds: Any = datasets.load_from_disk(os.path.expanduser(spec.paths[0]))
+            if isinstance(ds, datasets.DatasetDict):
+                if spec.split not in ds:
+                    raise RecipeError("data.split", spec.split, f"the saved dataset has {list(ds)}")
+                ds = ds[spec.split]
+        else:
+            files = [os.path.expanduser(p) for p in spec.paths] or None
+            ds = datasets.load_dataset(spec.loader, data_files=files, split=spec.split)
+    except RecipeError:
+        raise
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
+        key = "data.paths" if spec.paths else "data.loader"
+        raise RecipeError(key, spec.paths or spec.loader, f"could not load: {exc}") from exc
+    if spec.text_column not in ds.column_names:
+        raise RecipeError("data.text_column", spec.text_column, f"columns are {ds.column_names}")
+    # Twice max_texts rows leaves room for duplicates without reading a huge dataset whole.
+    column = ds.select(range(min(len(ds), spec.max_texts * 2)))[spec.text_column]
+    return [str(t).strip() for t in column if t is not None and str(t).strip()]
+
+
+def load_texts(spec: DataSpec) -> tuple[list[str], list[str]]:
+    """(train, held_out) passages: deduplicated, capped at max_texts, shuffled with `spec.seed`."""
+    if spec.kind == "builtin":
+        texts = builtin_corpus(spec.max_texts)
+    elif spec.kind == "files":
+        if not spec.paths:
+            raise RecipeError("data.paths", [], "list text files (one passage per line)")
+        texts = _read_files(spec.paths)
+    else:
+        texts = _read_datasets(spec)
+    texts = list(dict.fromkeys(texts))[: spec.max_texts]
+    if not texts:
+        key = "data.kind" if spec.kind == "builtin" else "data.paths"
+        raise RecipeError(key, spec.paths or spec.kind, "the data has no non-empty text")
+    if len(texts) <= spec.eval_texts:
+        raise RecipeError(
+            "data.eval_texts", spec.eval_texts,
+            f"only {len(texts)} passages: hold out fewer or add data (training needs at least one)",
+        )
+    random.Random(spec.seed).shuffle(texts)
+    return texts[spec.eval_texts:], texts[: spec.eval_texts]
+
+
+class TokenizeCollate:
+    """Tokenize a list of passages into a padded batch (a class, so worker processes can pickle it)."""
+
+    def __init__(self, tokenizer: Any, max_length: int, pad_to_max: bool = False) -> None:
+        self.tokenizer, self.max_length, self.pad_to_max = tokenizer, max_length, pad_to_max
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return dict(self.tokenizer(
+            texts, truncation=True, max_length=self.max_length, return_tensors="pt",
+            padding="max_length" if self.pad_to_max else "longest",
+        ))
+
+
+class TrainLoader:
+    """Factory for the training DataLoader: `loader()` or `loader(batch_size)`."""
+
+    def __init__(self, texts: list[str], tokenizer: Any, spec: DataSpec) -> None:
+        self.texts, self.spec = texts, spec
+        self.collate = TokenizeCollate(tokenizer, spec.max_length)
+
+    def __call__(self, batch_size: int | None = None) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.spec.seed)
+        return DataLoader(
+            self.texts, batch_size=batch_size or self.spec.batch_size, shuffle=True,
+            collate_fn=self.collate, num_workers=self.spec.num_workers, generator=generator,
+            drop_last=len(self.texts) >= (batch_size or self.spec.batch_size),
+        )

@@ -1,0 +1,152 @@
+"""Evaluation of text encoders against their teacher: size, CPU latency, agreement, STS.
+
+Every metric is defined for any pair of models, so the teacher ("before") and the student ("after")
+report the same keys:
+
+- `params`: parameter count.
+- `latency_ms`: median CPU wall time of one forward over the first eval batch, `latency_repeats`
+  runs, timed interleaved with the teacher; `speedup` = teacher latency / model latency from the
+  same interleaved runs (≈1.0 for the teacher itself).
+- `embedding_cosine`: similarity-structure agreement, chosen because students may have a different
+  hidden size. Mean-pooled embeddings of the held-out texts give each model a cosine-similarity
+  matrix S (texts × texts); for each text, the cosine between its model row and its teacher row,
+  diagonal dropped and each row mean-centred (i.e. the Pearson correlation of the two rows),
+  averaged over texts. 1.0 for the teacher; ≈0 for unrelated embeddings.
+- `sts_spearman` (only with an STS file): Spearman correlation of embedding cosine vs gold score.
+
+Tests: `.venv/bin/python -m pytest tests/distill/test_text_eval.py -q`
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from scipy.stats import spearmanr
+
+from distill.spec import EvalSpec, RecipeError
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the real-token vectors: (batch, T, D), (batch, T) -> (batch, D), float32."""
+    m = mask.to(torch.float32).unsqueeze(-1)
+    return (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch).last_hidden_state
+
+
+@torch.no_grad()
+def embed(model: torch.nn.Module, tokenizer: Any, texts: list[str], batch_size: int,
+          max_length: int) -> torch.Tensor:
+    """Mean-pooled embeddings of `texts` (float32, on CPU)."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[i:i + batch_size], truncation=True, max_length=max_length,
+                          padding=True, return_tensors="pt").to(device)
+        out.append(mean_pool(_forward(model, dict(batch)), batch["attention_mask"]).cpu())
+    return torch.cat(out)
+
+
+def similarity_agreement(model_emb: torch.Tensor, teacher_emb: torch.Tensor) -> float:
+    """Mean per-text Pearson correlation of the two models' cosine-similarity rows (no diagonal)."""
+    n = model_emb.shape[0]
+    if n < 3:
+        raise ValueError("similarity agreement needs at least 3 texts")
+
+    def rows(e: torch.Tensor) -> torch.Tensor:
+        e = torch.nn.functional.normalize(e.double(), dim=-1)
+        s = e @ e.T
+        off = s[~torch.eye(n, dtype=torch.bool)].view(n, n - 1)
+        return off - off.mean(dim=1, keepdim=True)
+
+    a, b = rows(model_emb), rows(teacher_emb)
+    return torch.nn.functional.cosine_similarity(a, b, dim=1).mean().item()
+
+
+@torch.no_grad()
+def interleaved_latency(model: torch.nn.Module, teacher: torch.nn.Module,
+                        batch: dict[str, torch.Tensor], repeats: int) -> tuple[float, float]:
+    """Median ms per forward of (model, teacher), alternating runs so load hits both alike."""
+    for m in (model, teacher):  # warm-up: allocator, kernels, lazy init
+        _forward(m, batch)
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for _ in range(repeats):
+        for idx, m in enumerate((model, teacher)):
+            start = time.perf_counter()
+            _forward(m, batch)
+            times[idx].append((time.perf_counter() - start) * 1000)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def read_sts(path: str) -> tuple[list[str], list[str], list[float]]:
+    """STS-Benchmark TSV: genre, file, year, id, score, sentence1, sentence2 (+ ignored extras)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise RecipeError("eval.sts_file", path, "no such file")
+    first, second, scores = [], [], []
+    with p.open(encoding="utf-8") as f:
+        for lineno, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
+            if not row or not any(row):
+                continue
+            if len(row) < 7:
+                raise RecipeError("eval.sts_file", f"{path}:{lineno}",
+                                  f"expected 7 tab-separated fields, found {len(row)}")
+            try:
+                score = float(row[4])
+            except ValueError:
+                if lineno == 1:  # a header line
+                    continue
+                raise RecipeError("eval.sts_file", f"{path}:{lineno}",
+                                  f"score {row[4]!r} is not a number") from None
+            first.append(row[5])
+            second.append(row[6])
+            scores.append(score)
+    if len(scores) < 3:
+        raise RecipeError("eval.sts_file", path, "needs at least 3 scored pairs")
+    return first, second, scores
+
+
+def sts_spearman(model: torch.nn.Module, tokenizer: Any, path: str, batch_size: int,
+                 max_length: int) -> float:
+    """Spearman correlation between cosine(embedding1, embedding2) and the gold scores."""
+    first, second, scores = read_sts(path)
+    a = embed(model, tokenizer, first, batch_size, max_length)
+    b = embed(model, tokenizer, second, batch_size, max_length)
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    return float(spearmanr(cosine.numpy(), scores).statistic)
+
+
+def evaluate_encoder(model: torch.nn.Module, teacher: torch.nn.Module, tokenizer: Any,
+                     texts: list[str], spec: EvalSpec, max_length: int) -> dict[str, float]:
+    """All metrics above for `model` against `teacher`, both on CPU in eval mode."""
+    texts = texts[: spec.max_texts]
+    modes = (model.training, teacher.training)
+    model.eval().to("cpu")
+    teacher.eval().to("cpu")
+    try:
+        batch = dict(tokenizer(texts[: spec.batch_size], truncation=True, max_length=max_length,
+                               padding=True, return_tensors="pt"))
+        model_ms, teacher_ms = interleaved_latency(model, teacher, batch, spec.latency_repeats)
+        model_emb = embed(model, tokenizer, texts, spec.batch_size, max_length)
+        teacher_emb = (model_emb if model is teacher
+                       else embed(teacher, tokenizer, texts, spec.batch_size, max_length))
+        metrics = {
+            "params": float(sum(p.numel() for p in model.parameters())),
+            "latency_ms": model_ms,
+            "speedup": teacher_ms / model_ms,
+            "embedding_cosine": similarity_agreement(model_emb, teacher_emb),
+        }
+        if spec.sts_file:
+            metrics["sts_spearman"] = sts_spearman(model, tokenizer, spec.sts_file,
+                                                   spec.batch_size, max_length)
+    finally:
+        model.train(modes[0])
+        teacher.train(modes[1])
+    return metrics
