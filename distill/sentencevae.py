@@ -1,0 +1,289 @@
+"""SentenceVAE: next-sentence prediction for causal LMs (registered as `sentencevae`).
+
+A sentence encoder compresses each sentence into one vector, a sentence decoder reconstructs its
+tokens, and the pretrained LM's layers (the SLLM) run causally over sentence vectors, so one KV-cache
+position holds a whole sentence. Stage 1 trains encoder/decoder on reconstruction; stage 2 trains
+the SLLM (optionally LoRA adapters) through the frozen decoder. Recipe sections handled here:
+
+    student: {encoder_layers: 2, decoder_layers: 2, pooling: weighted}
+    sentencevae: {stage1_steps: 300, max_sentence_tokens: 32, lora_rank: 0, pretrain_steps: 0}
+
+Tests: `.venv/bin/python -m pytest tests/distill/test_sentencevae.py tests/convert/test_sentencevae*.py -q`
+End to end: `.venv/bin/athanor submit recipes/sentencevae_tiny.yaml --wait`
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch.utils.data import DataLoader
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from convert.sentencevae import VAEConfig
+from convert.sentencevae_segment import DEFAULT_ABBREVIATIONS, SegmentRules, segment_ids
+from convert.sentencevae_sllm import SentenceVAEModel
+from distill.data import load_texts
+from distill.sentencevae_eval import evaluate_pair
+from distill.sentencevae_train import SentenceVAEModule, collate, pretrain_lm
+from distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
+
+
+class SentenceVAEStudent(Section):
+    """The recipe's `student:` section: sizes of the sentence encoder and decoder."""
+
+    encoder_layers: int = Field(1, ge=1, le=4)
+    """Transformer layers of the sentence encoder."""
+    decoder_layers: int = Field(1, ge=1, le=4)
+    """Causal Transformer layers of the sentence decoder."""
+    heads: int = Field(4, ge=1)
+    """Attention heads of encoder and decoder (must divide the LM's hidden size)."""
+    ffn_size: int | None = Field(None, ge=1)
+    """MLP width of encoder and decoder layers (default: 4 × the LM's hidden size)."""
+    pooling: Literal["sum", "weighted"] = "weighted"
+    """Masked sum, or softmax-weighted sum with learned scores, of the encoder's token states."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout in encoder and decoder layers."""
+
+
+class SentenceVAEArgs(Section):
+    """The recipe's `sentencevae:` section."""
+
+    max_sentence_tokens: int = Field(32, ge=2, le=512)
+    """Token cap per sentence; longer sentences are split at the cap."""
+    max_sentences: int = Field(16, ge=1)
+    """Sentences kept per passage."""
+    split_on_newline: bool = True
+    """Also end a sentence at every newline (besides . ! ? ; : and CJK punctuation)."""
+    extra_abbreviations: list[str] = Field(default_factory=list)
+    """Words ending in '.' that must not end a sentence, added to the built-in list (e.g. 'approx.')."""
+    stage1_steps: int = Field(100, ge=1)
+    """Optimizer steps of stage 1 (reconstruction); the rest of train.max_steps is stage 2 (SLLM)."""
+    loss: Literal["ce", "focal"] = "ce"
+    """Token loss of both stages: cross-entropy or focal loss."""
+    focal_gamma: float = Field(2.0, ge=0)
+    """Focal loss exponent (loss: focal)."""
+    stop_loss_weight: float = Field(0.1, ge=0)
+    """Weight of the stop/continue BCE in stage 2."""
+    embed_loss_weight: float = Field(0.0, ge=0)
+    """Weight of an MSE pull of predicted vectors towards the encoder's vector of the next sentence."""
+    sllm_lr_scale: float = Field(1.0, gt=0)
+    """Stage-2 learning rate = train.lr × this."""
+    lora_rank: int = Field(0, ge=0)
+    """0: fine-tune the LM layers fully in stage 2; > 0: train LoRA adapters (peft) of this rank."""
+    lora_alpha: float = Field(16.0, gt=0)
+    """LoRA scaling numerator (scale = alpha / rank)."""
+    lora_targets: list[str] | Literal["all-linear"] = "all-linear"
+    """LoRA target modules: 'all-linear' or module names such as [q_proj, v_proj]."""
+    pretrain_steps: int = Field(0, ge=0)
+    """Steps of next-token training of a randomly initialised (inline-config) teacher before the
+    conversion, so the baseline is a real LM. 0 for pretrained teachers."""
+    pretrain_lr: float = Field(1e-3, gt=0)
+    """Learning rate of that pre-training."""
+    pretrain_batch_size: int = Field(16, ge=1)
+    """Passages per pre-training step."""
+    pretrain_data: DataSpec = Field(default_factory=DataSpec)
+    """Text for pre-training (its training split only; held-out text used in evaluation is never
+    pre-trained on)."""
+    gen_tokens: int = Field(32, ge=1)
+    """New tokens generated per prompt for throughput and cache-size measurements."""
+    gen_prompts: int = Field(4, ge=1)
+    """Held-out prompts used for generation measurements."""
+    prompt_sentences: int = Field(2, ge=1)
+    """Sentences per generation prompt."""
+    length_buckets: list[int] = Field(default_factory=lambda: [4, 8, 16, 32])
+    """Upper edges of the sentence-length buckets for reconstruction metrics."""
+
+
+@dataclass
+class LMTeacher:
+    """What load_teacher returns: the causal LM, its tokenizer and the special tokens used."""
+
+    lm: PreTrainedModel
+    tokenizer: Any
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    description: str = ""
+    meta: bool = False
+    pretrained_on: set[str] = field(default_factory=set)
+    pretrain_losses: list[float] = field(default_factory=list)
+
+
+def segment_rules(args: SentenceVAEArgs) -> SegmentRules:
+    return SegmentRules(
+        split_on_newline=args.split_on_newline,
+        abbreviations=DEFAULT_ABBREVIATIONS + tuple(args.extra_abbreviations),
+        max_sentence_tokens=args.max_sentence_tokens,
+        max_sentences=args.max_sentences,
+    )
+
+
+def special_ids(tokenizer) -> tuple[int, int, int]:
+    """(start, end-of-sentence, pad) ids: BOS/EOS where the tokenizer has them, else CLS/SEP."""
+    bos = next((t for t in (tokenizer.bos_token_id, tokenizer.cls_token_id, tokenizer.eos_token_id) if t is not None), None)
+    eos = next((t for t in (tokenizer.eos_token_id, tokenizer.sep_token_id) if t is not None), None)
+    if bos is None or eos is None:
+        raise RecipeError("teacher.tokenizer", tokenizer.name_or_path, "needs a BOS/CLS and an EOS/SEP token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return int(bos), int(eos), int(pad)
+
+
+class PassageLoader:
+    """Factory for the training DataLoader over pre-segmented passages."""
+
+    def __init__(self, passages: list[list[list[int]]], data: DataSpec, pad_id: int) -> None:
+        self.passages, self.data, self.pad_id = passages, data, pad_id
+
+    def _collate(self, batch: list) -> dict[str, torch.Tensor]:
+        return collate(batch, self.pad_id)
+
+    def __call__(self, batch_size: int | None = None) -> DataLoader:
+        size = batch_size or self.data.batch_size
+        return DataLoader(
+            self.passages, batch_size=size, shuffle=True, collate_fn=self._collate, num_workers=self.data.num_workers,
+            generator=torch.Generator().manual_seed(self.data.seed), drop_last=len(self.passages) >= size,
+        )
+
+
+class SentenceVAE:
+    """The `sentencevae` method (see the module docstring)."""
+
+    name: ClassVar[str] = "sentencevae"
+    Args: ClassVar[type[Section]] = SentenceVAEArgs
+    Student: ClassVar[type[Section]] = SentenceVAEStudent
+    trains: ClassVar[bool] = True
+    mlflow_flavor: ClassVar[str] = "artifacts"
+    mlflow_task: ClassVar[str | None] = None
+    artifact_dir: Path | None = None
+
+    def load_teacher(self, source: ResolvedSource, *, meta: bool = False) -> LMTeacher:
+        tokenizer_path = source.tokenizer_path or source.path
+        if tokenizer_path is None:
+            raise RecipeError("teacher.tokenizer", None, "an inline-config teacher needs a tokenizer source")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=source.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise RecipeError("teacher.tokenizer", str(tokenizer_path), f"no tokenizer found: {exc}") from exc
+        if not getattr(tokenizer, "is_fast", False):
+            raise RecipeError("teacher.tokenizer", str(tokenizer_path), "segmentation needs a fast tokenizer (offsets)")
+        if source.path is not None:
+            config = AutoConfig.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
+        elif source.config is not None:
+            cfg = dict(source.config)
+            if "model_type" not in cfg:
+                raise RecipeError("teacher.config", cfg, "add model_type (e.g. llama, gpt2)")
+            cfg.setdefault("vocab_size", len(tokenizer))
+            if cfg["vocab_size"] < len(tokenizer):
+                raise RecipeError("teacher.config.vocab_size", cfg["vocab_size"], f"must be >= the tokenizer's {len(tokenizer)} tokens")
+            try:
+                config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+            except ValueError as exc:
+                raise RecipeError("teacher.config.model_type", source.config["model_type"], str(exc)) from exc
+        else:
+            raise RecipeError("teacher", source.description, "give a model source or an inline config")
+        try:
+            if meta:
+                with torch.device("meta"):
+                    lm = AutoModelForCausalLM.from_config(config)
+            elif source.path is not None:
+                lm = AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(source.seed)
+                    lm = AutoModelForCausalLM.from_config(config)
+        except ValueError as exc:
+            raise RecipeError("teacher", source.description, f"not a causal LM: {str(exc).splitlines()[0]}") from exc
+        bos, eos, pad = special_ids(tokenizer)
+        return LMTeacher(lm.eval(), tokenizer, bos, eos, pad, source.description, meta)
+
+    def convert(self, teacher: LMTeacher, student: SentenceVAEStudent, args: SentenceVAEArgs) -> SentenceVAEModel:
+        hidden = teacher.lm.get_input_embeddings().weight.shape[1]
+        if hidden % student.heads:
+            raise RecipeError("student.heads", student.heads, f"must divide the LM's hidden size {hidden}")
+        if max(args.length_buckets) < args.max_sentence_tokens:
+            raise RecipeError("sentencevae.length_buckets", args.length_buckets, f"the last edge must be >= max_sentence_tokens ({args.max_sentence_tokens})")
+        if args.pretrain_steps and not teacher.meta:
+            self._pretrain(teacher, args)
+        cfg = VAEConfig(
+            vocab_size=teacher.lm.get_input_embeddings().weight.shape[0], hidden_size=hidden,
+            pad_id=teacher.pad_id, bos_id=teacher.bos_id, eos_id=teacher.eos_id,
+            max_sentence_tokens=args.max_sentence_tokens, encoder_layers=student.encoder_layers,
+            decoder_layers=student.decoder_layers, heads=student.heads, ffn_size=student.ffn_size or 4 * hidden,
+            pooling=student.pooling, dropout=student.dropout,
+        )
+        with torch.device("meta") if teacher.meta else nullcontext():
+            model = SentenceVAEModel.from_lm(teacher.lm, cfg)
+            if args.lora_rank:
+                from peft import LoraConfig, get_peft_model
+
+                lora = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=args.lora_targets, lora_dropout=0.0)
+                try:
+                    model.sllm.lm = get_peft_model(model.sllm.lm, lora)
+                except ValueError as exc:
+                    raise RecipeError("sentencevae.lora_targets", args.lora_targets, str(exc).splitlines()[0]) from exc
+        return model
+
+    def _pretrain(self, teacher: LMTeacher, args: SentenceVAEArgs) -> None:
+        """Next-token training of a fresh teacher on the training split of `pretrain_data`."""
+        spec = args.pretrain_data
+        train, _ = load_texts(spec)
+        ids = teacher.tokenizer(train, add_special_tokens=False, truncation=True, max_length=spec.max_length)["input_ids"]
+        passages = [p for p in ids if p]
+        teacher.pretrain_losses = pretrain_lm(
+            teacher.lm, passages, steps=args.pretrain_steps, lr=args.pretrain_lr,
+            batch_size=args.pretrain_batch_size, bos_id=teacher.bos_id, seed=spec.seed,
+        )
+        teacher.pretrained_on = set(train)
+
+    def data(self, teacher: LMTeacher, data: DataSpec, args: SentenceVAEArgs) -> MethodData:
+        train, held_out = load_texts(data)
+        held_out = [t for t in held_out if t not in teacher.pretrained_on]  # never evaluate on pre-training text
+        rules = segment_rules(args)
+
+        def segment(texts: list[str]) -> list[list[list[int]]]:
+            return [p for p in (segment_ids(t, teacher.tokenizer, rules, data.max_length) for t in texts) if p]
+
+        train_p, held_p = segment(train), segment(held_out)
+        if not held_p:
+            raise RecipeError("data.eval_texts", data.eval_texts, "no held-out passage is left that the teacher was not pre-trained on")
+        prompts = [p[: args.prompt_sentences] for p in held_p if len(p) > args.prompt_sentences][: args.gen_prompts]
+        if not prompts:
+            raise RecipeError("sentencevae.prompt_sentences", args.prompt_sentences, "no held-out passage has more sentences; lower it")
+        return MethodData(
+            train_dataloader=PassageLoader(train_p, data, teacher.pad_id),
+            eval={"passages": held_p, "prompts": prompts},
+            num_train_examples=len(train_p),
+        )
+
+    def teacher_model(self, teacher: LMTeacher) -> PreTrainedModel:
+        return teacher.lm
+
+    def lightning_module(self, teacher: LMTeacher, student: SentenceVAEModel, data: MethodData,
+                         args: SentenceVAEArgs, train: TrainSpec) -> SentenceVAEModule:
+        if args.stage1_steps >= train.max_steps:
+            raise RecipeError("sentencevae.stage1_steps", args.stage1_steps, f"must be < train.max_steps ({train.max_steps}) to leave steps for the SLLM")
+        return SentenceVAEModule(student, args, train)
+
+    def trained_student(self, module: SentenceVAEModule) -> SentenceVAEModel:
+        for p in module.model.parameters():
+            p.requires_grad_(False)
+        return module.model.eval()
+
+    def evaluate(self, model: Any, teacher: LMTeacher, data: MethodData, eval: EvalSpec, args: SentenceVAEArgs) -> dict[str, float]:
+        metrics = evaluate_pair(
+            model, data.eval["passages"][: eval.max_texts], data.eval["prompts"], bos_id=teacher.bos_id,
+            gen_tokens=args.gen_tokens, batch_size=eval.batch_size, repeats=eval.latency_repeats, edges=args.length_buckets,
+        )
+        if self.artifact_dir is not None and teacher.pretrain_losses:
+            self.artifact_dir.mkdir(parents=True, exist_ok=True)
+            (self.artifact_dir / "teacher_pretrain_losses.json").write_text(json.dumps(teacher.pretrain_losses))
+        return metrics
+
+    def export(self, student: SentenceVAEModel, teacher: LMTeacher, out_dir: Path, args: SentenceVAEArgs) -> Path:
+        return student.save_pretrained(Path(out_dir), teacher.tokenizer)

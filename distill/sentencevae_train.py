@@ -1,0 +1,167 @@
+"""SentenceVAE training: batches of segmented passages, the two-stage LightningModule, LM pre-training.
+
+    .venv/bin/python -m pytest tests/distill/test_sentencevae_train.py -q
+
+Stage 1 (steps < stage1_steps) trains the shared embedding, encoder and decoder on reconstruction.
+Stage 2 freezes them and trains the SLLM (or its LoRA adapters): output j must be a vector from
+which the frozen decoder reproduces sentence j+1 (cross-entropy through the decoder), plus a
+stop/continue logit and, optionally, a pull towards the encoder's own vector of sentence j+1.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from convert.sentencevae import focal_cross_entropy
+from convert.sentencevae_sllm import SentenceVAEModel
+from distill.spec import TrainSpec
+
+Passage = list[list[int]]
+"""One passage: the token ids of each of its sentences."""
+
+
+def collate(passages: Sequence[Passage], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Passages → {'sent': [B, S, L] right-padded ids, 'lengths': [B, S] (0 = no sentence)}."""
+    s = max(len(p) for p in passages)
+    length = max(len(t) for p in passages for t in p)
+    sent = torch.full((len(passages), s, length), pad_id, dtype=torch.long)
+    lengths = torch.zeros(len(passages), s, dtype=torch.long)
+    for b, passage in enumerate(passages):
+        for j, tokens in enumerate(passage):
+            sent[b, j, : len(tokens)] = torch.tensor(tokens)
+            lengths[b, j] = len(tokens)
+    return {"sent": sent, "lengths": lengths}
+
+
+def reconstruction_outputs(model: SentenceVAEModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1: decoder logits and targets for every sentence of the batch, from its own vector."""
+    valid = batch["lengths"] > 0
+    sent, lengths = batch["sent"][valid], batch["lengths"][valid]
+    return model.decoder.teacher_forced(sent, lengths, model.encode(sent, lengths))
+
+
+def sllm_outputs(model: SentenceVAEModel, batch: dict[str, torch.Tensor], grad_encoder: bool = False) -> dict[str, torch.Tensor]:
+    """Stage 2: next-sentence predictions decoded through the decoder, with their targets.
+
+    Returns logits/targets over every sentence (tokens + EOS, the first sentence included), stop
+    logits/targets at the S+1 SLLM positions (1 where the passage ends), and predicted and encoded
+    vectors for each real sentence.
+    """
+    sent, lengths = batch["sent"], batch["lengths"]
+    valid = lengths > 0
+    with torch.set_grad_enabled(grad_encoder and torch.is_grad_enabled()):
+        vectors = model.encode_passages(sent, lengths)
+    pred, stop = model.sllm(vectors, valid.long())
+    pred = pred[:, :-1][valid]  # output j-1 predicts sentence j
+    logits, targets = model.decoder.teacher_forced(sent[valid], lengths[valid], pred)
+    count = valid.sum(1)
+    pos = torch.arange(stop.shape[1], device=stop.device)
+    stop_targets = (pos[None] == count[:, None]).float()
+    stop_mask = pos[None] <= count[:, None]
+    return {
+        "logits": logits,
+        "targets": targets,
+        "stop_logits": stop[stop_mask],
+        "stop_targets": stop_targets[stop_mask],
+        "pred": pred,
+        "target_vectors": vectors[valid],
+    }
+
+
+class SentenceVAEModule(L.LightningModule):
+    """Both stages in one module: the stage follows the optimizer step count."""
+
+    def __init__(self, model: SentenceVAEModel, args, train: TrainSpec) -> None:
+        super().__init__()
+        self.model, self.args, self.train_spec = model, args, train
+        self.stage1_steps = min(args.stage1_steps, train.max_steps)
+
+    @property
+    def stage(self) -> int:
+        return 1 if self.global_step < self.stage1_steps else 2
+
+    def _vae_modules(self) -> list[torch.nn.Module]:
+        return [self.model.embed, self.model.encoder, self.model.decoder]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        gamma = self.args.focal_gamma if self.args.loss == "focal" else 0.0
+        if self.stage == 1:
+            logits, targets = reconstruction_outputs(self.model, batch)
+            loss = focal_cross_entropy(logits, targets, gamma)
+            acc = (logits.argmax(-1) == targets)[targets != -100].float().mean()
+            self.log_dict({"train/recon_loss": loss, "train/recon_acc": acc, "train/stage": 1.0}, prog_bar=True)
+            return loss
+        for module in self._vae_modules():  # frozen in stage 2: gradients still flow through them
+            module.requires_grad_(False)
+        out = sllm_outputs(self.model, batch)
+        token_loss = focal_cross_entropy(out["logits"], out["targets"], gamma)
+        stop_loss = F.binary_cross_entropy_with_logits(out["stop_logits"], out["stop_targets"])
+        embed_loss = F.mse_loss(out["pred"], out["target_vectors"].detach())
+        loss = token_loss + self.args.stop_loss_weight * stop_loss + self.args.embed_loss_weight * embed_loss
+        self.log_dict(
+            {"train/next_sentence_loss": token_loss, "train/stop_loss": stop_loss, "train/embed_loss": embed_loss, "train/stage": 2.0},
+            prog_bar=True,
+        )
+        return loss
+
+    def configure_optimizers(self) -> dict:
+        """One AdamW, two parameter groups with their own warm-up/decay: VAE in stage 1, SLLM in stage 2."""
+        # The embedding is shared by encoder and decoder: deduplicate by identity.
+        vae_params = list({id(p): p for m in self._vae_modules() for p in m.parameters() if p.requires_grad}.values())
+        sllm_params = [p for p in self.model.sllm.parameters() if p.requires_grad]
+        t = self.train_spec
+        groups = [{"params": vae_params, "lr": t.lr}, {"params": sllm_params, "lr": t.lr * self.args.sllm_lr_scale}]
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+        s1, total, warm = self.stage1_steps, t.max_steps, t.warmup_steps
+
+        def ramp(step: int, start: int, end: int) -> float:
+            if step < start or step >= end:
+                return 0.0
+            local = step - start
+            if warm and local < warm:
+                return (local + 1) / warm
+            return max(0.0, (end - step) / max(end - start - warm, 1))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda s: ramp(s, 0, s1), lambda s: ramp(s, s1, total)])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def pretrain_lm(lm, passages: Sequence[list[int]], *, steps: int, lr: float, batch_size: int, bos_id: int, seed: int = 0) -> list[float]:
+    """Briefly train a randomly initialised causal LM (next-token CE) so the baseline is a real LM.
+
+    `passages` are token-id lists (already truncated). Returns the loss of every step.
+    """
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    lm.train()
+    opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(steps // 10, 1)) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    losses = []
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += rng.sample(range(len(passages)), len(passages))
+        chosen, order = [passages[i] for i in order[:batch_size]], order[batch_size:]
+        length = max(len(p) for p in chosen) + 1
+        ids = torch.full((len(chosen), length), bos_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, p in enumerate(chosen):
+            ids[b, 1 : len(p) + 1] = torch.tensor(p)
+            mask[b, : len(p) + 1] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, 0] = -100
+        loss = lm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    lm.eval()
+    return losses
