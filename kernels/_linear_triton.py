@@ -162,9 +162,16 @@ def _causal_bwd_kv_kernel(Q, K, V, DO, O, DEN, DK, DV, N, F: tl.constexpr, D: tl
         r_z += tl.sum(q * dden[:, None], 0)
 
 
-def _block(t: torch.Tensor) -> int:
-    # Small blocks under the CPU interpreter so tiny tests still cross several blocks/chunks.
-    return 64 if t.is_cuda else 16
+def _block(t: torch.Tensor, f: int, d: int) -> int:
+    # Small blocks under the CPU interpreter so tiny tests still cross several blocks/chunks;
+    # on GPU, smaller chunks when wide features would make the register-held tiles spill.
+    if not t.is_cuda:
+        return 16
+    return 32 if max(f, d) > 64 else 64
+
+
+def _warps(f: int, d: int) -> int:
+    return 8 if f * d > 4096 else 4  # the causal state S is f×d fp32 held in registers
 
 
 class _LinearAttention(torch.autograd.Function):
@@ -176,37 +183,38 @@ class _LinearAttention(torch.autograd.Function):
         pq, pk = (pad_last(t, f).view(b * h, n, f) for t in (phi_q, phi_k))
         pv = pad_last(v, d).view(b * h, n, d)
         prec = "ieee" if phi_q.dtype == torch.float32 else "tf32"
-        blk = _block(phi_q)
+        blk = _block(phi_q, f, d)
+        warps = _warps(f, d)
         out = torch.empty(b * h, n, d, device=v.device, dtype=torch.float32)
         den = torch.empty(b * h, n, device=v.device, dtype=torch.float32)
         state = torch.zeros(b * h, f, d, device=v.device, dtype=torch.float32)
         z = torch.zeros(b * h, f, device=v.device, dtype=torch.float32)
         if causal:
-            _causal_fwd_kernel[(b * h,)](pq, pk, pv, out, den, n, eps, F=f, D=d, C=blk, PREC=prec)
+            _causal_fwd_kernel[(b * h,)](pq, pk, pv, out, den, n, eps, F=f, D=d, C=blk, PREC=prec, num_warps=warps)
         else:
             grid = (b * h, triton.cdiv(n, blk))
-            _nc_state_kernel[grid](pk, pv, state, z, n, F=f, D=d, BLOCK=blk, PREC=prec)
-            _nc_out_kernel[grid](pq, state, z, out, den, n, eps, F=f, D=d, BLOCK=blk, PREC=prec)
+            _nc_state_kernel[grid](pk, pv, state, z, n, F=f, D=d, BLOCK=blk, PREC=prec, num_warps=warps)
+            _nc_out_kernel[grid](pq, state, z, out, den, n, eps, F=f, D=d, BLOCK=blk, PREC=prec, num_warps=warps)
         ctx.save_for_backward(pq, pk, pv, out, den, state, z)
-        ctx.meta = (causal, b, h, n, f0, d0, f, d, prec, blk, phi_q.dtype, phi_k.dtype, v.dtype)
+        ctx.meta = (causal, b, h, n, f0, d0, f, d, prec, blk, warps, phi_q.dtype, phi_k.dtype, v.dtype)
         return out.view(b, h, n, d)[..., :d0].to(v.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         pq, pk, pv, out, den, state, z = ctx.saved_tensors
-        causal, b, h, n, f0, d0, f, d, prec, blk, q_dtype, k_dtype, v_dtype = ctx.meta
+        causal, b, h, n, f0, d0, f, d, prec, blk, warps, q_dtype, k_dtype, v_dtype = ctx.meta
         do = pad_last(grad_out.float(), d).view(b * h, n, d)
         dq = torch.empty(b * h, n, f, device=do.device, dtype=torch.float32)
         dk = torch.empty_like(dq)
         dv = torch.empty(b * h, n, d, device=do.device, dtype=torch.float32)
         if causal:
-            _causal_bwd_q_kernel[(b * h,)](pq, pk, pv, do, out, den, dq, n, F=f, D=d, C=blk, PREC=prec)
-            _causal_bwd_kv_kernel[(b * h,)](pq, pk, pv, do, out, den, dk, dv, n, F=f, D=d, C=blk, PREC=prec)
+            _causal_bwd_q_kernel[(b * h,)](pq, pk, pv, do, out, den, dq, n, F=f, D=d, C=blk, PREC=prec, num_warps=warps)
+            _causal_bwd_kv_kernel[(b * h,)](pq, pk, pv, do, out, den, dk, dv, n, F=f, D=d, C=blk, PREC=prec, num_warps=warps)
         else:
             grid = (b * h, triton.cdiv(n, blk))
             d_state, dz = torch.zeros_like(state), torch.zeros_like(z)
-            _nc_bwd_q_kernel[grid](pq, state, z, do, out, den, dq, d_state, dz, n, F=f, D=d, BLOCK=blk, PREC=prec)
-            _nc_bwd_kv_kernel[grid](pk, pv, d_state, dz, dk, dv, n, F=f, D=d, BLOCK=blk, PREC=prec)
+            _nc_bwd_q_kernel[grid](pq, state, z, do, out, den, dq, d_state, dz, n, F=f, D=d, BLOCK=blk, PREC=prec, num_warps=warps)
+            _nc_bwd_kv_kernel[grid](pk, pv, d_state, dz, dk, dv, n, F=f, D=d, BLOCK=blk, PREC=prec, num_warps=warps)
 
         def unpad(t: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
             return t.view(b, h, n, -1)[..., :width].to(dtype)

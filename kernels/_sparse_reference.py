@@ -64,18 +64,21 @@ def _attend_half(q, k, v, offset, g, num_sink, causal, keep, scale) -> torch.Ten
         )
         out[:, :, a:e] = res.reshape(b, h, e - a, d)
     for a, e in lone:
-        p = min(num_sink, a)  # sinks outside this segment; those inside are ordinary group keys
+        # Sinks outside this segment (those inside are ordinary group keys); sinks after it are
+        # visible only without the causal mask.
+        sinks = [j for j in range(num_sink) if j < a or (j >= e and not causal)]
+        idx = torch.tensor(sinks, dtype=torch.long, device=q.device)
         res = _group_attention(
-            q[:, :, None, a:e], k[:, :, None, a:e], v[:, :, None, a:e], k[:, :, :p], v[:, :, :p], causal,
-            None if keep is None else keep[:, None, a:e], None if keep is None else keep[:, :p], scale,
+            q[:, :, None, a:e], k[:, :, None, a:e], v[:, :, None, a:e], k[:, :, idx], v[:, :, idx], causal,
+            None if keep is None else keep[:, None, a:e], None if keep is None else keep[:, idx], scale,
         )
         out[:, :, a:e] = res[:, :, 0]
     return out
 
 
 def _group_attention(qg, kg, vg, kp, vp, causal, keep_g, keep_p, scale) -> torch.Tensor:
-    """qg/kg/vg [B, h, ng, L, D]; kp/vp [B, h, P, D] is a key prefix every group sees (positions
-    before every query, so causality never hides it). Returns [B, h, ng, L, D]."""
+    """qg/kg/vg [B, h, ng, L, D]; kp/vp [B, h, P, D] are extra (sink) keys every group sees; with
+    causal=True they must lie before every query, so causality never hides them. Returns [B, h, ng, L, D]."""
     b, h, ng, length, d = qg.shape
     p = kp.shape[2]
 

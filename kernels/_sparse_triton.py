@@ -151,9 +151,9 @@ def _bwd_dkv_kernel(Q, K, V, KEEP, DO, LSE, DELTA, DK, DV, N, H, HK, G, HALF, S,
     # Queries that can see this key block: its groups' queries, or every query for a sink block.
     lo = tl.maximum(((n0 + off) // G) * G - off, 0)
     hi = tl.minimum(((last + off) // G + 1) * G - off, N)
-    if n0 < S:
-        lo = 0
-        hi = N
+    sink_block = n0 < S
+    lo = tl.where(sink_block, 0, lo)
+    hi = tl.where(sink_block, N, hi)
     if CAUSAL:
         lo = tl.maximum(lo, n0)
     dk = tl.zeros((BN, D), dtype=tl.float32)

@@ -1,0 +1,50 @@
+"""Naive dense attention for the kernel tests: an explicit N×N matrix with an explicit mask.
+
+Deliberately independent of `kernels/` (no shared mask helpers), so a mask bug there shows up here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def repeat_kv(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return t.repeat_interleave(num_heads // t.shape[1], dim=1)
+
+
+def naive_linear(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, causal: bool, eps: float = 1e-6) -> torch.Tensor:
+    """out_i = Σ_j a_ij v_j / (Σ_j a_ij + eps), a_ij = φ(q_i)·φ(k_j), j over all (or j <= i)."""
+    a = phi_q.double() @ phi_k.double().transpose(-1, -2)
+    if causal:
+        n = a.shape[-1]
+        a = a * torch.ones(n, n, dtype=torch.bool).tril()
+    return ((a @ v.double()) / (a.sum(-1, keepdim=True) + eps)).float()
+
+
+def sparse_mask(n: int, num_heads: int, group_size: int, num_sink: int, causal: bool, keep: torch.Tensor | None) -> torch.Tensor:
+    """[B or 1, H, N, N] bool: LongLoRA groups without the wrap, shifted heads = last H//2."""
+    pos = torch.arange(n)
+    masks = []
+    for h in range(num_heads):
+        shift = group_size // 2 if h >= num_heads - num_heads // 2 else 0
+        group = (pos + shift) // group_size
+        m = (group[:, None] == group[None, :]) | (pos[None, :] < num_sink)
+        if causal:
+            m = m & (pos[None, :] <= pos[:, None])
+        masks.append(m)
+    mask = torch.stack(masks)[None]
+    if keep is not None:
+        mask = mask & keep.bool()[:, None, None, :]
+    return mask
+
+
+def naive_sparse(q, k, v, group_size: int, num_sink: int, causal: bool, keep: torch.Tensor | None = None) -> torch.Tensor:
+    b, h, n, d = q.shape
+    k, v = repeat_kv(k, h).double(), repeat_kv(v, h).double()
+    scores = (q.double() @ k.transpose(-1, -2)) / math.sqrt(d)
+    mask = sparse_mask(n, h, group_size, num_sink, causal, keep)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key: zeros
+    return (probs @ v).float()

@@ -1,0 +1,143 @@
+"""Linear attention reference path: against a dense N×N computation, causality, layouts, GQA, dtypes.
+
+Run: `.venv/bin/python -m pytest tests/kernels/test_linear_attention.py -q`
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from attention_naive import naive_linear, repeat_kv
+
+from kernels.feature_maps import HedgehogFeatureMap, elu_plus_one, relu_map
+from kernels.linear_attention import linear_attention
+
+
+def _qkv(b=2, h=2, n=23, d=8, dv=None, hk=None, seed=0, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, n, d, generator=g)
+    k = torch.randn(b, hk or h, n, d, generator=g)
+    v = torch.randn(b, hk or h, n, dv or d, generator=g)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def _grads(out: torch.Tensor, inputs) -> list[torch.Tensor]:
+    weight = torch.linspace(-1, 1, out.numel()).view_as(out)  # a non-symmetric upstream gradient
+    return list(torch.autograd.grad((out * weight).sum(), inputs))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("fmap_name", ["elu+1", "relu", "hedgehog"])
+@pytest.mark.parametrize("n,chunk", [(1, 4), (23, 4), (23, 64), (32, 8)])
+def test_reference_matches_dense(causal, fmap_name, n, chunk):
+    q, k, v = _qkv(n=n, dv=6)
+    if fmap_name == "hedgehog":
+        fmap = HedgehogFeatureMap(num_heads=2, head_dim=8, feature_dim=5)
+        inputs = [q, k, v, fmap.weight]
+        dense_fmap = fmap
+    else:
+        fmap = fmap_name
+        if fmap_name == "relu":
+            # relu zeroes whole rows: shift so no causal prefix has φ(q)·Σφ(k) ≈ 0 (den = eps,
+            # where fp32 and the float64 dense result legitimately disagree).
+            q, k = (t.detach().add(1.0).requires_grad_() for t in (q, k))
+        inputs = [q, k, v]
+        dense_fmap = elu_plus_one if fmap_name == "elu+1" else relu_map
+    out = linear_attention(q, k, v, causal=causal, feature_map=fmap, chunk_size=chunk, backend="torch")
+    ref = naive_linear(dense_fmap(q), dense_fmap(k), v, causal)
+    assert out.shape == (2, 2, n, 6)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for g_out, g_ref in zip(_grads(out, inputs), _grads(ref, inputs)):
+        torch.testing.assert_close(g_out, g_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmap", ["elu+1", "hedgehog"])
+def test_causal_never_sees_the_future(fmap):
+    q, k, v = _qkv(n=40, requires_grad=False)
+    feature_map = HedgehogFeatureMap(2, 8) if fmap == "hedgehog" else fmap
+    base = linear_attention(q, k, v, causal=True, feature_map=feature_map, chunk_size=8, backend="torch")
+    for i in (0, 7, 8, 25, 38):
+        q2, k2, v2 = (t.clone() for t in (q, k, v))
+        for t in (q2, k2, v2):
+            t[:, :, i + 1 :] += 5.0 * torch.randn_like(t[:, :, i + 1 :])
+        out = linear_attention(q2, k2, v2, causal=True, feature_map=feature_map, chunk_size=8, backend="torch")
+        torch.testing.assert_close(out[:, :, : i + 1], base[:, :, : i + 1], rtol=0, atol=1e-6)
+        assert not torch.allclose(out[:, :, i + 1 :], base[:, :, i + 1 :])
+
+
+def test_noncausal_sees_every_token():
+    q, k, v = _qkv(n=12, requires_grad=False)
+    base = linear_attention(q, k, v, causal=False, backend="torch")
+    v2 = v.clone()
+    v2[:, :, -1] += 1.0
+    out = linear_attention(q, k, v2, causal=False, backend="torch")
+    assert (out[:, :, 0] - base[:, :, 0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bnhd_layout_is_the_transpose(causal):
+    q, k, v = _qkv(n=17, requires_grad=False)
+    out = linear_attention(q, k, v, causal=causal, backend="torch")
+    t = [x.transpose(1, 2) for x in (q, k, v)]
+    out_t = linear_attention(*t, causal=causal, layout="bnhd", backend="torch")
+    assert out_t.shape == (2, 17, 2, 8)
+    torch.testing.assert_close(out_t.transpose(1, 2), out)
+
+
+@pytest.mark.parametrize("ratio", [1, 2, 4])
+def test_grouped_query_matches_repeated_kv(ratio):
+    q, k, v = _qkv(h=4, hk=4 // ratio, n=19)
+    out = linear_attention(q, k, v, causal=True, chunk_size=8, backend="torch")
+    ref = naive_linear(elu_plus_one(q), elu_plus_one(repeat_kv(k, 4)), repeat_kv(v, 4), causal=True)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for g_out, g_ref in zip(_grads(out, [q, k, v]), _grads(ref, [q, k, v])):
+        torch.testing.assert_close(g_out, g_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_half_precision_reference(dtype, causal):
+    q, k, v = _qkv(n=50, requires_grad=False)
+    qh, kh, vh = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    out = linear_attention(qh, kh, vh, causal=causal, chunk_size=16, backend="torch")
+    assert out.dtype == dtype
+    ref = naive_linear(elu_plus_one(qh.float()), elu_plus_one(kh.float()), vh.float(), causal)
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3  # one rounding of the output, fp32 inside
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+    grads = torch.autograd.grad(out.float().sum(), (qh, kh, vh))
+    assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads)
+
+
+def test_hedgehog_map():
+    fmap = HedgehogFeatureMap(num_heads=3, head_dim=4)
+    x = torch.randn(2, 3, 5, 4)
+    phi = fmap(x)
+    assert phi.shape == (2, 3, 5, 8) and fmap.out_dim == 8
+    # Identity start: softmax(x) ⊕ softmax(-x) exactly.
+    torch.testing.assert_close(phi, torch.cat([x.softmax(-1), (-x).softmax(-1)], -1))
+    q, k, v = _qkv(h=3, d=4, n=9, requires_grad=False)
+    linear_attention(q, k, v, causal=False, feature_map=fmap, backend="torch").sum().backward()
+    assert fmap.weight.grad is not None and fmap.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="built for"):
+        fmap(torch.randn(1, 2, 5, 4))
+
+
+def test_bad_inputs_are_named(monkeypatch):
+    q, k, v = _qkv(requires_grad=False)
+    with pytest.raises(ValueError, match="feature_map='softplus'"):
+        linear_attention(q, k, v, causal=True, feature_map="softplus")
+    with pytest.raises(ValueError, match="HedgehogFeatureMap"):
+        linear_attention(q, k, v, causal=True, feature_map="hedgehog")
+    with pytest.raises(ValueError, match="layout"):
+        linear_attention(q, k, v, causal=True, layout="nbhd")
+    with pytest.raises(ValueError, match="token counts"):
+        linear_attention(q, k[:, :, :5], v[:, :, :5], causal=True)
+    with pytest.raises(ValueError, match="dtype"):
+        linear_attention(q.long(), k, v, causal=True)
+    with pytest.raises(ValueError, match="heads"):
+        linear_attention(q, k[:, :1], v, causal=True)
+    with pytest.raises(ValueError, match="backend"):
+        linear_attention(q, k, v, causal=True, backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA"):
+        linear_attention(q, k, v, causal=True, backend="triton")

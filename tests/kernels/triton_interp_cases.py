@@ -1,0 +1,95 @@
+"""Runs every Triton kernel under the CPU interpreter against its PyTorch reference; prints JSON.
+
+Not a test module: `test_triton_interpreter.py` runs it in a subprocess with TRITON_INTERPRET=1,
+so the interpreter setting (read when triton is imported) never leaks into other tests.
+By hand: `TRITON_INTERPRET=1 .venv/bin/python tests/kernels/triton_interp_cases.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from kernels.linear_attention import HedgehogFeatureMap, linear_attention
+from kernels.sparse_attention import s2_attention, sf_attention
+
+# name: (b, h, hk, n, d, causal, feature map, dtype)
+LINEAR = {
+    "linear_noncausal_elu": (2, 2, 2, 37, 8, False, "elu+1", torch.float32),
+    "linear_causal_elu": (2, 2, 2, 37, 8, True, "elu+1", torch.float32),
+    "linear_causal_relu_gqa2": (1, 4, 2, 20, 8, True, "relu", torch.float32),
+    "linear_noncausal_hedgehog": (1, 2, 2, 33, 8, False, "hedgehog", torch.float32),
+    "linear_causal_hedgehog": (1, 2, 2, 33, 8, True, "hedgehog", torch.float32),
+    "linear_causal_one_token": (1, 2, 2, 1, 8, True, "elu+1", torch.float32),
+    "linear_causal_fp16": (1, 2, 2, 24, 16, True, "elu+1", torch.float16),
+    "linear_noncausal_bf16": (1, 2, 2, 24, 16, False, "elu+1", torch.bfloat16),
+}
+# name: (fn, b, h, hk, n, d, group, sinks, causal, padded, dtype)
+SPARSE = {
+    "sf_causal_gqa1": ("sf", 2, 4, 4, 37, 16, 8, 4, True, False, torch.float32),
+    "sf_noncausal_gqa2": ("sf", 2, 4, 2, 37, 8, 8, 4, False, False, torch.float32),
+    "sf_causal_gqa4_padded": ("sf", 2, 4, 1, 40, 16, 8, 4, True, True, torch.float32),
+    "sf_large_groups_many_sinks": ("sf", 1, 2, 2, 70, 16, 20, 20, True, False, torch.float32),
+    "sf_noncausal_padded_odd_heads": ("sf", 2, 3, 3, 30, 16, 6, 5, False, True, torch.float32),
+    "s2_causal_gqa2": ("s2", 2, 4, 2, 45, 16, 16, 0, True, False, torch.float32),
+    "s2_noncausal_padded": ("s2", 2, 4, 4, 33, 16, 12, 0, False, True, torch.float32),
+    "sf_one_token": ("sf", 1, 2, 1, 1, 16, 4, 4, True, False, torch.float32),
+    "sf_causal_fp16": ("sf", 1, 4, 2, 40, 16, 8, 4, True, False, torch.float16),
+}
+
+
+def _inputs(b, h, hk, n, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = ((b, h, n, d), (b, hk, n, d), (b, hk, n, d))
+    return [torch.randn(*s, generator=g).to(dtype).requires_grad_() for s in shapes]
+
+
+def _errors(run, params) -> dict[str, float]:
+    """Max |triton - reference| of the output and of each gradient (same upstream gradient)."""
+    results = {}
+    for backend in ("triton", "torch"):
+        out = run(backend)
+        weight = torch.linspace(-1, 1, out.numel()).view_as(out)
+        grads = torch.autograd.grad((out.float() * weight).sum(), params)
+        results[backend] = [out.detach().float()] + [g.float() for g in grads]
+    names = ["out", "dq", "dk", "dv", "dW"][: len(results["torch"])]
+    return {
+        name: (a - b).abs().max().item() / max(1.0, b.abs().max().item())
+        for name, a, b in zip(names, results["triton"], results["torch"])
+    }
+
+
+def main() -> None:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("set TRITON_INTERPRET=1 (the kernels run on CPU tensors only under the interpreter)")
+    report = {}
+    for name, (b, h, hk, n, d, causal, fmap_name, dtype) in LINEAR.items():
+        q, k, v = _inputs(b, h, hk, n, d, dtype)
+        if fmap_name == "relu":  # keep φ(q)·Σφ(k) away from 0, where fp32 results legitimately differ
+            q, k = (t.detach().add(1.0).requires_grad_() for t in (q, k))
+        fmap = HedgehogFeatureMap(h, d, feature_dim=6) if fmap_name == "hedgehog" else fmap_name
+        params = [q, k, v] + ([fmap.weight] if fmap_name == "hedgehog" else [])
+        run = lambda be: linear_attention(q, k, v, causal=causal, feature_map=fmap, chunk_size=16, backend=be)  # noqa: E731
+        report[name] = _errors(run, params)
+    for name, (fn, b, h, hk, n, d, group, sinks, causal, padded, dtype) in SPARSE.items():
+        q, k, v = _inputs(b, h, hk, n, d, dtype)
+        keep = None
+        if padded:
+            keep = torch.ones(b, n, dtype=torch.bool)
+            keep[0, :3], keep[-1, n - 5 :] = False, False
+        kw = dict(group_size=group, causal=causal, attention_mask=keep)
+        if fn == "sf":
+            run = lambda be: sf_attention(q, k, v, num_sink=sinks, backend=be, **kw)  # noqa: E731
+        else:
+            run = lambda be: s2_attention(q, k, v, backend=be, **kw)  # noqa: E731
+        report[name] = _errors(run, [q, k, v])
+    # The dispatcher must really have taken the Triton path (the reference never imports these).
+    report["_dispatch"] = {m: float(m in sys.modules) for m in ("kernels._linear_triton", "kernels._sparse_triton")}
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
