@@ -104,7 +104,8 @@ class SentenceVAEModel(nn.Module):
         lm_embed = lm.get_input_embeddings()
         embed = build_embedding(lm_embed, cfg)
         start_id = cfg.bos_id if cfg.bos_id < lm_embed.weight.shape[0] else 0
-        scale = float(lm_embed.weight.detach().float().pow(2).mean().sqrt())
+        weight = lm_embed.weight.detach()
+        scale = 1.0 if weight.is_meta else float(weight.float().pow(2).mean().sqrt())
         sllm = SentenceLM(copy.deepcopy(base_of(lm)), cfg.hidden_size, lm_embed.weight[start_id], scale)
         return cls(cfg, sllm, embed)
 

@@ -268,6 +268,7 @@ class SentenceVAE:
                          args: SentenceVAEArgs, train: TrainSpec) -> SentenceVAEModule:
         if args.stage1_steps >= train.max_steps:
             raise RecipeError("sentencevae.stage1_steps", args.stage1_steps, f"must be < train.max_steps ({train.max_steps}) to leave steps for the SLLM")
+        student.train()  # the LM stack was copied from a teacher in eval mode
         return SentenceVAEModule(student, args, train)
 
     def trained_student(self, module: SentenceVAEModule) -> SentenceVAEModel:

