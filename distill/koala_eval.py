@@ -1,0 +1,209 @@
+"""KOALA evaluation: size, per-step latency, peak memory, and fidelity to the teacher over a fixed
+set of prompts and seeds sampled with the teacher's scheduler and step count; sample grids as PNG.
+
+    .venv/bin/python -m pytest tests/distill/test_koala.py -q
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from PIL import Image
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from distill.koala_data import KoalaTeacher, unet_kwargs
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of tensor storages alive at once while the mode is active (op granularity).
+
+    CPU has no allocator statistics like `torch.cuda.max_memory_allocated`; this counts every
+    storage an op creates until its last reference dies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for key, (ref, size) in list(self.live.items()):  # first forget freed storages (addresses get reused)
+            if ref.expired():
+                del self.live[key]
+                self.current -= size
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.live:
+                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+                    self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+@torch.no_grad()
+def peak_memory_mb(model: torch.nn.Module, run: Callable[[], Any]) -> float:
+    """Peak memory of one inference call: weights plus the largest set of live activations."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with LiveBytes() as counter:
+        run()
+    return (model_bytes(model) + counter.peak) / 2**20
+
+
+@torch.no_grad()
+def median_ms(run: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    """Median wall time of `run` after one warm-up call."""
+    run()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def step_inputs(model: torch.nn.Module, payload: dict, batch: int, device: torch.device) -> tuple[tuple, dict]:
+    """One denoising step's inputs: `batch` latents at the eval resolution and the first prompt."""
+    cond = {k: v[:1].expand(batch, *v.shape[1:]).to(device) for k, v in payload["cond"].items()}
+    size = payload["latent_size"]
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(batch, model.config.in_channels, size, size, generator=generator).to(device)
+    return (sample, torch.tensor(500, device=device)), unet_kwargs(cond)
+
+
+def efficiency(model: torch.nn.Module, payload: dict, repeats: int, batch: int, device: str) -> dict[str, float]:
+    """Parameters (millions), median ms per U-Net step and peak memory (MiB) on `device`
+    ('cpu', or 'model': wherever the model is). The model is moved there and back."""
+    home = next(model.parameters()).device
+    target = home if device == "model" else torch.device(device)
+    was_training = model.training
+    model.to(target).eval()
+    args, kwargs = step_inputs(model, payload, batch, target)
+    run = lambda: model(*args, **kwargs)  # noqa: E731
+    try:
+        metrics = {
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "step_ms": median_ms(run, repeats, target),
+            "peak_mem_mb": peak_memory_mb(model, run),
+        }
+    finally:
+        model.to(home).train(was_training)
+    return metrics
+
+
+def make_scheduler(config: dict, steps: int) -> Any:
+    """The teacher's inference scheduler class (DDIM when the config names none we know)."""
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    if cls is None or not hasattr(cls, "set_timesteps") or cls is diffusers.DDPMScheduler:
+        cls = diffusers.DDIMScheduler
+    scheduler = cls.from_config(config)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+@torch.no_grad()
+def sample(unet: torch.nn.Module, scheduler_config: dict, cond: dict, uncond: dict, noise: torch.Tensor,
+           steps: int, guidance: float) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
+    """Sample latents from `noise` with classifier-free guidance; also return every step's U-Net
+    inputs and raw predictions so another U-Net can be scored on this trajectory."""
+    device, dtype = noise.device, next(unet.parameters()).dtype
+    scheduler = make_scheduler(scheduler_config, steps)
+    guided = guidance > 1.0
+    both = {k: torch.cat([uncond[k].expand_as(v), v]) for k, v in cond.items()} if guided else cond
+    kwargs = unet_kwargs(both, device, dtype)
+    x = noise * scheduler.init_noise_sigma
+    inputs, preds = [], []
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+        pred = unet(x_in.to(dtype), t, **kwargs).sample.float()
+        inputs.append((x_in, t))
+        preds.append(pred)
+        if guided:
+            u, c = pred.chunk(2)
+            pred = u + guidance * (c - u)
+        x = scheduler.step(pred, t, x).prev_sample
+    return x, inputs, preds
+
+
+def teacher_samples(teacher: KoalaTeacher, payload: dict, steps: int, guidance: float) -> list[dict]:
+    """The teacher's trajectories, one per seed (all prompts batched); computed once per job."""
+    key = ("teacher_samples", steps, guidance)
+    if key not in payload:
+        device = next(teacher.unet.parameters()).device
+        runs = []
+        for noise in payload["noises"]:
+            final, inputs, preds = sample(teacher.unet, teacher.scheduler_config, _on(payload["cond"], device),
+                                          _on(payload["uncond"], device), noise.to(device), steps, guidance)
+            runs.append({"final": final, "inputs": inputs, "preds": preds})
+        payload[key] = runs
+    return payload[key]
+
+
+def _on(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+@torch.no_grad()
+def fidelity(model: torch.nn.Module, teacher: KoalaTeacher, payload: dict, steps: int,
+             guidance: float) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """noise_mse: the model's predictions on the teacher's own trajectories vs the teacher's;
+    latent_mse: the model's sampled latents vs the teacher's, same seeds, scheduler and steps."""
+    was_training = model.training
+    model.eval()
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    noise_errors, latent_errors, finals = [], [], []
+    for run, noise in zip(teacher_samples(teacher, payload, steps, guidance), payload["noises"]):
+        cond, uncond = _on(payload["cond"], device), _on(payload["uncond"], device)
+        both = {k: torch.cat([uncond[k].expand_as(v), v]) for k, v in cond.items()} if guidance > 1.0 else cond
+        kwargs = unet_kwargs(both, device, dtype)
+        for (x_in, t), teacher_pred in zip(run["inputs"], run["preds"]):
+            pred = model(x_in.to(device, dtype), t, **kwargs).sample.float()
+            noise_errors.append(torch.mean((pred - teacher_pred.to(device)) ** 2).item())
+        final, _, _ = sample(model, teacher.scheduler_config, cond, uncond, noise.to(device), steps, guidance)
+        latent_errors.append(torch.mean((final - run["final"].to(device)) ** 2).item())
+        finals.append(final)
+    model.train(was_training)
+    return {"noise_mse": statistics.fmean(noise_errors), "latent_mse": statistics.fmean(latent_errors)}, finals
+
+
+@torch.no_grad()
+def to_images(teacher: KoalaTeacher, latents: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W, 3]: decoded by the teacher's VAE, or the first latent channels when it has none."""
+    if teacher.vae is None:
+        pixels = latents[:, :3]
+        pixels = pixels / pixels.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+    else:
+        vae = teacher.vae
+        shift = vae.config.get("shift_factor") or 0.0
+        pixels = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.device, vae.dtype)).sample
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def save_grid(rows: list[torch.Tensor], path: Path) -> Path:
+    """One row per model (uint8 [N, H, W, 3] each), same seeds column by column, as a PNG."""
+    grid = torch.cat([torch.cat(list(row), dim=1) for row in rows], dim=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.numpy()).save(path)
+    return path
