@@ -31,49 +31,69 @@ def sparse_attention_reference(
         rep = h // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     n_shift = h // 2
+    # split/cat rather than slicing: their backward is a cat/split, where a slice's backward
+    # writes a full-size zero gradient per slice (it dominated the backward time).
+    sizes = [h - n_shift, n_shift]
     outs = []
-    for h0, h1, offset in ((0, h - n_shift, 0), (h - n_shift, h, group_size // 2)):
-        if h1 > h0:
-            outs.append(
-                _attend_half(q[:, h0:h1], k[:, h0:h1], v[:, h0:h1], offset, group_size, num_sink, causal, key_keep, scale)
-            )
+    for qh, kh, vh, offset in zip(q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1), (0, group_size // 2)):
+        if qh.shape[1]:
+            outs.append(_attend_half(qh, kh, vh, offset, group_size, num_sink, causal, key_keep, scale))
     return torch.cat(outs, dim=1)
 
 
-def _segments(n: int, offset: int, g: int) -> list[tuple[int, int]]:
-    segs = [(0, min(offset, n))] if offset > 0 else []
-    segs += [(a, min(a + g, n)) for a in range(offset, n, g)]
-    return segs
+def _pieces(n: int, offset: int, g: int, num_sink: int) -> list[tuple[int, int, bool]]:
+    """Contiguous segments (start, end, batched): a shifted head's first half group, then groups of
+    g; runs of full groups that start after the sinks are merged into one batched piece."""
+    segs = ([(0, min(offset, n))] if offset > 0 else []) + [(a, min(a + g, n)) for a in range(offset, n, g)]
+    pieces: list[tuple[int, int, bool]] = []
+    for a, e in segs:
+        batched = e - a == g and a >= num_sink
+        if batched and pieces and pieces[-1][2]:
+            pieces[-1] = (pieces[-1][0], e, True)
+        else:
+            pieces.append((a, e, batched))
+    return pieces
 
 
 def _attend_half(q, k, v, offset, g, num_sink, causal, keep, scale) -> torch.Tensor:
     b, h, n, d = q.shape
-    out = torch.empty_like(q)
-    segs = _segments(n, offset, g)
-    # Full segments past the sinks share one prefix (all sinks) and one length: batch them.
-    batched = [s for s in segs if s[1] - s[0] == g and s[0] >= num_sink]
-    lone = [s for s in segs if s not in batched]
-    if batched:
-        a, e = batched[0][0], batched[-1][1]
-        ng = len(batched)
-        res = _group_attention(
-            q[:, :, a:e].reshape(b, h, ng, g, d), k[:, :, a:e].reshape(b, h, ng, g, d),
-            v[:, :, a:e].reshape(b, h, ng, g, d), k[:, :, :num_sink], v[:, :, :num_sink], causal,
-            None if keep is None else keep[:, a:e].reshape(b, ng, g),
-            None if keep is None else keep[:, :num_sink], scale,
-        )
-        out[:, :, a:e] = res.reshape(b, h, e - a, d)
-    for a, e in lone:
-        # Sinks outside this segment (those inside are ordinary group keys); sinks after it are
-        # visible only without the causal mask.
+    pieces = _pieces(n, offset, g, num_sink)
+    sizes = [e - a for a, e, _ in pieces]
+    qs, ks, vs = q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2)
+    keeps = keep.split(sizes, 1) if keep is not None else [None] * len(pieces)
+    outs = []
+    for i, (a, e, batched) in enumerate(pieces):
+        # Sinks outside this piece (those inside are ordinary group keys); sinks after it are
+        # visible only without the causal mask. Taken from the (small) pieces that hold them.
         sinks = [j for j in range(num_sink) if j < a or (j >= e and not causal)]
-        idx = torch.tensor(sinks, dtype=torch.long, device=q.device)
+        kp, vp, keep_p = _gather(sinks, pieces, ks, vs, keeps)
+        ng = (e - a) // g if batched else 1
+        length = e - a if not batched else g
         res = _group_attention(
-            q[:, :, None, a:e], k[:, :, None, a:e], v[:, :, None, a:e], k[:, :, idx], v[:, :, idx], causal,
-            None if keep is None else keep[:, None, a:e], None if keep is None else keep[:, idx], scale,
+            qs[i].reshape(b, h, ng, length, d), ks[i].reshape(b, h, ng, length, d),
+            vs[i].reshape(b, h, ng, length, d), kp, vp, causal,
+            None if keep is None else keeps[i].reshape(b, ng, length), keep_p, scale,
         )
-        out[:, :, a:e] = res[:, :, 0]
-    return out
+        outs.append(res.reshape(b, h, e - a, d))
+    return torch.cat(outs, dim=2)
+
+
+def _gather(positions, pieces, ks, vs, keeps):
+    """K, V [B, h, P, D] and keep [B, P] (or None) at sorted `positions`, read piece by piece."""
+    parts_k, parts_v, parts_keep = [], [], []
+    for (a, e, _), kk, vv, kp in zip(pieces, ks, vs, keeps):
+        local = [j - a for j in positions if a <= j < e]
+        if local:
+            lo, hi = local[0], local[-1] + 1  # sink positions inside one piece are contiguous
+            parts_k.append(kk[:, :, lo:hi])
+            parts_v.append(vv[:, :, lo:hi])
+            parts_keep.append(None if kp is None else kp[:, lo:hi])
+    if not parts_k:
+        b, h, _, d = ks[0].shape
+        empty = ks[0].new_zeros(b, h, 0, d)
+        return empty, empty, None if keeps[0] is None else keeps[0].new_zeros(b, 0)
+    keep_cat = None if parts_keep[0] is None else torch.cat(parts_keep, dim=1)
+    return torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2), keep_cat
 
 
 def _group_attention(qg, kg, vg, kp, vp, causal, keep_g, keep_p, scale) -> torch.Tensor:
@@ -81,19 +101,17 @@ def _group_attention(qg, kg, vg, kp, vp, causal, keep_g, keep_p, scale) -> torch
     causal=True they must lie before every query, so causality never hides them. Returns [B, h, ng, L, D]."""
     b, h, ng, length, d = qg.shape
     p = kp.shape[2]
-
-    def fold(t: torch.Tensor) -> torch.Tensor:  # groups into the batch dim, heads kept for SDPA
-        return t.transpose(1, 2).reshape(b * ng, h, t.shape[3], d)
-
-    q, k, v = fold(qg), fold(kg), fold(vg)
+    # Groups fold into the head dim ([B, h*ng, ...] is a view of [B, h, ng, ...]), no transpose copies.
+    q = qg.reshape(b, h * ng, length, d)
     if p > 0:
-        pre_k = kp[:, None].expand(b, ng, h, p, d).reshape(b * ng, h, p, d)
-        pre_v = vp[:, None].expand(b, ng, h, p, d).reshape(b * ng, h, p, d)
-        k, v = torch.cat([pre_k, k], dim=2), torch.cat([pre_v, v], dim=2)
+        k = torch.cat([kp[:, :, None].expand(b, h, ng, p, d), kg], dim=3).view(b, h * ng, p + length, d)
+        v = torch.cat([vp[:, :, None].expand(b, h, ng, p, d), vg], dim=3).view(b, h * ng, p + length, d)
+    else:
+        k, v = kg.reshape(b, h * ng, length, d), vg.reshape(b, h * ng, length, d)
     if keep_g is None:
         if causal and p > 0:
             # Bottom-right causal via SDPA's top-left is_causal: prepend p dummy query rows.
-            q = torch.cat([q.new_zeros(b * ng, h, p, d), q], dim=2)
+            q = torch.cat([q.new_zeros(b, h * ng, p, d), q], dim=2)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[:, :, p:]
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
@@ -106,7 +124,7 @@ def _group_attention(qg, kg, vg, kp, vp, causal, keep_g, keep_p, scale) -> torch
             mask = mask & allowed
         row_ok = mask.any(dim=-1, keepdim=True)
         # A query with no visible key outputs zeros; open its row so softmax stays finite.
-        mask = mask | ~row_ok
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.reshape(b * ng, 1, length, p + length), scale=scale)
-        out = out * row_ok.reshape(b * ng, 1, length, 1).to(out.dtype)
-    return out.reshape(b, ng, h, length, d).transpose(1, 2)
+        mask = (mask | ~row_ok)[:, None].expand(b, h, ng, length, p + length).reshape(b, h * ng, length, p + length)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        out = out * row_ok[:, None].expand(b, h, ng, length, 1).reshape(b, h * ng, length, 1).to(out.dtype)
+    return out.reshape(b, h, ng, length, d)

@@ -56,16 +56,23 @@ def linear_attention(
     if k.shape[1] != q.shape[1]:  # GQA: features are per token, so sharing K/V heads is a repeat
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    triton_path = use_triton(backend, q, k, v)
+    offset = 0.0
+    if feature_map == "elu+1" and not triton_path:
+        # The reference folds the "+1" into its GEMMs (see linear_attention_reference).
+        fmap, offset = (lambda x: F.elu(x.float())), 1.0
     phi_q, phi_k = fmap(q), fmap(k)
     if phi_q.shape[:-1] != q.shape[:-1] or phi_k.shape[:-1] != k.shape[:-1]:
         raise ValueError("feature_map must keep [batch, heads, tokens] and map only the last dim")
-    if use_triton(backend, q, k, v):
+    if triton_path:
         from kernels._linear_triton import linear_attention_triton
 
         # Features go in the input dtype (half the memory traffic); the kernels accumulate in fp32.
         out = linear_attention_triton(phi_q.to(q.dtype), phi_k.to(q.dtype), v, causal, eps)
     else:
-        out = linear_attention_reference(phi_q, phi_k, v, causal=causal, eps=eps, chunk_size=chunk_size)
+        out = linear_attention_reference(
+            phi_q, phi_k, v, causal=causal, eps=eps, chunk_size=chunk_size, feature_offset=offset
+        )
     out = out.to(q.dtype)
     return out.transpose(1, 2) if layout == "bnhd" else out
 
@@ -90,33 +97,51 @@ def linear_attention_reference(
     causal: bool,
     eps: float = 1e-6,
     chunk_size: int = 64,
+    feature_offset: float = 0.0,
 ) -> torch.Tensor:
-    """PyTorch core on features `[B, H, N, F]` and values `[B, H, N, D]`; float32 result."""
+    """PyTorch core on features `[B, H, N, F]` and values `[B, H, N, D]`; float32 result.
+
+    The features used are φ + feature_offset: passing elu(x) with offset 1 computes elu+1 without
+    materialising the "+1" (it folds into a bias of the GEMMs — one memory pass less per input)."""
     pq, pk, vf = phi_q.float(), phi_k.float(), v.float()
-    if not causal:
-        state = pk.transpose(-1, -2) @ vf  # [B, H, F, D]
-        z = pk.sum(dim=2, keepdim=True).transpose(-1, -2)  # [B, H, F, 1]
-        return (pq @ state) / (pq @ z + eps)
-    return _causal_chunked(pq, pk, vf, eps, chunk_size)
+    if causal:
+        if feature_offset:
+            pq, pk = pq + feature_offset, pk + feature_offset
+        return _causal_chunked(pq, pk, vf, eps, chunk_size)
+    b, h, n, f = pq.shape
+    d = vf.shape[-1]
+    state = pk.transpose(-1, -2) @ vf  # [B, H, F, D]
+    z = pk.sum(dim=2).unsqueeze(-1)  # [B, H, F, 1]
+    if feature_offset:  # Σ_j (φ_j + c) v_jᵀ = Σ φ_j v_jᵀ + c Σ v_j ;  Σ_j (φ_j + c) = Σ φ_j + c N
+        state = state + feature_offset * vf.sum(dim=2, keepdim=True)
+        z = z + feature_offset * n
+    # One GEMM gives numerator and denominator: φ(Q) [S | z]  ->  [N, D + 1].
+    state_z = torch.cat([state, z], dim=-1).view(b * h, f, d + 1)
+    if feature_offset:  # (φ_q + c)·[S | z] = φ_q·[S | z] + c·colsum([S | z]), fused as the GEMM bias
+        bias = feature_offset * state_z.sum(dim=1, keepdim=True)
+        both = torch.baddbmm(bias, pq.reshape(b * h, n, f), state_z)
+    else:
+        both = torch.bmm(pq.reshape(b * h, n, f), state_z)
+    out = both[..., :d] / (both[..., d:] + eps)
+    return out.view(b, h, n, d)
 
 
 def _causal_chunked(pq: torch.Tensor, pk: torch.Tensor, v: torch.Tensor, eps: float, c: int) -> torch.Tensor:
     b, h, n, f = pq.shape
+    d = v.shape[-1]
     c = min(c, n)
     pad = (-n) % c
+    # A ones column on V makes every product carry the denominator along: [num | den] in one GEMM.
     # Padding goes on the features (not the raw keys): φ(0) = 1 for elu+1, but a zero φ(k) adds nothing.
-    pq, pk, v = (F.pad(t, (0, 0, 0, pad)) for t in (pq, pk, v))
+    v1 = torch.cat([v, v.new_ones(b, h, n, 1)], dim=-1)
+    pq, pk, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (pq, pk, v1))
     nc = (n + pad) // c
-    qc, kc, vc = pq.view(b, h, nc, c, f), pk.view(b, h, nc, c, f), v.view(b, h, nc, c, -1)
-    scores = (qc @ kc.transpose(-1, -2)).tril()  # intra-chunk, j <= i
-    num = scores @ vc
-    den = scores.sum(-1, keepdim=True)
-    # State before each chunk: exclusive prefix sums over chunks of φ(k)ᵀv and Σφ(k).
-    kv = kc.transpose(-1, -2) @ vc  # [B, H, nc, F, D]
-    ksum = kc.sum(dim=3)  # [B, H, nc, F]
-    state = kv.cumsum(dim=2) - kv
-    z = (ksum.cumsum(dim=2) - ksum).unsqueeze(-1)
-    num = num + qc @ state
-    den = den + qc @ z
-    out = (num / (den + eps)).view(b, h, nc * c, -1)
+    qc, kc = pq.view(b * h * nc, c, f), pk.view(b * h * nc, c, f)
+    vc = v1.view(b * h * nc, c, d + 1)
+    scores = torch.bmm(qc, kc.transpose(-1, -2)).tril()  # intra-chunk, j <= i
+    # State before each chunk: exclusive prefix sum over chunks of φ(k)ᵀ[v | 1].
+    kv = torch.bmm(kc.transpose(-1, -2), vc).view(b * h, nc, f, d + 1)
+    state = (kv.cumsum(dim=1) - kv).view(b * h * nc, f, d + 1)
+    both = torch.baddbmm(torch.bmm(scores, vc), qc, state)
+    out = (both[..., :d] / (both[..., d:] + eps)).view(b, h, nc * c, d)
     return out[:, :, :n]

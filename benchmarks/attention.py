@@ -1,0 +1,168 @@
+"""Attention benchmark: SDPA vs linear attention (elu+1, Hedgehog) vs SF-Attn, time versus tokens N.
+
+Run: `.venv/bin/python benchmarks/attention.py` (about 4 minutes on 2 CPU cores; `--quick` for a
+smoke run). Prints a table and writes a PNG (`--out`, default benchmarks/attention.png).
+
+Baseline "SDPA": causal full attention, `torch.nn.functional.scaled_dot_product_attention(q, k, v,
+is_causal=True)`, batch 1, 4 heads, head dim 64, float32, same q/k/v tensors for every method at a
+given N. Linear attention runs both non-causal (LinVideo's form: two GEMMs) and causal (chunked);
+SF-Attn is causal with G = N/4 and 4 sink tokens. "fwd" is inference (no_grad); "fwd+bwd" is a
+forward plus backward to q, k, v with a fixed upstream gradient. Each time is the median of repeated
+runs after a warm-up. On CPU every method takes the PyTorch reference path; with a CUDA GPU the
+Triton kernels are timed beside SDPA on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels.linear_attention import HedgehogFeatureMap, linear_attention  # noqa: E402
+from kernels.sparse_attention import sf_attention  # noqa: E402
+
+HEADS, DIM = 4, 64
+Attn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def methods(device: torch.device, backend: str) -> dict[str, Attn]:
+    hedgehog = HedgehogFeatureMap(HEADS, DIM).to(device)
+    tag = "" if backend == "torch" else " [triton]"
+    out: dict[str, Attn] = {"sdpa (causal)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+    out |= {
+        f"linear elu+1{tag}": lambda q, k, v: linear_attention(q, k, v, causal=False, backend=backend),
+        f"linear elu+1 causal{tag}": lambda q, k, v: linear_attention(q, k, v, causal=True, backend=backend),
+        f"linear hedgehog{tag}": lambda q, k, v: linear_attention(
+            q, k, v, causal=False, feature_map=hedgehog, backend=backend
+        ),
+        f"linear hedgehog causal{tag}": lambda q, k, v: linear_attention(
+            q, k, v, causal=True, feature_map=hedgehog, backend=backend
+        ),
+        f"sf-attn G=N/4{tag}": lambda q, k, v: sf_attention(
+            q, k, v, group_size=q.shape[2] // 4, num_sink=4, backend=backend
+        ),
+    }
+    return out
+
+
+def _time(fn: Callable[[], object], device: torch.device, budget_s: float, max_reps: int) -> float:
+    """Median seconds per call: one warm-up, then repeats until `budget_s` is spent (at least one)."""
+
+    def once() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    first = once()
+    times: list[float] = []
+    if first < budget_s:  # the warm-up was cheap: measure properly
+        while len(times) < max_reps and sum(times) < budget_s:
+            times.append(once())
+    else:  # a single run is already longer than the budget: one more, no further repeats
+        times.append(once())
+    return statistics.median(times)
+
+
+def run(ns: list[int], device: torch.device, backend: str, budget_s: float, max_reps: int) -> dict:
+    results: dict[str, dict[int, tuple[float, float]]] = {}
+    for n in ns:
+        gen = torch.Generator(device="cpu").manual_seed(n)
+        q, k, v = (torch.randn(1, HEADS, n, DIM, generator=gen).to(device) for _ in range(3))
+        grad = torch.randn(1, HEADS, n, DIM, generator=gen).to(device)
+        for name, attn in methods(device, backend).items():
+            with torch.no_grad():
+                fwd = _time(lambda: attn(q, k, v), device, budget_s, max_reps)
+            qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+            both = _time(lambda: attn(qg, kg, vg).backward(grad), device, budget_s, max_reps)
+            results.setdefault(name, {})[n] = (fwd, both)
+            print(f"  N={n:>6} {name:<30} fwd {fwd * 1e3:10.2f} ms   fwd+bwd {both * 1e3:10.2f} ms", flush=True)
+    return results
+
+
+def crossover(results: dict, name: str, base: str, column: int) -> str:
+    """Smallest N from which `name` stays faster than `base`."""
+    ns = sorted(results[base])
+    wins = [results[name][n][column] < results[base][n][column] for n in ns]
+    for i, n in enumerate(ns):
+        if all(wins[i:]):
+            return f"<= {n}" if i == 0 else f"between {ns[i - 1]} and {n}"
+    return f"> {ns[-1]}"
+
+
+def table(results: dict, base: str) -> str:
+    ns = sorted(results[base])
+    lines = [f"{'method':<30} {'N':>6} {'fwd ms':>10} {'x SDPA':>8} {'fwd+bwd ms':>11} {'x SDPA':>8}"]
+    for name, per_n in results.items():
+        for n in ns:
+            fwd, both = per_n[n]
+            bf, bb = results[base][n]
+            lines.append(f"{name:<30} {n:>6} {fwd * 1e3:10.2f} {bf / fwd:8.1f} {both * 1e3:11.2f} {bb / both:8.1f}")
+    return "\n".join(lines)
+
+
+def plot(all_results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, column, title in ((axes[0], 0, "forward"), (axes[1], 1, "forward + backward")):
+        for device_name, results in all_results.items():
+            for name, per_n in results.items():
+                ns = sorted(per_n)
+                ax.plot(ns, [per_n[n][column] * 1e3 for n in ns], marker="o", label=f"{name} ({device_name})")
+        ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel="ms", title=title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"attention, batch 1, {HEADS} heads, head dim {DIM}, float32")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="N in {1k, 2k} only (smoke run)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("attention.png"))
+    parser.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per measurement")
+    parser.add_argument("--reps", type=int, default=5, help="most repeats per measurement")
+    args = parser.parse_args()
+    ns = [1024, 2048] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768]
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    base = "sdpa (causal)"
+    runs = {"cpu, reference": (torch.device("cpu"), "torch")}
+    if torch.cuda.is_available():
+        runs["cuda, triton"] = (torch.device("cuda"), "triton")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_before}")
+    all_results = {}
+    for label, (device, backend) in runs.items():
+        print(f"[{label}]")
+        all_results[label] = run(ns, device, backend, args.budget, args.reps)
+    for label, results in all_results.items():
+        print(f"\n== {label}: time and speedup over SDPA (causal, batch 1) ==")
+        print(table(results, base))
+        for name in results:
+            if name != base:
+                print(f"crossover vs SDPA, {name}: fwd {crossover(results, name, base, 0)}, "
+                      f"fwd+bwd {crossover(results, name, base, 1)}")
+    plot(all_results, args.out)
+    print(f"\nplot: {args.out}; wall {time.perf_counter() - start:.0f} s; "
+          f"load average before {load_before}, after {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
