@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -13,6 +14,11 @@ METHODS: dict[str, str] = {
     "koala": "distill.koala:Koala",
     "sentencevae": "distill.sentencevae:SentenceVAE",
 }
+
+# Extra methods from outside the repo (plugins, test doubles): "name=module:Class,name2=...".
+for _entry in filter(None, os.environ.get("ATHANOR_METHODS", "").split(",")):
+    _name, _, _target = _entry.partition("=")
+    METHODS[_name.strip()] = _target.strip()
 
 
 def get_method(name: str) -> "Method":

@@ -1,0 +1,252 @@
+"""`athanor` command line. Heavy libraries (torch, lightning, mlflow) load only inside the commands
+that need them, so `athanor --help` starts instantly.
+
+    athanor validate recipes/minilm.yaml
+    athanor submit recipes/minilm.yaml --wait -o train.max_steps=50
+    athanor worker & athanor list; athanor logs JOB --follow; athanor ui
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+EXIT_OK, EXIT_JOB_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _store(args):
+    from jobs.store import JobStore
+
+    return JobStore(args.home)
+
+
+def _job(store, job_id: str):
+    try:
+        return store.get(job_id)
+    except KeyError:
+        print(f"error: no job '{job_id}' (or the prefix matches several); see `athanor list`", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def cmd_validate(args) -> int:
+    from jobs.validate import check, render_estimate
+
+    report = check(args.recipe, overrides=args.override)
+    if report.problems:
+        for p in report.problems:
+            print(p.render(args.recipe), file=sys.stderr)
+        print(f"{len(report.problems)} problem(s) in {args.recipe}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"{args.recipe}: valid ({report.loaded.recipe.method})")
+    print(render_estimate(report.estimate))
+    return EXIT_OK
+
+
+def cmd_schema(args) -> int:
+    from jobs.recipe import json_schema, recipe_model
+
+    schema = recipe_model(args.method).model_json_schema() if args.method else json_schema()
+    print(json.dumps(schema, indent=2))
+    return EXIT_OK
+
+
+def _print_table(job) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    result = job.result or {}
+    before, after = result.get("before", {}), result.get("after", {})
+    table = Table(title=f"{job.name} ({job.method}) — job {job.id}")
+    table.add_column("metric"), table.add_column("before (teacher)", justify="right")
+    table.add_column("after (converted)", justify="right"), table.add_column("after/before", justify="right")
+    for key in before:
+        b, a = before[key], after.get(key, float("nan"))
+        table.add_row(key, f"{b:.4g}", f"{a:.4g}", f"{a / b:.3f}" if b else "—")
+    Console().print(table)
+    reg = result.get("registered")
+    if reg:
+        print(f"registered: {reg['name']} version {reg['version']} (alias '{reg['alias']}'); "
+              f"export: {result.get('export')}; took {result.get('seconds')} s")
+
+
+def cmd_submit(args) -> int:
+    from jobs.recipe import recipe_hash
+    from jobs.validate import check
+
+    store = _store(args)
+    text = open(args.recipe).read() if os.path.isfile(args.recipe) else None
+    report = check(args.recipe, overrides=args.override)
+    name = (report.loaded.recipe.name if report.loaded else os.path.splitext(os.path.basename(args.recipe))[0])
+    method = report.loaded.recipe.method if report.loaded else "?"
+    job = store.create(name=name, method=method, recipe_text=text or "", recipe_path=os.path.abspath(args.recipe),
+                       overrides=args.override, recipe_hash=recipe_hash(text or "", args.override))
+    if report.problems:
+        for p in report.problems:
+            print(p.render(args.recipe), file=sys.stderr)
+        store.finish(job.id, "FAILED", error="; ".join(p.render(args.recipe) for p in report.problems))
+        print(f"job {job.id}: FAILED (invalid recipe, nothing ran)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not args.wait:
+        print(f"submitted job {job.id} ({name}); run `athanor worker` to execute it, `athanor status {job.id}` to watch")
+        return EXIT_OK
+    from jobs import run
+
+    store.claim(job.id)
+    print(f"running job {job.id} ({name}, {method}) in the foreground; log: {job.log_path}", flush=True)
+    final = run.execute(job.id, store, progress=not args.no_progress)
+    if final.status == "SUCCEEDED":
+        _print_table(final)
+        return EXIT_OK
+    print(f"job {final.id}: {final.status} — {final.error}", file=sys.stderr)
+    return EXIT_JOB_FAILED
+
+
+def cmd_worker(args) -> int:
+    from jobs.worker import work
+
+    work(_store(args), once=args.once, poll=args.poll, max_jobs=args.max_jobs)
+    return EXIT_OK
+
+
+def _age(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def cmd_list(args) -> int:
+    store = _store(args)
+    store.reap()
+    jobs = store.list(limit=args.limit, status=args.status)
+    print(f"{'JOB':24} {'STATUS':10} {'METHOD':12} {'NAME':24} {'CREATED':19}  ERROR")
+    for j in jobs:
+        print(f"{j.id:24} {j.status:10} {j.method:12} {j.name[:24]:24} {_age(j.created_at):19}  {(j.error or '')[:60]}")
+    return EXIT_OK
+
+
+def cmd_status(args) -> int:
+    store = _store(args)
+    store.reap()
+    job = _job(store, args.job)
+    fields = {k: getattr(job, k) for k in ("id", "name", "method", "status", "attempts", "pid", "recipe_path",
+                                           "recipe_hash", "overrides", "log_path", "mlflow_run_id", "model_version", "error")}
+    fields.update(created=_age(job.created_at), started=_age(job.started_at), finished=_age(job.finished_at))
+    for key, value in fields.items():
+        print(f"{key:14} {value}")
+    if job.result:
+        _print_table(job)
+    return EXIT_OK
+
+
+def cmd_logs(args) -> int:
+    store = _store(args)
+    job = _job(store, args.job)
+    if not job.log_path or not os.path.exists(job.log_path):
+        print("(no log yet)")
+        return EXIT_OK
+    with open(job.log_path, errors="replace") as f:
+        while True:
+            chunk = f.read()
+            if chunk:
+                sys.stdout.write(chunk), sys.stdout.flush()
+            if not args.follow or store.get(job.id).status not in ("PENDING", "RUNNING"):
+                if args.follow:
+                    sys.stdout.write(f.read())
+                return EXIT_OK
+            time.sleep(0.5)
+
+
+def cmd_cancel(args) -> int:
+    from jobs.worker import cancel
+
+    store = _store(args)
+    job = _job(store, args.job)
+    if job.status not in ("PENDING", "RUNNING"):
+        print(f"job {job.id} is already {job.status}")
+        return EXIT_OK
+    print(f"job {job.id}: {cancel(store, job.id)}")
+    return EXIT_OK
+
+
+def cmd_ui(args) -> int:
+    from jobs.store import athanor_home
+    from jobs.tracking import default_tracking_uri
+
+    home = athanor_home(args.home)
+    uri = args.tracking_uri or default_tracking_uri(home)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    if uri.startswith("sqlite:"):
+        cmd += ["--default-artifact-root", (home / "mlartifacts").as_uri()]
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it", flush=True)
+    os.execv(sys.executable, cmd)
+
+
+def cmd_push(args) -> int:
+    from jobs.registry import move_alias
+    from jobs.tracking import Tracker
+
+    store = _store(args)
+    job = _job(store, args.job)
+    if job.status != "SUCCEEDED" or not job.model_version or not (job.result or {}).get("registered"):
+        print(f"error: job {job.id} has no registered version (status {job.status}); only succeeded, "
+              "registered jobs can be pushed", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from jobs.recipe import load_recipe
+
+    recipe = load_recipe(job.recipe_path, text=job.recipe_text, overrides=job.overrides).recipe
+    name = job.result["registered"]["name"]
+    tracker = Tracker(store.home, recipe.tracking.uri, recipe.tracking.experiment or recipe.name)
+    move_alias(tracker, name, args.alias, job.model_version)
+    print(f"{name}: alias '{args.alias}' → version {job.model_version} (job {job.id})")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="athanor", description="Distil and convert pretrained models from recipe YAML files.")
+    parser.add_argument("--home", default=None, help="athanor home (job store, MLflow store); default $ATHANOR_HOME or ./.athanor")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_overrides(p):
+        p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe key, e.g. -o train.max_steps=50 (repeatable)")
+
+    p = sub.add_parser("validate", help="check a recipe: every problem at once, plus a size estimate")
+    p.add_argument("recipe"), with_overrides(p), p.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("schema", help="print the recipe JSON Schema (for editors)")
+    p.add_argument("--method", default=None, help="only this method's recipe"), p.set_defaults(fn=cmd_schema)
+    p = sub.add_parser("submit", help="queue a job (or run it now with --wait)")
+    p.add_argument("recipe"), with_overrides(p)
+    p.add_argument("--wait", action="store_true", help="run in the foreground with progress; print before/after")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.set_defaults(fn=cmd_submit)
+    p = sub.add_parser("worker", help="run queued jobs, each in its own process")
+    p.add_argument("--once", action="store_true", help="exit when nothing is pending")
+    p.add_argument("--poll", type=float, default=2.0, help="seconds between polls")
+    p.add_argument("--max-jobs", type=int, default=None, help="exit after this many jobs")
+    p.set_defaults(fn=cmd_worker)
+    p = sub.add_parser("list", help="list jobs")
+    p.add_argument("--status", default=None, choices=["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"])
+    p.add_argument("--limit", type=int, default=30), p.set_defaults(fn=cmd_list)
+    for name, fn, text in (("status", cmd_status, "show one job"), ("cancel", cmd_cancel, "stop a job")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job"), p.set_defaults(fn=fn)
+    p = sub.add_parser("logs", help="print a job's log")
+    p.add_argument("job"), p.add_argument("--follow", "-f", action="store_true"), p.set_defaults(fn=cmd_logs)
+    p = sub.add_parser("ui", help="start the MLflow UI on the job store (127.0.0.1 by default)")
+    p.add_argument("--host", default="127.0.0.1"), p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--tracking-uri", default=None), p.set_defaults(fn=cmd_ui)
+    p = sub.add_parser("push", help="point a registry alias at a job's registered version")
+    p.add_argument("job"), p.add_argument("--alias", required=True), p.set_defaults(fn=cmd_push)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.home:
+        os.environ["ATHANOR_HOME"] = os.path.abspath(args.home)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

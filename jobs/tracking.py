@@ -1,0 +1,138 @@
+"""MLflow tracking for one job: a parent run, child runs `baseline` and `converted` with equal keys.
+
+The default store is embedded: `sqlite:///<home>/mlflow.db` with artifacts in `<home>/mlartifacts`,
+so `athanor ui` and the Python API see the same runs. Any tracking URI is accepted instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from jobs.store import Job
+
+EVAL_PREFIX = "eval/"
+
+
+def default_tracking_uri(home: Path) -> str:
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    if isinstance(data, dict):
+        out: dict[str, str] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): json.dumps(data) if isinstance(data, (list, dict)) else str(data)}
+
+
+class Tracker:
+    """Thin layer over MlflowClient for the runs of one job (rank 0 only)."""
+
+    def __init__(self, home: Path, uri: str | None, experiment: str) -> None:
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.home = home
+        self.uri = uri or default_tracking_uri(home)
+        os.environ["MLFLOW_TRACKING_URI"] = self.uri
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        self.client = MlflowClient(self.uri, self.uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            location = (home / "mlartifacts" / experiment).as_uri() if self.uri.startswith("sqlite:") else None
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            self.experiment_id = found.experiment_id
+        self.parent_id: str | None = None
+
+    def start_parent(self, job: Job, loaded: Any) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"{job.name}-{job.id}",
+            tags={"athanor.job_id": job.id, "athanor.method": job.method, "athanor.recipe_hash": job.recipe_hash,
+                  "athanor.teacher": loaded.recipe.teacher.source or "inline config"},
+        )
+        self.parent_id = run.info.run_id
+        params = _flatten(loaded.recipe.model_dump(mode="json"))
+        for key, value in list(params.items())[:500]:
+            self.client.log_param(self.parent_id, key[:250], value[:6000])
+        self.client.log_text(self.parent_id, job.recipe_text, "recipe/recipe.yaml")
+        self.client.log_text(self.parent_id, loaded.effective_yaml(), "recipe/effective.yaml")
+        return self.parent_id
+
+    def log_child(self, name: str, metrics: dict[str, float], tags: dict[str, str] | None = None) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=name,
+            tags={"mlflow.parentRunId": self.parent_id, "athanor.side": name, **(tags or {})},
+        )
+        for key, value in metrics.items():
+            self.client.log_metric(run.info.run_id, EVAL_PREFIX + key, float(value))
+        self.client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    def log_comparison(self, before: dict[str, float], after: dict[str, float]) -> None:
+        """Metrics of both sides on the parent, a JSON table and a plot of before vs after."""
+        table = {k: {"before": before[k], "after": after[k]} for k in before}
+        self.client.log_dict(self.parent_id, table, "eval/before_after.json")
+        for key in before:
+            self.client.log_metric(self.parent_id, f"{EVAL_PREFIX}{key}/before", float(before[key]))
+            self.client.log_metric(self.parent_id, f"{EVAL_PREFIX}{key}/after", float(after[key]))
+        self.client.log_figure(self.parent_id, comparison_figure(before, after), "plots/before_after.png")
+
+    def log_training_curves(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        keys = [m for m in self.client.get_run(self.parent_id).data.metrics if m.startswith("train/")]
+        if not keys:
+            return
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key in sorted(keys):
+            history = self.client.get_metric_history(self.parent_id, key)
+            if len(history) > 1:
+                ax.plot([h.step for h in history], [h.value for h in history], label=key)
+        ax.set_xlabel("step"), ax.set_yscale("log"), ax.legend(fontsize=7), ax.set_title("training losses")
+        self.client.log_figure(self.parent_id, fig, "plots/training_curves.png")
+        plt.close(fig)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.parent_id, str(path), artifact_path)
+
+    def finish(self, status: str) -> None:
+        if self.parent_id:
+            mlflow_status = {"SUCCEEDED": "FINISHED", "FAILED": "FAILED", "STOPPED": "KILLED"}[status]
+            self.client.set_terminated(self.parent_id, mlflow_status)
+
+    def lightning_logger(self):
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        return MLFlowLogger(tracking_uri=self.uri, run_id=self.parent_id, log_model=False)
+
+
+def comparison_figure(before: dict[str, float], after: dict[str, float]):
+    """One small bar panel per metric: baseline vs converted on its own scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(before)
+    cols = min(4, len(keys)) or 1
+    rows = math.ceil(len(keys) / cols) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        ax.bar(["baseline", "converted"], [before[key], after[key]], color=["#7a7a7a", "#d9822b"])
+        ax.set_title(key, fontsize=9)
+        ax.tick_params(labelsize=8)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle("before (teacher) vs after (converted)")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,204 @@
+"""Lightning Trainer from a recipe's `train:` section, and the launch of extra ranks.
+
+Multi-process runs are launched by us (one `python -m jobs.worker --rank` process per extra rank,
+torchrun-style environment), never by Lightning re-executing the CLI command line. DeepSpeed on
+CPU (testing, CI) uses `CPUDeepSpeedStrategy`: Lightning 2.6 refuses DeepSpeed without CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill.spec import TrainSpec
+
+
+def use_gpu(train: TrainSpec) -> bool:
+    return train.accelerator == "gpu" or (train.accelerator == "auto" and torch.cuda.is_available())
+
+
+def world_size(train: TrainSpec) -> int:
+    return train.devices * train.num_nodes
+
+
+def _cpu_deepspeed_strategy_cls():
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+        """DeepSpeed ZeRO over gloo on CPU processes (DS_ACCELERATOR=cpu)."""
+
+        def setup_environment(self) -> None:
+            # Skip DeepSpeedStrategy's CUDA check; set up like DDP, then DeepSpeed's own init.
+            DDPStrategy.setup_environment(self)
+
+        def setup_distributed(self) -> None:
+            from lightning.fabric.utilities.seed import reset_seed
+
+            reset_seed()
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+
+        def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+            import argparse
+
+            import deepspeed
+
+            engine, ds_optimizer, _, _ = deepspeed.initialize(
+                args=argparse.Namespace(device_rank=self.local_rank),
+                config=self.config,
+                model=model,
+                model_parameters=[p for p in model.parameters() if p.requires_grad],
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                dist_init_required=False,
+            )
+            return engine, ds_optimizer
+
+    return CPUDeepSpeedStrategy
+
+
+def build_strategy(train: TrainSpec, micro_batch_size: int) -> Any:
+    gpu = use_gpu(train)
+    if train.strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(process_group_backend="nccl" if gpu else "gloo")
+    if train.strategy.startswith("deepspeed"):
+        if not gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        stage = int(train.strategy[-1])
+        config = {
+            "zero_optimization": {"stage": stage},
+            "train_micro_batch_size_per_gpu": micro_batch_size,
+            "zero_allow_untested_optimizer": True,
+        }
+        if train.gradient_clip_val:
+            config["gradient_clipping"] = train.gradient_clip_val
+        if train.precision.startswith("bf16"):
+            config["bf16"] = {"enabled": True}
+        elif train.precision.startswith("16"):
+            config["fp16"] = {"enabled": True}
+        cls = DeepSpeedStrategy if gpu else _cpu_deepspeed_strategy_cls()
+        return cls(config=config, process_group_backend="nccl" if gpu else "gloo")
+    return "auto"
+
+
+def build_trainer(train: TrainSpec, *, job_dir: Path, micro_batch_size: int, logger: Any = False,
+                  progress: bool = True, callbacks: list | None = None):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks = list(callbacks or [])
+    if train.checkpoint_every_n_steps:
+        callbacks.append(ModelCheckpoint(dirpath=job_dir / "checkpoints", every_n_train_steps=train.checkpoint_every_n_steps,
+                                         save_top_k=-1, save_last=True))
+    if progress:
+        from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+        callbacks.append(RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=max(1, train.log_every_n_steps)))
+    deepspeed = train.strategy.startswith("deepspeed")
+    precision = train.precision
+    if deepspeed and not use_gpu(train):
+        precision = "32-true"  # DeepSpeed's CPU path trains in fp32; mixed precision needs CUDA
+    return L.Trainer(
+        accelerator="gpu" if use_gpu(train) else "cpu",
+        devices=train.devices,
+        num_nodes=train.num_nodes,
+        strategy=build_strategy(train, micro_batch_size),
+        precision=precision,
+        max_steps=train.max_steps,
+        accumulate_grad_batches=train.accumulate_grad_batches,
+        gradient_clip_val=None if deepspeed else train.gradient_clip_val,
+        log_every_n_steps=train.log_every_n_steps,
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=bool(train.checkpoint_every_n_steps),
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        default_root_dir=str(job_dir),
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def launched_ranks(train: TrainSpec, job_id: str, home: Path, log_dir: Path) -> Iterator[list[subprocess.Popen]]:
+    """Start ranks 1..N-1 of this node for `job_id` and set rank 0's environment (torchrun-style).
+
+    Multi-node: every node runs `athanor worker --rank` itself; here NODE_RANK, MASTER_ADDR and
+    MASTER_PORT are taken from the environment when set.
+    """
+    n_local = train.devices
+    if world_size(train) == 1:
+        yield []
+        return
+    env_keys = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "DS_ACCELERATOR")
+    saved = {k: os.environ.get(k) for k in env_keys}
+    node_rank = int(os.environ.get("NODE_RANK", "0"))
+    base = {
+        "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port())),
+        "WORLD_SIZE": str(world_size(train)),
+        "NODE_RANK": str(node_rank),
+    }
+    if not use_gpu(train) and train.strategy.startswith("deepspeed"):
+        base["DS_ACCELERATOR"] = "cpu"
+    procs = []
+    try:
+        for local in range(1, n_local):
+            env = {**os.environ, **base, "LOCAL_RANK": str(local), "RANK": str(node_rank * n_local + local),
+                   "ATHANOR_HOME": str(home)}
+            log = open(log_dir / f"rank{local}.log", "ab")
+            procs.append(subprocess.Popen([sys.executable, "-m", "jobs.worker", "--rank", job_id], env=env,
+                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=False))
+        os.environ.update({**base, "LOCAL_RANK": "0", "RANK": str(node_rank * n_local)})
+        yield procs
+        for proc in procs:
+            if proc.wait(timeout=600) != 0:
+                raise RuntimeError(f"training rank exited with code {proc.returncode}; see {log_dir}/rank*.log")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def fit(method: Any, module: Any, student: Any, data: Any, train: TrainSpec, micro_batch_size: int, *,
+        job_dir: Path, logger: Any = False, progress: bool = True) -> Any:
+    """Train and return the trained student, consolidated on every rank (ZeRO-3 included)."""
+    zero3 = train.strategy == "deepspeed_stage_3"
+    blueprint = copy.deepcopy(student) if zero3 else None
+    trainer = build_trainer(train, job_dir=job_dir, micro_batch_size=micro_batch_size, logger=logger, progress=progress)
+    trainer.fit(module, train_dataloaders=data.train_dataloader())
+    trained = method.trained_student(module)
+    if zero3:
+        import deepspeed
+
+        params = list(trained.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            state = {k: v.detach().clone() for k, v in trained.state_dict().items()}
+        blueprint.load_state_dict(state)
+        trained = blueprint
+    trained.train(False)
+    return trained

@@ -1,0 +1,85 @@
+"""`athanor validate`: schema problems, then checks that need the method (sources, student vs
+teacher), all collected; plus a size estimate built on the `meta` device (no weights loaded).
+"""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distill.spec import RecipeError
+from jobs.recipe import LoadedRecipe, Problem, RecipeInvalid, load_recipe, resolve_relative
+
+
+@dataclass
+class Report:
+    problems: list[Problem] = field(default_factory=list)
+    estimate: dict[str, float] = field(default_factory=dict)
+    loaded: LoadedRecipe | None = None
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check(path: str | Path | None, *, text: str | None = None, overrides: list[str] = ()) -> Report:
+    """Validate a recipe completely; never raises for recipe problems."""
+    report = Report()
+    try:
+        loaded = load_recipe(path, text=text, overrides=list(overrides))
+    except RecipeInvalid as exc:
+        report.problems = exc.problems
+        return report
+    report.loaded = loaded
+    recipe = loaded.recipe
+    base = Path(path).parent if path else None
+
+    def problem(exc: RecipeError) -> None:
+        report.problems.append(Problem(exc.key, None, exc.value, exc.fix))
+
+    if recipe.data.kind in ("files", "datasets"):
+        if not recipe.data.paths and recipe.data.loader != "disk":
+            report.problems.append(Problem("data.paths", None, [], f"kind '{recipe.data.kind}' needs at least one path"))
+        for i, entry in enumerate(recipe.data.paths):
+            resolved = resolve_relative(entry, Path(path) if path else None)
+            if not glob.glob(resolved):
+                report.problems.append(Problem(f"data.paths.{i}", None, entry, "no file or directory matches"))
+    if recipe.eval.sts_file and not Path(resolve_relative(recipe.eval.sts_file, Path(path) if path else None)).is_file():
+        report.problems.append(Problem("eval.sts_file", None, recipe.eval.sts_file, "no such file"))
+
+    from jobs.methods import get_method
+    from jobs.sources import resolve_source
+
+    method = get_method(recipe.method)
+    try:
+        source = resolve_source(recipe.teacher, "teacher", base=base)
+        teacher = method.load_teacher(source, meta=True)
+        student = method.convert(teacher, loaded.student, loaded.args)
+    except RecipeError as exc:
+        problem(exc)
+        return report
+    n_teacher = sum(p.numel() for p in method.teacher_model(teacher).parameters())
+    n_student = sum(p.numel() for p in student.parameters())
+    weight_bytes = 2 if recipe.train.precision == "bf16-true" else 4
+    report.estimate = {
+        "teacher_params": n_teacher,
+        "student_params": n_student,
+        "teacher_memory_bytes": n_teacher * weight_bytes,
+        # student weights + gradients + two AdamW moments (fp32), before activations
+        "student_train_memory_bytes": n_student * (weight_bytes + 4 + 8),
+    }
+    return report
+
+
+def render_estimate(estimate: dict[str, float]) -> str:
+    if not estimate:
+        return ""
+    t, s = estimate["teacher_params"], estimate["student_params"]
+    return (f"teacher: {t / 1e6:,.2f}M parameters (weights {_bytes(estimate['teacher_memory_bytes'])})\n"
+            f"student: {s / 1e6:,.2f}M parameters ({s / max(t, 1):.1%} of the teacher; weights+grads+AdamW "
+            f"{_bytes(estimate['student_train_memory_bytes'])}, activations extra)")

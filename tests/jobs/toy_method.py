@@ -1,0 +1,109 @@
+"""A tiny, fast method used to test the job spine without transformers: distil a random MLP teacher
+into a narrower MLP. Registered in tests through ATHANOR_METHODS="toy=toy_method:Toy".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+from pydantic import Field
+from safetensors.torch import save_file
+
+from distill.optim import adamw_with_schedule
+from distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
+
+
+def mlp(width: int, hidden: int) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, width))
+
+
+class ToyStudent(Section):
+    hidden: int = Field(4, ge=1)
+    """Hidden width of the student MLP."""
+
+
+class ToyArgs(Section):
+    fail_at: str | None = None
+    """Raise inside this protocol call (tests of failure handling)."""
+    sleep_s: float = 0.0
+    """Sleep this long per training step (tests of cancellation)."""
+
+
+class ToyModule(L.LightningModule):
+    def __init__(self, teacher, student, train: TrainSpec, sleep_s: float) -> None:
+        super().__init__()
+        self.teacher, self.student, self.train_spec, self.sleep_s = teacher, student, train, sleep_s
+        self.teacher.requires_grad_(False)
+
+    def training_step(self, batch, batch_idx):
+        import time
+
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        (x,) = batch
+        loss = torch.nn.functional.mse_loss(self.student(x), self.teacher(x))
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return adamw_with_schedule(self.student.parameters(), self.train_spec)
+
+
+class Toy:
+    name = "toy"
+    Args = ToyArgs
+    Student = ToyStudent
+    trains = True
+    mlflow_flavor = "artifacts"
+    mlflow_task = None
+
+    def _maybe_fail(self, args: ToyArgs, where: str) -> None:
+        if args.fail_at == where:
+            raise RuntimeError(f"toy failure in {where}")
+
+    def load_teacher(self, source: ResolvedSource, *, meta: bool = False):
+        config = source.config or json.loads((source.path / "config.json").read_text())
+        torch.manual_seed(source.seed)
+        with torch.device("meta" if meta else "cpu"):
+            return mlp(config["width"], config["hidden"]).eval()
+
+    def convert(self, teacher, student: ToyStudent, args: ToyArgs):
+        self._maybe_fail(args, "convert")
+        width, hidden = teacher[0].in_features, teacher[0].out_features
+        if student.hidden > hidden:
+            raise RecipeError("student.hidden", student.hidden, f"must be at most the teacher's {hidden}")
+        with torch.device(teacher[0].weight.device):
+            return mlp(width, student.hidden)
+
+    def data(self, teacher, data: DataSpec, args: ToyArgs) -> MethodData:
+        generator = torch.Generator().manual_seed(data.seed)
+        x = torch.randn(256, teacher[0].in_features, generator=generator)
+        dataset = torch.utils.data.TensorDataset(x)
+        loader = lambda: torch.utils.data.DataLoader(dataset, batch_size=data.batch_size, shuffle=True)  # noqa: E731
+        return MethodData(train_dataloader=loader, eval={"x": x[:64]}, num_train_examples=len(x))
+
+    def teacher_model(self, teacher):
+        return teacher
+
+    def lightning_module(self, teacher, student, data, args: ToyArgs, train: TrainSpec):
+        self._maybe_fail(args, "train")
+        return ToyModule(teacher, student, train, args.sleep_s)
+
+    def trained_student(self, module):
+        return module.student
+
+    @torch.no_grad()
+    def evaluate(self, model, teacher, data: MethodData, eval: EvalSpec, args: ToyArgs) -> dict[str, float]:
+        self._maybe_fail(args, "evaluate")
+        x = data.eval["x"]
+        return {"params": float(sum(p.numel() for p in model.parameters())),
+                "mse_to_teacher": float(torch.nn.functional.mse_loss(model(x), teacher(x)))}
+
+    def export(self, student, teacher, out_dir: Path, args: ToyArgs) -> Path:
+        self._maybe_fail(args, "export")
+        save_file({k: v.contiguous() for k, v in student.state_dict().items()}, out_dir / "model.safetensors")
+        (out_dir / "config.json").write_text(json.dumps({"width": student[0].in_features, "hidden": student[0].out_features}))
+        return out_dir
