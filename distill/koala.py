@@ -104,6 +104,9 @@ class KoalaArgs(Section):
     """Where per-step latency and peak memory are measured: 'cpu', or the model's own device."""
     latency_batch: int = Field(1, ge=1)
     """Latents per timed U-Net step."""
+    cpu_threads: int | None = Field(None, ge=1)
+    """Torch intra-op CPU threads for the whole job (None: torch's default). 1 avoids OpenMP
+    oversubscription on a CPU shared with other processes, which can slow CPU runs tenfold."""
 
 
 class Koala:
@@ -130,6 +133,8 @@ class Koala:
         return teacher.unet
 
     def convert(self, teacher: KoalaTeacher, student: KoalaStudent, args: KoalaArgs) -> UNet2DConditionModel:
+        if args.cpu_threads is not None:  # convert is the first call that sees the recipe's koala section
+            torch.set_num_threads(args.cpu_threads)
         custom = student.model_dump(exclude={"preset"})
         model, bmap = build_student(teacher.unet, student.preset, selection=args.layer_selection, **custom)
         logger.info("KOALA %s: %d blocks copied from the teacher", student.preset, len(bmap.entries))
@@ -137,7 +142,8 @@ class Koala:
         return model
 
     def _scheduler_config(self, teacher: KoalaTeacher, args: KoalaArgs) -> dict:
-        config = dict(teacher.scheduler_config)
+        # diffusers resets keys listed in `_use_default_values` on from_config: an override would vanish.
+        config = {k: v for k, v in teacher.scheduler_config.items() if k != "_use_default_values"}
         if args.prediction_type != "auto":
             config["prediction_type"] = args.prediction_type
         return config
@@ -176,7 +182,7 @@ class Koala:
             raise RecipeError("koala.ema", True, "EMA needs whole parameters; use strategy ddp or deepspeed_stage_2")
         bmap = block_map(dict(teacher.unet.config), dict(student.config), args.layer_selection)
         pairs = feature_pairs(bmap, dict(student.config), args.feature_sites)
-        return KoalaModule(student, teacher.unet, pairs, self._scheduler_config(teacher, args), train,
+        return KoalaModule(student, teacher, pairs, self._scheduler_config(teacher, args), train,
                            weights=(args.lambda_task, args.lambda_out, args.lambda_feat),
                            latent_size=data.eval["latent_size"], gradient_checkpointing=args.gradient_checkpointing,
                            ema_decay=args.ema_decay if args.ema else None)

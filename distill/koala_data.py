@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -106,18 +107,26 @@ def load_teacher(source: ResolvedSource, *, meta: bool = False) -> KoalaTeacher:
     return KoalaTeacher(unet, encoders, tokenizers, vae, scheduler, source.description)
 
 
-@torch.no_grad()
-def encode_prompts(teacher: KoalaTeacher, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """`prompt_embeds` [B, L, cross_attention_dim] and, for SDXL, pooled `text_embeds` — as the
-    diffusers pipelines do: SDXL concatenates both encoders' penultimate hidden states and pools
-    with the last encoder's projection; SD1.x/2.x use the last hidden state."""
+def tokenize(teacher: KoalaTeacher, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Token ids for each text encoder (`input_ids_0`, `input_ids_1`), padded to its context."""
     if not teacher.text_encoders:
         raise RecipeError("teacher", teacher.description, "KOALA needs the teacher's text encoders to encode prompts")
-    hidden, pooled = [], None
-    for tokenizer, encoder in zip(teacher.tokenizers, teacher.text_encoders):
+    ids = {}
+    for i, (tokenizer, encoder) in enumerate(zip(teacher.tokenizers, teacher.text_encoders)):
         length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
-        ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
-        out = encoder(ids.to(encoder.device), output_hidden_states=True)
+        ids[f"input_ids_{i}"] = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                                          return_tensors="pt").input_ids
+    return ids
+
+
+@torch.no_grad()
+def encode_tokens(teacher: KoalaTeacher, ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`prompt_embeds` [B, L, cross_attention_dim] and, for SDXL, pooled `text_embeds` — as the
+    diffusers pipelines do: SDXL concatenates both encoders' penultimate hidden states and pools
+    with the last encoder's projection; SD1.x/2.x use the last hidden state. On the encoders' device."""
+    hidden, pooled = [], None
+    for i, encoder in enumerate(teacher.text_encoders):
+        out = encoder(ids[f"input_ids_{i}"].to(encoder.device), output_hidden_states=True)
         hidden.append(out.hidden_states[-2] if teacher.sdxl_conditioning else out.last_hidden_state)
         pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
     embeds = torch.cat(hidden, dim=-1)
@@ -125,14 +134,19 @@ def encode_prompts(teacher: KoalaTeacher, prompts: list[str]) -> dict[str, torch
     if embeds.shape[-1] != want:
         raise RecipeError("teacher", teacher.description, f"text encoder widths sum to {embeds.shape[-1]} but the "
                           f"U-Net's cross_attention_dim is {want}")
-    result = {"prompt_embeds": embeds.float().cpu()}
+    result = {"prompt_embeds": embeds.float()}
     if teacher.sdxl_conditioning:
         expected = teacher.unet.config.projection_class_embeddings_input_dim - 6 * teacher.unet.config.addition_time_embed_dim
         if pooled.shape[-1] != expected:
             raise RecipeError("teacher", teacher.description, f"pooled text width {pooled.shape[-1]} != the {expected} "
                               "the U-Net's projection_class_embeddings_input_dim leaves for it")
-        result["text_embeds"] = pooled.float().cpu()
+        result["text_embeds"] = pooled.float()
     return result
+
+
+def encode_prompts(teacher: KoalaTeacher, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Prompt embeddings (see `encode_tokens`) on the CPU."""
+    return {k: v.cpu() for k, v in encode_tokens(teacher, tokenize(teacher, prompts)).items()}
 
 
 def unet_kwargs(batch: dict[str, torch.Tensor], device: torch.device | None = None, dtype: torch.dtype | None = None) -> dict:
@@ -188,20 +202,48 @@ def _pixels(image: Any, resolution: int) -> tuple[torch.Tensor, tuple[int, int],
     return array.permute(2, 0, 1).float() / 127.5 - 1.0, (h, w), (top, left)
 
 
+class ImageCaptionSet(Dataset):
+    """Preprocessed pixels, token ids and SDXL time ids of an image-caption `datasets` dataset;
+    the teacher's VAE and text encoders encode them per batch (`encode_batch`), on the GPU."""
+
+    def __init__(self, teacher: KoalaTeacher, rows: Any, image_column: str, text_column: str, resolution: int) -> None:
+        self.teacher, self.rows, self.resolution = teacher, rows, resolution
+        self.image_column, self.text_column = image_column, text_column
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = self.rows[index]
+        pixels, size, crop = _pixels(row[self.image_column], self.resolution)
+        item = {"pixels": pixels, **{k: v[0] for k, v in tokenize(self.teacher, [row[self.text_column]]).items()}}
+        if self.teacher.sdxl_conditioning:
+            item["time_ids"] = time_ids(size, crop, (self.resolution, self.resolution))
+        return item
+
+
 @torch.no_grad()
-def image_caption_set(teacher: KoalaTeacher, data: DataSpec, image_column: str, resolution: int,
-                      cache_dir: str | None) -> TensorDataset:
-    """An image-caption `datasets` dataset (imagefolder or parquet with image + text columns),
-    encoded once by the teacher's VAE and text encoders; optionally cached on disk."""
+def encode_batch(teacher: KoalaTeacher, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict:
+    """Replace pixels and token ids by scaled VAE latents (one sample of the posterior) and text
+    embeddings; other entries pass through. Runs on the VAE's / text encoders' device."""
+    if "pixels" not in batch:
+        return batch
+    vae = teacher.vae
+    dist = vae.encode(batch["pixels"].to(vae.device, vae.dtype)).latent_dist
+    noise = torch.randn(dist.mean.shape, generator=generator, device=generator.device if generator else dist.mean.device)
+    latents = dist.mean + dist.std * noise.to(dist.mean)
+    shift = vae.config.get("shift_factor") or 0.0
+    out = {k: v for k, v in batch.items() if k != "pixels" and not k.startswith("input_ids_")}
+    out["latents"] = ((latents - shift) * vae.config.scaling_factor).float()
+    out.update(encode_tokens(teacher, batch))
+    return out
+
+
+def load_rows(data: DataSpec, image_column: str) -> Any:
+    """The image-caption rows of `data:` (imagefolder, parquet or a saved dataset), ≤ max_texts."""
     if data.kind != "datasets" or data.loader not in ("imagefolder", "parquet", "disk"):
         raise RecipeError("data.loader", data.loader, "KOALA reads images: use kind 'datasets' with loader "
                           "'imagefolder' or 'parquet' (or set koala.data_free: true)")
-    if teacher.vae is None:
-        raise RecipeError("teacher", teacher.description, "encoding images needs the teacher's VAE (or koala.data_free: true)")
-    key = json.dumps([teacher.description, data.loader, data.paths, data.split, data.max_texts, resolution, image_column])
-    cache = Path(cache_dir) / f"koala-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt" if cache_dir else None
-    if cache is not None and cache.is_file():
-        return TensorDataset(torch.load(cache))
     import datasets
 
     if data.loader == "disk":
@@ -210,28 +252,59 @@ def image_caption_set(teacher: KoalaTeacher, data: DataSpec, image_column: str, 
         rows = datasets.load_dataset("imagefolder", data_dir=data.paths[0], split=data.split)
     else:
         rows = datasets.load_dataset(data.loader, data_files=data.paths, split=data.split)
-    for column in (image_column, data.text_column):
+    for column, key in ((image_column, "koala.image_column"), (data.text_column, "data.text_column")):
         if column not in rows.column_names:
-            key_name = "koala.image_column" if column == image_column else "data.text_column"
-            raise RecipeError(key_name, column, f"the dataset has columns {rows.column_names}")
-    rows = rows.select(range(min(len(rows), data.max_texts)))
+            raise RecipeError(key, column, f"the dataset has columns {rows.column_names}")
+    return rows.select(range(min(len(rows), data.max_texts)))
+
+
+def image_caption_set(teacher: KoalaTeacher, data: DataSpec, image_column: str, resolution: int,
+                      cache_dir: str | None) -> Dataset:
+    """Training set from an image-caption dataset. Without `cache_dir`, images and captions are
+    encoded per batch during training; with it, latents and embeddings are computed once into a
+    memory-mapped Arrow file there (reused while teacher, data and resolution stay the same)."""
+    if teacher.vae is None:
+        raise RecipeError("teacher", teacher.description, "encoding images needs the teacher's VAE (or koala.data_free: true)")
+    raw = ImageCaptionSet(teacher, load_rows(data, image_column), image_column, data.text_column, resolution)
+    if cache_dir is None:
+        return raw
+    key = json.dumps([teacher.description, data.loader, data.paths, data.split, data.max_texts, resolution,
+                      image_column, data.text_column, data.seed])
+    folder = Path(cache_dir) / f"koala-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    if not (folder / "done.json").is_file():
+        _write_cache(teacher, raw, folder, data)
+    return MemmapSet(folder)
+
+
+def _write_cache(teacher: KoalaTeacher, raw: ImageCaptionSet, folder: Path, data: DataSpec) -> None:
+    """Encode every row once into one .npy memory map per column (fp16 for latents/embeddings)."""
+    folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(data.seed)
-    parts: dict[str, list[torch.Tensor]] = {"latents": [], "prompt_embeds": [], "text_embeds": [], "time_ids": []}
-    vae = teacher.vae
-    for start in range(0, len(rows), data.batch_size):
-        chunk = rows[start:start + data.batch_size]
-        pixels, sizes, crops = zip(*(_pixels(img, resolution) for img in chunk[image_column]))
-        dist = vae.encode(torch.stack(pixels).to(vae.device, vae.dtype)).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
-        latents = dist.mean + dist.std * noise  # a seeded latent sample, reproducible across runs
-        shift = vae.config.get("shift_factor") or 0.0
-        parts["latents"].append(((latents - shift) * vae.config.scaling_factor).float().cpu())
-        for name, value in encode_prompts(teacher, list(chunk[data.text_column])).items():
-            parts[name].append(value)
-        if teacher.sdxl_conditioning:
-            parts["time_ids"] += [time_ids(s, c, (resolution, resolution))[None] for s, c in zip(sizes, crops)]
-    columns = {k: torch.cat(v) for k, v in parts.items() if v}
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(columns, cache)
-    return TensorDataset(columns)
+    columns: dict[str, np.memmap] = {}
+    start = 0
+    for batch in torch.utils.data.DataLoader(raw, batch_size=data.batch_size, num_workers=data.num_workers):
+        encoded = encode_batch(teacher, batch, generator)
+        for name, value in encoded.items():
+            if name not in columns:
+                columns[name] = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.float16 if
+                                                          name != "time_ids" else np.float32, shape=(len(raw), *value.shape[1:]))
+            columns[name][start:start + len(value)] = value.cpu().numpy()
+        start += len(batch["pixels"])
+    for column in columns.values():
+        column.flush()
+    (folder / "done.json").write_text(json.dumps({"rows": len(raw), "columns": sorted(columns)}))
+
+
+class MemmapSet(Dataset):
+    """Rows of a cache written by `_write_cache`, read lazily from the memory-mapped .npy files."""
+
+    def __init__(self, folder: Path) -> None:
+        meta = json.loads((folder / "done.json").read_text())
+        self.columns = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in meta["columns"]}
+        self.rows = meta["rows"]
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.array(v[index], dtype=np.float32)) for k, v in self.columns.items()}

@@ -22,7 +22,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from convert.koala import BlockMap, layout
-from distill.koala_data import unet_kwargs
+from distill.koala_data import KoalaTeacher, encode_batch, unet_kwargs
 from distill.optim import adamw_with_schedule
 from distill.spec import TrainSpec
 
@@ -126,15 +126,16 @@ def training_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torc
 class KoalaModule(L.LightningModule):
     """Trains the student against the frozen teacher U-Net."""
 
-    def __init__(self, student: UNet2DConditionModel, teacher: UNet2DConditionModel, pairs: list[tuple[str, str]],
+    def __init__(self, student: UNet2DConditionModel, teacher: KoalaTeacher, pairs: list[tuple[str, str]],
                  scheduler_config: dict, train: TrainSpec, *, weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
                  latent_size: int | None = None, gradient_checkpointing: bool = False,
                  ema_decay: float | None = None) -> None:
         super().__init__()
         self.latent_size = latent_size or student.config.sample_size
         self.student = student.train()
-        # Not a registered submodule: frozen, never optimised, never in checkpoints or DDP buckets.
-        self.__dict__["teacher"] = teacher.eval().requires_grad_(False)
+        # Not registered submodules: frozen, never optimised, never in checkpoints or DDP buckets.
+        self.__dict__["bundle"] = teacher  # VAE + text encoders encode image-caption batches on the fly
+        self.__dict__["teacher"] = teacher.unet.eval().requires_grad_(False)
         self.pairs, self.weights, self.train_spec = pairs, weights, train
         self.scheduler = DDPMScheduler.from_config(scheduler_config)
         if gradient_checkpointing:
@@ -144,12 +145,15 @@ class KoalaModule(L.LightningModule):
             self.ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
             self.ema.requires_grad_(False)
         self.student_taps = FeatureTaps(student, [s for s, _ in pairs])
-        self.teacher_taps = FeatureTaps(teacher, [t for _, t in pairs])
+        self.teacher_taps = FeatureTaps(self.teacher, [t for _, t in pairs])
 
     def on_fit_start(self) -> None:
-        self.teacher.to(self.device)
+        for model in [self.teacher, self.bundle.vae, *self.bundle.text_encoders]:
+            if model is not None:
+                model.to(self.device).requires_grad_(False)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        batch = encode_batch(self.bundle, batch)  # no-op for cached latents / data-free batches
         embeds = batch["prompt_embeds"]
         n, channels, size = embeds.shape[0], self.student.config.in_channels, self.latent_size
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), device=self.device)

@@ -28,6 +28,15 @@ SDXL = json.loads((Path(__file__).parents[1] / "fixtures" / "sdxl_unet_config.js
 PAPER_M = {"sdxl": 2567, "koala-1b": 1161, "koala-700m": 782}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The test machine's cores are shared; two OpenMP threads there run tiny models ~10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_sdxl(**changes) -> dict:
     """SDXL's layout (block types, depths [1, 2, 10], text_time conditioning) at toy widths."""
     return {**SDXL, "block_out_channels": [32, 64, 128], "attention_head_dim": [2, 4, 8], "cross_attention_dim": 64,

@@ -1,0 +1,265 @@
+"""KOALA distillation: loss terms, feature taps (plain, DDP, gradient checkpointing), data,
+evaluation and export, on the tiny pipeline of recipes/koala_tiny.yaml (shrunk further here).
+
+    .venv/bin/python -m pytest tests/distill/test_koala.py -q
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from PIL import Image
+
+from convert.koala import block_map
+from distill.koala import Koala
+from distill.koala_data import encode_prompts, encode_tokens, image_caption_set, tokenize
+from distill.koala_eval import LiveBytes
+from distill.koala_train import FeatureTaps, KoalaModule, feature_pairs, koala_losses, training_target
+from distill.spec import DataSpec, EvalSpec, RecipeError, TrainSpec
+from jobs.recipe import load_recipe
+from jobs.sources import resolve_source
+
+ROOT = Path(__file__).parents[2]
+SMALL = ["teacher.config.unet.sample_size=8", "teacher.config.unet.transformer_layers_per_block=[1,2,5]",
+         "koala.eval_steps=2", "koala.eval_seeds=[0]", "eval.latency_repeats=1", "data.batch_size=2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The test machine's cores are shared; two OpenMP threads there run tiny models ~10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    loaded = load_recipe(ROOT / "recipes" / "koala_tiny.yaml", overrides=SMALL)
+    method = Koala()
+    teacher = method.load_teacher(resolve_source(loaded.recipe.teacher, "teacher"))
+    return method, loaded, teacher
+
+
+def student_of(tiny, preset: str = "koala-1b"):
+    method, loaded, teacher = tiny
+    return method.convert(teacher, loaded.student.model_copy(update={"preset": preset}), loaded.args)
+
+
+def inputs(teacher, batch: int = 2, size: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    cond = encode_prompts(teacher, ["a cat", "a dog"][:batch])
+    cond["time_ids"] = torch.tensor([[64.0, 64, 0, 0, 64, 64]]).repeat(batch, 1)
+    sample = torch.randn(batch, 4, size, size, generator=g)
+    return sample, torch.tensor([10, 700][:batch]), {"encoder_hidden_states": cond["prompt_embeds"],
+                                                      "added_cond_kwargs": {k: cond[k] for k in ("text_embeds", "time_ids")}}
+
+
+def test_loss_terms_match_a_reference_computation():
+    g = torch.Generator().manual_seed(0)
+    s, t, y = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    sf = {"a": torch.randn(2, 16, 8, generator=g), "b": torch.randn(2, 4, 32, generator=g)}
+    tf = {"ta": torch.randn(2, 16, 8, generator=g), "tb": torch.randn(2, 4, 32, generator=g)}
+    pairs = [("a", "ta"), ("b", "tb")]
+    terms = koala_losses(s, t, y, sf, tf, pairs, (0.5, 2.0, 3.0))
+    mse = lambda a, b: ((a - b) ** 2).sum() / a.numel()  # noqa: E731
+    feat = mse(sf["a"], tf["ta"]) + mse(sf["b"], tf["tb"])  # summed over sites
+    assert torch.allclose(terms["loss_task"], mse(s, y)) and torch.allclose(terms["loss_out"], mse(s, t))
+    assert torch.allclose(terms["loss_feat"], feat)
+    assert torch.allclose(terms["loss"], 0.5 * mse(s, y) + 2.0 * mse(s, t) + 3.0 * feat)
+    free = koala_losses(s, t, None, sf, tf, pairs, (0.5, 2.0, 3.0))  # data-free: teacher targets only
+    assert "loss_task" not in free and torch.allclose(free["loss"], 2.0 * mse(s, t) + 3.0 * feat)
+
+
+def test_targets_for_epsilon_and_v_prediction(tiny):
+    method, loaded, teacher = tiny
+    x0, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    t = torch.tensor([0, 400, 999])
+    eps = DDPMScheduler.from_config(method._scheduler_config(teacher, loaded.args))
+    assert torch.equal(training_target(eps, x0, noise, t), noise)
+    teacher.scheduler_config = {**DDPMScheduler(beta_schedule="scaled_linear").config}  # has _use_default_values
+    v_args = loaded.args.model_copy(update={"prediction_type": "v_prediction"})
+    v = DDPMScheduler.from_config(method._scheduler_config(teacher, v_args))
+    assert v.config.prediction_type == "v_prediction"
+    abar = v.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(training_target(v, x0, noise, t), abar.sqrt() * noise - (1 - abar).sqrt() * x0, atol=1e-6)
+
+
+def test_feature_sites(tiny):
+    student = student_of(tiny, "koala-700m")
+    method, loaded, teacher = tiny
+    module = method.lightning_module(teacher, student, method.data(teacher, loaded.recipe.data, loaded.args),
+                                     loaded.args, TrainSpec())
+    layers = [m for m in student.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert len(module.pairs) == len(layers) == 2 + 3 + 2 * 3 + 2 * 2  # 5 -> 3 kept (0, 2, 4)
+    assert ("up_blocks.0.attentions.1.transformer_blocks.2.attn1",
+            "up_blocks.0.attentions.2.transformer_blocks.4.attn1") in module.pairs
+    bmap = block_map(dict(teacher.unet.config), dict(student.config))
+    blocks = feature_pairs(bmap, dict(student.config), "block")
+    assert [s for s, _ in blocks] == ["down_blocks.0", "down_blocks.1", "down_blocks.2",
+                                      "up_blocks.0", "up_blocks.1", "up_blocks.2"]  # 700M: no mid block
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_taps_work_through_a_ddp_wrapper(tiny):
+    student = student_of(tiny)
+    names = ["down_blocks.1.attentions.0.transformer_blocks.1.attn1", "mid_block", "down_blocks.2"]
+    sample, t, kwargs = inputs(tiny[2])
+    bare_taps = FeatureTaps(student, names)
+    student(sample, t, **kwargs)
+    expected = bare_taps.pop()
+    bare_taps.remove()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(student)
+        # Names as seen from the wrapper ('module.' prefix) and bare names both resolve.
+        taps = FeatureTaps(ddp, ["module." + names[0], *names[1:]])
+        out = ddp(sample, t, **kwargs).sample
+        got = taps.pop()
+        assert set(got) == set(names)
+        assert all(torch.equal(got[n], expected[n]) for n in names)
+        (got[names[0]].square().mean() + out.mean()).backward()
+        grad = student.down_blocks[1].attentions[0].transformer_blocks[1].attn1.to_q.weight.grad
+        assert grad is not None and grad.abs().sum() > 0
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradient_checkpointing_keeps_feature_gradients(tiny):
+    method, loaded, teacher = tiny
+    plain = student_of(tiny).train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.enable_gradient_checkpointing()
+    sample, t, kwargs = inputs(teacher)
+    name = "up_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    grads = []
+    for model in (plain, ckpt):
+        taps = FeatureTaps(model, [name])
+        model(sample, t, **kwargs)
+        taps.pop()[name].square().mean().backward()
+        grads.append(model.down_blocks[2].attentions[0].transformer_blocks[0].attn1.to_k.weight.grad.clone())
+        taps.remove()
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_training_step_logs_each_term(tiny, tmp_path):
+    method, loaded, teacher = tiny
+    student = student_of(tiny)
+    data = method.data(teacher, loaded.recipe.data, loaded.args)
+    module = method.lightning_module(teacher, student, data, loaded.args.model_copy(update={"ema": True}), TrainSpec())
+    logged = {}
+    module.log_dict = lambda values, **kw: logged.update(values)
+    batch = next(iter(data.train_dataloader()))
+    loss = module.training_step(batch, 0)  # data-free: output + feature terms only
+    assert set(logged) == {"train/loss", "train/loss_out", "train/loss_feat"}
+    assert torch.allclose(loss.detach(), logged["train/loss_out"] + logged["train/loss_feat"])
+    batch["latents"] = torch.randn(2, 4, 8, 8)
+    module.training_step(batch, 1)
+    assert "train/loss_task" in logged and logged["train/loss_feat"] > 0
+    module.on_train_batch_end(None, batch, 1)
+    assert method.trained_student(module) is module.ema.module
+
+
+def _imagefolder(root: Path) -> Path:
+    sizes = [(100, 80), (64, 64), (80, 120)]  # (w, h)
+    with open(root / "metadata.jsonl", "w") as f:
+        for i, (w, h) in enumerate(sizes):
+            Image.new("RGB", (w, h), (40 * i, 100, 200)).save(root / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": f"a flat colour number {i}"}) + "\n")
+    return root
+
+
+def test_image_caption_data_encodes_and_caches(tiny, tmp_path):
+    method, loaded, teacher = tiny
+    spec = DataSpec(kind="datasets", loader="imagefolder", paths=[str(_imagefolder(tmp_path))], batch_size=2)
+    raw = image_caption_set(teacher, spec, "image", 64, None)
+    item = raw[0]  # 100x80 -> 80x64 (shorter side 64), centre crop 8 px from the left
+    assert item["pixels"].shape == (3, 64, 64) and item["time_ids"].tolist() == [80, 100, 0, 8, 64, 64]
+    assert raw[2]["time_ids"].tolist() == [120, 80, 16, 0, 64, 64]  # 80x120 -> 64x96, 16 px off the top
+    cached = image_caption_set(teacher, spec, "image", 64, str(tmp_path / "cache"))
+    assert len(cached) == 3 and cached[0]["latents"].shape == (4, 8, 8)
+    text = encode_tokens(teacher, tokenize(teacher, ["a flat colour number 0"]))
+    assert torch.allclose(cached[0]["prompt_embeds"], text["prompt_embeds"][0], atol=1e-2)  # stored as fp16
+    assert (tmp_path / "cache").is_dir() and torch.equal(cached[2]["time_ids"], raw[2]["time_ids"])
+    again = image_caption_set(teacher, spec, "image", 64, str(tmp_path / "cache"))
+    assert torch.equal(again[1]["latents"], cached[1]["latents"])
+    with pytest.raises(RecipeError) as info:
+        image_caption_set(teacher, spec.model_copy(update={"loader": "text"}), "image", 64, None)
+    assert info.value.key == "data.loader"
+    with pytest.raises(RecipeError) as info:
+        image_caption_set(teacher, spec, "picture", 64, None)
+    assert info.value.key == "koala.image_column"
+
+
+def test_prompt_encoding_follows_the_sdxl_pipeline(tiny):
+    teacher = tiny[2]
+    out = encode_prompts(teacher, ["a red car", "snow"])
+    ids = tokenize(teacher, ["a red car", "snow"])
+    hidden = [enc(ids[f"input_ids_{i}"], output_hidden_states=True) for i, enc in enumerate(teacher.text_encoders)]
+    assert torch.allclose(out["prompt_embeds"], torch.cat([h.hidden_states[-2] for h in hidden], -1))
+    assert torch.allclose(out["text_embeds"], hidden[1].text_embeds) and out["prompt_embeds"].shape == (2, 77, 64)
+
+
+def test_live_bytes_counts_the_peak_of_live_storages():
+    with LiveBytes() as counter:
+        a = torch.ones(1000)  # 4000 B
+        b = a * 2  # 8000 B live
+        del a
+        c = b + 1  # a freed first: 8000 B
+        d = c.view(10, 100)  # a view allocates nothing
+        del b, c, d
+        e = torch.zeros(3000)  # 12000 B, the peak
+    assert counter.peak == 12000
+    del e
+
+
+def test_evaluate_before_after_and_export(tiny, tmp_path):
+    method, loaded, teacher = tiny
+    student = student_of(tiny, "koala-700m")
+    data = method.data(teacher, loaded.recipe.data, loaded.args)
+    method.artifact_dir = tmp_path / "before"
+    before = method.evaluate(teacher.unet, teacher, data, EvalSpec(latency_repeats=1), loaded.args)
+    method.artifact_dir = tmp_path / "after"
+    after = method.evaluate(student, teacher, data, EvalSpec(latency_repeats=1), loaded.args)
+    assert set(before) == set(after)
+    assert before["noise_mse"] == 0 and before["speedup"] == 1 and before["init_noise_mse"] > 0
+    # Untrained, the student scores exactly what the 'before' pass measured for it at initialisation.
+    assert after["noise_mse"] == pytest.approx(before["init_noise_mse"], rel=1e-6)
+    assert after["latent_mse"] == pytest.approx(before["init_latent_mse"], rel=1e-6)
+    assert after["params_m"] == pytest.approx(sum(p.numel() for p in student.parameters()) / 1e6)
+    assert after["peak_mem_mb"] < before["peak_mem_mb"]
+    grid = Image.open(method.artifacts[0])
+    assert method.artifacts[0].parent == tmp_path / "after" and grid.size == (2 * 64, 2 * 64)  # 2 prompts, 2 rows
+    path = method.export(student, teacher, tmp_path / "export", loaded.args)
+    reloaded = UNet2DConditionModel.from_pretrained(path)
+    sample, t, kwargs = inputs(teacher)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(sample, t, **kwargs).sample, student(sample, t, **kwargs).sample, atol=1e-6)
+    assert json.loads((path / "koala_block_map.json").read_text())["entries"]["up_blocks.0.resnets.1"] == "up_blocks.0.resnets.2"
+
+
+def test_recipe_errors_name_the_key(tiny):
+    method, loaded, teacher = tiny
+    source = resolve_source(loaded.recipe.teacher, "teacher")
+    with pytest.raises(RecipeError) as info:
+        method.load_teacher(type(source)(description="x", config={"text_encoder": {}}))
+    assert info.value.key == "teacher.config"
+    with pytest.raises(RecipeError) as info:
+        method.data(teacher, loaded.recipe.data, loaded.args.model_copy(update={"resolution": 60}))
+    assert info.value.key == "koala.resolution"
+    with pytest.raises(RecipeError) as info:
+        method.lightning_module(teacher, student_of(tiny), None, loaded.args.model_copy(update={"ema": True}),
+                                TrainSpec(strategy="deepspeed_stage_3"))
+    assert info.value.key == "koala.ema"
