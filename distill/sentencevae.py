@@ -277,6 +277,8 @@ class SentenceVAE:
         return module.model.eval()
 
     def evaluate(self, model: Any, teacher: LMTeacher, data: MethodData, eval: EvalSpec, args: SentenceVAEArgs) -> dict[str, float]:
+        # Both sides on the same device (Lightning hands the trained model back on the CPU).
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
         metrics = evaluate_pair(
             model, data.eval["passages"][: eval.max_texts], data.eval["prompts"], bos_id=teacher.bos_id,
             gen_tokens=args.gen_tokens, batch_size=eval.batch_size, repeats=eval.latency_repeats, edges=args.length_buckets,

@@ -37,6 +37,12 @@ def cache_nbytes(cache) -> int:
     raise TypeError(f"cannot size a cache of type {type(cache).__name__}")
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work so wall-clock timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _chunks(items: Sequence, size: int):
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -123,6 +129,7 @@ def lm_generate(lm, prompt: list[int], new_tokens: int, bos_id: int) -> dict[str
     """Greedy cached decoding with the original LM; returns tokens, seconds and cache bytes."""
     lm.eval()
     device = next(lm.parameters()).device
+    _sync(device)
     start = time.perf_counter()
     out = lm(input_ids=torch.tensor([[bos_id] + prompt], device=device), use_cache=True)
     cache, generated = out.cache, 0
@@ -133,16 +140,21 @@ def lm_generate(lm, prompt: list[int], new_tokens: int, bos_id: int) -> dict[str
             break
         out = lm(input_ids=nxt, cache=cache, use_cache=True)
         cache = out.cache
+    _sync(device)
     seconds = time.perf_counter() - start
     kv = cache_nbytes(cache)
     return {"tokens": generated, "seconds": seconds, "kv_bytes": kv, "peak_bytes": kv, "context": len(prompt) + generated}
 
 
 @torch.no_grad()
-def sllm_generate(model: SentenceVAEModel, prompt: Passage, new_tokens: int) -> dict[str, float]:
-    """Greedy generation sentence by sentence: SLLM step → decoder (own KV cache) → encoder → next step."""
+def sllm_generate(model: SentenceVAEModel, prompt: Passage, new_tokens: int, sentence_tokens: int | None = None) -> dict[str, float]:
+    """Greedy generation sentence by sentence: SLLM step → decoder (own KV cache) → encoder → next step.
+
+    `sentence_tokens` forces every generated sentence to that length (benchmarks at a fixed length).
+    """
     model.eval()
     device = next(model.parameters()).device
+    _sync(device)
     start = time.perf_counter()
     batch = {k: v.to(device) for k, v in collate([prompt], model.cfg.pad_id).items()}
     vectors = model.encode_passages(batch["sent"], batch["lengths"])
@@ -150,7 +162,8 @@ def sllm_generate(model: SentenceVAEModel, prompt: Passage, new_tokens: int) -> 
     generated, peak = 0, 0
     while True:
         dec_bytes: list[int] = []
-        tokens = model.decoder.generate(pred[:, -1], min_tokens=1, cache_bytes=dec_bytes)[0]
+        fixed = {"min_tokens": sentence_tokens, "max_tokens": sentence_tokens} if sentence_tokens else {"min_tokens": 1}
+        tokens = model.decoder.generate(pred[:, -1], cache_bytes=dec_bytes, **fixed)[0]
         generated += len(tokens)
         peak = max(peak, cache_nbytes(cache) + dec_bytes[0])
         if generated >= new_tokens:
@@ -158,6 +171,7 @@ def sllm_generate(model: SentenceVAEModel, prompt: Passage, new_tokens: int) -> 
         ids = torch.tensor([tokens], device=device)
         vec = model.encode(ids, torch.tensor([len(tokens)], device=device))
         pred, _, cache = model.sllm.step(model.sllm.embed_inputs(vec[:, None], False), cache=cache, use_cache=True)
+    _sync(device)
     seconds = time.perf_counter() - start
     kv = cache_nbytes(cache)
     return {"tokens": generated, "seconds": seconds, "kv_bytes": kv, "peak_bytes": max(peak, kv), "context": sum(map(len, prompt)) + generated}

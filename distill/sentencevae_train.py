@@ -10,6 +10,7 @@ stop/continue logit and, optionally, a pull towards the encoder's own vector of 
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 from convert.sentencevae import focal_cross_entropy
 from convert.sentencevae_sllm import SentenceVAEModel
 from distill.spec import TrainSpec
+
+log = logging.getLogger(__name__)
 
 Passage = list[list[int]]
 """One passage: the token ids of each of its sentences."""
@@ -163,5 +166,7 @@ def pretrain_lm(lm, passages: Sequence[list[int]], *, steps: int, lr: float, bat
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if (len(losses)) % 25 == 0 or len(losses) == steps:
+            log.info("teacher pre-training step %d/%d: loss %.3f", len(losses), steps, losses[-1])
     lm.eval()
     return losses

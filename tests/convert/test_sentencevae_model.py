@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from convert.sentencevae import KVCache, VAEConfig, focal_cross_entropy
 from convert.sentencevae_sllm import SentenceVAEModel
@@ -27,6 +27,9 @@ def tiny_lm(family: str):
     if family == "llama":
         return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=2,
                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    if family == "opt":  # inner width 64 with project_in/out to the 32-wide embeddings (as OPT-350m)
+        return OPTForCausalLM(OPTConfig(vocab_size=V, hidden_size=64, word_embed_proj_dim=H, ffn_dim=64, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=64)).eval()
     return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=H, n_layer=2, n_head=4, n_positions=64)).eval()
 
 
@@ -115,7 +118,7 @@ def test_kv_cached_decoding_equals_uncached() -> None:
     assert all(len(s) == 3 and 2 not in s for s in capped)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
 def test_sllm_is_causal(family: str) -> None:
     model = tiny_vae(family)
     vectors = torch.randn(2, 5, H)
@@ -130,7 +133,7 @@ def test_sllm_is_causal(family: str) -> None:
         assert (p2[:, j + 1] - pred[:, j + 1]).abs().max() > 1e-4  # the sentence itself is seen next
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
 def test_sllm_padding_and_cache(family: str) -> None:
     model = tiny_vae(family)
     vectors = torch.randn(1, 4, H)

@@ -1,0 +1,80 @@
+"""The tiny SentenceVAE recipe end to end through the job spine (slow, ~10 minutes on 2 CPU cores):
+
+    .venv/bin/python -m pytest tests/distill/test_sentencevae_e2e.py -q -m slow
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "recipes" / "sentencevae_tiny.yaml"
+RECON_FLOOR = 0.30
+"""Greedy token accuracy of the converted model's reconstruction of held-out sentences (chance is
+~1/30522; measured 0.__ when this floor was set)."""
+
+
+@pytest.mark.slow
+def test_tiny_recipe_end_to_end(tmp_path: Path) -> None:
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+
+    from transformers import AutoTokenizer
+
+    from convert.sentencevae_segment import segment_ids
+    from convert.sentencevae_sllm import SentenceVAEModel
+    from distill.data import load_texts
+    from distill.sentencevae import segment_rules
+    from distill.sentencevae_eval import reconstruction, vae_roundtrip
+    from jobs.recipe import load_recipe
+    from jobs.store import JobStore
+
+    home = tmp_path / "home"
+    # One OpenMP thread: on a shared 2-core machine, spin-waiting threads cost 3x the time.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    athanor = Path(sys.executable).parent / "athanor"
+    proc = subprocess.run([str(athanor), "--home", str(home), "submit", str(RECIPE), "--wait", "--no-progress"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    jobs = JobStore(home).list()
+    assert len(jobs) == 1
+    job = jobs[0]
+    assert job.status == "SUCCEEDED", f"{job.error}\n{proc.stderr[-3000:]}"
+
+    before, after = job.result["before"], job.result["after"]
+    expected = {"ppl", "nll_per_token", "tokens_per_position", "gen_tokens_per_s", "kv_bytes_per_token",
+                "mem_bytes_per_token", "recon_token_acc", "recon_exact"}
+    assert expected <= set(before) and set(before) == set(after)
+    assert after["recon_token_acc"] > RECON_FLOOR
+    assert after["tokens_per_position"] > 2  # one SLLM cache position holds a whole sentence
+    assert after["kv_bytes_per_token"] < before["kv_bytes_per_token"] / 2
+    assert before["ppl"] < 30522 / 4  # the pre-trained teacher is far better than uniform
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{home / 'mlflow.db'}")
+    children = client.search_runs([client.get_run(job.mlflow_run_id).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{job.mlflow_run_id}'")
+    logged = {run.data.tags["athanor.side"]: run.data.metrics for run in children}
+    assert set(logged) == {"baseline", "converted"}
+    assert logged["converted"]["eval/recon_token_acc"] == pytest.approx(after["recon_token_acc"])
+    assert set(logged["baseline"]) == {f"eval/{k}" for k in before} == set(logged["converted"])
+    assert client.get_model_version("sentencevae-tiny", job.model_version).status == "READY"
+
+    # The export reloads and reconstructs the same held-out sentences as the job measured.
+    model = SentenceVAEModel.from_pretrained(job.result["export"])
+    loaded = load_recipe(RECIPE)
+    recipe, args = loaded.recipe, loaded.args
+    tokenizer = AutoTokenizer.from_pretrained(job.result["export"])
+    _, held_out = load_texts(recipe.data)
+    pretrained_on = set(load_texts(args.pretrain_data)[0])  # the job never evaluates on these
+    passages = [p for p in (segment_ids(t, tokenizer, segment_rules(args), recipe.data.max_length)
+                            for t in held_out if t not in pretrained_on) if p][: recipe.eval.max_texts]
+    sentences = [s for p in passages for s in p]
+    with torch.no_grad():
+        again = reconstruction(vae_roundtrip(model, 32), sentences, args.length_buckets)
+    assert again["recon_token_acc"] == pytest.approx(after["recon_token_acc"], abs=0.02)
