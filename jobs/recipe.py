@@ -137,6 +137,7 @@ class RecipeInvalid(Exception):
     """Every problem found in a recipe, rendered one per line."""
 
     def __init__(self, problems: list[Problem], file: str = "recipe") -> None:
+        problems = sorted(problems, key=lambda p: (p.line is None, p.line or 0))
         self.problems, self.file = problems, file
         super().__init__("\n".join(p.render(file) for p in problems))
 
@@ -257,6 +258,9 @@ def _problems_from(error: ValidationError, model: type[BaseModel], data: dict, l
             )
         elif err["type"] == "missing":
             message = "required key is missing"
+        elif err["type"] == "string_pattern_mismatch":
+            message = ("use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit "
+                       "(no '/', spaces or '..')")
         problems.append(Problem(path, line, _value_at(data, loc), message))
     return problems
 

