@@ -96,24 +96,24 @@ def _layer(model: PreTrainedModel, layer: int, key: str) -> int:
 
 
 def relation_spec(source: PreTrainedModel, target: PreTrainedModel, args: MiniLMArgs,
-                  source_layer: int, target_layer: int, target_key: str) -> RelationSpec:
+                  source_layer: int, target_layer: int, target_key: str,
+                  early_exit: bool = True) -> RelationSpec:
     """Check head compatibility of one (source → target) pair and describe its loss."""
     weights = _relation_names(args)
-    s_heads, t_heads = source.config.num_attention_heads, target.config.num_attention_heads
+    heads, t_heads = source.config.num_attention_heads, target.config.num_attention_heads
     if args.version == "v1":
-        if s_heads != t_heads:
+        if heads != t_heads:
             raise RecipeError(
                 f"{target_key}.heads", t_heads,
-                f"v1 compares attention maps head by head: use {s_heads} heads or minilm.version: v2",
+                f"v1 compares attention maps head by head: use {heads} heads or minilm.version: v2",
             )
     else:
-        heads = args.relation_heads or source.config.num_attention_heads
+        heads = args.relation_heads or heads
         for model, key in ((source, "teacher"), (target, target_key)):
             if model.config.hidden_size % heads:
                 raise RecipeError("minilm.relation_heads", heads,
                                   f"must divide the {key} hidden size {model.config.hidden_size}")
-        s_heads = t_heads = heads
-    return RelationSpec(weights, s_heads, t_heads, source_layer, target_layer)
+    return RelationSpec(weights, heads, source_layer, target_layer, early_exit)
 
 
 class MiniLM:
@@ -188,16 +188,18 @@ class MiniLM:
         t = teacher.model
         t_layer = _layer(t, args.teacher_layer, "minilm.teacher_layer")
         s_layer = _layer(student, args.student_layer, "minilm.student_layer")
+        # ZeRO-3 gathers/releases parameters in module hooks: let every forward run to the end.
+        exit_early = train.strategy != "deepspeed_stage_3"
         if args.assistant is None:
-            spec = relation_spec(t, student, args, t_layer, s_layer, "student")
+            spec = relation_spec(t, student, args, t_layer, s_layer, "student", exit_early)
             return MiniLMModule(t, student, spec, train)
         if not 0 < args.assistant_steps < train.max_steps:
             raise RecipeError("minilm.assistant_steps", args.assistant_steps,
                               f"must be between 1 and train.max_steps - 1 ({train.max_steps - 1})")
         assistant = build_student(t, args.assistant, "minilm.assistant")
         a_layer = resolve_layer(assistant, -1)
-        a_spec = relation_spec(t, assistant, args, t_layer, a_layer, "minilm.assistant")
-        spec = relation_spec(assistant, student, args, a_layer, s_layer, "student")
+        a_spec = relation_spec(t, assistant, args, t_layer, a_layer, "minilm.assistant", exit_early)
+        spec = relation_spec(assistant, student, args, a_layer, s_layer, "student", exit_early)
         return MiniLMModule(t, student, spec, train, assistant, a_spec, args.assistant_steps)
 
     def trained_student(self, module: MiniLMModule) -> PreTrainedModel:

@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from convert.minilm import layer_list, qkv
@@ -43,53 +42,165 @@ def resolve_layer(model: PreTrainedModel, layer: int) -> int:
     return layer % n
 
 
+class _LayerReached(Exception):
+    """Raised by the pre-hook once the distilled layer's input is captured, to end the forward."""
+
+
+def layer_input(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], layer: int, early_exit: bool = True
+) -> torch.Tensor:
+    """The hidden states entering `layer` (what hidden_states[layer] would hold).
+
+    A forward pre-hook on the layer captures its input. With `early_exit` it also ends the forward
+    there: no loss reads the later layers (or the distilled layer's own output), so running them
+    would only cost time — a sixth of the teacher and a third of a 3-layer student. Strategies
+    whose hooks need every forward to complete (DeepSpeed ZeRO-3) turn it off.
+    """
+    captured: list[torch.Tensor] = []
+
+    def grab(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append(args[0] if args else kwargs["hidden_states"])
+        if early_exit:
+            raise _LayerReached
+
+    handle = layer_list(model)[layer].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(**model_inputs(batch))
+    except _LayerReached:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
 def layer_projections(
-    model: PreTrainedModel, batch: dict[str, torch.Tensor], layer: int, needed: set[str]
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], layer: int, needed: set[str],
+    early_exit: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Run `model` and recompute the `needed` projections ('q', 'k', 'v') of `layer` from its input."""
-    out = model(**model_inputs(batch), output_hidden_states=True)
-    x = out.hidden_states[layer]  # hidden_states[l] is the input of layer l
+    """Recompute the `needed` projections ('q', 'k', 'v') of `layer` from its input."""
+    x = layer_input(model, batch, layer, early_exit)
     linears = dict(zip("qkv", qkv(model, layer)))
     return {name: linears[name](x) for name in sorted(needed)}
 
 
-def relation_logprobs(
-    a: torch.Tensor, b: torch.Tensor, heads: int, key_mask: torch.Tensor
-) -> torch.Tensor:
-    """log softmax(A_h B_hᵀ / sqrt(d_h)) per head, over unmasked keys: (batch, heads, T, T), float32.
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(batch, T, heads * d) -> (batch * heads, T, d), float32."""
+    bsz, length, width = x.shape
+    return x.float().view(bsz, length, heads, width // heads).transpose(1, 2).reshape(
+        bsz * heads, length, width // heads)
 
-    a, b: (batch, T, heads * d_h); key_mask: (batch, T) bool, True for real tokens.
+
+def _from_heads(x: torch.Tensor, bsz: int, heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """(batch * heads, T, d) -> (batch, T, heads * d) in `dtype`."""
+    _, length, d = x.shape
+    return x.view(bsz, heads, length, d).transpose(1, 2).reshape(bsz, length, heads * d).to(dtype)
+
+
+def _masked_softmax(a: torch.Tensor, b: torch.Tensor, key_bias: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(A Bᵀ/√d + bias) and its log-normaliser, for (batch*heads, T, d) inputs.
+
+    Masked keys carry a -inf bias, so exp() gives exactly 0 there. (A finite minimum instead
+    makes CPU exp() several times slower on those entries.)
     """
-    bsz, length, width = a.shape
-    d = width // heads
-    a = a.float().view(bsz, length, heads, d).transpose(1, 2)
-    b = b.float().view(bsz, length, heads, d).transpose(1, 2)
-    scores = torch.matmul(a, b.transpose(-1, -2)) / math.sqrt(d)
-    # A finite minimum (not -inf) keeps masked entries at probability exactly 0 without NaNs.
-    scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
-    return F.log_softmax(scores, dim=-1)
+    scores = torch.baddbmm(key_bias, a, b.transpose(1, 2), alpha=1 / math.sqrt(a.shape[-1]))
+    peak = scores.amax(dim=-1, keepdim=True)
+    probs = scores.sub_(peak).exp_()  # in place: one exp pass, no extra (T, T) buffer
+    total = probs.sum(dim=-1, keepdim=True)
+    return probs.div_(total), (peak + total.log()).squeeze(-1)
 
 
-def relation_kl(
-    teacher_logp: torch.Tensor, student_logp: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """KL(teacher ‖ student) per query row, averaged over heads and real query tokens."""
-    kl = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="none")
-    kl = kl.masked_fill(~mask[:, None, None, :], 0.0).sum(-1)  # (batch, heads, T)
-    kl = kl * mask[:, None, :]
-    return kl.sum() / (mask.sum() * teacher_logp.shape[1])
+def _expected_score(probs: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_j p_ij (a_i·b_j)/√d per row, as a_i·(P B)_i/√d: a matmul instead of a (T, T) product."""
+    return (a * torch.bmm(probs, b)).sum(-1) / math.sqrt(a.shape[-1])
+
+
+def key_bias(mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """(batch, T) bool mask -> (batch * heads, 1, T) additive bias: 0 for real keys, -inf else."""
+    bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    bias = bias.masked_fill(~mask, float("-inf"))
+    return bias[:, None, None, :].expand(-1, heads, 1, -1).reshape(-1, 1, mask.shape[1])
+
+
+def row_weights(mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """(batch * heads, T) weights averaging over heads and real query tokens (0 for padding)."""
+    w = mask.float() / (mask.sum() * heads)
+    return w[:, None, :].expand(-1, heads, -1).reshape(-1, mask.shape[1])
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A teacher relation: per-head row distributions and their Σ p log p (row negative entropy)."""
+
+    probs: torch.Tensor
+    """(batch * heads, T, T) float32, exactly 0 on padding keys."""
+    plogp: torch.Tensor
+    """(batch * heads, T) Σ_j p_ij log p_ij."""
+    heads: int
+
+    def view(self, bsz: int) -> torch.Tensor:
+        """Probabilities as (batch, heads, T, T)."""
+        return self.probs.view(bsz, self.heads, *self.probs.shape[1:])
+
+
+def teacher_relation(a: torch.Tensor, b: torch.Tensor, heads: int, mask: torch.Tensor) -> Relation:
+    """The relation softmax(A_h B_hᵀ/√d) of (batch, T, heads*d) projections, without gradient."""
+    with torch.no_grad():
+        ah, bh = _heads(a, heads), _heads(b, heads)
+        probs, lse = _masked_softmax(ah, bh, key_bias(mask, heads))
+        # Σ p log p = Σ p (s - lse) = E_p[s] - lse (p sums to 1): no log of zeros, no (T, T) pass.
+        return Relation(probs, _expected_score(probs, ah, bh) - lse, heads)
+
+
+class RelationKL(torch.autograd.Function):
+    """Σ_rows w_i KL(p_i ‖ softmax(s_i)), s = A_h B_hᵀ/√d over unmasked keys, fused by hand.
+
+    KL_i = Σ p log p − Σ_j p_ij s_ij + logsumexp(s_i), and ∂KL_i/∂s_ij = q_ij − p_ij with
+    q = softmax(s): autograd would store and revisit several (T, T) intermediates per relation;
+    this keeps one (q) and needs a single exp pass, which is most of the cost on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, probs: torch.Tensor, plogp: torch.Tensor,
+                weights: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
+        ah, bh = _heads(a, heads), _heads(b, heads)
+        q, lse = _masked_softmax(ah, bh, bias)
+        kl = plogp - _expected_score(probs, ah, bh) + lse
+        ctx.save_for_backward(ah, bh, probs, q, weights)
+        ctx.meta = (a.shape[0], heads, a.dtype, b.dtype)
+        return (kl * weights).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ah, bh, probs, q, weights = ctx.saved_tensors
+        bsz, heads, a_dtype, b_dtype = ctx.meta
+        scale = (weights * (grad / math.sqrt(ah.shape[-1]))).unsqueeze(-1)
+        g = (q - probs).mul_(scale)  # ∂loss/∂scores, times 1/√d for the projections
+        grad_a = _from_heads(torch.bmm(g, bh), bsz, heads, a_dtype)
+        grad_b = _from_heads(torch.bmm(g.transpose(1, 2), ah), bsz, heads, b_dtype)
+        return grad_a, grad_b, None, None, None, None, None
+
+
+def relation_kl(target: Relation, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor
+                ) -> torch.Tensor:
+    """KL(teacher ‖ student) per real query row, averaged over relation heads and real tokens."""
+    heads = target.heads
+    return RelationKL.apply(a, b, target.probs, target.plogp, row_weights(mask, heads),
+                            key_bias(mask, heads), heads)
 
 
 @dataclass(frozen=True)
 class RelationSpec:
-    """Which relations to match, with how many heads each side splits its projections into."""
+    """Which relations to match, over how many (relation) heads, at which layers."""
 
     weights: dict[str, float]
     """Relation name (see RELATIONS) -> loss weight; zero-weight relations are skipped."""
-    teacher_heads: int
-    student_heads: int
+    heads: int
+    """Heads both sides split their projections into (v1: the shared attention head count)."""
     teacher_layer: int
     student_layer: int
+    early_exit: bool = True
+    """End each forward at the distilled layer's input (see `layer_input`)."""
 
     @property
     def needed(self) -> set[str]:
@@ -98,32 +209,31 @@ class RelationSpec:
 
 def teacher_targets(
     teacher: PreTrainedModel, batch: dict[str, torch.Tensor], spec: RelationSpec
-) -> dict[str, torch.Tensor]:
-    """The teacher's relation log-probabilities (no grad), one (batch, heads, T, T) per relation."""
+) -> dict[str, Relation]:
+    """The teacher's relations (no grad), one per relation with a non-zero weight."""
     mask = batch["attention_mask"].bool()
     with torch.no_grad():
-        proj = layer_projections(teacher, batch, spec.teacher_layer, spec.needed)
-        return {
-            name: relation_logprobs(proj[RELATIONS[name][0]], proj[RELATIONS[name][1]],
-                                    spec.teacher_heads, mask)
-            for name, w in spec.weights.items() if w
-        }
+        proj = layer_projections(teacher, batch, spec.teacher_layer, spec.needed, spec.early_exit)
+    return {
+        name: teacher_relation(proj[RELATIONS[name][0]], proj[RELATIONS[name][1]],
+                               spec.heads, mask)
+        for name, w in spec.weights.items() if w
+    }
 
 
 def minilm_loss(
     student: PreTrainedModel,
-    targets: dict[str, torch.Tensor],
+    targets: dict[str, Relation],
     batch: dict[str, torch.Tensor],
     spec: RelationSpec,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the relation KLs and each unweighted term (for logging)."""
     mask = batch["attention_mask"].bool()
-    proj = layer_projections(student, batch, spec.student_layer, spec.needed)
+    proj = layer_projections(student, batch, spec.student_layer, spec.needed, spec.early_exit)
     terms: dict[str, torch.Tensor] = {}
     total = torch.zeros((), device=mask.device)
     for name, target in targets.items():
         a, b = RELATIONS[name]
-        logp = relation_logprobs(proj[a], proj[b], spec.student_heads, mask)
-        terms[name] = relation_kl(target, logp, mask)
+        terms[name] = relation_kl(target, proj[a], proj[b], mask)
         total = total + spec.weights[name] * terms[name]
     return total, terms

