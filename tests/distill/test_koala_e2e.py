@@ -1,0 +1,71 @@
+"""KOALA recipes through the job spine: `recipes/koala.yaml` validated on the meta device, and the
+tiny recipe end to end (`athanor submit --wait`): job, MLflow before/after, registry, export.
+
+    .venv/bin/python -m pytest tests/distill/test_koala_e2e.py -q            # both (slow: ~4 min)
+    .venv/bin/python -m pytest tests/distill/test_koala_e2e.py -q -m "not slow"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs.validate import check
+
+ROOT = Path(__file__).parents[2]
+SDXL = json.loads((ROOT / "tests" / "fixtures" / "sdxl_unet_config.json").read_text())
+
+
+def test_sdxl_recipe_validates_on_the_meta_device(tmp_path):
+    (tmp_path / "sdxl" / "unet").mkdir(parents=True)  # a pipeline directory without weights
+    (tmp_path / "sdxl" / "unet" / "config.json").write_text(json.dumps(SDXL))
+    (tmp_path / "images").mkdir()
+    overrides = [f"teacher.source={tmp_path / 'sdxl'}", f"data.paths=[{tmp_path / 'images'}]"]
+    report = check(ROOT / "recipes" / "koala.yaml", overrides=overrides)
+    assert report.problems == []
+    assert abs(report.estimate["teacher_params"] / 1e6 - 2567) < 0.005 * 2567
+    assert abs(report.estimate["student_params"] / 1e6 - 1161) < 0.005 * 1161  # KOALA-1B
+    bad = check(ROOT / "recipes" / "koala.yaml", overrides=[*overrides, "student.preset=custom",
+                                                              "student.transformer_depth=[1,2,12]"])
+    assert [p.path for p in bad.problems] == ["student.transformer_depth"]
+
+
+@pytest.mark.slow
+def test_tiny_recipe_end_to_end(tmp_path):
+    from diffusers import UNet2DConditionModel
+    from mlflow import MlflowClient
+
+    from jobs.store import JobStore
+    from jobs.tracking import default_tracking_uri
+
+    athanor = shutil.which("athanor", path=str(Path(sys.executable).parent)) or "athanor"
+    env = {**os.environ, "ATHANOR_HOME": str(tmp_path)}
+    done = subprocess.run([athanor, "--home", str(tmp_path), "submit", str(ROOT / "recipes" / "koala_tiny.yaml"),
+                           "--wait", "--no-progress"], env=env, capture_output=True, text=True, timeout=900)
+    (job,) = JobStore(tmp_path).list()
+    assert job.status == "SUCCEEDED", f"{job.error}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    before, after = job.result["before"], job.result["after"]
+    assert set(before) == set(after)
+    # Distillation brought the student closer to the teacher than the copied initialisation was.
+    assert after["noise_mse"] < 0.7 * after["init_noise_mse"]
+    assert after["latent_mse"] < 0.7 * after["init_latent_mse"]
+    assert after["init_noise_mse"] == before["init_noise_mse"] and before["noise_mse"] == 0
+    assert after["params_m"] < 0.35 * before["params_m"] and after["peak_mem_mb"] < before["peak_mem_mb"]
+
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    (version,) = client.search_model_versions("name='koala-tiny'")
+    assert str(version.version) == job.model_version and version.run_id == job.mlflow_run_id
+    artifacts = [a.path for a in client.list_artifacts(job.mlflow_run_id, "artifacts/after")]
+    assert any(p.endswith(".png") for p in artifacts)
+
+    student = UNet2DConditionModel.from_pretrained(job.result["export"])
+    assert student.mid_block is None and sum(p.numel() for p in student.parameters()) / 1e6 == pytest.approx(
+        after["params_m"])
+    assert all(torch.isfinite(p).all() for p in student.parameters())
