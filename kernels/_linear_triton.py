@@ -162,16 +162,21 @@ def _causal_bwd_kv_kernel(Q, K, V, DO, O, DEN, DK, DV, N, F: tl.constexpr, D: tl
         r_z += tl.sum(q * dden[:, None], 0)
 
 
-def _block(t: torch.Tensor, f: int, d: int) -> int:
-    # Small blocks under the CPU interpreter so tiny tests still cross several blocks/chunks;
-    # on GPU, smaller chunks when wide features would make the register-held tiles spill.
-    if not t.is_cuda:
+def launch_config(is_cuda: bool, f: int, d: int) -> tuple[int, int]:
+    """(block/chunk size, num_warps). Small blocks under the CPU interpreter so tiny tests still
+    cross several blocks/chunks; on GPU, smaller chunks when wide features would make the
+    register-held tiles spill, and more warps for a larger causal state S (f×d fp32 in registers)."""
+    return _block(is_cuda, f, d), _warps(f, d)
+
+
+def _block(is_cuda: bool, f: int, d: int) -> int:
+    if not is_cuda:
         return 16
     return 32 if max(f, d) > 64 else 64
 
 
 def _warps(f: int, d: int) -> int:
-    return 8 if f * d > 4096 else 4  # the causal state S is f×d fp32 held in registers
+    return 8 if f * d > 4096 else 4
 
 
 class _LinearAttention(torch.autograd.Function):
@@ -183,8 +188,7 @@ class _LinearAttention(torch.autograd.Function):
         pq, pk = (pad_last(t, f).view(b * h, n, f) for t in (phi_q, phi_k))
         pv = pad_last(v, d).view(b * h, n, d)
         prec = "ieee" if phi_q.dtype == torch.float32 else "tf32"
-        blk = _block(phi_q, f, d)
-        warps = _warps(f, d)
+        blk, warps = launch_config(phi_q.is_cuda, f, d)
         out = torch.empty(b * h, n, d, device=v.device, dtype=torch.float32)
         den = torch.empty(b * h, n, device=v.device, dtype=torch.float32)
         state = torch.zeros(b * h, f, d, device=v.device, dtype=torch.float32)

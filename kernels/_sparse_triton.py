@@ -175,8 +175,9 @@ def _bwd_dkv_kernel(Q, K, V, KEEP, DO, LSE, DELTA, DK, DV, N, H, HK, G, HALF, S,
     tl.store(DV + bh * N * D + kpos[:, None] * D + ds[None, :], dv, mask=kpos[:, None] < N)
 
 
-def _blocks(t: torch.Tensor) -> tuple[int, int]:
-    return (64, 64) if t.is_cuda else (16, 16)  # small under the interpreter: tiny tests span blocks
+def launch_config(is_cuda: bool) -> tuple[int, int]:
+    """(BM, BN): small under the CPU interpreter so tiny tests span several blocks."""
+    return (64, 64) if is_cuda else (16, 16)
 
 
 class _SparseAttention(torch.autograd.Function):
@@ -187,7 +188,7 @@ class _SparseAttention(torch.autograd.Function):
         d = pow2_at_least_16(d0)
         qp, kp, vp = (pad_last(t, d) for t in (q, k, v))
         keep_i8 = keep.to(torch.int8).contiguous() if keep is not None else qp.new_empty(1, dtype=torch.int8)
-        bm, bn = _blocks(q)
+        bm, bn = launch_config(q.is_cuda)
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
         out = torch.empty(b, h, n, d, device=q.device, dtype=torch.float32)
         lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
