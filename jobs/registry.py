@@ -41,6 +41,10 @@ Converted by **athanor** with the **{recipe.method}** method (job `{job_id}`, re
     return path
 
 
+_AUTO_CLASS = {"feature-extraction": "AutoModel", "text-generation": "AutoModelForCausalLM",
+               "fill-mask": "AutoModelForMaskedLM"}
+
+
 def _requirements() -> list[str]:
     pins = []
     for dist in ("torch", "transformers", "safetensors", "tokenizers", "diffusers"):
@@ -58,10 +62,15 @@ def register(tracker: Tracker, *, export_dir: Path, flavor: str, task: str | Non
 
     client = tracker.client
     if flavor == "transformers":
+        # In-memory form: MLflow 3.17's local-checkpoint path breaks on transformers 5 (lazy pipeline impls).
+        import transformers
+
+        auto = getattr(transformers, _AUTO_CLASS.get(task or "", "AutoModel"))
+        components = {"model": auto.from_pretrained(export_dir),
+                      "tokenizer": transformers.AutoTokenizer.from_pretrained(export_dir)}
         with mlflow.start_run(run_id=tracker.parent_id):
             info = mlflow.transformers.log_model(
-                transformers_model=str(export_dir), name="model", task=task,
-                pip_requirements=_requirements(), save_pretrained=True,
+                transformers_model=components, name="model", task=task, pip_requirements=_requirements(),
             )
         source, model_id = info.model_uri, info.model_id
     else:

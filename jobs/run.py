@@ -148,7 +148,8 @@ def execute(job_id: str, store: JobStore, *, progress: bool = True) -> Job:
         p.method.export(student, p.teacher, partial, p.loaded.args)
         from jobs.registry import register, write_model_card
 
-        write_model_card(partial, recipe=recipe, job_id=job.id, params=params, before=before, after=after)
+        card = write_model_card(partial, recipe=recipe, job_id=job.id, params=params, before=before, after=after)
+        tracker.log_artifact(card, "model_card")
         export_dir = job_dir / "export"
         shutil.rmtree(export_dir, ignore_errors=True)
         partial.rename(export_dir)
@@ -187,6 +188,8 @@ def execute(job_id: str, store: JobStore, *, progress: bool = True) -> Job:
         store.finish(job.id, "FAILED", error=f"{type(exc).__name__}: {first} (full traceback in {job.log_path})")
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+        if store.get(job.id).status != "SUCCEEDED":  # no export that looks like a result of a failed job
+            shutil.rmtree(job_dir / "export", ignore_errors=True)
         signal.signal(signal.SIGTERM, previous)
         logging.getLogger().removeHandler(handler)
         handler.close()
