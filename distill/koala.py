@@ -109,6 +109,11 @@ class KoalaArgs(Section):
     oversubscription on a CPU shared with other processes, which can slow CPU runs tenfold."""
 
 
+def _threads(args: KoalaArgs) -> None:
+    if args.cpu_threads is not None:
+        torch.set_num_threads(args.cpu_threads)
+
+
 class Koala:
     """The KOALA method (see the module docstring)."""
 
@@ -133,8 +138,7 @@ class Koala:
         return teacher.unet
 
     def convert(self, teacher: KoalaTeacher, student: KoalaStudent, args: KoalaArgs) -> UNet2DConditionModel:
-        if args.cpu_threads is not None:  # convert is the first call that sees the recipe's koala section
-            torch.set_num_threads(args.cpu_threads)
+        _threads(args)
         custom = student.model_dump(exclude={"preset"})
         model, bmap = build_student(teacher.unet, student.preset, selection=args.layer_selection, **custom)
         logger.info("KOALA %s: %d blocks copied from the teacher", student.preset, len(bmap.entries))
@@ -189,11 +193,14 @@ class Koala:
 
     def trained_student(self, module: KoalaModule) -> UNet2DConditionModel:
         model = module.trained()
+        module.student_taps.remove()  # evaluation and export need no feature hooks
+        module.teacher_taps.remove()
         model.disable_gradient_checkpointing()
         return model
 
     def evaluate(self, model: UNet2DConditionModel, teacher: KoalaTeacher, data: MethodData, eval: EvalSpec,
                  args: KoalaArgs) -> dict[str, float]:
+        _threads(args)  # again: Lightning's DDP/DeepSpeed launchers reset the thread count
         payload = data.eval
         scheduler = self._scheduler_config(teacher, args)
         shared = dict(teacher.scheduler_config)
