@@ -114,6 +114,14 @@ def _threads(args: KoalaArgs) -> None:
         torch.set_num_threads(args.cpu_threads)
 
 
+def _to_accelerator(*models: torch.nn.Module | None) -> None:
+    """Encoding and evaluation sampling run on the GPU when there is one (SDXL on a CPU: hours)."""
+    if torch.cuda.is_available():
+        for model in models:
+            if model is not None:
+                model.to("cuda")
+
+
 class Koala:
     """The KOALA method (see the module docstring)."""
 
@@ -160,6 +168,7 @@ class Koala:
 
     def data(self, teacher: KoalaTeacher, data: DataSpec, args: KoalaArgs) -> MethodData:
         resolution = self._resolution(teacher, args)
+        _to_accelerator(teacher.vae, *teacher.text_encoders)
         if args.data_free:
             train = data_free_set(teacher, args.prompts, resolution, args.data_free_examples)
         else:
@@ -201,6 +210,7 @@ class Koala:
     def evaluate(self, model: UNet2DConditionModel, teacher: KoalaTeacher, data: MethodData, eval: EvalSpec,
                  args: KoalaArgs) -> dict[str, float]:
         _threads(args)  # again: Lightning's DDP/DeepSpeed launchers reset the thread count
+        _to_accelerator(model, teacher.unet, teacher.vae)
         payload = data.eval
         scheduler = self._scheduler_config(teacher, args)
         shared = dict(teacher.scheduler_config)
@@ -221,6 +231,7 @@ class Koala:
             if model is teacher.unet:
                 self._init_metrics = {f"init_{k}": math.nan for k in scores}
                 if self.initial_student is not None:
+                    _to_accelerator(self.initial_student)
                     init_scores, finals = koala_eval.fidelity(self.initial_student, teacher, payload,
                                                               args.eval_steps, args.guidance_scale)
                     self._init_metrics = {f"init_{k}": v for k, v in init_scores.items()}

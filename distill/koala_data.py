@@ -111,12 +111,18 @@ def tokenize(teacher: KoalaTeacher, prompts: list[str]) -> dict[str, torch.Tenso
     """Token ids for each text encoder (`input_ids_0`, `input_ids_1`), padded to its context."""
     if not teacher.text_encoders:
         raise RecipeError("teacher", teacher.description, "KOALA needs the teacher's text encoders to encode prompts")
-    ids = {}
-    for i, (tokenizer, encoder) in enumerate(zip(teacher.tokenizers, teacher.text_encoders)):
-        length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
-        ids[f"input_ids_{i}"] = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
-                                          return_tensors="pt").input_ids
-    return ids
+    return _tokenize(_token_specs(teacher), prompts)
+
+
+def _token_specs(teacher: KoalaTeacher) -> list[tuple[Any, int]]:
+    """(tokenizer, context length) per text encoder: what tokenizing needs, without the models."""
+    return [(tok, min(tok.model_max_length, enc.config.max_position_embeddings))
+            for tok, enc in zip(teacher.tokenizers, teacher.text_encoders)]
+
+
+def _tokenize(specs: list[tuple[Any, int]], prompts: list[str]) -> dict[str, torch.Tensor]:
+    return {f"input_ids_{i}": tok(prompts, padding="max_length", max_length=length, truncation=True,
+                                  return_tensors="pt").input_ids for i, (tok, length) in enumerate(specs)}
 
 
 @torch.no_grad()
@@ -207,7 +213,9 @@ class ImageCaptionSet(Dataset):
     the teacher's VAE and text encoders encode them per batch (`encode_batch`), on the GPU."""
 
     def __init__(self, teacher: KoalaTeacher, rows: Any, image_column: str, text_column: str, resolution: int) -> None:
-        self.teacher, self.rows, self.resolution = teacher, rows, resolution
+        # Tokenizers only, no models: DataLoader workers must not carry (or touch) the GPU models.
+        self.specs, self.sdxl = _token_specs(teacher), teacher.sdxl_conditioning
+        self.rows, self.resolution = rows, resolution
         self.image_column, self.text_column = image_column, text_column
 
     def __len__(self) -> int:
@@ -216,8 +224,8 @@ class ImageCaptionSet(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = self.rows[index]
         pixels, size, crop = _pixels(row[self.image_column], self.resolution)
-        item = {"pixels": pixels, **{k: v[0] for k, v in tokenize(self.teacher, [row[self.text_column]]).items()}}
-        if self.teacher.sdxl_conditioning:
+        item = {"pixels": pixels, **{k: v[0] for k, v in _tokenize(self.specs, [row[self.text_column]]).items()}}
+        if self.sdxl:
             item["time_ids"] = time_ids(size, crop, (self.resolution, self.resolution))
         return item
 

@@ -193,6 +193,12 @@ def test_image_caption_data_encodes_and_caches(tiny, tmp_path):
     text = encode_tokens(teacher, tokenize(teacher, ["a flat colour number 0"]))
     assert torch.allclose(cached[0]["prompt_embeds"], text["prompt_embeds"][0], atol=1e-2)  # stored as fp16
     assert (tmp_path / "cache").is_dir() and torch.equal(cached[2]["time_ids"], raw[2]["time_ids"])
+    import datasets  # the same rows as parquet (image + text columns) give the same items
+
+    datasets.load_dataset("imagefolder", data_dir=str(tmp_path), split="train").to_parquet(tmp_path / "rows.parquet")
+    parquet = image_caption_set(teacher, spec.model_copy(update={"loader": "parquet", "paths": [str(tmp_path / "rows.parquet")]}),
+                                "image", 64, None)
+    assert torch.equal(parquet[2]["pixels"], raw[2]["pixels"]) and torch.equal(parquet[2]["input_ids_1"], raw[2]["input_ids_1"])
     again = image_caption_set(teacher, spec, "image", 64, str(tmp_path / "cache"))
     assert torch.equal(again[1]["latents"], cached[1]["latents"])
     with pytest.raises(RecipeError) as info:
@@ -263,3 +269,27 @@ def test_recipe_errors_name_the_key(tiny):
         method.lightning_module(teacher, student_of(tiny), None, loaded.args.model_copy(update={"ema": True}),
                                 TrainSpec(strategy="deepspeed_stage_3"))
     assert info.value.key == "koala.ema"
+
+
+def test_sd1_teacher_without_added_conditioning(tiny):
+    """An SD1.x-shaped pipeline: four stages, one text encoder, no pooled embeddings or time ids."""
+    method, loaded, _ = tiny
+    unet = {"down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "block_out_channels": [16, 32, 32, 32],
+            "attention_head_dim": 8, "cross_attention_dim": 32, "norm_num_groups": 8, "sample_size": 8}
+    text = loaded.recipe.teacher.config["text_encoder"]
+    source = resolve_source(loaded.recipe.teacher.model_copy(update={"config": {"unet": unet, "text_encoder": text}}),
+                            "teacher")
+    teacher = method.load_teacher(source)
+    args = loaded.args.model_copy(update={"prediction_type": "v_prediction"})
+    student = method.convert(teacher, loaded.student, args)
+    data = method.data(teacher, loaded.recipe.data, args)
+    assert set(data.eval["cond"]) == {"prompt_embeds"}
+    module = method.lightning_module(teacher, student, data, args, TrainSpec())
+    assert module.scheduler.config.prediction_type == "v_prediction"
+    logged = {}
+    module.log_dict = lambda values, **kw: logged.update(values)
+    batch = {**next(iter(data.train_dataloader())), "latents": torch.randn(2, 4, 8, 8)}
+    module.training_step(batch, 0).backward()
+    assert {"train/loss_task", "train/loss_out", "train/loss_feat"} <= set(logged)
+    assert student.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.grad is not None
