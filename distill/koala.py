@@ -211,35 +211,29 @@ class Koala:
                  args: KoalaArgs) -> dict[str, float]:
         _threads(args)  # again: Lightning's DDP/DeepSpeed launchers reset the thread count
         _to_accelerator(model, teacher.unet, teacher.vae)
-        payload = data.eval
-        scheduler = self._scheduler_config(teacher, args)
-        shared = dict(teacher.scheduler_config)
-        teacher.scheduler_config = scheduler  # the sampler honours the prediction_type override
-        try:
-            metrics = koala_eval.efficiency(model, payload, eval.latency_repeats, args.latency_batch, args.latency_device)
-            if self._teacher_ms is None or model is teacher.unet:
-                self._teacher_ms = (metrics["step_ms"] if model is teacher.unet else
-                                    koala_eval.efficiency(teacher.unet, payload, eval.latency_repeats,
-                                                          args.latency_batch, args.latency_device)["step_ms"])
-            metrics["speedup"] = self._teacher_ms / metrics["step_ms"]
-            runs = koala_eval.teacher_samples(teacher, payload, args.eval_steps, args.guidance_scale)
-            if model is teacher.unet:  # the teacher vs itself is 0 by definition; skip a second sampling pass
-                scores, finals = {"noise_mse": 0.0, "latent_mse": 0.0}, [r["final"] for r in runs]
-            else:
-                scores, finals = koala_eval.fidelity(model, teacher, payload, args.eval_steps, args.guidance_scale)
-            metrics.update(scores)
-            if model is teacher.unet:
-                self._init_metrics = {f"init_{k}": math.nan for k in scores}
-                if self.initial_student is not None:
-                    _to_accelerator(self.initial_student)
-                    init_scores, finals = koala_eval.fidelity(self.initial_student, teacher, payload,
-                                                              args.eval_steps, args.guidance_scale)
-                    self._init_metrics = {f"init_{k}": v for k, v in init_scores.items()}
-            metrics.update(self._init_metrics or {f"init_{k}": math.nan for k in scores})
-            self._grids([r["final"] for r in runs], finals, teacher,
-                        "teacher_vs_initial_student" if model is teacher.unet else "teacher_vs_trained_student")
-        finally:
-            teacher.scheduler_config = shared
+        payload, is_teacher = data.eval, model is teacher.unet
+        sampling = (payload, self._scheduler_config(teacher, args), args.eval_steps, args.guidance_scale)
+        metrics = koala_eval.efficiency(model, payload, eval.latency_repeats, args.latency_batch, args.latency_device)
+        if is_teacher:
+            self._teacher_ms = metrics["step_ms"]
+        elif self._teacher_ms is None:  # 'after' without a 'before' in this process
+            self._teacher_ms = koala_eval.efficiency(teacher.unet, payload, eval.latency_repeats, args.latency_batch,
+                                                     args.latency_device)["step_ms"]
+        metrics["speedup"] = self._teacher_ms / metrics["step_ms"]
+        runs = koala_eval.teacher_samples(teacher, *sampling)
+        if is_teacher:  # the teacher vs itself is 0 by definition; skip a second sampling pass
+            scores, finals = {"noise_mse": 0.0, "latent_mse": 0.0}, [r["final"] for r in runs]
+            self._init_metrics = {f"init_{k}": math.nan for k in scores}
+            if self.initial_student is not None:  # convert() ran and training has not yet
+                _to_accelerator(self.initial_student)
+                init_scores, finals = koala_eval.fidelity(self.initial_student, teacher, *sampling)
+                self._init_metrics = {f"init_{k}": v for k, v in init_scores.items()}
+        else:
+            scores, finals = koala_eval.fidelity(model, teacher, *sampling)
+        metrics.update(scores)
+        metrics.update(self._init_metrics or {f"init_{k}": math.nan for k in scores})
+        self._grids([r["final"] for r in runs], finals, teacher,
+                    "teacher_vs_initial_student" if is_teacher else "teacher_vs_trained_student")
         return metrics
 
     def _grids(self, teacher_finals: list[torch.Tensor], model_finals: list[torch.Tensor], teacher: KoalaTeacher,

@@ -6,6 +6,7 @@ set of prompts and seeds sampled with the teacher's scheduler and step count; sa
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -147,14 +148,14 @@ def sample(unet: torch.nn.Module, scheduler_config: dict, cond: dict, uncond: di
     return x, inputs, preds
 
 
-def teacher_samples(teacher: KoalaTeacher, payload: dict, steps: int, guidance: float) -> list[dict]:
+def teacher_samples(teacher: KoalaTeacher, payload: dict, scheduler: dict, steps: int, guidance: float) -> list[dict]:
     """The teacher's trajectories, one per seed (all prompts batched); computed once per job."""
-    key = ("teacher_samples", steps, guidance)
+    key = ("teacher_samples", json.dumps(scheduler, sort_keys=True, default=str), steps, guidance)
     if key not in payload:
         device = next(teacher.unet.parameters()).device
         runs = []
         for noise in payload["noises"]:
-            final, inputs, preds = sample(teacher.unet, teacher.scheduler_config, _on(payload["cond"], device),
+            final, inputs, preds = sample(teacher.unet, scheduler, _on(payload["cond"], device),
                                           _on(payload["uncond"], device), noise.to(device), steps, guidance)
             runs.append({"final": final, "inputs": inputs, "preds": preds})
         payload[key] = runs
@@ -166,7 +167,7 @@ def _on(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, tor
 
 
 @torch.no_grad()
-def fidelity(model: torch.nn.Module, teacher: KoalaTeacher, payload: dict, steps: int,
+def fidelity(model: torch.nn.Module, teacher: KoalaTeacher, payload: dict, scheduler: dict, steps: int,
              guidance: float) -> tuple[dict[str, float], list[torch.Tensor]]:
     """noise_mse: the model's predictions on the teacher's own trajectories vs the teacher's;
     latent_mse: the model's sampled latents vs the teacher's, same seeds, scheduler and steps."""
@@ -174,14 +175,14 @@ def fidelity(model: torch.nn.Module, teacher: KoalaTeacher, payload: dict, steps
     model.eval()
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     noise_errors, latent_errors, finals = [], [], []
-    for run, noise in zip(teacher_samples(teacher, payload, steps, guidance), payload["noises"]):
+    for run, noise in zip(teacher_samples(teacher, payload, scheduler, steps, guidance), payload["noises"]):
         cond, uncond = _on(payload["cond"], device), _on(payload["uncond"], device)
         both = {k: torch.cat([uncond[k].expand_as(v), v]) for k, v in cond.items()} if guidance > 1.0 else cond
         kwargs = unet_kwargs(both, device, dtype)
         for (x_in, t), teacher_pred in zip(run["inputs"], run["preds"]):
             pred = model(x_in.to(device, dtype), t, **kwargs).sample.float()
             noise_errors.append(torch.mean((pred - teacher_pred.to(device)) ** 2).item())
-        final, _, _ = sample(model, teacher.scheduler_config, cond, uncond, noise.to(device), steps, guidance)
+        final, _, _ = sample(model, scheduler, cond, uncond, noise.to(device), steps, guidance)
         latent_errors.append(torch.mean((final - run["final"].to(device)) ** 2).item())
         finals.append(final)
     model.train(was_training)

@@ -201,6 +201,16 @@ def test_image_caption_data_encodes_and_caches(tiny, tmp_path):
     assert torch.equal(parquet[2]["pixels"], raw[2]["pixels"]) and torch.equal(parquet[2]["input_ids_1"], raw[2]["input_ids_1"])
     again = image_caption_set(teacher, spec, "image", 64, str(tmp_path / "cache"))
     assert torch.equal(again[1]["latents"], cached[1]["latents"])
+    # Uncached batches carry pixels and token ids; the training step encodes them with the teacher.
+    args = loaded.args.model_copy(update={"data_free": False})
+    data = method.data(teacher, spec, args)
+    module = method.lightning_module(teacher, student_of(tiny, "koala-700m"), data, args, TrainSpec())
+    logged = {}
+    module.log_dict = lambda values, **kw: logged.update(values)
+    batch = next(iter(data.train_dataloader()))
+    assert batch["pixels"].shape == (2, 3, 64, 64)
+    module.training_step(batch, 0)
+    assert {"train/loss_task", "train/loss_out", "train/loss_feat"} <= set(logged)
     with pytest.raises(RecipeError) as info:
         image_caption_set(teacher, spec.model_copy(update={"loader": "text"}), "image", 64, None)
     assert info.value.key == "data.loader"
