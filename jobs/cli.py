@@ -175,7 +175,8 @@ def cmd_ui(args) -> int:
 
     home = athanor_home(args.home)
     uri = args.tracking_uri or default_tracking_uri(home)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
+           "--workers", str(args.workers)]
     if uri.startswith("sqlite:"):
         cmd += ["--default-artifact-root", (home / "mlartifacts").as_uri()]
     print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it", flush=True)
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job"), p.add_argument("--follow", "-f", action="store_true"), p.set_defaults(fn=cmd_logs)
     p = sub.add_parser("ui", help="start the MLflow UI on the job store (127.0.0.1 by default)")
     p.add_argument("--host", default="127.0.0.1"), p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--workers", type=int, default=1, help="server worker processes")
     p.add_argument("--tracking-uri", default=None), p.set_defaults(fn=cmd_ui)
     p = sub.add_parser("push", help="point a registry alias at a job's registered version")
     p.add_argument("job"), p.add_argument("--alias", required=True), p.set_defaults(fn=cmd_push)
