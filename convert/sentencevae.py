@@ -146,6 +146,17 @@ class SentenceDecoder(nn.Module):
         nn.init.normal_(self.pos.weight, std=0.02)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         self.norm = nn.LayerNorm(cfg.hidden_size)
+        # Learned log-temperature of the tied head: LM embeddings are small (std ~0.02 at init), so
+        # unscaled logits LN(x)·e stay near 0 and a 30k-way softmax learns slowly. `init_logit_scale`
+        # sets it so the initial logits have unit scale; training moves it from there.
+        self.logit_scale = nn.Parameter(torch.zeros(()))
+
+    @torch.no_grad()
+    def init_logit_scale(self) -> None:
+        weight = self.embed.weight
+        if not weight.is_meta:
+            rms = weight.float().pow(2).mean().sqrt().clamp_min(1e-6)
+            self.logit_scale.fill_(float(-torch.log(rms * self.cfg.hidden_size**0.5)))
 
     def forward(self, ids: torch.Tensor, memory: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """ids [N, T] (starting with BOS when uncached), memory [N, H] or [N, M, H] → logits [N, T, V]."""
@@ -157,7 +168,7 @@ class SentenceDecoder(nn.Module):
         x = self.embed(ids) + self.pos.weight[start : start + ids.shape[1]]
         for i, layer in enumerate(self.layers):
             x = layer(x, memory, cache, i)
-        return self.norm(x) @ self.embed.weight.T  # LM head tied to the shared embedding
+        return (self.norm(x) @ self.embed.weight.T) * self.logit_scale.exp()  # head tied to the shared embedding
 
     def teacher_forced(self, sentences: torch.Tensor, lengths: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [N, L+1, V] for targets [N, L+1] = tokens then EOS then padding (-100)."""

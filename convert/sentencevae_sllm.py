@@ -107,7 +107,9 @@ class SentenceVAEModel(nn.Module):
         weight = lm_embed.weight.detach()
         scale = 1.0 if weight.is_meta else float(weight.float().pow(2).mean().sqrt())
         sllm = SentenceLM(copy.deepcopy(base_of(lm)), cfg.hidden_size, lm_embed.weight[start_id], scale)
-        return cls(cfg, sllm, embed)
+        model = cls(cfg, sllm, embed)
+        model.decoder.init_logit_scale()
+        return model
 
     def encode(self, sentences: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """sentences [N, L] right-padded, lengths [N] → vectors [N, H]."""

@@ -74,7 +74,9 @@ def test_embeddings_start_from_the_lm_and_head_is_tied() -> None:
     x = model.decoder.embed(torch.tensor([[1]])) + model.decoder.pos.weight[:1]
     for i, layer in enumerate(model.decoder.layers):
         x = layer(x, memory[:, None], None, i)
-    torch.testing.assert_close(model.decoder(torch.tensor([[1]]), memory), model.decoder.norm(x) @ model.embed.weight.T)
+    scale = 1 / (lm.get_input_embeddings().weight.pow(2).mean().sqrt() * H**0.5)  # unit-scale logits at init
+    torch.testing.assert_close(model.decoder.logit_scale.exp(), scale)
+    torch.testing.assert_close(model.decoder(torch.tensor([[1]]), memory), model.decoder.norm(x) @ model.embed.weight.T * scale)
 
 
 def test_teacher_forced_targets() -> None:
