@@ -125,6 +125,10 @@ def student_layout(teacher: Layout, preset: str, **custom: Any) -> Layout:
     layers = _custom_list(custom.get("layers_per_block"), teacher.layers_per_block, "layers_per_block", n)
     down = _custom_list(custom.get("transformer_depth"), teacher.down_depth, "transformer_depth", n)
     up = _custom_list(custom.get("decoder_transformer_depth"), down[::-1], "decoder_transformer_depth", n)
+    # Stages without attention have no stack to size (the paper writes 0 for them): keep the
+    # teacher's value, except in the last encoder stage, whose value diffusers uses for the mid block.
+    down = [d if att or i == n - 1 else t for i, (d, t, att) in enumerate(zip(down, teacher.down_depth, teacher.attention))]
+    up = [d if att else t for d, t, att in zip(up, teacher.up_depth, teacher.attention[::-1])]
     for key, counts, limit in (
         ("layers_per_block", layers, teacher.layers_per_block),
         ("transformer_depth", down, teacher.down_depth),

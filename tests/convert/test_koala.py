@@ -134,6 +134,13 @@ def test_custom_counts_shape_the_config():
     assert len(model.down_blocks[2].attentions[0].transformer_blocks) == 4
 
 
+def test_custom_accepts_the_papers_notation():
+    # The paper writes [0, 2, 6] (no transformer in SDXL's first stage); it means koala-1b's stacks.
+    paper = student_config(SDXL, "custom", layers_per_block=1, transformer_depth=[0, 2, 6],
+                           decoder_transformer_depth=[6, 2, 0])
+    assert paper == student_config(SDXL, "koala-1b")
+
+
 def test_sd1_and_sd2_layouts_work():
     teacher = random_unet(tiny_sd15())
     student, bmap = build_student(teacher, "koala-700m")
