@@ -62,8 +62,14 @@ def test_tiny_recipe_end_to_end(tmp_path):
     client = MlflowClient(default_tracking_uri(tmp_path))
     (version,) = client.search_model_versions("name='koala-tiny'")
     assert str(version.version) == job.model_version and version.run_id == job.mlflow_run_id
-    artifacts = [a.path for a in client.list_artifacts(job.mlflow_run_id, "artifacts/after")]
-    assert any(p.endswith(".png") for p in artifacts)
+    def files(path: str | None = None) -> list[str]:
+        found = []
+        for item in client.list_artifacts(job.mlflow_run_id, path):
+            found += files(item.path) if item.is_dir else [item.path]
+        return found
+
+    grids = [p for p in files() if p.endswith(".png") and "teacher_vs_" in p]
+    assert any("trained_student" in p for p in grids) and any("initial_student" in p for p in grids), grids
 
     student = UNet2DConditionModel.from_pretrained(job.result["export"])
     assert student.mid_block is None and sum(p.numel() for p in student.parameters()) / 1e6 == pytest.approx(
