@@ -5,6 +5,11 @@ layer l) with the layer's own projections, so attention dropout never enters the
 (padding) keys are excluded from every softmax; the KL is averaged over relation heads and real
 (non-padding) query tokens, as in Wang et al. 2020 (MiniLM) and 2021 (MiniLMv2).
 
+Two things keep a step close to "teacher forward + student forward/backward" (see
+benchmarks/minilm_step.py): forwards end at the distilled layer's input (`layer_input`), and the KL
+and its gradient are fused by hand (`RelationKL`) instead of going through autograd's
+log_softmax/kl_div graph, which stores and re-reads several (T × T) tensors per relation.
+
 Tests: `.venv/bin/python -m pytest tests/distill/test_minilm_loss.py -q`
 """
 
