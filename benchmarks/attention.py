@@ -8,7 +8,9 @@ is_causal=True)`, batch 1, 4 heads, head dim 64, float32, same q/k/v tensors for
 given N. Linear attention runs both non-causal (LinVideo's form: two GEMMs) and causal (chunked);
 SF-Attn is causal with G = N/4 and 4 sink tokens. "fwd" is inference (no_grad); "fwd+bwd" is a
 forward plus backward to q, k, v with a fixed upstream gradient. Each time is the median of repeated
-runs after a warm-up. On CPU every method takes the PyTorch reference path; with a CUDA GPU the
+runs after a warm-up. On a machine shared with other busy processes, multi-threaded runs of
+many-small-op pipelines (linear, SF) suffer most from descheduled threads; `--threads 1` is then the
+steadier comparison. On CPU every method takes the PyTorch reference path; with a CUDA GPU the
 Triton kernels are timed beside SDPA on the GPU.
 """
 
@@ -54,7 +56,7 @@ def methods(device: torch.device, backend: str) -> dict[str, Attn]:
 
 
 def _time(fn: Callable[[], object], device: torch.device, budget_s: float, max_reps: int) -> float:
-    """Median seconds per call: one warm-up, then repeats until `budget_s` is spent (at least one)."""
+    """Median seconds per call: a warm-up, then repeats until `budget_s` is spent (2 to max_reps)."""
 
     def once() -> float:
         if device.type == "cuda":
@@ -66,11 +68,10 @@ def _time(fn: Callable[[], object], device: torch.device, budget_s: float, max_r
         return time.perf_counter() - t0
 
     first = once()
+    if first > 3 * budget_s:  # seconds-long runs: warm-up effects are negligible, keep the run time down
+        return first
     times: list[float] = []
-    if first < budget_s:  # the warm-up was cheap: measure properly
-        while len(times) < max_reps and sum(times) < budget_s:
-            times.append(once())
-    else:  # a single run is already longer than the budget: one more, no further repeats
+    while len(times) < max_reps and (sum(times) < budget_s or len(times) < 2):
         times.append(once())
     return statistics.median(times)
 
@@ -139,7 +140,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("attention.png"))
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per measurement")
     parser.add_argument("--reps", type=int, default=5, help="most repeats per measurement")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ns = [1024, 2048] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768]
     load_before = os.getloadavg()
     start = time.perf_counter()

@@ -211,14 +211,15 @@ class _LinearAttention(torch.autograd.Function):
         dq = torch.empty(b * h, n, f, device=do.device, dtype=torch.float32)
         dk = torch.empty_like(dq)
         dv = torch.empty(b * h, n, d, device=do.device, dtype=torch.float32)
+        dims = dict(F=f, D=d, PREC=prec, num_warps=warps)
         if causal:
-            _causal_bwd_q_kernel[(b * h,)](pq, pk, pv, do, out, den, dq, n, F=f, D=d, C=blk, PREC=prec, num_warps=warps)
-            _causal_bwd_kv_kernel[(b * h,)](pq, pk, pv, do, out, den, dk, dv, n, F=f, D=d, C=blk, PREC=prec, num_warps=warps)
+            _causal_bwd_q_kernel[(b * h,)](pq, pk, pv, do, out, den, dq, n, C=blk, **dims)
+            _causal_bwd_kv_kernel[(b * h,)](pq, pk, pv, do, out, den, dk, dv, n, C=blk, **dims)
         else:
             grid = (b * h, triton.cdiv(n, blk))
             d_state, dz = torch.zeros_like(state), torch.zeros_like(z)
-            _nc_bwd_q_kernel[grid](pq, state, z, do, out, den, dq, d_state, dz, n, F=f, D=d, BLOCK=blk, PREC=prec, num_warps=warps)
-            _nc_bwd_kv_kernel[grid](pk, pv, d_state, dz, dk, dv, n, F=f, D=d, BLOCK=blk, PREC=prec, num_warps=warps)
+            _nc_bwd_q_kernel[grid](pq, state, z, do, out, den, dq, d_state, dz, n, BLOCK=blk, **dims)
+            _nc_bwd_kv_kernel[grid](pk, pv, d_state, dz, dk, dv, n, BLOCK=blk, **dims)
 
         def unpad(t: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
             return t.view(b, h, n, -1)[..., :width].to(dtype)

@@ -182,7 +182,9 @@ def launch_config(is_cuda: bool) -> tuple[int, int]:
 
 class _SparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, keep, group_size: int, num_sink: int, causal: bool, scale: float):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, q, k, v, keep, group_size: int, num_sink: int, causal: bool, scale: float
+    ):
         b, h, n, d0 = q.shape
         hk = k.shape[1]
         d = pow2_at_least_16(d0)

@@ -14,7 +14,9 @@ def repeat_kv(t: torch.Tensor, num_heads: int) -> torch.Tensor:
     return t.repeat_interleave(num_heads // t.shape[1], dim=1)
 
 
-def naive_linear(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, causal: bool, eps: float = 1e-6) -> torch.Tensor:
+def naive_linear(
+    phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, causal: bool, eps: float = 1e-6
+) -> torch.Tensor:
     """out_i = Σ_j a_ij v_j / (Σ_j a_ij + eps), a_ij = φ(q_i)·φ(k_j), j over all (or j <= i)."""
     a = phi_q.double() @ phi_k.double().transpose(-1, -2)
     if causal:
@@ -23,7 +25,9 @@ def naive_linear(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, caus
     return ((a @ v.double()) / (a.sum(-1, keepdim=True) + eps)).float()
 
 
-def sparse_mask(n: int, num_heads: int, group_size: int, num_sink: int, causal: bool, keep: torch.Tensor | None) -> torch.Tensor:
+def sparse_mask(
+    n: int, num_heads: int, group_size: int, num_sink: int, causal: bool, keep: torch.Tensor | None
+) -> torch.Tensor:
     """[B or 1, H, N, N] bool: LongLoRA groups without the wrap, shifted heads = last H//2."""
     pos = torch.arange(n)
     masks = []
@@ -40,7 +44,9 @@ def sparse_mask(n: int, num_heads: int, group_size: int, num_sink: int, causal: 
     return mask
 
 
-def naive_sparse(q, k, v, group_size: int, num_sink: int, causal: bool, keep: torch.Tensor | None = None) -> torch.Tensor:
+def naive_sparse(
+    q, k, v, group_size: int, num_sink: int, causal: bool, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     b, h, n, d = q.shape
     k, v = repeat_kv(k, h).double(), repeat_kv(v, h).double()
     scores = (q.double() @ k.transpose(-1, -2)) / math.sqrt(d)

@@ -53,7 +53,8 @@ def main() -> None:
                   N="i32", eps="fp32")
         prec = "ieee" if dtype == "fp32" else "tf32"
         for fn in (lt._nc_state_kernel, lt._nc_out_kernel, lt._nc_bwd_q_kernel, lt._nc_bwd_kv_kernel):
-            report[f"{fn.__name__}[{dtype},F={f},D={d}]"] = _compile(fn, io, dict(F=f, D=d, BLOCK=block, PREC=prec), warps)
+            consts = dict(F=f, D=d, BLOCK=block, PREC=prec)
+            report[f"{fn.__name__}[{dtype},F={f},D={d}]"] = _compile(fn, io, consts, warps)
         for fn in (lt._causal_fwd_kernel, lt._causal_bwd_q_kernel, lt._causal_bwd_kv_kernel):
             report[f"{fn.__name__}[{dtype},F={f},D={d}]"] = _compile(fn, io, dict(F=f, D=d, C=block, PREC=prec), warps)
     print(json.dumps(report))

@@ -72,7 +72,8 @@ def main() -> None:
             q, k = (t.detach().add(1.0).requires_grad_() for t in (q, k))
         fmap = HedgehogFeatureMap(h, d, feature_dim=6) if fmap_name == "hedgehog" else fmap_name
         params = [q, k, v] + ([fmap.weight] if fmap_name == "hedgehog" else [])
-        run = lambda be: linear_attention(q, k, v, causal=causal, feature_map=fmap, chunk_size=16, backend=be)  # noqa: E731
+        kw = dict(causal=causal, feature_map=fmap, chunk_size=16)
+        run = lambda be: linear_attention(q, k, v, backend=be, **kw)  # noqa: E731
         report[name] = _errors(run, params)
     for name, (fn, b, h, hk, n, d, group, sinks, causal, padded, dtype) in SPARSE.items():
         q, k, v = _inputs(b, h, hk, n, d, dtype)
