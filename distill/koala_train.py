@@ -148,9 +148,11 @@ class KoalaModule(L.LightningModule):
         self.teacher_taps = FeatureTaps(self.teacher, [t for _, t in pairs])
 
     def on_fit_start(self) -> None:
-        for model in [self.teacher, self.bundle.vae, *self.bundle.text_encoders]:
+        for model in [self.bundle.vae, *self.bundle.text_encoders]:
             if model is not None:
                 model.to(self.device).requires_grad_(False)
+        # The teacher follows the student's dtype: under 'bf16-true' Lightning casts the student only.
+        self.teacher.to(self.device, next(self.student.parameters()).dtype)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         batch = encode_batch(self.bundle, batch)  # no-op for cached latents / data-free batches
@@ -167,7 +169,8 @@ class KoalaModule(L.LightningModule):
             # teacher's prediction supervises them.
             noisy = torch.randn(n, channels, size, size, device=self.device)
             target = None
-        kwargs = unet_kwargs(batch)
+        dtype = next(self.student.parameters()).dtype
+        noisy, kwargs = noisy.to(dtype), unet_kwargs(batch, self.device, dtype)
         with torch.no_grad():
             teacher_pred = self.teacher(noisy, t, **kwargs).sample
         teacher_features = self.teacher_taps.pop()

@@ -303,3 +303,18 @@ def test_sd1_teacher_without_added_conditioning(tiny):
     module.training_step(batch, 0).backward()
     assert {"train/loss_task", "train/loss_out", "train/loss_feat"} <= set(logged)
     assert student.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.grad is not None
+
+
+def test_bf16_true_student_trains_against_a_matching_teacher(tiny):
+    method, loaded, teacher = tiny
+    student = student_of(tiny, "koala-700m").to(torch.bfloat16)  # what precision 'bf16-true' does
+    data = method.data(teacher, loaded.recipe.data, loaded.args)
+    module = method.lightning_module(teacher, student, data, loaded.args, TrainSpec(precision="bf16-true"))
+    module.log_dict = lambda values, **kw: None
+    try:
+        module.on_fit_start()
+        assert next(teacher.unet.parameters()).dtype == torch.bfloat16
+        loss = module.training_step(next(iter(data.train_dataloader())), 0)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    finally:
+        teacher.unet.float()
