@@ -88,6 +88,11 @@ def layer_projections(
     return {name: linears[name](x) for name in sorted(needed)}
 
 
+def _float32(x: torch.Tensor) -> torch.autocast:
+    """Switch autocast off: relations are computed in float32 under any training precision."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(batch, T, heads * d) -> (batch * heads, T, d), float32."""
     bsz, length, width = x.shape
@@ -150,7 +155,7 @@ class Relation:
 
 def teacher_relation(a: torch.Tensor, b: torch.Tensor, heads: int, mask: torch.Tensor) -> Relation:
     """The relation softmax(A_h B_hᵀ/√d) of (batch, T, heads*d) projections, without gradient."""
-    with torch.no_grad():
+    with torch.no_grad(), _float32(a):
         ah, bh = _heads(a, heads), _heads(b, heads)
         probs, lse = _masked_softmax(ah, bh, key_bias(mask, heads))
         # Σ p log p = Σ p (s - lse) = E_p[s] - lse (p sums to 1): no log of zeros, no (T, T) pass.
@@ -168,9 +173,10 @@ class RelationKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor, probs: torch.Tensor, plogp: torch.Tensor,
                 weights: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
-        ah, bh = _heads(a, heads), _heads(b, heads)
-        q, lse = _masked_softmax(ah, bh, bias)
-        kl = plogp - _expected_score(probs, ah, bh) + lse
+        with _float32(a):
+            ah, bh = _heads(a, heads), _heads(b, heads)
+            q, lse = _masked_softmax(ah, bh, bias)
+            kl = plogp - _expected_score(probs, ah, bh) + lse
         ctx.save_for_backward(ah, bh, probs, q, weights)
         ctx.meta = (a.shape[0], heads, a.dtype, b.dtype)
         return (kl * weights).sum()
