@@ -40,8 +40,11 @@ def cmd_validate(args) -> int:
             print(p.render(args.recipe), file=sys.stderr)
         print(f"{len(report.problems)} problem(s) in {args.recipe}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.recipe}: valid ({report.loaded.recipe.method})")
-    print(render_estimate(report.estimate))
+    if report.estimate:
+        print(render_estimate(report.estimate))
     return EXIT_OK
 
 

@@ -15,6 +15,8 @@ from jobs.recipe import LoadedRecipe, Problem, RecipeInvalid, load_recipe, resol
 @dataclass
 class Report:
     problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    """What could not be checked here (e.g. a hub teacher while offline); not errors."""
     estimate: dict[str, float] = field(default_factory=dict)
     loaded: LoadedRecipe | None = None
 
@@ -57,7 +59,15 @@ def check(path: str | Path | None, *, text: str | None = None, overrides: list[s
 
     method = get_method(recipe.method)
     try:
-        source = resolve_source(recipe.teacher, "teacher", base=base)
+        try:
+            source = resolve_source(recipe.teacher, "teacher", base=base)
+        except RecipeError as exc:
+            if "hub is offline" not in exc.fix:
+                raise
+            # Cannot be decided offline: the job will fail clearly if the hub stays unreachable.
+            report.warnings.append(f"{exc.key}: {exc.value!r} is a hub id and the hub is offline; "
+                                   "its config was not checked and the size estimate is skipped")
+            return report
         teacher = method.load_teacher(source, meta=True)
         student = method.convert(teacher, loaded.student, loaded.args)
     except RecipeError as exc:
