@@ -171,8 +171,8 @@ def time_ids(original: tuple[int, int], crop: tuple[int, int], target: tuple[int
     return torch.tensor([*original, *crop, *target], dtype=torch.float32)
 
 
-class TensorDataset(Dataset):
-    """Rows of equally shaped tensors (cached latents and/or embeddings), repeated to `length`."""
+class PromptRows(Dataset):
+    """Encoded prompts (embeddings, time ids) as rows, cycled to `length` rows per epoch."""
 
     def __init__(self, columns: dict[str, torch.Tensor], length: int | None = None) -> None:
         self.columns = columns
@@ -186,14 +186,14 @@ class TensorDataset(Dataset):
         return {k: v[index % self.rows] for k, v in self.columns.items()}
 
 
-def data_free_set(teacher: KoalaTeacher, prompts: list[str], resolution: int, length: int) -> TensorDataset:
+def data_free_set(teacher: KoalaTeacher, prompts: list[str], resolution: int, length: int) -> PromptRows:
     """Data-free mode: the recipe's prompts only; noised latents are drawn in the training step."""
     if not prompts:
         raise RecipeError("koala.prompts", prompts, "data-free mode needs at least one training prompt")
     columns = encode_prompts(teacher, prompts)
     if teacher.sdxl_conditioning:
         columns["time_ids"] = time_ids((resolution, resolution), (0, 0), (resolution, resolution)).repeat(len(prompts), 1)
-    return TensorDataset(columns, length)
+    return PromptRows(columns, length)
 
 
 def _pixels(image: Any, resolution: int) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
