@@ -140,7 +140,7 @@ def execute(job_id: str, store: JobStore, *, progress: bool = True) -> Job:
         tracker.log_child("converted", after)
         tracker.log_comparison(before, after)
         if any(artifact_dir.rglob("*")):
-            tracker.log_artifact(artifact_dir, "artifacts")
+            tracker.log_artifact(artifact_dir, "samples")
 
         log.info("exporting")
         shutil.rmtree(partial, ignore_errors=True)

@@ -103,7 +103,11 @@ class Tracker:
         plt.close(fig)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.parent_id, str(path), artifact_path)
+        """A file, or a directory's contents, under `artifact_path` of the parent run."""
+        if Path(path).is_dir():
+            self.client.log_artifacts(self.parent_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.parent_id, str(path), artifact_path)
 
     def finish(self, status: str) -> None:
         if self.parent_id:
