@@ -7,8 +7,8 @@ Baseline "SDPA": causal full attention, `torch.nn.functional.scaled_dot_product_
 is_causal=True)`, batch 1, 4 heads, head dim 64, float32, same q/k/v tensors for every method at a
 given N. Linear attention runs both non-causal (LinVideo's form: two GEMMs) and causal (chunked);
 SF-Attn is causal with G = N/4 and 4 sink tokens. "fwd" is inference (no_grad); "fwd+bwd" is a
-forward plus backward to q, k, v with a fixed upstream gradient. Each time is the median of repeated
-runs after a warm-up. On a machine shared with other busy processes, multi-threaded runs of
+forward plus backward to q, k, v with a fixed upstream gradient. Each time is the median over
+rounds that interleave all methods (after a warm-up round up to 8k tokens). On a machine shared with other busy processes, multi-threaded runs of
 many-small-op pipelines (linear, SF) suffer most from descheduled threads; `--threads 1` is then the
 steadier comparison. On CPU every method takes the PyTorch reference path; with a CUDA GPU the
 Triton kernels are timed beside SDPA on the GPU.
@@ -55,41 +55,47 @@ def methods(device: torch.device, backend: str) -> dict[str, Attn]:
     return out
 
 
-def _time(fn: Callable[[], object], device: torch.device, budget_s: float, max_reps: int) -> float:
-    """Median seconds per call: a warm-up, then repeats until `budget_s` is spent (2 to max_reps)."""
-
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    first = once()
-    if first > 3 * budget_s:  # seconds-long runs: warm-up effects are negligible, keep the run time down
-        return first
-    times: list[float] = []
-    while len(times) < max_reps and (sum(times) < budget_s or len(times) < 2):
-        times.append(once())
-    return statistics.median(times)
+def _once(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
-def run(ns: list[int], device: torch.device, backend: str, budget_s: float, max_reps: int) -> dict:
+def run(ns: list[int], device: torch.device, backend: str, rounds: int) -> dict:
+    """Per N: round-robin over every (method, fwd | fwd+bwd) case, `rounds` times, median per case.
+    Interleaving makes a change in machine load hit every method alike instead of one of them."""
     results: dict[str, dict[int, tuple[float, float]]] = {}
     for n in ns:
         gen = torch.Generator(device="cpu").manual_seed(n)
         q, k, v = (torch.randn(1, HEADS, n, DIM, generator=gen).to(device) for _ in range(3))
         grad = torch.randn(1, HEADS, n, DIM, generator=gen).to(device)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        cases: dict[tuple[str, int], Callable[[], object]] = {}
         for name, attn in methods(device, backend).items():
-            with torch.no_grad():
-                fwd = _time(lambda: attn(q, k, v), device, budget_s, max_reps)
-            qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-            both = _time(lambda: attn(qg, kg, vg).backward(grad), device, budget_s, max_reps)
+            cases[(name, 0)] = lambda attn=attn: _no_grad(attn, q, k, v)
+            cases[(name, 1)] = lambda attn=attn: attn(*leaves).backward(grad)
+        # Warm-up round where it is cheap; at 16k+ a single run takes seconds and warm-up is noise.
+        n_rounds = rounds + 1 if n <= 8192 else (rounds if n <= 16384 else max(2, rounds - 1))
+        times: dict[tuple[str, int], list[float]] = {key: [] for key in cases}
+        for r in range(n_rounds):
+            for key, fn in cases.items():
+                t = _once(fn, device)
+                if r > 0 or n_rounds == rounds or n > 8192:
+                    times[key].append(t)
+        for name in methods(device, backend):
+            fwd, both = (statistics.median(times[(name, c)]) for c in (0, 1))
             results.setdefault(name, {})[n] = (fwd, both)
             print(f"  N={n:>6} {name:<30} fwd {fwd * 1e3:10.2f} ms   fwd+bwd {both * 1e3:10.2f} ms", flush=True)
     return results
+
+
+def _no_grad(attn: Attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return attn(q, k, v)
 
 
 def crossover(results: dict, name: str, base: str, column: int) -> str:
@@ -138,8 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N in {1k, 2k} only (smoke run)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("attention.png"))
-    parser.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per measurement")
-    parser.add_argument("--reps", type=int, default=5, help="most repeats per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per N (2 at N = 32k)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -155,7 +160,7 @@ def main() -> None:
     all_results = {}
     for label, (device, backend) in runs.items():
         print(f"[{label}]")
-        all_results[label] = run(ns, device, backend, args.budget, args.reps)
+        all_results[label] = run(ns, device, backend, args.rounds)
     for label, results in all_results.items():
         print(f"\n== {label}: time and speedup over SDPA (causal, batch 1) ==")
         print(table(results, base))
