@@ -144,12 +144,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N in {1k, 2k} only (smoke run)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("attention.png"))
+    parser.add_argument("--short", action=argparse.BooleanOptionalAction, default=True,
+                        help="also N in {256, 512}, to locate crossovers below 1k")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per N (2 at N = 32k)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     ns = [1024, 2048] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768]
+    # Short sequences too, to place the crossover when linear already wins at 1k.
+    ns = [256, 512] + ns if args.short else ns
     load_before = os.getloadavg()
     start = time.perf_counter()
     base = "sdpa (causal)"
