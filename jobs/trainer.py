@@ -71,7 +71,9 @@ def build_strategy(train: TrainSpec, micro_batch_size: int) -> Any:
     if train.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(process_group_backend="nccl" if gpu else "gloo")
+        # Multi-stage methods (teacher assistant, SentenceVAE stages) leave parameters without
+        # gradients in some steps; DDP must expect that.
+        return DDPStrategy(process_group_backend="nccl" if gpu else "gloo", find_unused_parameters=True)
     if train.strategy.startswith("deepspeed"):
         if not gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
