@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 
 from convert.minilm import ARCHS, MiniLMStudent, arch_for, build_student
 from distill.data import TrainLoader, load_texts
+from distill.hf import build_hf_model
 from distill.minilm_loss import RelationSpec, resolve_layer
 from distill.minilm_module import MiniLMModule
 from distill.spec import (
@@ -145,15 +146,7 @@ class MiniLM:
                                                       trust_remote_code=source.trust_remote_code)
         except (OSError, ValueError) as exc:
             raise RecipeError("teacher.tokenizer", str(tokenizer_path), f"no tokenizer found: {exc}") from exc
-        if meta:
-            with torch.device("meta"):
-                model = AutoModel.from_config(config)
-        elif source.path is not None:
-            model = AutoModel.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(source.seed)
-                model = AutoModel.from_config(config)
+        model = build_hf_model(AutoModel, source, config, meta=meta)
         return TextTeacher(model.eval(), tokenizer, source.description)
 
     def convert(self, teacher: TextTeacher, student: MiniLMStudent, args: MiniLMArgs) -> PreTrainedModel:

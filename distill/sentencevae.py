@@ -29,6 +29,7 @@ from convert.sentencevae import VAEConfig
 from convert.sentencevae_segment import DEFAULT_ABBREVIATIONS, SegmentRules, segment_ids
 from convert.sentencevae_sllm import SentenceVAEModel
 from distill.data import load_texts
+from distill.hf import build_hf_model
 from distill.sentencevae_eval import evaluate_pair
 from distill.sentencevae_train import SentenceVAEModule, collate, pretrain_lm
 from distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
@@ -188,15 +189,7 @@ class SentenceVAE:
         else:
             raise RecipeError("teacher", source.description, "give a model source or an inline config")
         try:
-            if meta:
-                with torch.device("meta"):
-                    lm = AutoModelForCausalLM.from_config(config)
-            elif source.path is not None:
-                lm = AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
-            else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(source.seed)
-                    lm = AutoModelForCausalLM.from_config(config)
+            lm = build_hf_model(AutoModelForCausalLM, source, config, meta=meta)
         except ValueError as exc:
             raise RecipeError("teacher", source.description, f"not a causal LM: {str(exc).splitlines()[0]}") from exc
         bos, eos, pad = special_ids(tokenizer)
