@@ -7,8 +7,10 @@ report the same keys:
 - `latency_ms`: median CPU wall time of one forward over the first eval batch, `latency_repeats`
   runs, timed interleaved with the teacher; `speedup` = teacher latency / model latency from the
   same interleaved runs (≈1.0 for the teacher itself).
-- `embedding_cosine`: similarity-structure agreement, chosen because students may have a different
-  hidden size. Mean-pooled embeddings of the held-out texts give each model a cosine-similarity
+- `embedding_cosine`: mean cosine between the model's and the teacher's mean-pooled embeddings of
+  each held-out text. Defined only when both have the same hidden size (NaN otherwise, so that
+  before and after still log the same keys); 1.0 for the teacher.
+- `similarity_agreement`: similarity-structure agreement, defined for any hidden size. Mean-pooled embeddings of the held-out texts give each model a cosine-similarity
   matrix S (texts × texts); for each text, the cosine between its model row and its teacher row,
   diagonal dropped and each row mean-centred (i.e. the Pearson correlation of the two rows),
   averaged over texts. 1.0 for the teacher; ≈0 for unrelated embeddings.
@@ -68,6 +70,13 @@ def similarity_agreement(model_emb: torch.Tensor, teacher_emb: torch.Tensor) -> 
 
     a, b = rows(model_emb), rows(teacher_emb)
     return torch.nn.functional.cosine_similarity(a, b, dim=1).mean().item()
+
+
+def mean_cosine(model_emb: torch.Tensor, teacher_emb: torch.Tensor) -> float:
+    """Mean per-text cosine of the two models' embeddings; NaN when the widths differ."""
+    if model_emb.shape != teacher_emb.shape:
+        return float("nan")
+    return torch.nn.functional.cosine_similarity(model_emb.double(), teacher_emb.double(), dim=-1).mean().item()
 
 
 @torch.no_grad()
@@ -141,7 +150,8 @@ def evaluate_encoder(model: torch.nn.Module, teacher: torch.nn.Module, tokenizer
             "params": float(sum(p.numel() for p in model.parameters())),
             "latency_ms": model_ms,
             "speedup": teacher_ms / model_ms,
-            "embedding_cosine": similarity_agreement(model_emb, teacher_emb),
+            "embedding_cosine": mean_cosine(model_emb, teacher_emb),
+            "similarity_agreement": similarity_agreement(model_emb, teacher_emb),
         }
         if spec.sts_file:
             metrics["sts_spearman"] = sts_spearman(model, tokenizer, spec.sts_file,
