@@ -147,10 +147,13 @@ def lm_generate(lm, prompt: list[int], new_tokens: int, bos_id: int) -> dict[str
 
 
 @torch.no_grad()
-def sllm_generate(model: SentenceVAEModel, prompt: Passage, new_tokens: int, sentence_tokens: int | None = None) -> dict[str, float]:
+def sllm_generate(model: SentenceVAEModel, prompt: Passage, new_tokens: int, sentence_tokens: int | None = None,
+                  stop_at_end: bool = False) -> dict[str, float]:
     """Greedy generation sentence by sentence: SLLM step → decoder (own KV cache) → encoder → next step.
 
     `sentence_tokens` forces every generated sentence to that length (benchmarks at a fixed length).
+    `stop_at_end` ends the passage when the stop head says so (logit > 0); throughput measurements
+    leave it off so both sides generate the same number of tokens.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -158,9 +161,9 @@ def sllm_generate(model: SentenceVAEModel, prompt: Passage, new_tokens: int, sen
     start = time.perf_counter()
     batch = {k: v.to(device) for k, v in collate([prompt], model.cfg.pad_id).items()}
     vectors = model.encode_passages(batch["sent"], batch["lengths"])
-    pred, _, cache = model.sllm.step(model.sllm.embed_inputs(vectors, True), use_cache=True)
+    pred, stop, cache = model.sllm.step(model.sllm.embed_inputs(vectors, True), use_cache=True)
     generated, peak = 0, 0
-    while True:
+    while not (stop_at_end and stop[0, -1] > 0):
         dec_bytes: list[int] = []
         fixed = {"min_tokens": sentence_tokens, "max_tokens": sentence_tokens} if sentence_tokens else {"min_tokens": 1}
         tokens = model.decoder.generate(pred[:, -1], cache_bytes=dec_bytes, **fixed)[0]
@@ -170,7 +173,7 @@ def sllm_generate(model: SentenceVAEModel, prompt: Passage, new_tokens: int, sen
             break
         ids = torch.tensor([tokens], device=device)
         vec = model.encode(ids, torch.tensor([len(tokens)], device=device))
-        pred, _, cache = model.sllm.step(model.sllm.embed_inputs(vec[:, None], False), cache=cache, use_cache=True)
+        pred, stop, cache = model.sllm.step(model.sllm.embed_inputs(vec[:, None], False), cache=cache, use_cache=True)
     _sync(device)
     seconds = time.perf_counter() - start
     kv = cache_nbytes(cache)

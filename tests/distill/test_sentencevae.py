@@ -163,6 +163,18 @@ def test_generation_cache_sizes() -> None:
     assert run["peak_bytes"] > run["kv_bytes"]  # the decoder's own cache comes on top
 
 
+def test_generation_ends_where_the_stop_head_says() -> None:
+    model = small_vae()
+    with torch.no_grad():
+        model.sllm.stop.weight.zero_()
+        model.sllm.stop.bias.fill_(20.0)  # "the passage ends here" at every position
+    assert sllm_generate(model, [[5, 6, 7]], new_tokens=10, stop_at_end=True)["tokens"] == 0
+    assert sllm_generate(model, [[5, 6, 7]], new_tokens=10)["tokens"] >= 10  # off: fixed budget
+    with torch.no_grad():
+        model.sllm.stop.bias.fill_(-20.0)
+    assert sllm_generate(model, [[5, 6, 7]], new_tokens=10, stop_at_end=True)["tokens"] >= 10
+
+
 def test_two_stages_train_the_right_parts() -> None:
     torch.manual_seed(0)
     passages = [[[int(t) for t in torch.randint(3, V, (int(torch.randint(2, 6, ())),))] for _ in range(3)] for _ in range(8)]
