@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from convert.sentencevae_sllm import SentenceVAEModel
-from distill.sentencevae_train import Passage, collate, sllm_outputs
+from distill.sentencevae_train import Passage, bos_padded, collate, sllm_outputs
 
 
 def cache_nbytes(cache) -> int:
@@ -96,12 +96,7 @@ def lm_nll(lm, passages: Sequence[Passage], bos_id: int, batch_size: int) -> tup
     nll, count = 0.0, 0
     for chunk in _chunks(list(passages), batch_size):
         flat = [[t for s in p for t in s] for p in chunk]
-        length = max(len(f) for f in flat) + 1
-        ids = torch.full((len(flat), length), bos_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, f in enumerate(flat):
-            ids[b, 1 : len(f) + 1] = torch.tensor(f)
-            mask[b, : len(f) + 1] = 1
+        ids, mask = bos_padded(flat, bos_id)
         logits = lm(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).to(device)
         nll += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="sum"))

@@ -135,6 +135,17 @@ class SentenceVAEModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+def bos_padded(sequences: Sequence[list[int]], bos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists → BOS-prefixed, right-padded ids [B, T+1] and their attention mask."""
+    length = max(len(seq) for seq in sequences) + 1
+    ids = torch.full((len(sequences), length), bos_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, seq in enumerate(sequences):
+        ids[b, 1 : len(seq) + 1] = torch.tensor(seq, dtype=torch.long)
+        mask[b, : len(seq) + 1] = 1
+    return ids, mask
+
+
 def pretrain_lm(lm, passages: Sequence[list[int]], *, steps: int, lr: float, batch_size: int, bos_id: int, seed: int = 0) -> list[float]:
     """Briefly train a randomly initialised causal LM (next-token CE) so the baseline is a real LM.
 
@@ -151,12 +162,7 @@ def pretrain_lm(lm, passages: Sequence[list[int]], *, steps: int, lr: float, bat
         if len(order) < batch_size:
             order += rng.sample(range(len(passages)), len(passages))
         chosen, order = [passages[i] for i in order[:batch_size]], order[batch_size:]
-        length = max(len(p) for p in chosen) + 1
-        ids = torch.full((len(chosen), length), bos_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, p in enumerate(chosen):
-            ids[b, 1 : len(p) + 1] = torch.tensor(p)
-            mask[b, : len(p) + 1] = 1
+        ids, mask = bos_padded(chosen, bos_id)
         labels = ids.masked_fill(mask == 0, -100)
         labels[:, 0] = -100
         loss = lm(input_ids=ids, attention_mask=mask, labels=labels).loss

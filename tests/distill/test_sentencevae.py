@@ -24,13 +24,7 @@ LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidde
 V, H = 48, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waiting when other processes share the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def source(**config) -> ResolvedSource:
