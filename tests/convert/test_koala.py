@@ -28,13 +28,7 @@ SDXL = json.loads((Path(__file__).parents[1] / "fixtures" / "sdxl_unet_config.js
 PAPER_M = {"sdxl": 2567, "koala-1b": 1161, "koala-700m": 782}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine's cores are shared; two OpenMP threads there run tiny models ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_sdxl(**changes) -> dict:

@@ -31,13 +31,7 @@ SMALL = ["teacher.config.unet.sample_size=8", "teacher.config.unet.transformer_l
          "koala.eval_steps=2", "koala.eval_seeds=[0]", "eval.latency_repeats=1", "data.batch_size=2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine's cores are shared; two OpenMP threads there run tiny models ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
