@@ -86,6 +86,8 @@ def cmd_submit(args) -> int:
     method = report.loaded.recipe.method if report.loaded else "?"
     job = store.create(name=name, method=method, recipe_text=text or "", recipe_path=os.path.abspath(args.recipe),
                        overrides=args.override, recipe_hash=recipe_hash(text or "", args.override))
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if report.problems:
         for p in report.problems:
             print(p.render(args.recipe), file=sys.stderr)

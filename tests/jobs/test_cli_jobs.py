@@ -153,3 +153,14 @@ def test_cancel_a_pending_job(tmp_path, home, capsys):
     assert JobStore(home).get(job_id).status == "STOPPED"
     assert cli.main(["status", job_id]) == 0
     assert "STOPPED" in capsys.readouterr().out
+
+
+def test_hub_teacher_while_offline_fails_the_job_with_the_key(tmp_path, home, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = write_toy(tmp_path, TOY.replace("  config: {width: 8, hidden: 16}", "  source: some-org/some-model"))
+    assert cli.main(["submit", str(path), "--wait", "--no-progress"]) == cli.EXIT_JOB_FAILED
+    err = capsys.readouterr().err
+    assert "warning: teacher.source: 'some-org/some-model' is a hub id and the hub is offline" in err
+    (job,) = JobStore(home).list()
+    assert job.status == "FAILED" and job.error.startswith("teacher.source: 'some-org/some-model'")
+    assert "hub is offline" in job.error and _versions(home, "toy-student") == []
