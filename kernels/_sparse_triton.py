@@ -40,6 +40,37 @@ def _head_setup(bh, H, HK, HALF):
 
 
 @triton.jit
+def _fwd_block(q, K, V, KEEP, kbase, start, rows, ds, off, N, G, S, b, scale, m_i, l_i, acc,
+               D: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, PREC: tl.constexpr):
+    """One key block of the online-softmax forward: returns the updated (max, sum, accumulator)."""
+    kpos = start + tl.arange(0, BN)
+    vis = _visible(rows, kpos, off, N, G, S, KEEP, b, CAUSAL, HAS_KEEP)
+    k = tl.load(K + kbase + kpos[:, None] * D + ds[None, :], mask=kpos[:, None] < N, other=0.0)
+    v = tl.load(V + kbase + kpos[:, None] * D + ds[None, :], mask=kpos[:, None] < N, other=0.0)
+    s = tl.where(vis, tl.dot(q, tl.trans(k), input_precision=PREC) * scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _dq_block(q, do, lse, delta, K, V, KEEP, kbase, start, rows, ds, off, N, G, S, b, scale,
+              D: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, PREC: tl.constexpr):
+    """One key block's contribution to dQ (before the softmax scale)."""
+    kpos = start + tl.arange(0, BN)
+    vis = _visible(rows, kpos, off, N, G, S, KEEP, b, CAUSAL, HAS_KEEP)
+    k = tl.load(K + kbase + kpos[:, None] * D + ds[None, :], mask=kpos[:, None] < N, other=0.0)
+    v = tl.load(V + kbase + kpos[:, None] * D + ds[None, :], mask=kpos[:, None] < N, other=0.0)
+    s = tl.where(vis, tl.dot(q, tl.trans(k), input_precision=PREC) * scale, float("-inf"))
+    p = tl.exp(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(v.to(tl.float32)), input_precision=PREC)
+    return tl.dot(p * (dp - delta[:, None]), k.to(tl.float32), input_precision=PREC)
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, KEEP, O, LSE, N, H, HK, G, HALF, S, scale, D: tl.constexpr, BM: tl.constexpr,
                 BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, PREC: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
@@ -60,29 +91,11 @@ def _fwd_kernel(Q, K, V, KEEP, O, LSE, N, H, HK, G, HALF, S, scale, D: tl.conste
     kbase = kvh * N * D
     # Sink blocks that the group range does not already cover, then the group range.
     for start in range(0, tl.minimum(S, lo_blk), BN):
-        kpos = start + tl.arange(0, BN)
-        vis = _visible(rows, kpos, off, N, G, S, KEEP, b, CAUSAL, HAS_KEEP)
-        k = tl.load(K + kbase + kpos[:, None] * D + ds[None, :], mask=kpos[:, None] < N, other=0.0)
-        v = tl.load(V + kbase + kpos[:, None] * D + ds[None, :], mask=kpos[:, None] < N, other=0.0)
-        s = tl.where(vis, tl.dot(q, tl.trans(k), input_precision=PREC) * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = _fwd_block(q, K, V, KEEP, kbase, start, rows, ds, off, N, G, S, b, scale, m_i, l_i, acc,
+                                   D, BN, CAUSAL, HAS_KEEP, PREC)
     for start in range(lo_blk, hi, BN):
-        kpos = start + tl.arange(0, BN)
-        vis = _visible(rows, kpos, off, N, G, S, KEEP, b, CAUSAL, HAS_KEEP)
-        k = tl.load(K + kbase + kpos[:, None] * D + ds[None, :], mask=kpos[:, None] < N, other=0.0)
-        v = tl.load(V + kbase + kpos[:, None] * D + ds[None, :], mask=kpos[:, None] < N, other=0.0)
-        s = tl.where(vis, tl.dot(q, tl.trans(k), input_precision=PREC) * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = _fwd_block(q, K, V, KEEP, kbase, start, rows, ds, off, N, G, S, b, scale, m_i, l_i, acc,
+                                   D, BN, CAUSAL, HAS_KEEP, PREC)
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("inf"))
@@ -115,23 +128,11 @@ def _bwd_dq_kernel(Q, K, V, KEEP, O, DO, LSE, DELTA, DQ, N, H, HK, G, HALF, S, s
     dq = tl.zeros((BM, D), dtype=tl.float32)
     kbase = kvh * N * D
     for start in range(0, tl.minimum(S, lo_blk), BN):
-        kpos = start + tl.arange(0, BN)
-        vis = _visible(rows, kpos, off, N, G, S, KEEP, b, CAUSAL, HAS_KEEP)
-        k = tl.load(K + kbase + kpos[:, None] * D + ds[None, :], mask=kpos[:, None] < N, other=0.0)
-        v = tl.load(V + kbase + kpos[:, None] * D + ds[None, :], mask=kpos[:, None] < N, other=0.0)
-        s = tl.where(vis, tl.dot(q, tl.trans(k), input_precision=PREC) * scale, float("-inf"))
-        p = tl.exp(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v.to(tl.float32)), input_precision=PREC)
-        dq += tl.dot(p * (dp - delta[:, None]), k.to(tl.float32), input_precision=PREC)
+        dq += _dq_block(q, do, lse, delta, K, V, KEEP, kbase, start, rows, ds, off, N, G, S, b, scale,
+                        D, BN, CAUSAL, HAS_KEEP, PREC)
     for start in range(lo_blk, hi, BN):
-        kpos = start + tl.arange(0, BN)
-        vis = _visible(rows, kpos, off, N, G, S, KEEP, b, CAUSAL, HAS_KEEP)
-        k = tl.load(K + kbase + kpos[:, None] * D + ds[None, :], mask=kpos[:, None] < N, other=0.0)
-        v = tl.load(V + kbase + kpos[:, None] * D + ds[None, :], mask=kpos[:, None] < N, other=0.0)
-        s = tl.where(vis, tl.dot(q, tl.trans(k), input_precision=PREC) * scale, float("-inf"))
-        p = tl.exp(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v.to(tl.float32)), input_precision=PREC)
-        dq += tl.dot(p * (dp - delta[:, None]), k.to(tl.float32), input_precision=PREC)
+        dq += _dq_block(q, do, lse, delta, K, V, KEEP, kbase, start, rows, ds, off, N, G, S, b, scale,
+                        D, BN, CAUSAL, HAS_KEEP, PREC)
     tl.store(DQ + bh * N * D + rows[:, None] * D + ds[None, :], dq * scale, mask=ok)
 
 
