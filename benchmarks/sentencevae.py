@@ -20,9 +20,9 @@ import statistics
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from convert.sentencevae import VAEConfig
-from convert.sentencevae_sllm import SentenceVAEModel
-from distill.sentencevae_eval import generation_cost, lm_generate, sllm_generate
+from convert.sentencevae.vae import VAEConfig
+from convert.sentencevae.sllm import SentenceVAEModel
+from distill.sentencevae.evaluation import generation_cost, lm_generate, sllm_generate
 
 
 def build_lm(args: argparse.Namespace):

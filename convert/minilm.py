@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
-from distill.spec import RecipeError, Section
+from convert.recipe_types import RecipeError, Section
 
 
 @dataclass(frozen=True)

@@ -21,21 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from convert.recipe_types import RecipeError, Section
 
-class RecipeError(ValueError):
-    """Bad recipe input, reported as one line: the key path, the bad value and how to fix it."""
-
-    def __init__(self, key: str, value: Any, fix: str) -> None:
-        self.key, self.value, self.fix = key, value, fix
-        super().__init__(f"{key}: {value!r} — {fix}")
-
-
-class Section(BaseModel):
-    """Base for every recipe section: unknown keys are errors, not silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+__all__ = ["RecipeError", "Section", "ResolvedSource", "DataSpec", "EvalSpec", "TrainSpec", "MethodData", "Method"]
 
 
 @dataclass(frozen=True)

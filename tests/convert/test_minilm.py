@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 from convert.minilm import ARCHS, MiniLMStudent, build_student, count_params, qkv
-from distill.minilm import MiniLM, MiniLMArgs
+from distill.minilm.method import MiniLM, MiniLMArgs
 from distill.spec import RecipeError, ResolvedSource
 
 TINY = dict(model_type="bert", num_hidden_layers=4, hidden_size=32, num_attention_heads=4,

@@ -25,13 +25,13 @@ from pydantic import Field
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from convert.sentencevae import VAEConfig
-from convert.sentencevae_segment import DEFAULT_ABBREVIATIONS, SegmentRules, segment_ids
-from convert.sentencevae_sllm import SentenceVAEModel
-from distill.data import load_texts
+from convert.sentencevae.vae import VAEConfig
+from convert.sentencevae.segment import DEFAULT_ABBREVIATIONS, SegmentRules, segment_ids
+from convert.sentencevae.sllm import SentenceVAEModel
+from distill.text_data import load_texts
 from distill.hf import build_hf_model
-from distill.sentencevae_eval import evaluate_pair
-from distill.sentencevae_train import SentenceVAEModule, collate, pretrain_lm
+from distill.sentencevae.evaluation import evaluate_pair
+from distill.sentencevae.train import SentenceVAEModule, collate, pretrain_lm
 from distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from convert.koala import BlockMap, layout
-from distill.koala_data import KoalaTeacher, encode_batch, unet_kwargs
+from distill.koala.data import KoalaTeacher, encode_batch, unet_kwargs
 from distill.optim import adamw_with_schedule
 from distill.spec import TrainSpec
 

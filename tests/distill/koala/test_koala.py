@@ -18,10 +18,10 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 
 from convert.koala import block_map
-from distill.koala import Koala
-from distill.koala_data import encode_prompts, encode_tokens, image_caption_set, tokenize
-from distill.koala_eval import LiveBytes
-from distill.koala_train import FeatureTaps, KoalaModule, feature_pairs, koala_losses, training_target
+from distill.koala.method import Koala
+from distill.koala.data import encode_prompts, encode_tokens, image_caption_set, tokenize
+from distill.koala.evaluation import LiveBytes
+from distill.koala.train import FeatureTaps, KoalaModule, feature_pairs, koala_losses, training_target
 from distill.spec import DataSpec, EvalSpec, RecipeError, TrainSpec
 from jobs.recipe import load_recipe
 from jobs.sources import resolve_source

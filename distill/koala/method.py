@@ -26,9 +26,9 @@ from pydantic import Field
 from torch.utils.data import DataLoader
 
 from convert.koala import block_map, build_student
-from distill import koala_eval
-from distill.koala_data import KoalaTeacher, data_free_set, encode_prompts, image_caption_set, load_teacher, time_ids
-from distill.koala_train import KoalaModule, feature_pairs
+from distill.koala import evaluation as koala_eval
+from distill.koala.data import KoalaTeacher, data_free_set, encode_prompts, image_caption_set, load_teacher, time_ids
+from distill.koala.train import KoalaModule, feature_pairs
 from distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
 
 logger = logging.getLogger(__name__)

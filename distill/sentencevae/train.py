@@ -19,8 +19,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from convert.sentencevae import focal_cross_entropy
-from convert.sentencevae_sllm import SentenceVAEModel
+from convert.sentencevae.vae import focal_cross_entropy
+from convert.sentencevae.sllm import SentenceVAEModel
 from distill.spec import TrainSpec
 
 log = logging.getLogger(__name__)

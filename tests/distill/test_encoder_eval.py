@@ -18,7 +18,7 @@ from scipy.stats import spearmanr
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from distill.spec import EvalSpec, RecipeError
-from distill.text_eval import (
+from distill.encoder_eval import (
     embed, evaluate_encoder, interleaved_latency, mean_pool, read_sts, similarity_agreement,
 )
 

@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel
 
 from convert.minilm import layer_list, qkv
-from distill.minilm_loss import RelationSpec, minilm_loss, teacher_targets
+from distill.minilm.loss import RelationSpec, minilm_loss, teacher_targets
 from distill.optim import adamw_with_schedule
 from distill.spec import TrainSpec
 

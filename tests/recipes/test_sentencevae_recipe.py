@@ -27,11 +27,11 @@ def test_tiny_recipe_end_to_end(tmp_path: Path) -> None:
 
     from transformers import AutoTokenizer
 
-    from convert.sentencevae_segment import segment_ids
-    from convert.sentencevae_sllm import SentenceVAEModel
-    from distill.data import load_texts
-    from distill.sentencevae import segment_rules
-    from distill.sentencevae_eval import reconstruction, vae_roundtrip
+    from convert.sentencevae.segment import segment_ids
+    from convert.sentencevae.sllm import SentenceVAEModel
+    from distill.text_data import load_texts
+    from distill.sentencevae.method import segment_rules
+    from distill.sentencevae.evaluation import reconstruction, vae_roundtrip
     from jobs.recipe import load_recipe
     from jobs.store import JobStore
 

