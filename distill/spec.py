@@ -1,24 +1,35 @@
-"""The contract between the job spine (`jobs/`) and the conversion methods (`convert/`, `distill/`).
+"""The method protocol: the contract between the job spine (`jobs/`) and a conversion method.
 
-A method is one object registered by name in `jobs/methods.py`. The spine calls it in this order:
+A method is one package (`distill/<method>/`, surgery in `convert/<method>`) exposing one class that
+is registered by name in `jobs/methods.py`. The spine (`jobs/run.py`) is the only caller, in this order:
 
-    teacher = method.load_teacher(source)                 # source: ResolvedSource
-    student = method.convert(teacher, student_spec, args) # model surgery (works on the meta device)
-    data    = method.data(teacher, data_spec, args)       # MethodData: train loader + eval payload
-    before  = method.evaluate(teacher_model, teacher, data, eval_spec, args)
-    module  = method.lightning_module(teacher, student, data, args, train_spec)
-    trainer.fit(module, train_dataloaders=data.train_dataloader(batch_size))
-    student = method.trained_student(module)
-    after   = method.evaluate(student, teacher, data, eval_spec, args)
-    path    = method.export(student, teacher, out_dir, args)
+    teacher = method.load_teacher(source)                          # ResolvedSource -> method's teacher
+    student = method.convert(teacher, student_section, args)       # surgery; also runs on the meta device
+    data    = method.data(teacher, data_section, args)             # MethodData
+    before  = method.evaluate(method.teacher_model(teacher), teacher, data, eval_section, args, dir)
+    speed   = interleaved timing of method.speed_probe(teacher_model, ...) and method.speed_probe(student, ...)
+    if method.trains:                                              # training-free methods skip this
+        module  = method.lightning_module(teacher, student, data, args, train_section)
+        trainer.fit(module, data.train_dataloader(batch_size))     # jobs/trainer.py (strategy, ranks)
+        student = method.trained_student(module)
+    after   = method.evaluate(student, teacher, data, eval_section, args, dir)   # same keys as before
+    path    = method.export(student, teacher, out_dir, args)       # loadable where the teacher loaded
+
+Metric vocabulary shared by every method (evaluate returns keys without the `eval/` prefix):
+`params` (parameter count). The spine adds `latency_ms` (median ms of one speed-probe call, teacher and
+student timed interleaved in one measurement) to both sides and reports `speedup` (teacher latency /
+student latency) once, on the parent run. Method-specific keys are free-form but must be identical
+before and after.
 
 Methods know nothing about jobs, MLflow or SQLite; they raise `RecipeError` for bad recipe input.
+Tests of the protocol itself: `.venv/bin/python -m pytest tests/jobs/test_protocol.py -q`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import Field
@@ -81,11 +92,11 @@ class EvalSpec(Section):
     """Passages per evaluation batch (also the latency batch)."""
     latency_repeats: int = Field(5, ge=1)
     """Timed repetitions for latency; the median is reported."""
-    sts_file: str | None = None
-    """STS-Benchmark-format TSV (genre, file, year, id, score, sentence1, sentence2) for a
-    Spearman correlation; skipped when unset."""
     max_texts: int = Field(256, ge=1)
-    """Held-out passages used for agreement metrics."""
+    """Held-out examples (passages, prompts) used for the quality metrics."""
+    include_untrained: bool = False
+    """Also evaluate the untrained student (child run `untrained`, same keys): shows what training
+    bought. Costs one more evaluation."""
 
 
 class TrainSpec(Section):
@@ -134,29 +145,55 @@ class MethodData:
 
 @runtime_checkable
 class Method(Protocol):
-    """A conversion method, registered by name in `jobs/methods.py`."""
+    """A conversion method, registered by name in `jobs/methods.py` (one line)."""
 
     name: ClassVar[str]
+    """The registry name, also the recipe's `method:` value and the name of its section."""
     Args: ClassVar[type[Section]]
-    """The recipe section named after the method (e.g. `minilm:`)."""
+    """Validates the recipe section named after the method (e.g. `minilm:`)."""
     Student: ClassVar[type[Section]]
-    """The recipe's `student:` section."""
+    """Validates the recipe's `student:` section."""
     trains: ClassVar[bool]
-    """False for training-free methods: the spine skips the Lightning step."""
-    mlflow_flavor: ClassVar[str]
-    """'transformers' (logged with mlflow.transformers), or 'artifacts'."""
+    """False for training-free methods: the spine skips `lightning_module`/`trained_student`."""
+    mlflow_flavor: ClassVar[Literal["transformers", "artifacts"]]
+    """How the registry logs the export: 'transformers' (mlflow.transformers; an export that is a
+    sentence-transformers directory, with `modules.json`, is logged with mlflow.sentence_transformers)
+    or 'artifacts' (the directory as plain run artifacts)."""
     mlflow_task: ClassVar[str | None]
-    """Pipeline task for the transformers flavour (e.g. 'feature-extraction')."""
+    """transformers pipeline task for the transformers flavour (e.g. 'feature-extraction')."""
+    auto_class: ClassVar[str | None]
+    """transformers Auto class that loads the export (e.g. 'AutoModel'); used by the registry."""
 
-    def load_teacher(self, source: ResolvedSource, *, meta: bool = False) -> Any: ...
-    def convert(self, teacher: Any, student: Section, args: Section) -> Any: ...
-    def data(self, teacher: Any, data: DataSpec, args: Section) -> MethodData: ...
-    def teacher_model(self, teacher: Any) -> Any: ...
-    def lightning_module(
-        self, teacher: Any, student: Any, data: MethodData, args: Section, train: TrainSpec
-    ) -> Any: ...
-    def trained_student(self, module: Any) -> Any: ...
-    def evaluate(
-        self, model: Any, teacher: Any, data: MethodData, eval: EvalSpec, args: Section
-    ) -> dict[str, float]: ...
-    def export(self, student: Any, teacher: Any, out_dir: Path, args: Section) -> Path: ...
+    def load_teacher(self, source: ResolvedSource, *, meta: bool = False) -> Any:
+        """Owns reading the teacher (weights or inline config; `meta=True`: sizes only, nothing read)."""
+
+    def convert(self, teacher: Any, student: Section, args: Section) -> Any:
+        """Owns the surgery: returns the untrained student; raises RecipeError for impossible shapes."""
+
+    def data(self, teacher: Any, data: DataSpec, args: Section) -> MethodData:
+        """Owns the data: the seeded training loader factory and the held-out evaluation payload."""
+
+    def teacher_model(self, teacher: Any) -> Any:
+        """The nn.Module that 'before' evaluates and that parameter counts and speed probes use."""
+
+    def lightning_module(self, teacher: Any, student: Any, data: MethodData, args: Section,
+                         train: TrainSpec) -> Any:
+        """Owns the objective and optimiser: a LightningModule (only called when `trains`)."""
+
+    def trained_student(self, module: Any) -> Any:
+        """The student to evaluate and export, taken out of the fitted module (only when `trains`)."""
+
+    def evaluate(self, model: Any, teacher: Any, data: MethodData, eval: EvalSpec, args: Section,
+                 artifact_dir: Path) -> dict[str, float]:
+        """Owns quality and size metrics of `model` (teacher or student) against the teacher; may write
+        images/plots into `artifact_dir` (logged to MLflow). No timing: the spine times speed probes."""
+
+    def speed_probe(self, model: Any, teacher: Any, data: MethodData, eval: EvalSpec,
+                    args: Section) -> Callable[[], Any]:
+        """A zero-argument callable doing one representative unit of inference work with `model`
+        (a forward on the eval batch, a denoising step, a generation budget), on `model`'s device.
+        The spine times the teacher's and the student's probes interleaved in one measurement."""
+
+    def export(self, student: Any, teacher: Any, out_dir: Path, args: Section) -> Path:
+        """Owns the export format: writes into `out_dir` a model that loads where the teacher loaded
+        (transformers, sentence-transformers, diffusers); the spine adds the model card."""
