@@ -21,3 +21,8 @@ class Section(BaseModel):
     """Base for every recipe section: unknown keys are errors, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+RECIPE_PATH = {"recipe_path": True}
+"""Mark a recipe field that holds a file path (`Field(None, json_schema_extra=RECIPE_PATH)`): the spine
+resolves it relative to the working directory, then beside the recipe, and `validate` checks it exists."""

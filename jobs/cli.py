@@ -62,17 +62,23 @@ def _print_table(job) -> None:
 
     result = job.result or {}
     before, after = result.get("before", {}), result.get("after", {})
+    untrained = result.get("untrained") or {}
     table = Table(title=f"{job.name} ({job.method}) — job {job.id}")
     table.add_column("metric"), table.add_column("before (teacher)", justify="right")
+    if untrained:
+        table.add_column("untrained student", justify="right")
     table.add_column("after (converted)", justify="right"), table.add_column("after/before", justify="right")
     for key in before:
         b, a = before[key], after.get(key, float("nan"))
-        table.add_row(key, f"{b:.4g}", f"{a:.4g}", f"{a / b:.3f}" if b else "—")
+        middle = [f"{untrained.get(key, float('nan')):.4g}"] if untrained else []
+        table.add_row(key, f"{b:.4g}", *middle, f"{a:.4g}", f"{a / b:.3f}" if b else "—")
     Console().print(table)
+    if result.get("speedup") is not None:
+        print(f"speed-up: {result['speedup']:.2f}x (teacher vs converted, timed interleaved in one measurement)")
     reg = result.get("registered")
     if reg:
-        print(f"registered: {reg['name']} version {reg['version']} (alias '{reg['alias']}'); "
-              f"export: {result.get('export')}; took {result.get('seconds')} s")
+        print(f"registered: {reg['name']} version {reg['version']} (alias '{reg['alias']}')")
+    print(f"export: {result.get('export')}; the job took {result.get('seconds')} s")
 
 
 def cmd_submit(args) -> int:

@@ -15,6 +15,7 @@ import types
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
@@ -305,6 +306,28 @@ def load_recipe(path: str | Path | None = None, *, text: str | None = None, over
                     p.message += f" (did you mean '{guess[0]}'?)"
         raise RecipeInvalid(problems, file) from None
     return LoadedRecipe(recipe, text, list(overrides), Path(path) if path is not None else None)
+
+
+def path_fields(section: BaseModel, prefix: str = "") -> Iterator[tuple[str, BaseModel, str]]:
+    """(key path, owning section, field name) of every field marked RECIPE_PATH, nested sections included."""
+    for name, info in type(section).model_fields.items():
+        value = getattr(section, name)
+        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("recipe_path"):
+            yield f"{prefix}{name}", section, name
+        elif isinstance(value, BaseModel):
+            yield from path_fields(value, f"{prefix}{name}.")
+
+
+def resolve_recipe_paths(loaded: LoadedRecipe) -> None:
+    """Make `data.paths` and every RECIPE_PATH field absolute where the file sits beside the recipe."""
+    recipe = loaded.recipe
+    recipe.data.paths = [resolve_relative(p, loaded.path) for p in recipe.data.paths]
+    for _, section, name in path_fields(recipe):
+        value = getattr(section, name)
+        if isinstance(value, str):
+            setattr(section, name, resolve_relative(value, loaded.path))
+        elif isinstance(value, list):
+            setattr(section, name, [resolve_relative(v, loaded.path) for v in value])
 
 
 def resolve_relative(value: str, recipe_path: Path | None) -> str:

@@ -11,16 +11,22 @@ import importlib.metadata
 from pathlib import Path
 from typing import Any
 
-from jobs.tracking import Tracker
+from jobs.tracking import Tracker, comparison_markdown
 
 
 def write_model_card(out_dir: Path, *, recipe: Any, job_id: str, params: dict[str, float],
-                     before: dict[str, float], after: dict[str, float]) -> Path:
-    """README.md in the export: method, teacher, student size and the before/after metrics."""
-    rows = "\n".join(f"| {k} | {before[k]:.6g} | {after[k]:.6g} |" for k in before)
+                     before: dict[str, float], after: dict[str, float], speedup: float | None = None,
+                     trains: bool = True) -> Path:
+    """README.md in the export: how it was made (method, teacher, recipe, training) and measured
+    (before/after table, speed-up); notes the method left in `training_notes.md` are appended."""
+    notes_file = out_dir / "training_notes.md"
+    notes = notes_file.read_text().strip() if notes_file.is_file() else ""
+    training = ("none (a training-free conversion)" if not trains else
+                f"{recipe.train.max_steps} optimizer steps, lr {recipe.train.lr:g}, strategy {recipe.train.strategy}, "
+                f"precision {recipe.train.precision}, data `{recipe.data.kind}`")
     teacher = recipe.teacher.source or f"inline config ({(recipe.teacher.config or {}).get('model_type', '?')})"
     text = f"""---
-library_name: transformers
+library_name: {_library(out_dir)}
 tags: [athanor, {recipe.method}, distillation]
 ---
 # {recipe.registry.name}
@@ -30,24 +36,32 @@ Converted by **athanor** with the **{recipe.method}** method (job `{job_id}`, re
 
 - Teacher: `{teacher}` — {params['teacher']:,.0f} parameters
 - Student: {params['student']:,.0f} parameters ({params['student'] / max(params['teacher'], 1):.1%} of the teacher)
+- Training: {training}
+- Metrics: measured by the job on held-out data, teacher ("before") and converted model ("after") with
+  the same code; latency is the median of interleaved runs of both models in one measurement.
 
 ## Before (teacher) and after (converted)
-| metric | before | after |
-|---|---|---|
-{rows}
+{comparison_markdown(before, after, speedup)}
+{notes}
 """
     path = out_dir / "README.md"
     path.write_text(text)
     return path
 
 
-_AUTO_CLASS = {"feature-extraction": "AutoModel", "text-generation": "AutoModelForCausalLM",
-               "fill-mask": "AutoModelForMaskedLM"}
+def _library(out_dir: Path) -> str:
+    """The library that loads the export, for the model card's metadata."""
+    if (out_dir / "modules.json").is_file():
+        return "sentence-transformers"
+    config = out_dir / "config.json"
+    if config.is_file() and "_diffusers_version" in config.read_text():
+        return "diffusers"
+    return "transformers" if config.is_file() else "athanor"
 
 
-def _requirements() -> list[str]:
+def _requirements(*extra: str) -> list[str]:
     pins = []
-    for dist in ("torch", "transformers", "safetensors", "tokenizers", "diffusers"):
+    for dist in ("torch", "transformers", "safetensors", "tokenizers", "diffusers", *extra):
         try:
             pins.append(f"{dist}=={importlib.metadata.version(dist).split('+')[0]}")
         except importlib.metadata.PackageNotFoundError:
@@ -55,27 +69,41 @@ def _requirements() -> list[str]:
     return pins
 
 
-def register(tracker: Tracker, *, export_dir: Path, flavor: str, task: str | None, name: str, alias: str,
+def _log_model(tracker: Tracker, export_dir: Path, method: Any) -> tuple[str, str | None]:
+    """Log the export with the flavour the method declares; (model source URI, logged-model id)."""
+    import mlflow
+
+    if method.mlflow_flavor == "transformers" and (export_dir / "modules.json").is_file():
+        # A sentence-transformers directory: loads back with mlflow.sentence_transformers.load_model.
+        from sentence_transformers import SentenceTransformer
+
+        with mlflow.start_run(run_id=tracker.parent_id):
+            info = mlflow.sentence_transformers.log_model(
+                SentenceTransformer(str(export_dir), device="cpu"), name="model",
+                pip_requirements=_requirements("sentence-transformers"))
+        return info.model_uri, info.model_id
+    if method.mlflow_flavor == "transformers":
+        # In-memory form: MLflow 3.17's local-checkpoint path breaks on transformers 5 (lazy pipeline impls).
+        import transformers
+
+        auto = getattr(transformers, method.auto_class or "AutoModel")
+        components = {"model": auto.from_pretrained(export_dir),
+                      "tokenizer": transformers.AutoTokenizer.from_pretrained(export_dir)}
+        with mlflow.start_run(run_id=tracker.parent_id):
+            info = mlflow.transformers.log_model(transformers_model=components, name="model", task=method.mlflow_task,
+                                                 pip_requirements=_requirements())
+        return info.model_uri, info.model_id
+    tracker.client.log_artifacts(tracker.parent_id, str(export_dir), "model")
+    return tracker.client.get_run(tracker.parent_id).info.artifact_uri + "/model", None
+
+
+def register(tracker: Tracker, *, export_dir: Path, method: Any, name: str, alias: str,
              tags: dict[str, str]) -> str:
     """Log the export under the parent run, add a registry version, set its alias; return the version."""
     import mlflow
 
     client = tracker.client
-    if flavor == "transformers":
-        # In-memory form: MLflow 3.17's local-checkpoint path breaks on transformers 5 (lazy pipeline impls).
-        import transformers
-
-        auto = getattr(transformers, _AUTO_CLASS.get(task or "", "AutoModel"))
-        components = {"model": auto.from_pretrained(export_dir),
-                      "tokenizer": transformers.AutoTokenizer.from_pretrained(export_dir)}
-        with mlflow.start_run(run_id=tracker.parent_id):
-            info = mlflow.transformers.log_model(
-                transformers_model=components, name="model", task=task, pip_requirements=_requirements(),
-            )
-        source, model_id = info.model_uri, info.model_id
-    else:
-        client.log_artifacts(tracker.parent_id, str(export_dir), "model")
-        source, model_id = client.get_run(tracker.parent_id).info.artifact_uri + "/model", None
+    source, model_id = _log_model(tracker, export_dir, method)
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:

@@ -1,23 +1,28 @@
-"""The sequence of one job: load → convert → evaluate before → train → evaluate after → export →
-track → register. The only module that knows the order; methods only answer the protocol calls.
+"""The sequence of one job: load → convert → evaluate before → train → evaluate after → time both
+side by side → export → track → register. The only module that knows the order; methods only answer
+the protocol calls of `distill/spec.py`.
 
 Run by `athanor worker` (one process per job) or in the foreground by `athanor submit --wait`.
+Tests: `.venv/bin/python -m pytest tests/jobs/test_cli_jobs.py tests/jobs/test_protocol.py -q`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from convert.module_utils import count_params
 from distill.spec import RecipeError
-from jobs.recipe import LoadedRecipe, RecipeInvalid, load_recipe, resolve_relative
+from jobs.recipe import LoadedRecipe, RecipeInvalid, load_recipe, resolve_recipe_paths
 from jobs.store import Job, JobStore
 
 log = logging.getLogger("athanor.job")
@@ -29,6 +34,8 @@ class JobStopped(BaseException):
 
 @dataclass
 class Prepared:
+    """What every rank builds from the recipe before training."""
+
     loaded: LoadedRecipe
     method: Any
     teacher: Any
@@ -36,17 +43,27 @@ class Prepared:
     data: Any
 
 
-def count_params(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
+@dataclass
+class Results:
+    """What rank 0 measured; becomes the job's result, the MLflow runs and the model card."""
+
+    params: dict[str, int]
+    before: dict[str, float] = field(default_factory=dict)
+    after: dict[str, float] = field(default_factory=dict)
+    untrained: dict[str, float] | None = None
+    speedup: float | None = None
+
+
+def lineage_tags(job: Job, recipe: Any) -> dict[str, str]:
+    """Where a run or a model version came from; the one place these tags are built."""
+    return {"athanor.job_id": job.id, "athanor.method": recipe.method, "athanor.recipe_hash": job.recipe_hash,
+            "athanor.teacher": recipe.teacher.source or "inline config"}
 
 
 def _loaded_for(job: Job) -> LoadedRecipe:
     path = Path(job.recipe_path) if job.recipe_path else None
     loaded = load_recipe(path, text=job.recipe_text, overrides=job.overrides)
-    recipe = loaded.recipe
-    recipe.data.paths = [resolve_relative(p, path) for p in recipe.data.paths]
-    if recipe.eval.sts_file:
-        recipe.eval.sts_file = resolve_relative(recipe.eval.sts_file, path)
+    resolve_recipe_paths(loaded)
     return loaded
 
 
@@ -73,8 +90,6 @@ def prepare(job: Job) -> Prepared:
 
 def _train(p: Prepared, job: Job, store: JobStore, *, logger: Any, progress: bool, launch: bool = True) -> Any:
     """Train; rank 0 (`launch`) starts the other ranks of this node, which call this with launch=False."""
-    import contextlib
-
     from jobs.trainer import fit, launched_ranks
 
     recipe = p.loaded.recipe
@@ -92,117 +107,214 @@ def run_rank(job_id: str, store: JobStore) -> None:
     _train(prepare(job), job, store, logger=False, progress=False, launch=False)
 
 
-def _evaluate(p: Prepared, model: Any, artifact_dir: Path) -> dict[str, float]:
-    p.method.artifact_dir = artifact_dir
-    return {k: float(v) for k, v in p.method.evaluate(model, p.teacher, p.data, p.loaded.recipe.eval, p.loaded.args).items()}
+class JobRun:
+    """Rank 0's stages of one job, each a method; `run()` calls them in order and returns the result."""
+
+    def __init__(self, job: Job, store: JobStore, *, progress: bool) -> None:
+        self.job, self.store, self.progress = job, store, progress
+        self.job_dir = store.job_dir(job.id)
+        self.partial = self.job_dir / "export.partial"
+        self.export_dir = self.job_dir / "export"
+        self.threads = _torch_threads()  # before Lightning's launcher changes it; timings use this count
+        self.tracker: Any = None
+        self.started = time.time()
+
+    def run(self) -> dict[str, Any]:
+        p = prepare(self.job)
+        recipe = p.loaded.recipe
+        self.start_tracking(p)
+        untrained = _copy_if(recipe.eval.include_untrained, p.student)
+        results = Results(params={"teacher": count_params(p.method.teacher_model(p.teacher)),
+                                  "student": count_params(p.student)})
+        results.before = self.evaluate(p, p.method.teacher_model(p.teacher), "before")
+        if untrained is not None:
+            results.untrained = self.evaluate(p, untrained, "untrained")
+        student = self.train(p)
+        results.after = self.evaluate(p, student, "after")
+        self.time_side_by_side(p, student, untrained, results)
+        self.track_results(p, results)
+        self.export(p, student, results)
+        version = self.register(p, results)
+        self.tracker.finish("SUCCEEDED")
+        return self.result(recipe, results, version)
+
+    def start_tracking(self, p: Prepared) -> None:
+        from jobs.tracking import Tracker
+
+        recipe = p.loaded.recipe
+        self.tracker = Tracker(self.store.home, recipe.tracking.uri, recipe.tracking.experiment or recipe.name)
+        run_id = self.tracker.start_parent(self.job, p.loaded, lineage_tags(self.job, recipe))
+        self.store.update(self.job.id, mlflow_run_id=run_id)
+        self.tracker.log_datasets(recipe.data, p.data.num_train_examples, recipe.eval.max_texts)
+
+    def evaluate(self, p: Prepared, model: Any, side: str) -> dict[str, float]:
+        log.info("evaluating %s", {"before": "the teacher (before)", "after": "the converted model (after)",
+                                   "untrained": "the untrained student"}[side])
+        artifact_dir = self.job_dir / "artifacts" / side
+        artifact_dir.mkdir(parents=True, exist_ok=True)
+        metrics = p.method.evaluate(model, p.teacher, p.data, p.loaded.recipe.eval, p.loaded.args, artifact_dir)
+        return {k: float(v) for k, v in metrics.items()}
+
+    def train(self, p: Prepared) -> Any:
+        recipe = p.loaded.recipe
+        if not p.method.trains:
+            log.info("training-free method: no training step")
+            return p.student
+        log.info("training for %d steps (%s)", recipe.train.max_steps, recipe.train.strategy)
+        student = _train(p, self.job, self.store, logger=self.tracker.lightning_logger(), progress=self.progress)
+        self.tracker.log_training_curves()
+        return student
+
+    def time_side_by_side(self, p: Prepared, student: Any, untrained: Any, results: Results) -> None:
+        """Teacher and student (and the untrained copy) timed interleaved in one measurement."""
+        from distill.timing import interleaved_latency
+
+        spec, args = p.loaded.recipe.eval, p.loaded.args
+        models = {"before": p.method.teacher_model(p.teacher), "after": student}
+        if untrained is not None:
+            models["untrained"] = untrained
+        log.info("timing %s side by side (%d rounds, %d threads)", " and ".join(models), spec.latency_repeats,
+                 self.threads)
+        probes = {side: p.method.speed_probe(model, p.teacher, p.data, spec, args) for side, model in models.items()}
+        ms = interleaved_latency(probes, repeats=spec.latency_repeats, threads=self.threads)
+        results.before["latency_ms"], results.after["latency_ms"] = ms["before"], ms["after"]
+        if results.untrained is not None:
+            results.untrained["latency_ms"] = ms["untrained"]
+        results.speedup = ms["before"] / ms["after"] if ms["after"] > 0 else float("nan")
+        _check_same_keys(p.loaded.recipe.method, results)
+
+    def track_results(self, p: Prepared, results: Results) -> None:
+        self.tracker.log_child("baseline", results.before)
+        self.tracker.log_child("converted", results.after)
+        if results.untrained is not None:
+            self.tracker.log_child("untrained", results.untrained)
+        self.tracker.log_comparison(results.before, results.after, speedup=results.speedup)
+        artifacts = self.job_dir / "artifacts"
+        if any(f.is_file() for f in artifacts.rglob("*")):
+            self.tracker.log_artifact(artifacts, "samples")
+
+    def export(self, p: Prepared, student: Any, results: Results) -> None:
+        """Write into export.partial, add the model card, then rename: never a half-written export."""
+        from jobs.registry import write_model_card
+
+        log.info("exporting")
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self.partial.mkdir(parents=True)
+        p.method.export(student, p.teacher, self.partial, p.loaded.args)
+        card = write_model_card(self.partial, recipe=p.loaded.recipe, job_id=self.job.id, params=results.params,
+                                before=results.before, after=results.after, speedup=results.speedup,
+                                trains=p.method.trains)
+        self.tracker.log_artifact(card, "model_card")
+        shutil.rmtree(self.export_dir, ignore_errors=True)
+        self.partial.rename(self.export_dir)
+
+    def register(self, p: Prepared, results: Results) -> str | None:
+        from jobs.registry import register
+
+        recipe = p.loaded.recipe
+        if not recipe.registry.enabled:
+            self.tracker.log_artifact(self.export_dir, "export")
+            return None
+        log.info("registering %s", recipe.registry.name)
+        headline = {f"after.{k}": f"{v:.6g}" for k, v in list(results.after.items())[:8]}
+        return register(self.tracker, export_dir=self.export_dir, method=p.method, name=recipe.registry.name,
+                        alias=recipe.registry.alias, tags={**lineage_tags(self.job, recipe), **headline})
+
+    def result(self, recipe: Any, results: Results, version: str | None) -> dict[str, Any]:
+        registered = ({"name": recipe.registry.name, "version": version, "alias": recipe.registry.alias}
+                      if version else None)
+        return {"before": results.before, "after": results.after, "untrained": results.untrained,
+                "speedup": results.speedup, "params": results.params, "export": str(self.export_dir),
+                "registered": registered, "seconds": round(time.time() - self.started, 1)}
 
 
 def execute(job_id: str, store: JobStore, *, progress: bool = True) -> Job:
     """Run a claimed (RUNNING) job to a final status. Never raises for job failures."""
     job = store.get(job_id)
-    job_dir = store.job_dir(job.id)
-    handler = logging.FileHandler(job.log_path or job_dir / "job.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
-    logging.getLogger().setLevel(logging.INFO)
-    previous = signal.signal(signal.SIGTERM, _raise_stopped)
     store.update(job.id, pid=os.getpid())
-    tracker = None
-    partial = job_dir / "export.partial"
-    started = time.time()
-    try:
-        p = prepare(job)
-        recipe = p.loaded.recipe
-        from jobs.tracking import Tracker
-
-        tracker = Tracker(store.home, recipe.tracking.uri, recipe.tracking.experiment or recipe.name)
-        run_id = tracker.start_parent(job, p.loaded)
-        store.update(job.id, mlflow_run_id=run_id)
-        artifact_dir = job_dir / "artifacts"
-        artifact_dir.mkdir(exist_ok=True)
-
-        teacher_model = p.method.teacher_model(p.teacher)
-        params = {"teacher": count_params(teacher_model), "student": count_params(p.student)}
-        log.info("evaluating the teacher (before)")
-        before = _evaluate(p, teacher_model, artifact_dir / "before")
-        tracker.log_child("baseline", before)
-
-        student = p.student
-        if p.method.trains:
-            log.info("training for %d steps (%s)", recipe.train.max_steps, recipe.train.strategy)
-            student = _train(p, job, store, logger=tracker.lightning_logger(), progress=progress)
-            tracker.log_training_curves()
-        log.info("evaluating the converted model (after)")
-        after = _evaluate(p, student, artifact_dir / "after")
-        if set(before) != set(after):
-            raise RuntimeError(f"method {recipe.method} returned different metric keys before/after: "
-                               f"{sorted(set(before) ^ set(after))}")
-        tracker.log_child("converted", after)
-        tracker.log_comparison(before, after)
-        if any(artifact_dir.rglob("*")):
-            tracker.log_artifact(artifact_dir, "samples")
-
-        log.info("exporting")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        p.method.export(student, p.teacher, partial, p.loaded.args)
-        from jobs.registry import register, write_model_card
-
-        card = write_model_card(partial, recipe=recipe, job_id=job.id, params=params, before=before, after=after)
-        tracker.log_artifact(card, "model_card")
-        export_dir = job_dir / "export"
-        shutil.rmtree(export_dir, ignore_errors=True)
-        partial.rename(export_dir)
-
-        version = None
-        if recipe.registry.enabled:
-            log.info("registering %s", recipe.registry.name)
-            headline = {f"after.{k}": f"{v:.6g}" for k, v in list(after.items())[:8]}
-            tags = {"athanor.job_id": job.id, "athanor.recipe_hash": job.recipe_hash, "athanor.method": recipe.method,
-                    "athanor.teacher": recipe.teacher.source or "inline config", **headline}
-            version = register(tracker, export_dir=export_dir, flavor=p.method.mlflow_flavor,
-                               task=p.method.mlflow_task, name=recipe.registry.name, alias=recipe.registry.alias, tags=tags)
-        else:
-            tracker.log_artifact(export_dir, "export")
-        tracker.finish("SUCCEEDED")
-        result = {"before": before, "after": after, "params": params, "export": str(export_dir),
-                  "registered": {"name": recipe.registry.name, "version": version, "alias": recipe.registry.alias}
-                  if version else None, "seconds": round(time.time() - started, 1)}
-        store.finish(job.id, "SUCCEEDED", result=result, model_version=version)
-    except JobStopped:
-        log.warning("job cancelled")
-        _close(tracker, "STOPPED")
-        store.finish(job.id, "STOPPED", error="cancelled")
-    except KeyboardInterrupt:
-        log.warning("job interrupted")
-        _close(tracker, "STOPPED")
-        store.finish(job.id, "STOPPED", error="interrupted (Ctrl-C)")
-    except (RecipeError, RecipeInvalid) as exc:
-        log.error("recipe error: %s", exc)
-        _close(tracker, "FAILED")
-        store.finish(job.id, "FAILED", error=str(exc))
-    except Exception as exc:
-        log.error("job failed:\n%s", traceback.format_exc())
-        _close(tracker, "FAILED")
-        first = (str(exc).strip().splitlines() or [""])[0]
-        store.finish(job.id, "FAILED", error=f"{type(exc).__name__}: {first} (full traceback in {job.log_path})")
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-        if store.get(job.id).status != "SUCCEEDED":  # no export that looks like a result of a failed job
-            shutil.rmtree(job_dir / "export", ignore_errors=True)
-        signal.signal(signal.SIGTERM, previous)
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+    run = JobRun(job, store, progress=progress)
+    with _job_log(job, store), _sigterm_raises():
+        try:
+            result = run.run()
+            store.finish(job.id, "SUCCEEDED", result=result, model_version=(result["registered"] or {}).get("version"))
+        except BaseException as exc:  # noqa: BLE001 — every outcome ends in a final status
+            status, error = _outcome(exc, job)
+            if run.tracker is not None:
+                _close(run.tracker, status)
+            store.finish(job.id, status, error=error)
+            if not isinstance(exc, (Exception, JobStopped, KeyboardInterrupt)):
+                raise
+        finally:
+            shutil.rmtree(run.partial, ignore_errors=True)
+            if store.get(job.id).status != "SUCCEEDED":  # no export that looks like a result of a failed job
+                shutil.rmtree(run.export_dir, ignore_errors=True)
     return store.get(job.id)
 
 
-def _raise_stopped(signum: int, frame: Any) -> None:
-    raise JobStopped()
+def _outcome(exc: BaseException, job: Job) -> tuple[str, str]:
+    """The final status and one-line error for an exception that ended the job."""
+    if isinstance(exc, JobStopped):
+        log.warning("job cancelled")
+        return "STOPPED", "cancelled"
+    if isinstance(exc, KeyboardInterrupt):
+        log.warning("job interrupted")
+        return "STOPPED", "interrupted (Ctrl-C)"
+    if isinstance(exc, (RecipeError, RecipeInvalid)):
+        log.error("recipe error: %s", exc)
+        return "FAILED", str(exc)
+    log.error("job failed:\n%s", traceback.format_exc())
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return "FAILED", f"{type(exc).__name__}: {first} (full traceback in {job.log_path})"
+
+
+def _check_same_keys(method: str, results: Results) -> None:
+    sides = {"after": results.after, **({"untrained": results.untrained} if results.untrained else {})}
+    for name, metrics in sides.items():
+        if set(metrics) != set(results.before):
+            raise RuntimeError(f"method {method} returned different metric keys before/{name}: "
+                               f"{sorted(set(results.before) ^ set(metrics))}")
+
+
+def _copy_if(wanted: bool, model: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(model) if wanted else None
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def _job_log(job: Job, store: JobStore) -> Iterator[None]:
+    handler = logging.FileHandler(job.log_path or store.job_dir(job.id) / "job.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    def raise_stopped(signum: int, frame: Any) -> None:
+        raise JobStopped()
+
+    previous = signal.signal(signal.SIGTERM, raise_stopped)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _close(tracker: Any, status: str) -> None:
-    if tracker is not None:
-        try:
-            tracker.finish(status)
-        except Exception:  # tracking must not hide the job's own outcome
-            log.exception("could not close the MLflow run")
+    try:
+        tracker.finish(status)
+    except Exception:  # tracking must not hide the job's own outcome
+        log.exception("could not close the MLflow run")

@@ -51,12 +51,9 @@ class Tracker:
             self.experiment_id = found.experiment_id
         self.parent_id: str | None = None
 
-    def start_parent(self, job: Job, loaded: Any) -> str:
-        run = self.client.create_run(
-            self.experiment_id, run_name=f"{job.name}-{job.id}",
-            tags={"athanor.job_id": job.id, "athanor.method": job.method, "athanor.recipe_hash": job.recipe_hash,
-                  "athanor.teacher": loaded.recipe.teacher.source or "inline config"},
-        )
+    def start_parent(self, job: Job, loaded: Any, tags: dict[str, str]) -> str:
+        """The job's parent run, tagged with its lineage; logs the recipe as params and files."""
+        run = self.client.create_run(self.experiment_id, run_name=f"{job.name}-{job.id}", tags=tags)
         self.parent_id = run.info.run_id
         params = _flatten(loaded.recipe.model_dump(mode="json"))
         for key, value in list(params.items())[:500]:
@@ -75,13 +72,33 @@ class Tracker:
         self.client.set_terminated(run.info.run_id, "FINISHED")
         return run.info.run_id
 
-    def log_comparison(self, before: dict[str, float], after: dict[str, float]) -> None:
-        """Metrics of both sides on the parent, a JSON table and a plot of before vs after."""
+    def log_datasets(self, data: Any, num_train: int, num_eval: int) -> None:
+        """The training and held-out data as MLflow dataset inputs (shown on the run page)."""
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        described = {"kind": data.kind, "paths": list(data.paths), "loader": data.loader, "split": data.split,
+                     "seed": data.seed}
+        inputs = []
+        for context, count in (("training", num_train), ("evaluation", num_eval)):
+            source = CodeDatasetSource({**{k: json.dumps(v) for k, v in described.items()}, "examples": str(count)})
+            name = f"{data.kind}:{','.join(data.paths) or 'builtin'}"[:200] + f" ({context})"
+            dataset = MetaDataset(source, name=name, digest=f"{abs(hash((name, count))) % 10**8:08d}")
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)]))
+        self.client.log_inputs(self.parent_id, datasets=inputs)
+
+    def log_comparison(self, before: dict[str, float], after: dict[str, float], *, speedup: float | None) -> None:
+        """Metrics of both sides on the parent, a JSON table, a plot, and the markdown table as the run's
+        description (shown at the top of the run page)."""
         table = {k: {"before": before[k], "after": after[k]} for k in before}
-        self.client.log_dict(self.parent_id, table, "eval/before_after.json")
+        self.client.log_dict(self.parent_id, {"metrics": table, "speedup": speedup}, "eval/before_after.json")
         for key in before:
             self.client.log_metric(self.parent_id, f"{EVAL_PREFIX}{key}/before", float(before[key]))
             self.client.log_metric(self.parent_id, f"{EVAL_PREFIX}{key}/after", float(after[key]))
+        if speedup is not None:
+            self.client.log_metric(self.parent_id, f"{EVAL_PREFIX}speedup", float(speedup))
+        self.client.set_tag(self.parent_id, "mlflow.note.content", comparison_markdown(before, after, speedup))
         self.client.log_figure(self.parent_id, comparison_figure(before, after), "plots/before_after.png")
 
     def log_training_curves(self) -> None:
@@ -118,6 +135,14 @@ class Tracker:
         from lightning.pytorch.loggers import MLFlowLogger
 
         return MLFlowLogger(tracking_uri=self.uri, run_id=self.parent_id, log_model=False)
+
+
+def comparison_markdown(before: dict[str, float], after: dict[str, float], speedup: float | None) -> str:
+    """The before/after table in markdown (model card and MLflow run description)."""
+    rows = "\n".join(f"| {k} | {before[k]:.6g} | {after[k]:.6g} |" for k in before)
+    speed = (f"\n\nSpeed-up (teacher latency / converted latency, timed interleaved in one measurement): "
+             f"**{speedup:.2f}×**" if speedup is not None else "")
+    return f"| metric | before (teacher) | after (converted) |\n|---|---|---|\n{rows}{speed}\n"
 
 
 def comparison_figure(before: dict[str, float], after: dict[str, float]):

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.spec import RecipeError
-from jobs.recipe import LoadedRecipe, Problem, RecipeInvalid, load_recipe, resolve_relative
+from convert.module_utils import count_params
+from jobs.recipe import LoadedRecipe, Problem, RecipeInvalid, load_recipe, path_fields, resolve_relative
 
 
 @dataclass
@@ -51,8 +52,12 @@ def check(path: str | Path | None, *, text: str | None = None, overrides: list[s
             resolved = resolve_relative(entry, Path(path) if path else None)
             if not glob.glob(resolved):
                 report.problems.append(Problem(f"data.paths.{i}", None, entry, "no file or directory matches"))
-    if recipe.eval.sts_file and not Path(resolve_relative(recipe.eval.sts_file, Path(path) if path else None)).is_file():
-        report.problems.append(Problem("eval.sts_file", None, recipe.eval.sts_file, "no such file"))
+    for key, section, name in path_fields(recipe):
+        value = getattr(section, name)
+        for entry in [value] if isinstance(value, str) else value or []:
+            if not Path(resolve_relative(entry, Path(path) if path else None)).exists():
+                report.problems.append(Problem(key, None, entry, "no such file (paths are tried from the working "
+                                                                 "directory, then beside the recipe)"))
 
     from jobs.methods import get_method
     from jobs.sources import resolve_source
@@ -73,8 +78,8 @@ def check(path: str | Path | None, *, text: str | None = None, overrides: list[s
     except RecipeError as exc:
         problem(exc)
         return report
-    n_teacher = sum(p.numel() for p in method.teacher_model(teacher).parameters())
-    n_student = sum(p.numel() for p in student.parameters())
+    n_teacher = count_params(method.teacher_model(teacher))
+    n_student = count_params(student)
     weight_bytes = 2 if recipe.train.precision == "bf16-true" else 4
     report.estimate = {
         "teacher_params": n_teacher,

@@ -1,6 +1,7 @@
 """Shared test setup: offline, isolated athanor home per test, the toy method registered, and the
 test folders that hold helper modules importable (pytest runs in importlib mode, because test file
-names repeat across folders, e.g. tests/convert/test_koala.py and tests/distill/test_koala.py)."""
+names repeat across folders, e.g. tests/convert/test_koala.py and tests/distill/koala/test_koala.py).
+End-to-end tests share `tests/harness.py` (run the CLI, read MLflow)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-for folder in ("jobs", "kernels", "recipes"):
+for folder in ("jobs", "kernels", "recipes", ""):
     sys.path.insert(0, str(TESTS / folder))
 
 os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                   MLFLOW_ENABLE_ASYNC_LOGGING="false")
-os.environ["ATHANOR_METHODS"] = "toy=toy_method:Toy"
+os.environ["ATHANOR_METHODS"] = "toy=toy_method:Toy,toy_pruning=toy_method:ToyPruning"
 # Subprocesses (workers, training ranks) must find the toy method too.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS / "jobs"), str(REPO), os.environ.get("PYTHONPATH")]))
 

@@ -9,21 +9,15 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import athanor, child_runs, eval_metrics, mlflow_client
 from recipes_toy import TOY, write_toy
 
 from jobs import cli
 from jobs.store import JobStore
 
 
-def _client(home: Path):
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{home / 'mlflow.db'}"
-    return MlflowClient(uri, uri)
-
-
 def _versions(home: Path, name: str) -> list:
-    return _client(home).search_model_versions(f"name='{name}'")
+    return mlflow_client(home).search_model_versions(f"name='{name}'")
 
 
 def test_help_does_not_import_heavy_libraries():
@@ -42,19 +36,27 @@ def test_submit_wait_runs_tracks_and_registers(tmp_path, home, capsys):
     before, after = job.result["before"], job.result["after"]
     assert before["mse_to_teacher"] == 0.0 and after["params"] < before["params"]
 
-    client = _client(home)
+    client = mlflow_client(home)
     parent = client.get_run(job.mlflow_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["athanor.job_id"] == job.id
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_name = {r.info.run_name: r for r in children}
     assert set(by_name) == {"baseline", "converted"}
     keys = {name: {k for k in r.data.metrics if k.startswith("eval/")} for name, r in by_name.items()}
-    assert keys["baseline"] == keys["converted"] == {"eval/params", "eval/mse_to_teacher"}
+    assert keys["baseline"] == keys["converted"] == {"eval/params", "eval/mse_to_teacher", "eval/latency_ms"}
+    # One speed ratio, on the parent, from the interleaved timing the two children's latencies come from.
+    speedup = parent.data.metrics["eval/speedup"]
+    assert speedup == pytest.approx(before["latency_ms"] / after["latency_ms"]) == pytest.approx(job.result["speedup"])
+    assert "eval/speedup" not in by_name["baseline"].data.metrics
+    description = parent.data.tags["mlflow.note.content"]
+    assert "| mse_to_teacher | 0 |" in description and "Speed-up" in description
+    contexts = sorted(i.tags[0].value for i in parent.inputs.dataset_inputs)
+    assert contexts == ["evaluation", "training"]
     assert by_name["converted"].data.metrics["eval/mse_to_teacher"] == pytest.approx(after["mse_to_teacher"])
     losses = [m.value for m in client.get_metric_history(parent.info.run_id, "train/loss")]
     assert len(losses) >= 3 and losses[-1] < losses[0]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"recipe", "plots", "eval"} <= artifacts
+    assert {"recipe", "plots", "eval", "samples", "model_card"} <= artifacts
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert plots == {"plots/before_after.png", "plots/training_curves.png"}
 
@@ -64,7 +66,34 @@ def test_submit_wait_runs_tracks_and_registers(tmp_path, home, capsys):
     export = Path(job.result["export"])
     assert (export / "model.safetensors").is_file() and not (export.parent / "export.partial").exists()
     card = (export / "README.md").read_text()
-    assert "toy" in card and "| mse_to_teacher | 0 |" in card
+    assert "toy" in card and "| mse_to_teacher | 0 |" in card and "30 optimizer steps" in card
+
+
+def test_training_free_method_skips_training_and_still_tracks_and_registers(tmp_path, home, capsys):
+    text = TOY.replace("method: toy", "method: toy_pruning").replace("registry:\n", "toy_pruning: {}\nregistry:\n")
+    assert cli.main(["submit", str(write_toy(tmp_path, text)), "--wait", "--no-progress"]) == 0
+    (job,) = JobStore(home).list()
+    assert job.status == "SUCCEEDED" and job.model_version == "1"
+    before, after = job.result["before"], job.result["after"]
+    assert after["params"] < before["params"] and 0 < after["mse_to_teacher"]
+    client = mlflow_client(home)
+    parent = client.get_run(job.mlflow_run_id)
+    assert not [k for k in parent.data.metrics if k.startswith("train/")]  # nothing was trained
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "plots")} == {"plots/before_after.png"}
+    assert "training for" not in Path(job.log_path).read_text()
+    assert "training-free" in (Path(job.result["export"]) / "README.md").read_text()
+
+
+def test_untrained_student_is_its_own_child_run_with_the_same_keys(tmp_path, home):
+    path = write_toy(tmp_path, TOY.replace("registry:\n", "eval:\n  include_untrained: true\nregistry:\n"))
+    assert cli.main(["submit", str(path), "--wait", "--no-progress"]) == 0
+    (job,) = JobStore(home).list()
+    untrained, after = job.result["untrained"], job.result["after"]
+    assert set(untrained) == set(after) and untrained["params"] == after["params"]
+    assert after["mse_to_teacher"] < untrained["mse_to_teacher"]  # training moved the student toward the teacher
+    runs = child_runs(mlflow_client(home), job.mlflow_run_id)
+    assert set(runs) == {"baseline", "untrained", "converted"}
+    assert eval_metrics(runs["untrained"])["mse_to_teacher"] == pytest.approx(untrained["mse_to_teacher"])
 
 
 def test_a_failing_job_registers_nothing_and_says_why(tmp_path, home, capsys):
@@ -76,7 +105,7 @@ def test_a_failing_job_registers_nothing_and_says_why(tmp_path, home, capsys):
     assert _versions(home, "toy-student") == []
     job_dir = home / "jobs" / job.id
     assert not (job_dir / "export").exists() and not (job_dir / "export.partial").exists()
-    assert _client(home).get_run(job.mlflow_run_id).info.status == "FAILED"
+    assert mlflow_client(home).get_run(job.mlflow_run_id).info.status == "FAILED"
 
 
 @pytest.mark.parametrize(
@@ -98,35 +127,31 @@ def test_bad_input_is_one_line_naming_the_key_and_the_job_fails(tmp_path, home, 
     assert _versions(home, "toy-student") == []
 
 
-def _athanor(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, **kwargs)
-
-
 def test_worker_runs_queued_jobs_in_their_own_processes(tmp_path, home):
     path = write_toy(tmp_path)
     ids = []
     for steps in (5, 6):
-        out = _athanor("submit", str(path), "-o", f"train.max_steps={steps}", check=True).stdout
+        out = athanor("submit", str(path), "-o", f"train.max_steps={steps}", check=True).stdout
         ids.append(out.split()[2])
     assert [j.status for j in JobStore(home).list()] == ["PENDING", "PENDING"]
-    worker = _athanor("worker", "--once", check=True, timeout=300)
+    worker = athanor("worker", "--once", check=True, timeout=300)
     assert worker.stdout.count(": SUCCEEDED") == 2
     jobs = {j.id: j for j in JobStore(home).list()}
     assert all(jobs[i].status == "SUCCEEDED" for i in ids)
     assert {str(v.version) for v in _versions(home, "toy-student")} == {"1", "2"}
-    listing = _athanor("list", check=True).stdout
+    listing = athanor("list", check=True).stdout
     assert all(i in listing for i in ids)
-    assert "training for 5 steps" in _athanor("logs", ids[0], check=True).stdout
+    assert "training for 5 steps" in athanor("logs", ids[0], check=True).stdout
 
     assert cli.main(["push", ids[0], "--alias", "champion"]) == 0
-    client = _client(home)
+    client = mlflow_client(home)
     assert str(client.get_model_version_by_alias("toy-student", "champion").version) == jobs[ids[0]].model_version
     assert str(client.get_model_version_by_alias("toy-student", "candidate").version) == jobs[ids[1]].model_version
 
 
 def test_cancel_stops_a_running_job_and_its_process_group(tmp_path, home):
     path = write_toy(tmp_path, TOY.replace("max_steps: 30", "max_steps: 100000") + "toy:\n  sleep_s: 0.05\n")
-    job_id = _athanor("submit", str(path), check=True).stdout.split()[2]
+    job_id = athanor("submit", str(path), check=True).stdout.split()[2]
     worker = subprocess.Popen([sys.executable, "-m", "jobs.cli", "worker", "--once"], stdout=subprocess.PIPE, text=True)
     store = JobStore(home)
     deadline = time.time() + 120
@@ -148,7 +173,7 @@ def test_cancel_stops_a_running_job_and_its_process_group(tmp_path, home):
 
 
 def test_cancel_a_pending_job(tmp_path, home, capsys):
-    job_id = _athanor("submit", str(write_toy(tmp_path)), check=True).stdout.split()[2]
+    job_id = athanor("submit", str(write_toy(tmp_path)), check=True).stdout.split()[2]
     assert cli.main(["cancel", job_id]) == 0
     assert JobStore(home).get(job_id).status == "STOPPED"
     assert cli.main(["status", job_id]) == 0

@@ -68,7 +68,7 @@ def test_yaml_tags_that_run_code_are_refused(tmp_path):
 
 
 def test_overrides_are_typed_and_reported_without_file_lines():
-    loaded = load_recipe(text=TOY, overrides=["train.max_steps=7", "train.strategy=ddp", "eval.sts_file=x.tsv"])
+    loaded = load_recipe(text=TOY, overrides=["train.max_steps=7", "train.strategy=ddp", "eval.max_texts=9"])
     assert loaded.recipe.train.max_steps == 7 and loaded.recipe.train.strategy == "ddp"
     assert loaded.hash != load_recipe(text=TOY).hash
     with pytest.raises(RecipeInvalid) as info:
@@ -114,3 +114,21 @@ def test_validate_reports_semantic_problems_and_a_meta_estimate(tmp_path, capsys
 def test_schema_command_is_json(capsys):
     assert cli.main(["schema", "--method", "toy"]) == 0
     assert json.loads(capsys.readouterr().out)["title"] == "ToyRecipe"
+
+
+def test_method_path_fields_are_checked_and_resolved_beside_the_recipe(tmp_path, monkeypatch):
+    from jobs.recipe import resolve_recipe_paths
+    from jobs.validate import check
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    path = folder / "toy.yaml"
+    path.write_text(TOY + "toy:\n  notes_file: notes.txt\n")
+    (report,) = [check(path)]
+    assert [(p.path, p.value) for p in report.problems] == [("toy.notes_file", "notes.txt")]
+    (folder / "notes.txt").write_text("beside the recipe\n")
+    assert check(path).problems == []
+    loaded = load_recipe(path)
+    resolve_recipe_paths(loaded)
+    assert loaded.args.notes_file == str(folder / "notes.txt")

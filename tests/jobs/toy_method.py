@@ -1,5 +1,9 @@
-"""A tiny, fast method used to test the job spine without transformers: distil a random MLP teacher
-into a narrower MLP. Registered in tests through ATHANOR_METHODS="toy=toy_method:Toy".
+"""Tiny, fast methods used to test the job spine without transformers, registered in tests through
+ATHANOR_METHODS (tests/conftest.py):
+
+- `toy`: distil a random MLP teacher into a narrower MLP (trains);
+- `toy_pruning`: training-free: keep the teacher's hidden units with the largest weight norms (the
+  `trains = False` path that LoRA-Composer uses).
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ import torch
 from pydantic import Field
 from safetensors.torch import save_file
 
+from convert.module_utils import count_params
+from convert.recipe_types import RECIPE_PATH
+from distill.loaders import SeededLoader
 from distill.optim import adamw_with_schedule
 from distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
 
@@ -30,6 +37,8 @@ class ToyArgs(Section):
     """Raise inside this protocol call (tests of failure handling)."""
     sleep_s: float = 0.0
     """Sleep this long per training step (tests of cancellation)."""
+    notes_file: str | None = Field(None, json_schema_extra=RECIPE_PATH)
+    """A file path (tests of recipe-relative path resolution); unused otherwise."""
 
 
 class ToyModule(L.LightningModule):
@@ -59,6 +68,7 @@ class Toy:
     trains = True
     mlflow_flavor = "artifacts"
     mlflow_task = None
+    auto_class = None
 
     def _maybe_fail(self, args: ToyArgs, where: str) -> None:
         if args.fail_at == where:
@@ -82,7 +92,7 @@ class Toy:
         generator = torch.Generator().manual_seed(data.seed)
         x = torch.randn(256, teacher[0].in_features, generator=generator)
         dataset = torch.utils.data.TensorDataset(x)
-        loader = lambda: torch.utils.data.DataLoader(dataset, batch_size=data.batch_size, shuffle=True)  # noqa: E731
+        loader = SeededLoader(dataset, batch_size=data.batch_size, seed=data.seed, num_workers=data.num_workers)
         return MethodData(train_dataloader=loader, eval={"x": x[:64]}, num_train_examples=len(x))
 
     def teacher_model(self, teacher):
@@ -96,14 +106,43 @@ class Toy:
         return module.student
 
     @torch.no_grad()
-    def evaluate(self, model, teacher, data: MethodData, eval: EvalSpec, args: ToyArgs) -> dict[str, float]:
+    def evaluate(self, model, teacher, data: MethodData, eval: EvalSpec, args: ToyArgs,
+                 artifact_dir: Path) -> dict[str, float]:
         self._maybe_fail(args, "evaluate")
         x = data.eval["x"]
-        return {"params": float(sum(p.numel() for p in model.parameters())),
+        (artifact_dir / "evaluated.txt").write_text(f"{count_params(model)} parameters\n")
+        return {"params": float(count_params(model)),
                 "mse_to_teacher": float(torch.nn.functional.mse_loss(model(x), teacher(x)))}
+
+    def speed_probe(self, model, teacher, data: MethodData, eval: EvalSpec, args: ToyArgs):
+        x = data.eval["x"]
+        return lambda: model(x)
 
     def export(self, student, teacher, out_dir: Path, args: ToyArgs) -> Path:
         self._maybe_fail(args, "export")
         save_file({k: v.contiguous() for k, v in student.state_dict().items()}, out_dir / "model.safetensors")
         (out_dir / "config.json").write_text(json.dumps({"width": student[0].in_features, "hidden": student[0].out_features}))
         return out_dir
+
+
+class ToyPruning(Toy):
+    """Training-free: the student keeps the `student.hidden` teacher units with the largest weight norms."""
+
+    name = "toy_pruning"
+    trains = False
+
+    def convert(self, teacher, student: ToyStudent, args: ToyArgs):
+        pruned = super().convert(teacher, student, args)
+        keep = teacher[0].weight.norm(dim=1).topk(student.hidden).indices
+        with torch.no_grad():
+            pruned[0].weight.copy_(teacher[0].weight[keep])
+            pruned[0].bias.copy_(teacher[0].bias[keep])
+            pruned[2].weight.copy_(teacher[2].weight[:, keep])
+            pruned[2].bias.copy_(teacher[2].bias)
+        return pruned
+
+    def lightning_module(self, teacher, student, data, args: ToyArgs, train: TrainSpec):
+        raise AssertionError("a training-free method is never asked for a LightningModule")
+
+    def trained_student(self, module):
+        raise AssertionError("a training-free method is never asked for a trained student")

@@ -1,0 +1,57 @@
+"""The two helpers every end-to-end test shares: run the `athanor` CLI, and read what a job left in MLflow.
+
+    from harness import athanor, mlflow_client, child_runs, artifact_files
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+
+
+def athanor(*args: str, home: Path | None = None, env: dict[str, str] | None = None, timeout: float = 1500,
+            check: bool = False) -> subprocess.CompletedProcess:
+    """`athanor ARGS` in a subprocess of this interpreter (as a user runs it), run from the repo root; `home`
+    sets ATHANOR_HOME (default: the environment's, which the `home` fixture points at a fresh folder)."""
+    full_env = {**os.environ, **(env or {})}
+    if home is not None:
+        full_env["ATHANOR_HOME"] = str(home)
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=timeout, check=check)
+
+
+def mlflow_client(home: Path) -> Any:
+    """An MlflowClient (tracking and registry) on the embedded store of athanor home `home`; also makes it
+    the process default so `models:/…` URIs resolve."""
+    import mlflow
+
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient(uri, uri)
+
+
+def child_runs(client: Any, parent_id: str) -> dict[str, Any]:
+    """The child runs of a job's parent run by name (`baseline`, `converted`, `untrained`)."""
+    parent = client.get_run(parent_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {run.info.run_name: run for run in runs}
+
+
+def eval_metrics(run: Any) -> dict[str, float]:
+    """A child run's `eval/*` metrics without the prefix."""
+    return {k.removeprefix("eval/"): v for k, v in run.data.metrics.items() if k.startswith("eval/")}
+
+
+def artifact_files(client: Any, run_id: str, path: str | None = None) -> list[str]:
+    """Every artifact file of a run (recursively)."""
+    found: list[str] = []
+    for item in client.list_artifacts(run_id, path):
+        found += artifact_files(client, run_id, item.path) if item.is_dir else [item.path]
+    return found
