@@ -20,6 +20,11 @@ def _offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def looks_like_hub_id(spec: str) -> bool:
+    """`org/name` (or `name`) that is not a path or a `pkg:` source."""
+    return not spec.startswith(("pkg:", ".", "/", "~")) and bool(HUB_ID.match(spec))
+
+
 def resolve_path(spec: str, key: str, *, revision: str | None = None, base: Path | None = None) -> Path:
     """Turn a source string into a local directory, or raise RecipeError naming `key`."""
     if spec.startswith("pkg:"):
@@ -43,7 +48,7 @@ def resolve_path(spec: str, key: str, *, revision: str | None = None, base: Path
         if not local.is_dir():
             raise RecipeError(key, spec, "expected a directory holding config.json and weights, got a file")
         return local.resolve()
-    if spec.startswith((".", "/", "~")) or not HUB_ID.match(spec):
+    if not looks_like_hub_id(spec):
         raise RecipeError(key, spec, "no such directory; give an existing path, pkg:<package>/<subdir>, or a hub id like org/name")
     if _offline():
         raise RecipeError(key, spec, "looks like a hub id but the hub is offline (HF_HUB_OFFLINE=1); "

@@ -1,38 +1,74 @@
-"""Every shipped recipe validates (schema, sources, student vs teacher on the meta device) and says
-in its first line which command runs it."""
+"""Every shipped recipe validates (schema, sources, student vs teacher on the meta device) and says in
+its first lines which command runs it. Recipes whose teacher is a hub id are checked against a weight-free
+stand-in directory built from the real model's config (`tests/fixtures/`), never skipped.
+
+    .venv/bin/python -m pytest tests/recipes/test_shipped_recipes.py -q
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from harness import RECIPES
 
+from jobs.recipe import load_recipe
+from jobs.sources import looks_like_hub_id
 from jobs.validate import check
 
-RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+SHIPPED = sorted(RECIPES.glob("*.yaml"))
+
+
+def sdxl_pipeline(folder: Path, tokenizer_dir: Path) -> list[str]:
+    """A diffusers pipeline directory with only unet/config.json (the real SDXL U-Net config)."""
+    (folder / "unet").mkdir(parents=True)
+    shutil.copy(FIXTURES / "sdxl_unet_config.json", folder / "unet" / "config.json")
+    return [f"teacher.source={folder}"]
+
+
+def opt_125m(folder: Path, tokenizer_dir: Path) -> list[str]:
+    """OPT-125M's real config; the tokenizer is a local stand-in (the size estimate does not depend on it)."""
+    folder.mkdir(parents=True)
+    shutil.copy(FIXTURES / "opt_125m_config.json", folder / "config.json")
+    return [f"teacher.source={folder}", f"teacher.tokenizer={tokenizer_dir}"]
+
+
+STAND_INS: dict[str, tuple[Callable[[Path, Path], list[str]], float]] = {
+    # hub id -> (stand-in builder, the real model's parameter count in millions)
+    "stabilityai/stable-diffusion-xl-base-1.0": (sdxl_pipeline, 2567.5),
+    "facebook/opt-125m": (opt_125m, 125.2),
+}
 
 
 def test_the_main_recipes_are_shipped():
-    assert {"minilm.yaml", "minilm_tiny.yaml"} <= {p.name for p in RECIPES}
+    assert {"minilm.yaml", "minilm_tiny.yaml"} <= {p.name for p in SHIPPED}
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
-def test_shipped_recipe_is_valid(path: Path, home, tmp_path):
-    header = []
-    for line in path.read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        header.append(line)
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_recipe_is_valid(path: Path, home, tmp_path, minilm_tokenizer_dir):
+    header = [line for line in path.read_text().splitlines()[:20] if line.startswith("#")]
     assert any(f"athanor submit recipes/{path.name}" in line for line in header), "say in the header how to run it"
-    report = check(path)
+    overrides, expected_teacher_m = [], None
+    source = load_recipe(path).recipe.teacher.source
+    if source and looks_like_hub_id(source) and not Path(source).exists():
+        assert source in STAND_INS, f"add a config stand-in for hub teacher {source} to this test"
+        build, expected_teacher_m = STAND_INS[source]
+        overrides = build(tmp_path / "teacher", minilm_tokenizer_dir)
+    report = check(path, overrides=overrides)
     if any(p.path.startswith("data.paths") for p in report.problems):
         # GPU recipes name the user's own dataset; check everything else against a stand-in folder.
         (tmp_path / "data").mkdir()
-        report = check(path, overrides=[f"data.paths=[{tmp_path / 'data'}]"])
+        overrides.append(f"data.paths=[{tmp_path / 'data'}]")
+        report = check(path, overrides=overrides)
     assert report.problems == [], "\n".join(p.render(str(path)) for p in report.problems)
-    if report.warnings:  # only a hub teacher while offline may stay unchecked
-        assert all("hub is offline" in w for w in report.warnings)
-        return
-    assert report.estimate["student_params"] > 0 and report.estimate["teacher_params"] > 0
+    assert report.warnings == []
+    teacher, student = report.estimate["teacher_params"], report.estimate["student_params"]
+    assert student > 0 and teacher > 0
+    if expected_teacher_m is not None:
+        assert teacher / 1e6 == pytest.approx(expected_teacher_m, rel=0.01), json.dumps(report.estimate)
     if path.name.startswith(("minilm", "koala")):  # compression methods: the student is smaller
-        assert report.estimate["student_params"] < report.estimate["teacher_params"]
+        assert student < teacher
