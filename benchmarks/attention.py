@@ -1,17 +1,19 @@
 """Attention benchmark: SDPA vs linear attention (elu+1, Hedgehog) vs SF-Attn, time versus tokens N.
 
-Run: `.venv/bin/python benchmarks/attention.py` (about 4 minutes on 2 CPU cores; `--quick` for a
+Run: `.venv/bin/python benchmarks/attention.py` (about 5 minutes on 2 CPU cores; `--quick` for a
 smoke run). Prints a table and writes a PNG (`--out`, default benchmarks/attention.png).
 
-Baseline "SDPA": causal full attention, `torch.nn.functional.scaled_dot_product_attention(q, k, v,
-is_causal=True)`, batch 1, 4 heads, head dim 64, float32, same q/k/v tensors for every method at a
-given N. Linear attention runs both non-causal (LinVideo's form: two GEMMs) and causal (chunked);
-SF-Attn is causal with G = N/4 and 4 sink tokens. "fwd" is inference (no_grad); "fwd+bwd" is a
-forward plus backward to q, k, v with a fixed upstream gradient. Each time is the median over
-rounds that interleave all methods (after a warm-up round up to 8k tokens). On a machine shared with other busy processes, multi-threaded runs of
-many-small-op pipelines (linear, SF) suffer most from descheduled threads; `--threads 1` is then the
-steadier comparison. On CPU every method takes the PyTorch reference path; with a CUDA GPU the
-Triton kernels are timed beside SDPA on the GPU.
+Baselines: full attention with `torch.nn.functional.scaled_dot_product_attention`, causal
+(`is_causal=True`) and non-causal, batch 1, 4 heads, head dim 64, float32, same q/k/v tensors for
+every method at a given N. Each row's speedup and crossover are against the SDPA of its own masking
+(a non-causal row against causal SDPA would credit it with work it does not do). Linear attention
+runs both non-causal (LinVideo's form: two GEMMs) and causal (chunked); SF-Attn is causal with
+G = N/4 and 4 sink tokens. "fwd" is inference (no_grad); "fwd+bwd" is a forward plus backward to
+q, k, v with a fixed upstream gradient. Each time is the median over rounds that interleave all
+methods, both baselines included (after a warm-up round up to 8k tokens). On a machine shared with
+other busy processes, multi-threaded runs of many-small-op pipelines (linear, SF) suffer most from
+descheduled threads; `--threads 1` is then the steadier comparison. On CPU every method takes the
+PyTorch reference path; with a CUDA GPU the Triton kernels are timed beside SDPA on the GPU.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,27 +34,31 @@ from kernels.linear_attention import HedgehogFeatureMap, linear_attention  # noq
 from kernels.sparse_attention import sf_attention  # noqa: E402
 
 HEADS, DIM = 4, 64
+SDPA_CAUSAL, SDPA_FULL = "sdpa (causal)", "sdpa (non-causal)"
 Attn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def methods(device: torch.device, backend: str) -> dict[str, Attn]:
+def methods(device: torch.device, backend: str) -> dict[str, tuple[Attn, str]]:
+    """name -> (attention, name of its baseline): the SDPA with the same causal masking."""
     hedgehog = HedgehogFeatureMap(HEADS, DIM).to(device)
     tag = "" if backend == "torch" else " [triton]"
-    out: dict[str, Attn] = {"sdpa (causal)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
-    out |= {
-        f"linear elu+1{tag}": lambda q, k, v: linear_attention(q, k, v, causal=False, backend=backend),
-        f"linear elu+1 causal{tag}": lambda q, k, v: linear_attention(q, k, v, causal=True, backend=backend),
-        f"linear hedgehog{tag}": lambda q, k, v: linear_attention(
-            q, k, v, causal=False, feature_map=hedgehog, backend=backend
-        ),
-        f"linear hedgehog causal{tag}": lambda q, k, v: linear_attention(
-            q, k, v, causal=True, feature_map=hedgehog, backend=backend
-        ),
-        f"sf-attn G=N/4{tag}": lambda q, k, v: sf_attention(
-            q, k, v, group_size=q.shape[2] // 4, num_sink=4, backend=backend
+
+    def linear(causal: bool, fmap: str | HedgehogFeatureMap) -> tuple[Attn, str]:
+        attn = lambda q, k, v: linear_attention(q, k, v, causal=causal, feature_map=fmap, backend=backend)  # noqa: E731
+        return attn, SDPA_CAUSAL if causal else SDPA_FULL
+
+    return {
+        SDPA_CAUSAL: (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), SDPA_CAUSAL),
+        SDPA_FULL: (lambda q, k, v: F.scaled_dot_product_attention(q, k, v), SDPA_FULL),
+        f"linear elu+1{tag}": linear(False, "elu+1"),
+        f"linear elu+1 causal{tag}": linear(True, "elu+1"),
+        f"linear hedgehog{tag}": linear(False, hedgehog),
+        f"linear hedgehog causal{tag}": linear(True, hedgehog),
+        f"sf-attn G=N/4{tag}": (
+            lambda q, k, v: sf_attention(q, k, v, group_size=q.shape[2] // 4, num_sink=4, backend=backend),
+            SDPA_CAUSAL,
         ),
     }
-    return out
 
 
 def _once(fn: Callable[[], object], device: torch.device) -> float:
@@ -67,17 +73,18 @@ def _once(fn: Callable[[], object], device: torch.device) -> float:
 
 def run(ns: list[int], device: torch.device, backend: str, rounds: int) -> dict:
     """Per N: round-robin over every (method, fwd | fwd+bwd) case, `rounds` times, median per case.
-    Interleaving makes a change in machine load hit every method alike instead of one of them."""
+    Interleaving makes a change in machine load hit every method (baselines included) alike."""
     results: dict[str, dict[int, tuple[float, float]]] = {}
+    attns = {name: attn for name, (attn, _) in methods(device, backend).items()}
     for n in ns:
         gen = torch.Generator(device="cpu").manual_seed(n)
         q, k, v = (torch.randn(1, HEADS, n, DIM, generator=gen).to(device) for _ in range(3))
         grad = torch.randn(1, HEADS, n, DIM, generator=gen).to(device)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         cases: dict[tuple[str, int], Callable[[], object]] = {}
-        for name, attn in methods(device, backend).items():
-            cases[(name, 0)] = lambda attn=attn: _no_grad(attn, q, k, v)
-            cases[(name, 1)] = lambda attn=attn: attn(*leaves).backward(grad)
+        for name, attn in attns.items():
+            cases[(name, 0)] = lambda attn=attn, qkv=(q, k, v): _no_grad(attn, *qkv)
+            cases[(name, 1)] = lambda attn=attn, leaves=leaves, grad=grad: attn(*leaves).backward(grad)
         # Warm-up round where it is cheap; at 16k+ a single run takes seconds and warm-up is noise.
         n_rounds = rounds + 1 if n <= 8192 else (rounds if n <= 16384 else max(2, rounds - 1))
         times: dict[tuple[str, int], list[float]] = {key: [] for key in cases}
@@ -86,7 +93,7 @@ def run(ns: list[int], device: torch.device, backend: str, rounds: int) -> dict:
                 t = _once(fn, device)
                 if r > 0 or n_rounds == rounds or n > 8192:
                     times[key].append(t)
-        for name in methods(device, backend):
+        for name in attns:
             fwd, both = (statistics.median(times[(name, c)]) for c in (0, 1))
             results.setdefault(name, {})[n] = (fwd, both)
             print(f"  N={n:>6} {name:<30} fwd {fwd * 1e3:10.2f} ms   fwd+bwd {both * 1e3:10.2f} ms", flush=True)
@@ -108,14 +115,16 @@ def crossover(results: dict, name: str, base: str, column: int) -> str:
     return f"> {ns[-1]}"
 
 
-def table(results: dict, base: str) -> str:
-    ns = sorted(results[base])
-    lines = [f"{'method':<30} {'N':>6} {'fwd ms':>10} {'x SDPA':>8} {'fwd+bwd ms':>11} {'x SDPA':>8}"]
+def table(results: dict, baselines: dict[str, str]) -> str:
+    """One row per (method, N): times, and speedup over the row's own baseline (named in `vs`)."""
+    lines = [f"{'method':<30} {'N':>6} {'fwd ms':>10} {'x base':>8} {'fwd+bwd ms':>11} {'x base':>8}  vs"]
     for name, per_n in results.items():
-        for n in ns:
+        base = baselines[name]
+        for n in sorted(per_n):
             fwd, both = per_n[n]
             bf, bb = results[base][n]
-            lines.append(f"{name:<30} {n:>6} {fwd * 1e3:10.2f} {bf / fwd:8.1f} {both * 1e3:11.2f} {bb / both:8.1f}")
+            lines.append(f"{name:<30} {n:>6} {fwd * 1e3:10.2f} {bf / fwd:8.1f} {both * 1e3:11.2f} {bb / both:8.1f}"
+                         f"  {base}")
     return "\n".join(lines)
 
 
@@ -156,7 +165,6 @@ def main() -> None:
     ns = [256, 512] + ns if args.short else ns
     load_before = os.getloadavg()
     start = time.perf_counter()
-    base = "sdpa (causal)"
     runs = {"cpu, reference": (torch.device("cpu"), "torch")}
     if torch.cuda.is_available():
         runs["cuda, triton"] = (torch.device("cuda"), "triton")
@@ -166,11 +174,13 @@ def main() -> None:
         print(f"[{label}]")
         all_results[label] = run(ns, device, backend, args.rounds)
     for label, results in all_results.items():
-        print(f"\n== {label}: time and speedup over SDPA (causal, batch 1) ==")
-        print(table(results, base))
-        for name in results:
+        device, backend = runs[label]
+        baselines = {name: base for name, (_, base) in methods(device, backend).items()}
+        print(f"\n== {label}: time and speedup over SDPA with the same masking (batch 1) ==")
+        print(table(results, baselines))
+        for name, base in baselines.items():
             if name != base:
-                print(f"crossover vs SDPA, {name}: fwd {crossover(results, name, base, 0)}, "
+                print(f"crossover vs {base}, {name}: fwd {crossover(results, name, base, 0)}, "
                       f"fwd+bwd {crossover(results, name, base, 1)}")
     plot(all_results, args.out)
     print(f"\nplot: {args.out}; wall {time.perf_counter() - start:.0f} s; "

@@ -1,6 +1,7 @@
 """Fast attention kernels: one dispatching function each, Triton on CUDA, PyTorch reference elsewhere.
 
-* `linear_attention(q, k, v, causal=..., feature_map='elu+1' | 'relu' | HedgehogFeatureMap)`
+* `linear_attention(q, k, v, causal=..., feature_map='elu+1' | 'relu' | HedgehogFeatureMap |
+  (query_map, key_map), attention_mask=None)`
 * `s2_attention(q, k, v, group_size=...)`, `sf_attention(q, k, v, group_size=..., num_sink=4)`
 
 Depends on torch (and triton, imported only when the Triton path runs).

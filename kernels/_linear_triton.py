@@ -4,8 +4,13 @@ Non-causal: a reduction kernel builds S = φ(K)ᵀV and z = Σφ(K) (one program
 fp32 atomics), then a per-block kernel writes φ(Q)S / (φ(Q)z + eps). Causal: one program per
 (batch, head) walks the chunks in order, quadratic inside a chunk and a register-resident state
 (S, z) between chunks; the backward walks forward for dφ(Q) and backward for dφ(K), dV.
-All products accumulate in float32. Run on CPU with TRITON_INTERPRET=1 for tests:
-`.venv/bin/python -m pytest tests/kernels/test_triton_interpreter.py -q`.
+Features come in float32 (fp16/bf16 features would flush the small entries that dominate long
+sums); V stays in its dtype and is widened on load. All products accumulate in float32; with fp16
+or bf16 inputs the dots run on tensor cores in tf32 (a 10-bit mantissa, but float32's exponent
+range, so small features survive; fp16/bf16 V converts to tf32 exactly), with float32 inputs in
+full fp32 ("ieee"). Padding: pad keys' feature rows are zeroed before the kernels (a zero row adds
+nothing to S or z) and pad query outputs are set to zero.
+Run on CPU with TRITON_INTERPRET=1 for tests: `.venv/bin/python -m pytest tests/kernels/test_triton_interpreter.py -q`.
 """
 
 from __future__ import annotations
@@ -187,7 +192,7 @@ class _LinearAttention(torch.autograd.Function):
         f, d = pow2_at_least_16(f0), pow2_at_least_16(d0)
         pq, pk = (pad_last(t, f).view(b * h, n, f) for t in (phi_q, phi_k))
         pv = pad_last(v, d).view(b * h, n, d)
-        prec = "ieee" if phi_q.dtype == torch.float32 else "tf32"
+        prec = "ieee" if v.dtype == torch.float32 else "tf32"  # features are fp32: the input dtype is v's
         blk, warps = launch_config(phi_q.is_cuda, f, d)
         out = torch.empty(b * h, n, d, device=v.device, dtype=torch.float32)
         den = torch.empty(b * h, n, device=v.device, dtype=torch.float32)
@@ -228,8 +233,13 @@ class _LinearAttention(torch.autograd.Function):
 
 
 def linear_attention_triton(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, causal: bool,
-                            eps: float) -> torch.Tensor:
-    """Triton core on `[B, H, N, F]` features and `[B, H, N, D]` values; output in v's dtype."""
-    if phi_q.dtype != phi_k.dtype:
-        raise ValueError(f"phi_q and phi_k dtypes differ: {phi_q.dtype} vs {phi_k.dtype}")
-    return _LinearAttention.apply(phi_q, phi_k, v, causal, float(eps))
+                            eps: float, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton core on `[B, H, N, F]` features (taken in float32) and `[B, H, N, D]` values; output in
+    v's dtype. attention_mask: bool [B, N] (True = real) or None; pad keys add nothing, pad queries
+    output zeros (as `linear_attention_reference`)."""
+    phi_q, phi_k = phi_q.float(), phi_k.float()
+    keep = None if attention_mask is None else attention_mask.bool()[:, None, :, None]
+    if keep is not None:
+        phi_k = phi_k * keep
+    out = _LinearAttention.apply(phi_q, phi_k, v, causal, float(eps))
+    return out if keep is None else out.masked_fill(~keep, 0.0)

@@ -1,10 +1,11 @@
 """Triton block-sparse flash attention for S2/SF-Attn (forward, and backward for dQ, dK, dV).
 
 The mask is the one in `kernels.sparse_attention` (same group, or a sink key; causal; padding);
-a query block visits only key blocks that intersect its groups, plus the sink block(s), so the
-work is O(N·(G + block)). Online softmax in float32; rows that see no key output zeros with
-lse = +inf so the backward gives them zero gradient. dK/dV are accumulated per query head and
-summed over each K/V head's query heads (grouped-query attention) in PyTorch.
+a query block visits only key blocks that intersect its groups, plus every sink block (those after
+its groups too when non-causal), each block once, so the work is O(N·(G + num_sink + block)).
+Online softmax in float32; rows that see no key output zeros with lse = +inf so the backward gives
+them zero gradient. dK/dV are accumulated per query head (a sink key block visits every query
+block) and summed over each K/V head's query heads (grouped-query attention) in PyTorch.
 Interpreter tests: `.venv/bin/python -m pytest tests/kernels/test_triton_interpreter.py -q`.
 """
 
@@ -37,6 +38,18 @@ def _head_setup(bh, H, HK, HALF):
     kvh = b * HK + h // (H // HK)
     off = tl.where(h >= H - H // 2, HALF, 0)  # the last H//2 heads are shifted by G/2
     return b, kvh, off
+
+
+@triton.jit
+def _group_span(m0, N, G, off, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr):
+    """Key range [lo_blk, hi) covering the groups of query rows [m0, m0 + BM), lo_blk aligned down to
+    BN (the range's blocks end at cdiv(hi, BN)·BN). Causal: clipped to keys up to the last row."""
+    last = tl.minimum(m0 + BM, N) - 1
+    lo = tl.maximum(((m0 + off) // G) * G - off, 0)
+    hi = tl.minimum(((last + off) // G + 1) * G - off, N)
+    if CAUSAL:
+        hi = tl.minimum(hi, last + 1)
+    return (lo // BN) * BN, hi
 
 
 @triton.jit
@@ -79,23 +92,23 @@ def _fwd_kernel(Q, K, V, KEEP, O, LSE, N, H, HK, G, HALF, S, scale, D: tl.conste
     rows = m0 + tl.arange(0, BM)
     ds = tl.arange(0, D)
     q = tl.load(Q + bh * N * D + rows[:, None] * D + ds[None, :], mask=rows[:, None] < N, other=0.0)
-    last = tl.minimum(m0 + BM, N) - 1
-    lo = tl.maximum(((m0 + off) // G) * G - off, 0)
-    hi = tl.minimum(((last + off) // G + 1) * G - off, N)
-    if CAUSAL:
-        hi = tl.minimum(hi, last + 1)
-    lo_blk = (lo // BN) * BN
+    lo_blk, hi = _group_span(m0, N, G, off, BM, BN, CAUSAL)
     m_i = tl.full((BM,), -1.0e30, dtype=tl.float32)  # finite: a fully masked block gives alpha = 1
     l_i = tl.zeros((BM,), dtype=tl.float32)
     acc = tl.zeros((BM, D), dtype=tl.float32)
     kbase = kvh * N * D
-    # Sink blocks that the group range does not already cover, then the group range.
+    # Sink blocks before the group range, the group range, then (non-causal only) sink blocks after it:
+    # three disjoint block ranges, so a block holding both sinks and group keys is visited once.
     for start in range(0, tl.minimum(S, lo_blk), BN):
         m_i, l_i, acc = _fwd_block(q, K, V, KEEP, kbase, start, rows, ds, off, N, G, S, b, scale, m_i, l_i, acc,
                                    D, BN, CAUSAL, HAS_KEEP, PREC)
     for start in range(lo_blk, hi, BN):
         m_i, l_i, acc = _fwd_block(q, K, V, KEEP, kbase, start, rows, ds, off, N, G, S, b, scale, m_i, l_i, acc,
                                    D, BN, CAUSAL, HAS_KEEP, PREC)
+    if not CAUSAL:  # causal: every key from `hi` on lies after the block's last query
+        for start in range(tl.cdiv(hi, BN) * BN, S, BN):
+            m_i, l_i, acc = _fwd_block(q, K, V, KEEP, kbase, start, rows, ds, off, N, G, S, b, scale, m_i, l_i,
+                                       acc, D, BN, CAUSAL, HAS_KEEP, PREC)
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("inf"))
@@ -119,20 +132,20 @@ def _bwd_dq_kernel(Q, K, V, KEEP, O, DO, LSE, DELTA, DQ, N, H, HK, G, HALF, S, s
     lse = tl.load(LSE + bh * N + rows, mask=rows < N, other=float("inf"))
     delta = tl.sum(do * o, 1)  # rowsum(dO ∘ O), reused by the dK/dV kernel
     tl.store(DELTA + bh * N + rows, delta, mask=rows < N)
-    last = tl.minimum(m0 + BM, N) - 1
-    lo = tl.maximum(((m0 + off) // G) * G - off, 0)
-    hi = tl.minimum(((last + off) // G + 1) * G - off, N)
-    if CAUSAL:
-        hi = tl.minimum(hi, last + 1)
-    lo_blk = (lo // BN) * BN
+    lo_blk, hi = _group_span(m0, N, G, off, BM, BN, CAUSAL)
     dq = tl.zeros((BM, D), dtype=tl.float32)
     kbase = kvh * N * D
+    # The forward's three disjoint block ranges (sinks before, group range, sinks after if non-causal).
     for start in range(0, tl.minimum(S, lo_blk), BN):
         dq += _dq_block(q, do, lse, delta, K, V, KEEP, kbase, start, rows, ds, off, N, G, S, b, scale,
                         D, BN, CAUSAL, HAS_KEEP, PREC)
     for start in range(lo_blk, hi, BN):
         dq += _dq_block(q, do, lse, delta, K, V, KEEP, kbase, start, rows, ds, off, N, G, S, b, scale,
                         D, BN, CAUSAL, HAS_KEEP, PREC)
+    if not CAUSAL:
+        for start in range(tl.cdiv(hi, BN) * BN, S, BN):
+            dq += _dq_block(q, do, lse, delta, K, V, KEEP, kbase, start, rows, ds, off, N, G, S, b, scale,
+                            D, BN, CAUSAL, HAS_KEEP, PREC)
     tl.store(DQ + bh * N * D + rows[:, None] * D + ds[None, :], dq * scale, mask=ok)
 
 

@@ -1,20 +1,24 @@
 """Feature maps φ for linear attention: `elu+1`, `relu`, and the learnable Hedgehog map.
 
 Hedgehog (Zhang et al. 2024, "The Hedgehog & the Porcupine") is φ(x) = softmax(xW) ⊕ softmax(−xW)
-per head, W learnable, so φ has 2·feature_dim features. Maps run in float32 (why: softmax and elu
-on fp16 inputs lose the small entries that dominate long sums).
+per head, W learnable, so φ has 2·feature_dim features. Hedgehog and LoLCATs learn one map for the
+queries and another for the keys: pass the pair `(query_map, key_map)` wherever a feature map is
+taken (a single map is used for both). Maps run in float32 (why: softmax and elu on fp16 inputs
+lose the small entries that dominate long sums).
 Tested by `.venv/bin/python -m pytest tests/kernels/test_linear_attention.py -q`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-FeatureMap = Union[str, nn.Module, Callable[[torch.Tensor], torch.Tensor]]
+MapFn = Callable[[torch.Tensor], torch.Tensor]
+SingleMap = str | nn.Module | MapFn
+FeatureMap = SingleMap | tuple[SingleMap, SingleMap] | list[SingleMap] | nn.ModuleList  # pair: (query, key)
 NAMED_MAPS = ("elu+1", "relu")
 
 
@@ -62,7 +66,22 @@ class HedgehogFeatureMap(nn.Module):
         return torch.cat([proj.softmax(-1), (-proj).softmax(-1)], dim=-1)
 
 
-def resolve_feature_map(feature_map: FeatureMap) -> Callable[[torch.Tensor], torch.Tensor]:
+def resolve_feature_maps(feature_map: FeatureMap) -> tuple[MapFn, MapFn]:
+    """(query map, key map): a pair `(query_map, key_map)` as given (Hedgehog/LoLCATs learn two maps;
+    an nn.ModuleList of two also counts), or one map used for both. Each goes through
+    `resolve_feature_map`."""
+    if isinstance(feature_map, (tuple, list, nn.ModuleList)):
+        if len(feature_map) != 2:
+            raise ValueError(
+                f"feature_map is a {type(feature_map).__name__} of {len(feature_map)}: a pair must be "
+                "(query_map, key_map)"
+            )
+        return resolve_feature_map(feature_map[0]), resolve_feature_map(feature_map[1])
+    fmap = resolve_feature_map(feature_map)
+    return fmap, fmap
+
+
+def resolve_feature_map(feature_map: SingleMap) -> MapFn:
     """A name from NAMED_MAPS, a HedgehogFeatureMap (or any module), or a callable on tensors."""
     if isinstance(feature_map, str):
         if feature_map == "elu+1":

@@ -1,12 +1,16 @@
 """Linear attention, causal and non-causal: one dispatcher over a Triton kernel and a PyTorch reference.
 
-    out_i = φ(q_i)·S / (φ(q_i)·z + eps),   S = Σ_j φ(k_j) v_jᵀ,  z = Σ_j φ(k_j)
+    out_i = φ_q(q_i)·S / (φ_q(q_i)·z + eps),   S = Σ_j φ_k(k_j) v_jᵀ,  z = Σ_j φ_k(k_j)
 
-with the sums over all j (non-causal: two GEMMs) or over j ≤ i (causal: chunked — quadratic inside
-a chunk, a running state S, z carried between chunks; no N×N matrix is ever built). Feature maps
-run in PyTorch (autograd covers Hedgehog's W); the core runs on φ(q), φ(k), v and accumulates in
-float32 on both paths. Triton runs on CUDA tensors (`backend='auto'`), or anywhere with
-`backend='triton'` under TRITON_INTERPRET=1.
+with the sums over all real keys j (non-causal: two GEMMs) or over real j ≤ i (causal: chunked —
+quadratic inside a chunk, a running state S, z carried between chunks; no N×N matrix is ever built).
+Padding: `attention_mask` [batch, tokens] (True/1 = real token) drops pad keys from S and z — a pad
+key's feature row is zeroed, and a zero row adds nothing to either — and pad query positions output
+zeros. φ_q and φ_k are one map, or a pair (Hedgehog/LoLCATs learn separate query and key maps).
+Feature maps run in PyTorch (autograd covers Hedgehog's W) and yield float32 features, which both
+paths keep in float32 (casting them to fp16/bf16 would flush the small entries that dominate long
+sums); the cores accumulate in float32. Triton runs on CUDA tensors (`backend='auto'`), or anywhere
+with `backend='triton'` under TRITON_INTERPRET=1.
 Tests: `.venv/bin/python -m pytest tests/kernels/test_linear_attention.py -q`.
 """
 
@@ -18,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._common import Backend, check_float, use_triton
-from kernels.feature_maps import FeatureMap, HedgehogFeatureMap, resolve_feature_map
+from kernels.feature_maps import FeatureMap, HedgehogFeatureMap, elu_plus_one, resolve_feature_maps
 
 Layout = Literal["bhnd", "bnhd"]
 __all__ = ["linear_attention", "linear_attention_reference", "HedgehogFeatureMap"]
@@ -31,6 +35,7 @@ def linear_attention(
     *,
     causal: bool,
     feature_map: FeatureMap = "elu+1",
+    attention_mask: torch.Tensor | None = None,
     eps: float = 1e-6,
     layout: Layout = "bhnd",
     chunk_size: int = 64,
@@ -38,7 +43,45 @@ def linear_attention(
 ) -> torch.Tensor:
     """Linear attention on `[batch, heads, tokens, dim]` (or `[batch, tokens, heads, dim]` with
     layout='bnhd'). K/V may have fewer heads than Q (grouped-query: head h reads K/V head
-    h // (heads / kv_heads)). Returns the output in q's layout and dtype."""
+    h // (heads / kv_heads)). Returns the output in q's layout and dtype.
+
+    feature_map: 'elu+1', 'relu', a module (e.g. HedgehogFeatureMap) or callable used for both q
+    and k, or a pair `(query_map, key_map)`: q goes through the first, k through the second.
+    attention_mask: None, or `[batch, tokens]` bool / 0-1 (nonzero = real token). Pad keys add
+    nothing to S or z (causal too); outputs at pad query positions are zeros. Needs eps > 0: a query
+    that sees only pads (a whole pad row, a causal prefix of pads) would divide 0 by 0."""
+    q, k, v = _check_inputs(q, k, v, layout, chunk_size, eps)
+    keep = _key_keep(attention_mask, q, eps)
+    fmap_q, fmap_k = resolve_feature_maps(feature_map)
+    if k.shape[1] != q.shape[1]:  # GQA: features are per token, so sharing K/V heads is a repeat
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    triton_path = use_triton(backend, q, k, v)
+    offset = 0.0
+    if fmap_q is elu_plus_one and fmap_k is elu_plus_one and not triton_path:
+        # The reference folds the "+1" into its GEMMs (see linear_attention_reference).
+        fmap_q = fmap_k = lambda x: F.elu(x.float())  # noqa: E731
+        offset = 1.0
+    phi_q, phi_k = fmap_q(q).float(), fmap_k(k).float()
+    if phi_q.shape[:-1] != q.shape[:-1] or phi_k.shape[:-1] != k.shape[:-1]:
+        raise ValueError("feature_map must keep [batch, heads, tokens] and map only the last dim")
+    if phi_q.shape[-1] != phi_k.shape[-1]:
+        raise ValueError(f"query and key feature maps give {phi_q.shape[-1]} vs {phi_k.shape[-1]} features")
+    if triton_path:
+        from kernels._linear_triton import linear_attention_triton
+
+        out = linear_attention_triton(phi_q, phi_k, v, causal, eps, attention_mask=keep)
+    else:
+        out = linear_attention_reference(
+            phi_q, phi_k, v, causal=causal, eps=eps, chunk_size=chunk_size, feature_offset=offset,
+            attention_mask=keep,
+        )
+    out = out.to(q.dtype)
+    return out.transpose(1, 2) if layout == "bnhd" else out
+
+
+def _check_inputs(q, k, v, layout: str, chunk_size: int, eps: float) -> tuple[torch.Tensor, ...]:
+    """Validate and return q, k, v in [batch, heads, tokens, dim]."""
     if layout not in ("bhnd", "bnhd"):
         raise ValueError(f"layout={layout!r}: use 'bhnd' ([batch, heads, tokens, dim]) or 'bnhd'")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -52,29 +95,19 @@ def linear_attention(
         raise ValueError(f"chunk_size={chunk_size}: must be >= 1")
     if eps < 0:
         raise ValueError(f"eps={eps}: must be >= 0")
-    fmap = resolve_feature_map(feature_map)
-    if k.shape[1] != q.shape[1]:  # GQA: features are per token, so sharing K/V heads is a repeat
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    triton_path = use_triton(backend, q, k, v)
-    offset = 0.0
-    if feature_map == "elu+1" and not triton_path:
-        # The reference folds the "+1" into its GEMMs (see linear_attention_reference).
-        fmap, offset = (lambda x: F.elu(x.float())), 1.0
-    phi_q, phi_k = fmap(q), fmap(k)
-    if phi_q.shape[:-1] != q.shape[:-1] or phi_k.shape[:-1] != k.shape[:-1]:
-        raise ValueError("feature_map must keep [batch, heads, tokens] and map only the last dim")
-    if triton_path:
-        from kernels._linear_triton import linear_attention_triton
+    return q, k, v
 
-        # Features go in the input dtype (half the memory traffic); the kernels accumulate in fp32.
-        out = linear_attention_triton(phi_q.to(q.dtype), phi_k.to(q.dtype), v, causal, eps)
-    else:
-        out = linear_attention_reference(
-            phi_q, phi_k, v, causal=causal, eps=eps, chunk_size=chunk_size, feature_offset=offset
-        )
-    out = out.to(q.dtype)
-    return out.transpose(1, 2) if layout == "bnhd" else out
+
+def _key_keep(attention_mask: torch.Tensor | None, q: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """The padding mask as bool [batch, tokens] on q's device (True = real token), or None."""
+    if attention_mask is None:
+        return None
+    b, _, n, _ = q.shape
+    if tuple(attention_mask.shape) != (b, n):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}: expected ({b}, {n})")
+    if eps <= 0:
+        raise ValueError("attention_mask needs eps > 0: a query that sees only pad keys would compute 0/0")
+    return attention_mask.to(device=q.device) != 0
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -98,27 +131,46 @@ def linear_attention_reference(
     eps: float = 1e-6,
     chunk_size: int = 64,
     feature_offset: float = 0.0,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PyTorch core on features `[B, H, N, F]` and values `[B, H, N, D]`; float32 result.
 
     The features used are φ + feature_offset: passing elu(x) with offset 1 computes elu+1 without
-    materialising the "+1" (it folds into a bias of the GEMMs — one memory pass less per input)."""
+    materialising the "+1" (it folds into a bias of the GEMMs — one memory pass less per input).
+    attention_mask: bool [B, N] (True = real) or None; pad keys add nothing (the offset included),
+    pad query positions output zeros."""
     pq, pk, vf = phi_q.float(), phi_k.float(), v.float()
+    keep = None if attention_mask is None else attention_mask.bool()[:, None, :, None]  # [B, 1, N, 1]
     if causal:
         if feature_offset:
             pq, pk = pq + feature_offset, pk + feature_offset
-        return _causal_chunked(pq, pk, vf, eps, chunk_size)
+        if keep is not None:
+            pk = pk * keep
+        out = _causal_chunked(pq, pk, vf, eps, chunk_size)
+    else:
+        out = _noncausal(pq, pk, vf, eps, feature_offset, keep)
+    return out if keep is None else out.masked_fill(~keep, 0.0)
+
+
+def _noncausal(pq: torch.Tensor, pk: torch.Tensor, v: torch.Tensor, eps: float, offset: float,
+               keep: torch.Tensor | None) -> torch.Tensor:
     b, h, n, f = pq.shape
-    d = vf.shape[-1]
-    state = pk.transpose(-1, -2) @ vf  # [B, H, F, D]
+    d = v.shape[-1]
+    count: float | torch.Tensor = n
+    if keep is not None:  # zero pad keys' rows; the folded offset then counts real keys only
+        pk = pk * keep
+        if offset:
+            v = v * keep
+            count = keep.sum(dim=2, keepdim=True, dtype=torch.float32)  # [B, 1, 1, 1]
+    state = pk.transpose(-1, -2) @ v  # [B, H, F, D]
     z = pk.sum(dim=2).unsqueeze(-1)  # [B, H, F, 1]
-    if feature_offset:  # Σ_j (φ_j + c) v_jᵀ = Σ φ_j v_jᵀ + c Σ v_j ;  Σ_j (φ_j + c) = Σ φ_j + c N
-        state = state + feature_offset * vf.sum(dim=2, keepdim=True)
-        z = z + feature_offset * n
+    if offset:  # Σ_j (φ_j + c) v_jᵀ = Σ φ_j v_jᵀ + c Σ v_j ;  Σ_j (φ_j + c) = Σ φ_j + c N
+        state = state + offset * v.sum(dim=2, keepdim=True)
+        z = z + offset * count
     # One GEMM gives numerator and denominator: φ(Q) [S | z]  ->  [N, D + 1].
     state_z = torch.cat([state, z], dim=-1).view(b * h, f, d + 1)
-    if feature_offset:  # (φ_q + c)·[S | z] = φ_q·[S | z] + c·colsum([S | z]), fused as the GEMM bias
-        bias = feature_offset * state_z.sum(dim=1, keepdim=True)
+    if offset:  # (φ_q + c)·[S | z] = φ_q·[S | z] + c·colsum([S | z]), fused as the GEMM bias
+        bias = offset * state_z.sum(dim=1, keepdim=True)
         both = torch.baddbmm(bias, pq.reshape(b * h, n, f), state_z)
     else:
         both = torch.bmm(pq.reshape(b * h, n, f), state_z)

@@ -15,14 +15,25 @@ def repeat_kv(t: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def naive_linear(
-    phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, causal: bool, eps: float = 1e-6
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    eps: float = 1e-6,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """out_i = Σ_j a_ij v_j / (Σ_j a_ij + eps), a_ij = φ(q_i)·φ(k_j), j over all (or j <= i)."""
+    """out_i = Σ_j a_ij v_j / (Σ_j a_ij + eps), a_ij = φ(q_i)·φ(k_j), j over all (or j <= i) real
+    tokens (`keep` [B, N], True = real); zeros at pad query positions."""
     a = phi_q.double() @ phi_k.double().transpose(-1, -2)
+    n = a.shape[-1]
     if causal:
-        n = a.shape[-1]
         a = a * torch.ones(n, n, dtype=torch.bool).tril()
-    return ((a @ v.double()) / (a.sum(-1, keepdim=True) + eps)).float()
+    if keep is not None:
+        a = a * keep.bool()[:, None, None, :]  # key j dropped
+    out = (a @ v.double()) / (a.sum(-1, keepdim=True) + eps)
+    if keep is not None:
+        out = out * keep.bool()[:, None, :, None]  # query i outputs zeros
+    return out.float()
 
 
 def sparse_mask(

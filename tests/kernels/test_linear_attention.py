@@ -1,4 +1,5 @@
-"""Linear attention reference path: against a dense N×N computation, causality, layouts, GQA, dtypes.
+"""Linear attention reference path: against a dense N×N computation, causality, layouts, GQA, dtypes,
+padding masks, separate query/key feature maps.
 
 Run: `.venv/bin/python -m pytest tests/kernels/test_linear_attention.py -q`
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from attention_naive import naive_linear, repeat_kv
+from torch import nn
 
 from kernels.feature_maps import HedgehogFeatureMap, elu_plus_one, relu_map
 from kernels.linear_attention import linear_attention
@@ -21,9 +23,23 @@ def _qkv(b=2, h=2, n=23, d=8, dv=None, hk=None, seed=0, requires_grad=True):
     return [t.requires_grad_(requires_grad) for t in (q, k, v)]
 
 
-def _grads(out: torch.Tensor, inputs) -> list[torch.Tensor]:
-    weight = torch.linspace(-1, 1, out.numel()).view_as(out)  # a non-symmetric upstream gradient
+def _grads(out: torch.Tensor, inputs, weight: torch.Tensor | None = None) -> list[torch.Tensor]:
+    if weight is None:
+        weight = torch.linspace(-1, 1, out.numel()).view_as(out)  # a non-symmetric upstream gradient
     return list(torch.autograd.grad((out * weight).sum(), inputs))
+
+
+def _keep(b: int, n: int) -> torch.Tensor:
+    keep = torch.ones(b, n, dtype=torch.bool)
+    keep[0, :3] = False  # left padding
+    keep[-1, n - 5 :] = False  # right padding
+    return keep
+
+
+def _hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Hedgehog features written out here, independent of kernels.feature_maps."""
+    proj = torch.einsum("bhnd,hdf->bhnf", x, weight)
+    return torch.cat([proj.softmax(-1), (-proj).softmax(-1)], dim=-1)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -120,6 +136,97 @@ def test_hedgehog_map():
     assert fmap.weight.grad is not None and fmap.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="built for"):
         fmap(torch.randn(1, 2, 5, 4))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("fmap_name", ["elu+1", "relu", "hedgehog"])
+def test_padding_matches_dense(causal, fmap_name):
+    """Pad keys add nothing to S or z (elu+1 folds its "+1" into the GEMMs: pads must not get it)."""
+    q, k, v = _qkv(n=23, dv=6)
+    if fmap_name == "relu":
+        q, k = (t.detach().add(1.0).requires_grad_() for t in (q, k))
+    keep = _keep(2, 23)
+    fmap = HedgehogFeatureMap(2, 8, feature_dim=5) if fmap_name == "hedgehog" else fmap_name
+    dense_fmap = {"elu+1": elu_plus_one, "relu": relu_map}.get(fmap_name, fmap)
+    inputs = [q, k, v] + ([fmap.weight] if fmap_name == "hedgehog" else [])
+    out = linear_attention(q, k, v, causal=causal, feature_map=fmap, attention_mask=keep, chunk_size=8,
+                           backend="torch")
+    ref = naive_linear(dense_fmap(q), dense_fmap(k), v, causal, keep=keep)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert (out.masked_select(~keep[:, None, :, None]) == 0).all()  # documented: zeros at pad queries
+    for g_out, g_ref in zip(_grads(out, inputs), _grads(ref, inputs)):
+        torch.testing.assert_close(g_out, g_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("fmap_name", ["elu+1", "hedgehog"])
+def test_padded_batch_equals_each_sequence_alone(causal, fmap_name):
+    """At real positions, outputs and gradients are those of the sequence with its pads removed;
+    pads (left, right, in the middle) get zero gradient. GQA: K/V heads shared by two query heads."""
+    b, n = 3, 21
+    keep = torch.ones(b, n, dtype=torch.bool)
+    keep[0, :4], keep[1, 15:], keep[2, 5:9] = False, False, False
+    q, k, v = _qkv(b=b, h=4, hk=2, n=n)
+    fmap = HedgehogFeatureMap(4, 8, feature_dim=5) if fmap_name == "hedgehog" else fmap_name
+    kw = dict(causal=causal, feature_map=fmap, chunk_size=8, backend="torch")
+    out = linear_attention(q, k, v, attention_mask=keep, **kw)
+    weight = torch.linspace(-1, 1, out.numel()).view_as(out)
+    grads = _grads(out, [q, k, v], weight)
+    for i in range(b):
+        real = keep[i].nonzero().squeeze(1)
+        alone_in = [t[i : i + 1, :, real].detach().requires_grad_() for t in (q, k, v)]
+        alone = linear_attention(*alone_in, **kw)
+        torch.testing.assert_close(out[i : i + 1, :, real], alone, rtol=1e-5, atol=1e-6)
+        alone_grads = _grads(alone, alone_in, weight[i : i + 1, :, real])
+        for g, g_alone in zip(grads, alone_grads):
+            torch.testing.assert_close(g[i : i + 1, :, real], g_alone, rtol=1e-5, atol=1e-6)
+            assert (g[i, :, ~keep[i]] == 0).all()
+
+
+def test_attention_mask_forms():
+    """bool, 0/1 integers and 0/1 floats mean the same; the bnhd layout takes the same [batch, tokens] mask."""
+    q, k, v = _qkv(n=17, requires_grad=False)
+    keep = _keep(2, 17)
+    base = linear_attention(q, k, v, causal=True, attention_mask=keep, backend="torch")
+    for mask in (keep.long(), keep.float()):
+        torch.testing.assert_close(linear_attention(q, k, v, causal=True, attention_mask=mask, backend="torch"), base)
+    t = [x.transpose(1, 2) for x in (q, k, v)]
+    out_t = linear_attention(*t, causal=True, attention_mask=keep, layout="bnhd", backend="torch")
+    torch.testing.assert_close(out_t.transpose(1, 2), base)
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        linear_attention(q, k, v, causal=True, attention_mask=keep[:, :5])
+    with pytest.raises(ValueError, match="eps > 0"):
+        linear_attention(q, k, v, causal=True, attention_mask=keep, eps=0.0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_separate_query_and_key_maps(causal):
+    """A pair (query_map, key_map): q goes through the first, k through the second (Hedgehog/LoLCATs)."""
+    torch.manual_seed(0)
+    fq, fk = HedgehogFeatureMap(2, 8, feature_dim=5), HedgehogFeatureMap(2, 8, feature_dim=5)
+    q, k, v = _qkv(n=23, dv=6)
+    inputs = [q, k, v, fq.weight, fk.weight]
+    out = linear_attention(q, k, v, causal=causal, feature_map=(fq, fk), chunk_size=8, backend="torch")
+    ref = naive_linear(_hedgehog(q, fq.weight), _hedgehog(k, fk.weight), v, causal)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for g_out, g_ref in zip(_grads(out, inputs), _grads(ref, inputs)):
+        torch.testing.assert_close(g_out, g_ref, rtol=1e-4, atol=1e-5)
+    swapped = linear_attention(q, k, v, causal=causal, feature_map=[fk, fq], chunk_size=8, backend="torch")
+    assert (swapped - out).abs().max() > 1e-3  # the two maps really differ: order matters
+    as_modules = linear_attention(q, k, v, causal=causal, feature_map=nn.ModuleList([fq, fk]), chunk_size=8,
+                                  backend="torch")
+    torch.testing.assert_close(as_modules, out, rtol=0, atol=0)
+
+
+def test_pair_of_named_maps():
+    q, k, v = _qkv(n=19, requires_grad=False)
+    k = k + 1.0  # relu keys: keep Σφ(k) away from 0
+    out = linear_attention(q, k, v, causal=True, feature_map=("elu+1", "relu"), chunk_size=8, backend="torch")
+    torch.testing.assert_close(out, naive_linear(elu_plus_one(q), relu_map(k), v, True), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="a pair must be"):
+        linear_attention(q, k, v, causal=True, feature_map=("elu+1", "relu", "relu"))
+    with pytest.raises(ValueError, match="5 vs 10 features"):
+        linear_attention(q, k, v, causal=True, feature_map=(lambda x: x[..., :5].exp(), HedgehogFeatureMap(2, 8, 5)))
 
 
 def test_bad_inputs_are_named(monkeypatch):

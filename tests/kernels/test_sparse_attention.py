@@ -46,6 +46,7 @@ CASES = [  # b, h, hk, n, group, sinks, causal, padded
     (1, 2, 1, 1, 4, 4, True, False),  # one token
     (1, 2, 2, 9, 32, 4, True, False),  # group larger than the sequence
     (1, 2, 2, 33, 8, 12, True, False),  # sinks span whole groups
+    (1, 4, 2, 40, 4, 24, False, True),  # non-causal: sinks far past the early groups
 ]
 
 

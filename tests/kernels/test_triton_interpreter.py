@@ -43,18 +43,24 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 @pytest.mark.parametrize("name", list(LINEAR))
 def test_linear_triton_matches_reference(report, name):
-    errors = report[name]
+    errors = dict(report[name])
+    mismatch = errors.pop("out_mismatch")
     assert set(errors) >= {"out", "dq", "dk", "dv"}
-    tol = _tolerance(LINEAR[name][-1])
-    assert max(errors.values()) < tol, errors
+    dtype = LINEAR[name][-1]
+    assert all(e < _tolerance(dtype) for e in errors.values()), errors  # `all`: a NaN fails too
+    if dtype != torch.float32:
+        # Features stay fp32 on both paths, so their fp32 outputs agree and round to the same
+        # half-precision values; features cast to fp16/bf16 first change over 20 % of them.
+        assert mismatch < 0.02, (mismatch, errors)
 
 
 @pytest.mark.parametrize("name", list(SPARSE))
 def test_sparse_triton_matches_reference(report, name):
-    errors = report[name]
+    errors = dict(report[name])
+    errors.pop("out_mismatch")
     assert set(errors) == {"out", "dq", "dk", "dv"}
     tol = _tolerance(SPARSE[name][-1])
-    assert max(errors.values()) < tol, errors
+    assert all(e < tol for e in errors.values()), errors
 
 
 def test_dispatcher_took_the_triton_path(report):

@@ -21,7 +21,7 @@ import kernels._sparse_triton as st
 
 TARGET = GPUTarget("cuda", 90, 32)
 SPARSE_CONFIGS = [("fp16", 64, True, True), ("bf16", 128, True, False), ("fp32", 64, False, True)]
-LINEAR_CONFIGS = [("fp16", 64, 64), ("bf16", 128, 64), ("fp32", 128, 128)]  # dtype, F, D
+LINEAR_CONFIGS = [("fp16", 64, 64), ("bf16", 128, 64), ("fp32", 128, 128)]  # input (V) dtype, F, D
 # fp32 ("ieee" dots, no tensor cores) compiles slowly: only the kernels with the most registers/shared memory.
 FP32_ONLY = {"_fwd_kernel", "_bwd_dq_kernel", "_causal_bwd_kv_kernel", "_nc_bwd_q_kernel"}
 
@@ -53,7 +53,8 @@ def main() -> None:
     for dtype, f, d in LINEAR_CONFIGS:
         block, warps = lt.launch_config(True, f, d)
         p, f32 = f"*{dtype}", "*fp32"
-        io = dict(Q=p, K=p, V=p, S=f32, Z=f32, O=f32, DEN=f32, DO=f32, DQ=f32, DS=f32, DZ=f32, DK=f32, DV=f32,
+        # Features (Q, K) are always fp32; V stays in the input dtype.
+        io = dict(Q=f32, K=f32, V=p, S=f32, Z=f32, O=f32, DEN=f32, DO=f32, DQ=f32, DS=f32, DZ=f32, DK=f32, DV=f32,
                   N="i32", eps="fp32")
         prec = "ieee" if dtype == "fp32" else "tf32"
         for fn in (lt._nc_state_kernel, lt._nc_out_kernel, lt._nc_bwd_q_kernel, lt._nc_bwd_kv_kernel):

@@ -16,16 +16,22 @@ import torch
 from kernels.linear_attention import HedgehogFeatureMap, linear_attention
 from kernels.sparse_attention import s2_attention, sf_attention
 
-# name: (b, h, hk, n, d, causal, feature map, dtype)
+# name: (b, h, hk, n, d, causal, feature map, padded, dtype); "hedgehog_pair": separate query/key maps
 LINEAR = {
-    "linear_noncausal_elu": (2, 2, 2, 37, 8, False, "elu+1", torch.float32),
-    "linear_causal_elu": (2, 2, 2, 37, 8, True, "elu+1", torch.float32),
-    "linear_causal_relu_gqa2": (1, 4, 2, 20, 8, True, "relu", torch.float32),
-    "linear_noncausal_hedgehog": (1, 2, 2, 33, 8, False, "hedgehog", torch.float32),
-    "linear_causal_hedgehog": (1, 2, 2, 33, 8, True, "hedgehog", torch.float32),
-    "linear_causal_one_token": (1, 2, 2, 1, 8, True, "elu+1", torch.float32),
-    "linear_causal_fp16": (1, 2, 2, 24, 16, True, "elu+1", torch.float16),
-    "linear_noncausal_bf16": (1, 2, 2, 24, 16, False, "elu+1", torch.bfloat16),
+    "linear_noncausal_elu": (2, 2, 2, 37, 8, False, "elu+1", False, torch.float32),
+    "linear_causal_elu": (2, 2, 2, 37, 8, True, "elu+1", False, torch.float32),
+    "linear_causal_relu_gqa2": (1, 4, 2, 20, 8, True, "relu", False, torch.float32),
+    "linear_noncausal_hedgehog": (1, 2, 2, 33, 8, False, "hedgehog", False, torch.float32),
+    "linear_causal_hedgehog": (1, 2, 2, 33, 8, True, "hedgehog", False, torch.float32),
+    "linear_causal_one_token": (1, 2, 2, 1, 8, True, "elu+1", False, torch.float32),
+    "linear_noncausal_elu_padded": (2, 2, 2, 37, 8, False, "elu+1", True, torch.float32),
+    "linear_causal_elu_padded": (2, 2, 2, 37, 8, True, "elu+1", True, torch.float32),
+    "linear_noncausal_hedgehog_pair_padded_gqa2": (2, 4, 2, 33, 8, False, "hedgehog_pair", True, torch.float32),
+    "linear_causal_hedgehog_pair_gqa2": (1, 4, 2, 33, 8, True, "hedgehog_pair", False, torch.float32),
+    "linear_causal_fp16": (1, 2, 2, 24, 16, True, "elu+1", False, torch.float16),
+    "linear_noncausal_fp16_padded": (2, 2, 2, 24, 16, False, "elu+1", True, torch.float16),
+    "linear_causal_hedgehog_fp16": (1, 2, 2, 24, 16, True, "hedgehog", False, torch.float16),
+    "linear_noncausal_bf16": (1, 2, 2, 24, 16, False, "elu+1", False, torch.bfloat16),
 }
 # name: (fn, b, h, hk, n, d, group, sinks, causal, padded, dtype)
 SPARSE = {
@@ -38,6 +44,10 @@ SPARSE = {
     "s2_noncausal_padded": ("s2", 2, 4, 4, 33, 16, 12, 0, False, True, torch.float32),
     "sf_one_token": ("sf", 1, 2, 1, 1, 16, 4, 4, True, False, torch.float32),
     "sf_causal_fp16": ("sf", 1, 4, 2, 40, 16, 8, 4, True, False, torch.float16),
+    # Non-causal, sinks reaching past a query block's groups (blocks are 16 under the interpreter).
+    "sf_noncausal_many_sinks": ("sf", 1, 4, 2, 40, 16, 4, 24, False, False, torch.float32),
+    "sf_noncausal_many_sinks_padded_fp16": ("sf", 2, 4, 4, 40, 16, 4, 24, False, True, torch.float16),
+    "sf_noncausal_sinks_past_half_groups": ("sf", 2, 3, 3, 70, 16, 12, 40, False, True, torch.float32),
 }
 
 
@@ -47,46 +57,63 @@ def _inputs(b, h, hk, n, d, dtype, seed=0):
     return [torch.randn(*s, generator=g).to(dtype).requires_grad_() for s in shapes]
 
 
-def _errors(run, params) -> dict[str, float]:
-    """Max |triton - reference| of the output and of each gradient (same upstream gradient)."""
+def _errors(run, params, grad_names) -> dict[str, float]:
+    """Max |triton - reference| of the output and of each gradient (same upstream gradient), relative
+    to the reference's largest magnitude; and `out_mismatch`, the fraction of output elements whose
+    values (in the output dtype) differ at all. With fp16/bf16 inputs that fraction tells fp32
+    features (both paths round the same fp32 numbers: under 0.1 %) from features cast to the input
+    dtype (over 20 %), which the max error, dominated by one-ulp rounding flips, cannot."""
     results = {}
     for backend in ("triton", "torch"):
         out = run(backend)
         weight = torch.linspace(-1, 1, out.numel()).view_as(out)
         grads = torch.autograd.grad((out.float() * weight).sum(), params)
-        results[backend] = [out.detach().float()] + [g.float() for g in grads]
-    names = ["out", "dq", "dk", "dv", "dW"][: len(results["torch"])]
-    return {
-        name: (a - b).abs().max().item() / max(1.0, b.abs().max().item())
-        for name, a, b in zip(names, results["triton"], results["torch"])
+        results[backend] = [out.detach()] + [g.float() for g in grads]
+    errors = {
+        name: (a.float() - b.float()).abs().max().item() / max(1.0, b.float().abs().max().item())
+        for name, a, b in zip(["out", *grad_names], results["triton"], results["torch"])
     }
+    errors["out_mismatch"] = (results["triton"][0] != results["torch"][0]).float().mean().item()
+    return errors
+
+
+def _padding(b: int, n: int) -> torch.Tensor:
+    keep = torch.ones(b, n, dtype=torch.bool)
+    keep[0, :3], keep[-1, n - 5 :] = False, False  # left padding, right padding
+    return keep
+
+
+def _linear_case(b, h, hk, n, d, causal, fmap_name, padded, dtype) -> dict[str, float]:
+    q, k, v = _inputs(b, h, hk, n, d, dtype)
+    if fmap_name == "relu":  # keep φ(q)·Σφ(k) away from 0, where fp32 results legitimately differ
+        q, k = (t.detach().add(1.0).requires_grad_() for t in (q, k))
+    maps: list[HedgehogFeatureMap] = []
+    fmap = fmap_name
+    if fmap_name.startswith("hedgehog"):
+        torch.manual_seed(1)
+        maps = [HedgehogFeatureMap(h, d, feature_dim=6) for _ in range(2 if fmap_name == "hedgehog_pair" else 1)]
+        fmap = tuple(maps) if len(maps) == 2 else maps[0]
+    names = ["dq", "dk", "dv"] + (["dWq", "dWk"] if len(maps) == 2 else ["dW"] * len(maps))
+    kw = dict(causal=causal, feature_map=fmap, chunk_size=16, attention_mask=_padding(b, n) if padded else None)
+    run = lambda be: linear_attention(q, k, v, backend=be, **kw)  # noqa: E731
+    return _errors(run, [q, k, v] + [m.weight for m in maps], names)
+
+
+def _sparse_case(fn, b, h, hk, n, d, group, sinks, causal, padded, dtype) -> dict[str, float]:
+    q, k, v = _inputs(b, h, hk, n, d, dtype)
+    kw = dict(group_size=group, causal=causal, attention_mask=_padding(b, n) if padded else None)
+    if fn == "sf":
+        run = lambda be: sf_attention(q, k, v, num_sink=sinks, backend=be, **kw)  # noqa: E731
+    else:
+        run = lambda be: s2_attention(q, k, v, backend=be, **kw)  # noqa: E731
+    return _errors(run, [q, k, v], ["dq", "dk", "dv"])
 
 
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("set TRITON_INTERPRET=1 (the kernels run on CPU tensors only under the interpreter)")
-    report = {}
-    for name, (b, h, hk, n, d, causal, fmap_name, dtype) in LINEAR.items():
-        q, k, v = _inputs(b, h, hk, n, d, dtype)
-        if fmap_name == "relu":  # keep φ(q)·Σφ(k) away from 0, where fp32 results legitimately differ
-            q, k = (t.detach().add(1.0).requires_grad_() for t in (q, k))
-        fmap = HedgehogFeatureMap(h, d, feature_dim=6) if fmap_name == "hedgehog" else fmap_name
-        params = [q, k, v] + ([fmap.weight] if fmap_name == "hedgehog" else [])
-        kw = dict(causal=causal, feature_map=fmap, chunk_size=16)
-        run = lambda be: linear_attention(q, k, v, backend=be, **kw)  # noqa: E731
-        report[name] = _errors(run, params)
-    for name, (fn, b, h, hk, n, d, group, sinks, causal, padded, dtype) in SPARSE.items():
-        q, k, v = _inputs(b, h, hk, n, d, dtype)
-        keep = None
-        if padded:
-            keep = torch.ones(b, n, dtype=torch.bool)
-            keep[0, :3], keep[-1, n - 5 :] = False, False
-        kw = dict(group_size=group, causal=causal, attention_mask=keep)
-        if fn == "sf":
-            run = lambda be: sf_attention(q, k, v, num_sink=sinks, backend=be, **kw)  # noqa: E731
-        else:
-            run = lambda be: s2_attention(q, k, v, backend=be, **kw)  # noqa: E731
-        report[name] = _errors(run, [q, k, v])
+    report = {name: _linear_case(*case) for name, case in LINEAR.items()}
+    report |= {name: _sparse_case(*case) for name, case in SPARSE.items()}
     # The dispatcher must really have taken the Triton path (the reference never imports these).
     report["_dispatch"] = {m: float(m in sys.modules) for m in ("kernels._linear_triton", "kernels._sparse_triton")}
     print(json.dumps(report))
