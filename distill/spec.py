@@ -163,6 +163,9 @@ class Method(Protocol):
     """transformers pipeline task for the transformers flavour (e.g. 'feature-extraction')."""
     auto_class: ClassVar[str | None]
     """transformers Auto class that loads the export (e.g. 'AutoModel'); used by the registry."""
+    nan_metrics: ClassVar[frozenset[str]]
+    """Metric keys that are NaN by definition for some models (e.g. a cosine between embeddings of
+    different widths). Any other non-finite metric fails the job: nothing is exported or registered."""
 
     def load_teacher(self, source: ResolvedSource, *, meta: bool = False) -> Any:
         """Owns reading the teacher (weights or inline config; `meta=True`: sizes only, nothing read)."""

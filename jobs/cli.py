@@ -126,9 +126,15 @@ def _age(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
+def _reap(store) -> None:
+    from jobs.leases import reap_stale
+
+    reap_stale(store)
+
+
 def cmd_list(args) -> int:
     store = _store(args)
-    store.reap()
+    _reap(store)
     jobs = store.list(limit=args.limit, status=args.status)
     print(f"{'JOB':24} {'STATUS':10} {'METHOD':12} {'NAME':24} {'CREATED':19}  ERROR")
     for j in jobs:
@@ -138,7 +144,7 @@ def cmd_list(args) -> int:
 
 def cmd_status(args) -> int:
     store = _store(args)
-    store.reap()
+    _reap(store)
     job = _job(store, args.job)
     fields = {k: getattr(job, k) for k in ("id", "name", "method", "status", "attempts", "pid", "recipe_path",
                                            "recipe_hash", "overrides", "log_path", "mlflow_run_id", "model_version", "error")}
@@ -176,7 +182,12 @@ def cmd_cancel(args) -> int:
     if job.status not in ("PENDING", "RUNNING"):
         print(f"job {job.id} is already {job.status}")
         return EXIT_OK
-    print(f"job {job.id}: {cancel(store, job.id)}")
+    status = cancel(store, job.id, force=args.force)
+    if status == "RUNNING":
+        print(f"job {job.id}: cancel requested; it stops at its next training step or stage boundary "
+              f"(`athanor status {job.id}`; `athanor cancel --force` kills it now)")
+    else:
+        print(f"job {job.id}: {status}")
     return EXIT_OK
 
 
@@ -195,9 +206,13 @@ def cmd_ui(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from jobs.registry import move_alias
+    from jobs.registry import check_alias, move_alias
     from jobs.tracking import Tracker
 
+    problem = check_alias(args.alias)
+    if problem:
+        print(f"error: --alias {args.alias[:80]!r}: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     store = _store(args)
     job = _job(store, args.job)
     if job.status != "SUCCEEDED" or not job.model_version or not (job.result or {}).get("registered"):
@@ -240,9 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list jobs")
     p.add_argument("--status", default=None, choices=["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"])
     p.add_argument("--limit", type=int, default=30), p.set_defaults(fn=cmd_list)
-    for name, fn, text in (("status", cmd_status, "show one job"), ("cancel", cmd_cancel, "stop a job")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("job"), p.set_defaults(fn=fn)
+    p = sub.add_parser("status", help="show one job")
+    p.add_argument("job"), p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("cancel", help="stop a job (at its next step; --force kills it now)")
+    p.add_argument("job"), p.add_argument("--force", action="store_true", help="kill the job's processes now")
+    p.set_defaults(fn=cmd_cancel)
     p = sub.add_parser("logs", help="print a job's log")
     p.add_argument("job"), p.add_argument("--follow", "-f", action="store_true"), p.set_defaults(fn=cmd_logs)
     p = sub.add_parser("ui", help="start the MLflow UI on the job store (127.0.0.1 by default)")
@@ -258,7 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.home:
         os.environ["ATHANOR_HOME"] = os.path.abspath(args.home)
-    return args.fn(args)
+    from jobs.store import StoreError
+
+    try:
+        return args.fn(args)
+    except StoreError as exc:  # read-only home, full disk: one line, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_JOB_FAILED
 
 
 if __name__ == "__main__":

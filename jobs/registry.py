@@ -8,10 +8,16 @@ as plain artifacts otherwise), registers it as a new version of `registry.name`,
 from __future__ import annotations
 
 import importlib.metadata
+import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from jobs.tracking import Tracker, comparison_markdown
+
+log = logging.getLogger("athanor.registry")
+ALIAS = re.compile(r"[A-Za-z0-9_-]{1,255}")
 
 
 def write_model_card(out_dir: Path, *, recipe: Any, job_id: str, params: dict[str, float],
@@ -97,20 +103,62 @@ def _log_model(tracker: Tracker, export_dir: Path, method: Any) -> tuple[str, st
     return tracker.client.get_run(tracker.parent_id).info.artifact_uri + "/model", None
 
 
+@dataclass
+class Registration:
+    """A model version this job created, and where the alias pointed before (to undo it)."""
+
+    name: str
+    version: str
+    alias: str
+    previous: str | None
+
+
 def register(tracker: Tracker, *, export_dir: Path, method: Any, name: str, alias: str,
-             tags: dict[str, str]) -> str:
-    """Log the export under the parent run, add a registry version, set its alias; return the version."""
+             tags: dict[str, str], hook: Any = None) -> Registration:
+    """Log the export under the parent run, add a registry version and point the alias at it. If
+    anything fails after the version exists, it is deleted and the alias restored before re-raising."""
     import mlflow
 
     client = tracker.client
     source, model_id = _log_model(tracker, export_dir, method)
     try:
-        client.get_registered_model(name)
-    except mlflow.exceptions.MlflowException:
         client.create_registered_model(name, description="Converted models registered by athanor.")
+    except mlflow.exceptions.MlflowException:
+        pass  # it exists (or another job created it a moment ago)
+    try:
+        previous = str(client.get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        previous = None
     version = client.create_model_version(name, source, run_id=tracker.parent_id, tags=tags, model_id=model_id)
-    client.set_registered_model_alias(name, alias, version.version)
-    return str(version.version)
+    registration = Registration(name, str(version.version), alias, previous)
+    try:
+        if hook is not None:
+            hook("registered")
+        client.set_registered_model_alias(name, alias, registration.version)
+    except BaseException:
+        undo(tracker, registration)
+        raise
+    return registration
+
+
+def undo(tracker: Tracker, registration: Registration) -> None:
+    """Delete the version and point the alias back where it was; never raises (logs what it could not do)."""
+    client = tracker.client
+    try:
+        client.delete_model_version(registration.name, registration.version)
+        if registration.previous is not None:
+            client.set_registered_model_alias(registration.name, registration.alias, registration.previous)
+    except Exception:  # noqa: BLE001
+        log.exception("could not undo registry version %s of %s", registration.version, registration.name)
+
+
+def check_alias(alias: str) -> str | None:
+    """Why MLflow would refuse `alias` (None when it is fine), checked before any registry call."""
+    if not ALIAS.fullmatch(alias or ""):
+        return "use 1-255 letters, digits, '_' or '-'"
+    if alias.lower() == "latest" or re.fullmatch(r"v\d+", alias.lower()):
+        return "'latest' and 'v<number>' are reserved by MLflow"
+    return None
 
 
 def move_alias(tracker: Tracker, name: str, alias: str, version: str) -> None:

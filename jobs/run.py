@@ -22,14 +22,20 @@ from typing import Any
 
 from convert.module_utils import count_params
 from distill.spec import RecipeError
+from jobs.leases import JobLease, JobStopped, signals_deferred, sigterm_cancels
 from jobs.recipe import LoadedRecipe, RecipeInvalid, load_recipe, resolve_recipe_paths
 from jobs.store import Job, JobStore
 
+TEST_HOOK = "ATHANOR_TEST_HOOK"
+"""Fault injection for tests: 'cancel:STAGE', 'fail:STAGE' or 'kill:STAGE' (comma-separated) acts when the
+job reaches STAGE (prepare, tracking, before, train, after, timing, track, export, register, registered,
+finish). Unset in normal use."""
+
+
+class NonFiniteMetrics(RuntimeError):
+    """The converted model's evaluation gave NaN or infinity where the method defines a number."""
+
 log = logging.getLogger("athanor.job")
-
-
-class JobStopped(BaseException):
-    """Raised inside the job process when it is cancelled (SIGTERM)."""
 
 
 @dataclass
@@ -89,16 +95,17 @@ def prepare(job: Job) -> Prepared:
 
 
 def _train(p: Prepared, job: Job, store: JobStore, *, logger: Any, progress: bool, launch: bool = True) -> Any:
-    """Train; rank 0 (`launch`) starts the other ranks of this node, which call this with launch=False."""
-    from jobs.trainer import fit, launched_ranks
+    """Train; rank 0 (`launch`) starts the other ranks of this node, which call this with launch=False.
+    Every rank stops at the step after a cancel request and fails on a non-finite loss."""
+    from jobs.trainer import fit, guard_callback, launched_ranks
 
     recipe = p.loaded.recipe
     module = p.method.lightning_module(p.teacher, p.student, p.data, p.loaded.args, recipe.train)
     job_dir = store.job_dir(job.id)
     ranks = launched_ranks(recipe.train, job.id, store.home, job_dir) if launch else contextlib.nullcontext()
     with ranks:
-        return fit(p.method, module, p.student, p.data, recipe.train, recipe.data.batch_size,
-                   job_dir=job_dir, logger=logger, progress=progress)
+        return fit(p.method, module, p.student, p.data, recipe.train, recipe.data.batch_size, job_dir=job_dir,
+                   logger=logger, progress=progress, callbacks=[guard_callback(lambda: store.cancel_requested(job.id))])
 
 
 def run_rank(job_id: str, store: JobStore) -> None:
@@ -117,26 +124,56 @@ class JobRun:
         self.export_dir = self.job_dir / "export"
         self.threads = _torch_threads()  # before Lightning's launcher changes it; timings use this count
         self.tracker: Any = None
+        self.lease: JobLease | None = None
         self.started = time.time()
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> None:
+        """Every stage in order, ending with the job SUCCEEDED; a cancel is honoured at each boundary."""
+        self.stage("prepare")
         p = prepare(self.job)
         recipe = p.loaded.recipe
+        self.stage("tracking")
         self.start_tracking(p)
         untrained = _copy_if(recipe.eval.include_untrained, p.student)
         results = Results(params={"teacher": count_params(p.method.teacher_model(p.teacher)),
                                   "student": count_params(p.student)})
+        self.stage("before")
         results.before = self.evaluate(p, p.method.teacher_model(p.teacher), "before")
         if untrained is not None:
             results.untrained = self.evaluate(p, untrained, "untrained")
+        self.stage("train")
         student = self.train(p)
+        self.stage("after")
         results.after = self.evaluate(p, student, "after")
+        _check_finite(p.method, results.after)
+        self.stage("timing")
         self.time_side_by_side(p, student, untrained, results)
+        self.stage("track")
         self.track_results(p, results)
+        self.stage("export")
         self.export(p, student, results)
-        version = self.register(p, results)
-        self.tracker.finish("SUCCEEDED")
-        return self.result(recipe, results, version)
+        self.stage("register")  # the last point a cancel stops the job: registration completes or is undone
+        with signals_deferred():
+            self.register_and_finish(p, results)
+
+    def stage(self, name: str) -> None:
+        """A stage boundary: test faults fire here, and a requested cancel stops the job."""
+        self.hook(name)
+        if self.lease is not None:
+            self.lease.check(name)
+
+    def hook(self, stage: str) -> None:
+        for entry in filter(None, os.environ.get(TEST_HOOK, "").split(",")):
+            action, _, where = entry.partition(":")
+            if where != stage:
+                continue
+            log.warning("test hook: %s at %s", action, stage)
+            if action == "cancel" and self.lease is not None:
+                self.lease.request_cancel()
+            elif action == "fail":
+                raise RuntimeError(f"test hook failure at {stage}")
+            elif action == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
 
     def start_tracking(self, p: Prepared) -> None:
         from jobs.tracking import Tracker
@@ -208,19 +245,34 @@ class JobRun:
         shutil.rmtree(self.export_dir, ignore_errors=True)
         self.partial.rename(self.export_dir)
 
-    def register(self, p: Prepared, results: Results) -> str | None:
-        from jobs.registry import register
+    def register_and_finish(self, p: Prepared, results: Results) -> None:
+        """Register, close the run, write SUCCEEDED; if anything after the new version fails, undo it."""
+        from jobs.registry import register, undo
 
         recipe = p.loaded.recipe
-        if not recipe.registry.enabled:
+        registration = None
+        if recipe.registry.enabled:
+            log.info("registering %s", recipe.registry.name)
+            headline = {f"after.{k}": f"{v:.6g}" for k, v in list(results.after.items())[:8]}
+            registration = register(self.tracker, export_dir=self.export_dir, method=p.method,
+                                    name=recipe.registry.name, alias=recipe.registry.alias,
+                                    tags={**lineage_tags(self.job, recipe), **headline}, hook=self.hook)
+        else:
             self.tracker.log_artifact(self.export_dir, "export")
-            return None
-        log.info("registering %s", recipe.registry.name)
-        headline = {f"after.{k}": f"{v:.6g}" for k, v in list(results.after.items())[:8]}
-        return register(self.tracker, export_dir=self.export_dir, method=p.method, name=recipe.registry.name,
-                        alias=recipe.registry.alias, tags={**lineage_tags(self.job, recipe), **headline})
+        try:
+            self.hook("finish")
+            result = self.result(recipe, results, registration.version if registration else None)
+            if not self.store.finish(self.job.id, "SUCCEEDED", result=result,
+                                     model_version=registration.version if registration else None):
+                raise RuntimeError("the job row was finished elsewhere (its lease was reaped); result discarded")
+        except BaseException:
+            if registration is not None:
+                undo(self.tracker, registration)
+            raise
+        self.tracker.finish("SUCCEEDED")
 
     def result(self, recipe: Any, results: Results, version: str | None) -> dict[str, Any]:
+        """The job row's result: what `athanor status` and `submit --wait` print."""
         registered = ({"name": recipe.registry.name, "version": version, "alias": recipe.registry.alias}
                       if version else None)
         return {"before": results.before, "after": results.after, "untrained": results.untrained,
@@ -233,15 +285,14 @@ def execute(job_id: str, store: JobStore, *, progress: bool = True) -> Job:
     job = store.get(job_id)
     store.update(job.id, pid=os.getpid())
     run = JobRun(job, store, progress=progress)
-    with _job_log(job, store), _sigterm_raises():
+    with _job_log(job, store), JobLease(store, job.id) as lease, sigterm_cancels(lease):
+        run.lease = lease
         try:
-            result = run.run()
-            store.finish(job.id, "SUCCEEDED", result=result, model_version=(result["registered"] or {}).get("version"))
+            run.run()
         except BaseException as exc:  # noqa: BLE001 — every outcome ends in a final status
-            status, error = _outcome(exc, job)
-            if run.tracker is not None:
+            status, error = _outcome(exc, job, run.tracker)
+            if store.finish(job.id, status, error=error) and run.tracker is not None:
                 _close(run.tracker, status)
-            store.finish(job.id, status, error=error)
             if not isinstance(exc, (Exception, JobStopped, KeyboardInterrupt)):
                 raise
         finally:
@@ -251,20 +302,34 @@ def execute(job_id: str, store: JobStore, *, progress: bool = True) -> Job:
     return store.get(job.id)
 
 
-def _outcome(exc: BaseException, job: Job) -> tuple[str, str]:
+def _outcome(exc: BaseException, job: Job, tracker: Any) -> tuple[str, str]:
     """The final status and one-line error for an exception that ended the job."""
+    from jobs.tracking import TrackingUnavailable
+
     if isinstance(exc, JobStopped):
         log.warning("job cancelled")
         return "STOPPED", "cancelled"
     if isinstance(exc, KeyboardInterrupt):
         log.warning("job interrupted")
         return "STOPPED", "interrupted (Ctrl-C)"
-    if isinstance(exc, (RecipeError, RecipeInvalid)):
-        log.error("recipe error: %s", exc)
+    if isinstance(exc, (RecipeError, RecipeInvalid, TrackingUnavailable)):
+        log.error("%s", exc)
         return "FAILED", str(exc)
     log.error("job failed:\n%s", traceback.format_exc())
-    first = (str(exc).strip().splitlines() or [""])[0]
+    first = (str(exc).strip().splitlines() or [""])[0][:500]
+    uri = getattr(tracker, "uri", "") or ""
+    if uri.startswith("http") and type(exc).__module__.split(".")[0] in ("mlflow", "requests", "urllib3"):
+        return "FAILED", f"tracking server {uri} failed during the job: {type(exc).__name__}: {first}"
     return "FAILED", f"{type(exc).__name__}: {first} (full traceback in {job.log_path})"
+
+
+def _check_finite(method: Any, metrics: dict[str, float]) -> None:
+    import math
+
+    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v) and k not in method.nan_metrics)
+    if bad:
+        raise NonFiniteMetrics(f"the converted model's {', '.join(bad)} is not finite "
+                               f"({', '.join(f'{k}={metrics[k]}' for k in bad)}); nothing was exported or registered")
 
 
 def _check_same_keys(method: str, results: Results) -> None:
@@ -299,18 +364,6 @@ def _job_log(job: Job, store: JobStore) -> Iterator[None]:
     finally:
         root.removeHandler(handler)
         handler.close()
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    def raise_stopped(signum: int, frame: Any) -> None:
-        raise JobStopped()
-
-    previous = signal.signal(signal.SIGTERM, raise_stopped)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _close(tracker: Any, status: str) -> None:

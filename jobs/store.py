@@ -1,5 +1,11 @@
 """Job store: one SQLite database (WAL) under the athanor home.
 
+A running job holds a lease: the claim records its owner and a heartbeat in the same transaction, the
+job process renews the heartbeat, and any worker or CLI call reaps a lease that went stale (the job
+process was killed, its machine lost). Cancellation is a flag the job reads between stages and steps,
+never a signal that interrupts it mid-write. A final status is written once: a SUCCEEDED job is never
+overwritten. Store write failures (read-only home, full disk) raise `StoreError`: one line for the user.
+
 Home: `--home`, else `$ATHANOR_HOME`, else `./.athanor`. Layout:
     <home>/jobs.db            job rows
     <home>/jobs/<id>/         log, checkpoints, export of one job
@@ -8,11 +14,14 @@ Home: `--home`, else `$ATHANOR_HOME`, else `./.athanor`. Layout:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import socket
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,16 +49,42 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at REAL NOT NULL,
     started_at REAL,
     finished_at REAL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    lease_owner TEXT,
+    heartbeat_at REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created_at);
 """
 
 
+# Columns added after the first release: added to existing stores on open.
+MIGRATIONS = {"lease_owner": "TEXT", "heartbeat_at": "REAL", "cancel_requested": "INTEGER NOT NULL DEFAULT 0"}
+
+LEASE_SECONDS = float(os.environ.get("ATHANOR_LEASE_SECONDS", "60"))
+"""A RUNNING job whose heartbeat is older than this is reaped (its process renews it every LEASE_SECONDS / 6)."""
+
+
+class StoreError(RuntimeError):
+    """The job store cannot be read or written (read-only home, full disk, corrupt file): one line."""
+
+
 def athanor_home(explicit: str | os.PathLike | None = None) -> Path:
     home = Path(explicit or os.environ.get("ATHANOR_HOME") or ".athanor").expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create the athanor home {home}: {exc.strerror}") from None
     return home
+
+
+def _store_error(exc: BaseException, path: Path) -> StoreError:
+    reason = str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        reason = exc.strerror
+    hint = ("free some disk space" if "full" in reason.lower() or "space" in reason.lower() else
+            "make it writable or choose another with --home / ATHANOR_HOME")
+    return StoreError(f"the job store {path} cannot be written ({reason}); {hint}")
 
 
 @dataclass
@@ -73,9 +108,12 @@ class Job:
     started_at: float | None
     finished_at: float | None
     updated_at: float
+    lease_owner: str | None = None
+    heartbeat_at: float | None = None
+    cancel_requested: int = 0
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "Job":
+    def from_row(cls, row: sqlite3.Row) -> Job:
         data = dict(row)
         data["overrides"] = json.loads(data["overrides"] or "[]")
         data["result"] = json.loads(data["result"]) if data["result"] else None
@@ -89,18 +127,38 @@ class JobStore:
         self.home = athanor_home(home)
         self.path = self.home / "jobs.db"
         with self._connect() as db:
-            db.executescript(SCHEMA)
+            if not db.execute("SELECT name FROM sqlite_master WHERE name='jobs'").fetchone():
+                db.executescript(SCHEMA)
+            present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            for column, kind in MIGRATIONS.items():
+                if column not in present:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA busy_timeout=30000")
-        return db
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        """A connection whose failures (read-only, full disk, unreadable file) surface as StoreError."""
+        db = None
+        try:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA busy_timeout=30000")
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            yield db
+        except sqlite3.Error as exc:
+            if db is not None and db.in_transaction:
+                db.rollback()
+            raise _store_error(exc, self.path) from None
+        finally:
+            if db is not None:
+                db.close()
 
     def job_dir(self, job_id: str) -> Path:
         path = self.home / "jobs" / job_id
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _store_error(exc, path) from None
         return path
 
     def create(self, *, name: str, method: str, recipe_text: str, recipe_path: str | None,
@@ -118,13 +176,16 @@ class JobStore:
         return self.get(job_id)
 
     def get(self, job_id: str) -> Job:
+        """The job with this id, or the only one whose id starts with it (a literal prefix, no wildcards);
+        KeyError when there is none or several."""
         with self._connect() as db:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                rows = db.execute("SELECT * FROM jobs WHERE id LIKE ?", (f"%{job_id}%",)).fetchall()
-                if len(rows) != 1:
-                    raise KeyError(job_id)
-                row = rows[0]
+            if row is None and job_id:
+                rows = db.execute("SELECT * FROM jobs WHERE substr(id, 1, ?) = ? LIMIT 2",
+                                  (len(job_id), job_id)).fetchall()
+                row = rows[0] if len(rows) == 1 else None
+        if row is None:
+            raise KeyError(job_id)
         return Job.from_row(row)
 
     def list(self, limit: int = 50, status: str | None = None) -> list[Job]:
@@ -135,9 +196,11 @@ class JobStore:
             rows = db.execute(query + " ORDER BY created_at DESC LIMIT ?", (*args, limit)).fetchall()
         return [Job.from_row(r) for r in rows]
 
-    def claim(self, job_id: str | None = None) -> Job | None:
-        """Atomically move one PENDING job (the oldest, or `job_id`) to RUNNING."""
+    def claim(self, job_id: str | None = None, *, owner: str | None = None) -> Job | None:
+        """Atomically move one PENDING job (the oldest, or `job_id`) to RUNNING under a lease held by
+        `owner` (default: this process), with its first heartbeat."""
         now = time.time()
+        owner = owner or lease_owner()
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             if job_id is None:
@@ -148,8 +211,8 @@ class JobStore:
                 db.execute("COMMIT")
                 return None
             db.execute(
-                "UPDATE jobs SET status='RUNNING', attempts=attempts+1, started_at=?, updated_at=?, error=NULL"
-                " WHERE id=?", (now, now, row["id"]),
+                "UPDATE jobs SET status='RUNNING', attempts=attempts+1, started_at=?, updated_at=?, error=NULL,"
+                " lease_owner=?, heartbeat_at=? WHERE id=?", (now, now, owner, now, row["id"]),
             )
             db.execute("COMMIT")
         return self.get(row["id"])
@@ -166,20 +229,70 @@ class JobStore:
         with self._connect() as db:
             db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*fields.values(), job_id))
 
-    def finish(self, job_id: str, status: str, *, error: str | None = None, **fields: Any) -> None:
-        """Final transition; a job already STOPPED (cancelled) stays STOPPED."""
-        if self.get(job_id).status == "STOPPED" and status != "STOPPED":
-            return
-        self.update(job_id, status=status, error=error, pid=None, **fields)
+    def finish(self, job_id: str, status: str, *, error: str | None = None, **fields: Any) -> bool:
+        """The one final transition, from PENDING or RUNNING only: a final status (SUCCEEDED above all)
+        is never overwritten. True when this call made the transition."""
+        if status not in FINAL:
+            raise ValueError(f"not a final status: {status}")
+        now = time.time()
+        fields = {**fields, "status": status, "error": error, "pid": None, "finished_at": now, "updated_at": now}
+        if fields.get("result") is not None:
+            fields["result"] = json.dumps(fields["result"])
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self._connect() as db:
+            cursor = db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND status IN ('PENDING', 'RUNNING')",
+                                (*fields.values(), job_id))
+            return cursor.rowcount == 1
 
-    def reap(self) -> list[str]:
-        """Mark RUNNING jobs whose process is gone as FAILED, so no job is silently lost."""
-        lost = []
-        for job in self.list(limit=1000, status="RUNNING"):
-            if job.pid and not _alive(job.pid):
-                self.finish(job.id, "FAILED", error="the job process exited without reporting (killed or crashed); see its log")
-                lost.append(job.id)
-        return lost
+    def heartbeat(self, job_id: str) -> bool:
+        """Renew a RUNNING job's lease; False when the job is no longer RUNNING (reaped or finished)."""
+        now = time.time()
+        with self._connect() as db:
+            cursor = db.execute("UPDATE jobs SET heartbeat_at = ?, updated_at = ? WHERE id = ? AND status = 'RUNNING'",
+                                (now, now, job_id))
+            return cursor.rowcount == 1
+
+    def request_cancel(self, job_id: str) -> str:
+        """PENDING → STOPPED at once; RUNNING → the cancel flag, which the job reads at its next step or
+        stage boundary. Returns the status after the call."""
+        with self._connect() as db:
+            db.execute("UPDATE jobs SET status='STOPPED', error='cancelled before it started', finished_at=?,"
+                       " updated_at=? WHERE id = ? AND status = 'PENDING'", (time.time(), time.time(), job_id))
+            db.execute("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ? AND status = 'RUNNING'",
+                       (time.time(), job_id))
+        return self.get(job_id).status
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self._connect() as db:
+            row = db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row and row["cancel_requested"])
+
+    def reap(self, lease_seconds: float | None = None) -> list[Job]:
+        """Finish RUNNING jobs whose lease went stale (no heartbeat for `lease_seconds`), or whose process
+        on this host is gone: STOPPED when a cancel was requested, else FAILED. Returns the reaped jobs
+        (the caller closes their MLflow runs and removes their exports)."""
+        limit = LEASE_SECONDS if lease_seconds is None else lease_seconds
+        reaped = []
+        for job in self.list(limit=10_000, status="RUNNING"):
+            stale = time.time() - (job.heartbeat_at or job.started_at or job.updated_at) > limit
+            dead = job.pid is not None and _on_this_host(job.lease_owner) and not _alive(job.pid)
+            if not (stale or dead):
+                continue
+            status = "STOPPED" if job.cancel_requested else "FAILED"
+            error = ("cancelled" if job.cancel_requested else
+                     "the job process stopped reporting (killed, crashed or its machine lost); see its log")
+            if self.finish(job.id, status, error=error):
+                reaped.append(self.get(job.id))
+        return reaped
+
+
+def lease_owner() -> str:
+    """host:pid of this process: who holds a lease."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _on_this_host(owner: str | None) -> bool:
+    return bool(owner) and owner.rsplit(":", 1)[0] == socket.gethostname()
 
 
 def _alive(pid: int) -> bool:

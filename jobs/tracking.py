@@ -39,17 +39,42 @@ class Tracker:
 
         self.home = home
         self.uri = uri or default_tracking_uri(home)
+        if self.uri.startswith(("http://", "https://")):
+            fail_fast_http()
+            check_server(self.uri)
+        elif self.uri == default_tracking_uri(home):
+            init_embedded_store(home)
         os.environ["MLFLOW_TRACKING_URI"] = self.uri
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
         self.client = MlflowClient(self.uri, self.uri)
-        found = self.client.get_experiment_by_name(experiment)
-        if found is None:
-            location = (home / "mlartifacts" / experiment).as_uri() if self.uri.startswith("sqlite:") else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-        else:
-            self.experiment_id = found.experiment_id
+        self.experiment_id = self._experiment(experiment)
         self.parent_id: str | None = None
+
+    def _experiment(self, name: str) -> str:
+        """The experiment's id, creating it; two jobs creating it at once both get the same one."""
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = (self.home / "mlartifacts" / name).as_uri() if self.uri.startswith("sqlite:") else None
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def close_open_runs(self, status: str) -> None:
+        """Terminate the parent run and any child still RUNNING (a reaped job's runs)."""
+        parent = self.client.get_run(self.parent_id)
+        children = self.client.search_runs([parent.info.experiment_id],
+                                           f"tags.mlflow.parentRunId = '{self.parent_id}'")
+        for run in [parent, *children]:
+            if run.info.status == "RUNNING":
+                self.client.set_terminated(run.info.run_id, status)
 
     def start_parent(self, job: Job, loaded: Any, tags: dict[str, str]) -> str:
         """The job's parent run, tagged with its lineage; logs the recipe as params and files."""
@@ -135,6 +160,59 @@ class Tracker:
         from lightning.pytorch.loggers import MLFlowLogger
 
         return MLFlowLogger(tracking_uri=self.uri, run_id=self.parent_id, log_model=False)
+
+
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5"}
+"""A tracking server that went away fails the job in well under a minute, not after MLflow's default
+seven retries with exponential back-off (12 minutes measured). A user's own settings win."""
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server cannot be reached: one line naming it."""
+
+
+def fail_fast_http() -> None:
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def check_server(uri: str, timeout: float = 10) -> None:
+    """GET <uri>/health before anything is tracked there."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:  # noqa: S310
+            if response.status != 200:
+                raise TrackingUnavailable(f"tracking server {uri} answered /health with HTTP {response.status}")
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingUnavailable(f"tracking server {uri} is unreachable ({reason}); start it or fix "
+                                  "tracking.uri") from None
+
+
+def init_embedded_store(home: Path) -> None:
+    """Create and migrate the embedded MLflow database once per home, under a file lock: two jobs
+    starting on a fresh home raced MLflow's schema migration ('duplicate column name')."""
+    import fcntl
+
+    from mlflow.version import VERSION
+
+    marker = home / "mlflow.db.ready"
+    if marker.is_file() and marker.read_text().strip() == VERSION:
+        return
+    with open(home / "mlflow.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.is_file() and marker.read_text().strip() == VERSION:
+            return
+        from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        uri = default_tracking_uri(home)
+        SqlAlchemyStore(uri, (home / "mlartifacts").as_uri())
+        RegistryStore(uri)
+        marker.write_text(VERSION + "\n")
 
 
 def comparison_markdown(before: dict[str, float], after: dict[str, float], speedup: float | None) -> str:

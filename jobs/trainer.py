@@ -13,7 +13,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,12 +103,13 @@ def build_trainer(train: TrainSpec, *, job_dir: Path, micro_batch_size: int, log
 
     callbacks = list(callbacks or [])
     if train.checkpoint_every_n_steps:
-        callbacks.append(ModelCheckpoint(dirpath=job_dir / "checkpoints", every_n_train_steps=train.checkpoint_every_n_steps,
-                                         save_top_k=-1, save_last=True))
+        callbacks.append(ModelCheckpoint(dirpath=job_dir / "checkpoints", save_top_k=-1, save_last=True,
+                                         every_n_train_steps=train.checkpoint_every_n_steps))
     if progress:
         from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
-        callbacks.append(RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=max(1, train.log_every_n_steps)))
+        refresh = max(1, train.log_every_n_steps)
+        callbacks.append(RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=refresh))
     deepspeed = train.strategy.startswith("deepspeed")
     precision = train.precision
     if deepspeed and not use_gpu(train):
@@ -186,12 +187,43 @@ def launched_ranks(train: TrainSpec, job_id: str, home: Path, log_dir: Path) -> 
                 os.environ[k] = v
 
 
+class NonFiniteLoss(RuntimeError):
+    """Training diverged: the job fails at the step it happened, and nothing is exported or registered."""
+
+
+def guard_callback(should_stop: Callable[[], bool], poll_seconds: float = 1.0) -> Any:
+    """A Lightning callback run on every rank after each batch: a non-finite loss raises NonFiniteLoss
+    (naming the step), and a cancel request (`should_stop()`, polled at most every `poll_seconds`) stops
+    the fit at this step (Lightning reduces `should_stop` across ranks)."""
+    import time
+
+    from lightning.pytorch.callbacks import Callback
+
+    class Guard(Callback):
+        last_poll = 0.0
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            if isinstance(loss, torch.Tensor) and not torch.isfinite(loss.detach()).all():
+                raise NonFiniteLoss(f"training diverged: the loss is {loss.detach().float().mean().item()} at "
+                                    f"optimizer step {trainer.global_step} (batch {batch_idx}); lower train.lr or "
+                                    "check the data")
+            now = time.monotonic()
+            if now - self.last_poll >= poll_seconds:
+                self.last_poll = now
+                if should_stop():
+                    trainer.should_stop = True
+
+    return Guard()
+
+
 def fit(method: Any, module: Any, student: Any, data: Any, train: TrainSpec, micro_batch_size: int, *,
-        job_dir: Path, logger: Any = False, progress: bool = True) -> Any:
+        job_dir: Path, logger: Any = False, progress: bool = True, callbacks: list | None = None) -> Any:
     """Train and return the trained student, consolidated on every rank (ZeRO-3 included)."""
     zero3 = train.strategy == "deepspeed_stage_3"
     blueprint = copy.deepcopy(student) if zero3 else None
-    trainer = build_trainer(train, job_dir=job_dir, micro_batch_size=micro_batch_size, logger=logger, progress=progress)
+    trainer = build_trainer(train, job_dir=job_dir, micro_batch_size=micro_batch_size, logger=logger,
+                            progress=progress, callbacks=callbacks)
     trainer.fit(module, train_dataloaders=data.train_dataloader())
     trained = method.trained_student(module)
     if zero3:

@@ -17,7 +17,8 @@ import subprocess
 import sys
 import time
 
-from jobs.store import JobStore
+from jobs.leases import clean_up, reap_stale
+from jobs.store import JobStore, StoreError
 
 log = logging.getLogger("athanor.worker")
 
@@ -33,7 +34,8 @@ def spawn(job_id: str, store: JobStore) -> subprocess.Popen:
 
 
 def work(store: JobStore, *, once: bool = False, poll: float = 2.0, max_jobs: int | None = None) -> int:
-    """Run pending jobs one after another; return how many ran."""
+    """Run pending jobs one after another; return how many ran. Store failures (read-only home, full
+    disk) are reported in one line and retried: the worker stays up."""
     ran = 0
     stopping = False
 
@@ -44,43 +46,59 @@ def work(store: JobStore, *, once: bool = False, poll: float = 2.0, max_jobs: in
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     while not stopping and (max_jobs is None or ran < max_jobs):
-        for lost in store.reap():
-            log.warning("job %s lost its process; marked FAILED", lost)
-        job = store.claim()
+        try:
+            reap_stale(store)
+            job = store.claim()
+        except StoreError as exc:
+            print(f"worker: {exc}; retrying in {poll:g} s", file=sys.stderr, flush=True)
+            if once:
+                break
+            time.sleep(poll)
+            continue
         if job is None:
             if once:
                 break
             time.sleep(poll)
             continue
-        print(f"running job {job.id} ({job.name}, {job.method}); log: {job.log_path}", flush=True)
-        proc = spawn(job.id, store)
-        proc.wait()
-        store.reap()
-        final = store.get(job.id)
-        if final.status == "RUNNING":  # the process died before it could report
-            store.finish(job.id, "FAILED", error=f"job process exited with code {proc.returncode}; see {job.log_path}")
-            final = store.get(job.id)
-        print(f"job {job.id}: {final.status}" + (f" — {final.error}" if final.error else ""), flush=True)
+        try:
+            _run_one(store, job)
+        except StoreError as exc:
+            print(f"worker: job {job.id}: {exc}", file=sys.stderr, flush=True)
         ran += 1
     return ran
 
 
-def cancel(store: JobStore, job_id: str) -> str:
-    """PENDING → STOPPED; RUNNING → SIGTERM to the job's process group, then STOPPED."""
+def _run_one(store: JobStore, job) -> None:
+    print(f"running job {job.id} ({job.name}, {job.method}); log: {job.log_path}", flush=True)
+    proc = spawn(job.id, store)
+    proc.wait()
+    reap_stale(store)
+    final = store.get(job.id)
+    if final.status == "RUNNING":  # the process died before it could report, and its lease is not stale yet
+        status = "STOPPED" if final.cancel_requested else "FAILED"
+        if store.finish(job.id, status, error=f"job process exited with code {proc.returncode}; see {job.log_path}"):
+            clean_up(store, store.get(job.id))
+        final = store.get(job.id)
+    print(f"job {job.id}: {final.status}" + (f" — {final.error}" if final.error else ""), flush=True)
+
+
+def cancel(store: JobStore, job_id: str, *, force: bool = False) -> str:
+    """PENDING → STOPPED; RUNNING → the cancel flag (the job stops at its next step or stage boundary,
+    never inside registration). `force` also kills the job's process group; the lease reaper then
+    records it STOPPED and cleans up."""
+    status = store.request_cancel(job_id)
     job = store.get(job_id)
-    if job.status == "PENDING":
-        store.finish(job.id, "STOPPED", error="cancelled before it started")
-    elif job.status == "RUNNING":
-        if job.pid:
-            try:
-                if os.getpgid(job.pid) == job.pid:
-                    os.killpg(job.pid, signal.SIGTERM)
-                else:
-                    os.kill(job.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        store.finish(job.id, "STOPPED", error="cancelled")
-    return store.get(job.id).status
+    if force and status == "RUNNING" and job.pid:
+        try:
+            if os.getpgid(job.pid) == job.pid:  # the job's own process group: its ranks go too
+                os.killpg(job.pid, signal.SIGKILL)
+            else:
+                os.kill(job.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        time.sleep(0.2)
+        reap_stale(store)
+    return store.get(job_id).status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,11 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--job", help="run this claimed job in this process")
     group.add_argument("--rank", help="run a non-zero training rank of this job")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = JobStore()
     from jobs import run
 
-    if args.rank:
+    if args.rank:  # a rank's stdout is its own log file; the job process logs through its FileHandler only
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         run.run_rank(args.rank, store)
         return 0
     job = run.execute(args.job, store, progress=False)

@@ -14,7 +14,7 @@ from distill.spec import Method, Section
 from jobs.methods import METHODS, get_method
 
 CALLS = [name for name, member in vars(Method).items() if inspect.isfunction(member) and not name.startswith("_")]
-CLASS_VARS = ["name", "Args", "Student", "trains", "mlflow_flavor", "mlflow_task", "auto_class"]
+CLASS_VARS = ["name", "Args", "Student", "trains", "mlflow_flavor", "mlflow_task", "auto_class", "nan_metrics"]
 
 
 def test_the_protocol_documents_every_call():

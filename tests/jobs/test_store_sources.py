@@ -47,18 +47,51 @@ def test_a_job_whose_process_died_is_marked_failed(home):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     store.update(job.id, pid=dead.pid)
-    assert store.reap() == [job.id]
-    assert store.get(job.id).status == "FAILED" and "exited without reporting" in store.get(job.id).error
+    assert [j.id for j in store.reap()] == [job.id]
+    assert store.get(job.id).status == "FAILED" and "stopped reporting" in store.get(job.id).error
 
 
-def test_cancelled_job_stays_stopped(home):
+def test_a_stale_lease_is_reaped_even_without_a_pid(home):
+    """Killed between the claim and the pid write: no pid, no heartbeat; the lease runs out."""
     store = JobStore(home)
     job = _new(store)
-    store.finish(job.id, "STOPPED", error="cancelled")
-    store.finish(job.id, "SUCCEEDED")
+    store.claim(job.id)
+    assert store.reap(lease_seconds=60) == []
+    (reaped,) = store.reap(lease_seconds=0)
+    assert reaped.id == job.id and reaped.status == "FAILED"
+
+
+def test_a_final_status_is_never_overwritten(home):
+    store = JobStore(home)
+    job = _new(store)
+    assert store.finish(job.id, "STOPPED", error="cancelled")
+    assert not store.finish(job.id, "SUCCEEDED")
     assert store.get(job.id).status == "STOPPED"
+    done = _new(store)
+    store.claim(done.id)
+    assert store.finish(done.id, "SUCCEEDED") and not store.finish(done.id, "FAILED", error="late")
+    assert store.get(done.id).status == "SUCCEEDED" and store.get(done.id).error is None
     with pytest.raises(KeyError):
         store.get("no-such-job")
+
+
+def test_job_ids_match_exactly_or_by_literal_prefix(home):
+    store = JobStore(home)
+    job = _new(store)
+    assert store.get(job.id[:10]).id == job.id
+    for pattern in ("%", "_", job.id[:3] + "%", "%" + job.id[-3:]):
+        with pytest.raises(KeyError):
+            store.get(pattern)
+
+
+def test_cancel_is_a_flag_for_running_jobs_and_final_for_pending_ones(home):
+    store = JobStore(home)
+    pending, running = _new(store), _new(store)
+    store.claim(running.id)
+    assert store.request_cancel(pending.id) == "STOPPED"
+    assert store.request_cancel(running.id) == "RUNNING" and store.cancel_requested(running.id)
+    (reaped,) = store.reap(lease_seconds=0)
+    assert reaped.status == "STOPPED"  # a cancelled job whose process died is STOPPED, not FAILED
 
 
 def test_pkg_source_resolves_inside_the_installed_package():

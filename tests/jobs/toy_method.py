@@ -35,6 +35,10 @@ class ToyStudent(Section):
 class ToyArgs(Section):
     fail_at: str | None = None
     """Raise inside this protocol call (tests of failure handling)."""
+    nan_loss_at_step: int | None = None
+    """Make the training loss NaN from this step on (tests of divergence handling)."""
+    nan_metric: bool = False
+    """Report a NaN `mse_to_teacher` after training (tests of non-finite metrics)."""
     sleep_s: float = 0.0
     """Sleep this long per training step (tests of cancellation)."""
     notes_file: str | None = Field(None, json_schema_extra=RECIPE_PATH)
@@ -42,9 +46,10 @@ class ToyArgs(Section):
 
 
 class ToyModule(L.LightningModule):
-    def __init__(self, teacher, student, train: TrainSpec, sleep_s: float) -> None:
+    def __init__(self, teacher, student, train: TrainSpec, sleep_s: float, nan_at: int | None = None) -> None:
         super().__init__()
         self.teacher, self.student, self.train_spec, self.sleep_s = teacher, student, train, sleep_s
+        self.nan_at = nan_at
         self.teacher.requires_grad_(False)
 
     def training_step(self, batch, batch_idx):
@@ -54,6 +59,8 @@ class ToyModule(L.LightningModule):
             time.sleep(self.sleep_s)
         (x,) = batch
         loss = torch.nn.functional.mse_loss(self.student(x), self.teacher(x))
+        if self.nan_at is not None and self.global_step >= self.nan_at:
+            loss = loss * float("nan")
         self.log("train/loss", loss)
         return loss
 
@@ -69,6 +76,7 @@ class Toy:
     mlflow_flavor = "artifacts"
     mlflow_task = None
     auto_class = None
+    nan_metrics = frozenset()
 
     def _maybe_fail(self, args: ToyArgs, where: str) -> None:
         if args.fail_at == where:
@@ -100,7 +108,7 @@ class Toy:
 
     def lightning_module(self, teacher, student, data, args: ToyArgs, train: TrainSpec):
         self._maybe_fail(args, "train")
-        return ToyModule(teacher, student, train, args.sleep_s)
+        return ToyModule(teacher, student, train, args.sleep_s, args.nan_loss_at_step)
 
     def trained_student(self, module):
         return module.student
@@ -111,8 +119,10 @@ class Toy:
         self._maybe_fail(args, "evaluate")
         x = data.eval["x"]
         (artifact_dir / "evaluated.txt").write_text(f"{count_params(model)} parameters\n")
-        return {"params": float(count_params(model)),
-                "mse_to_teacher": float(torch.nn.functional.mse_loss(model(x), teacher(x)))}
+        mse = float(torch.nn.functional.mse_loss(model(x), teacher(x)))
+        if args.nan_metric and model is not teacher:
+            mse = float("nan")
+        return {"params": float(count_params(model)), "mse_to_teacher": mse}
 
     def speed_probe(self, model, teacher, data: MethodData, eval: EvalSpec, args: ToyArgs):
         x = data.eval["x"]
