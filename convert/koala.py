@@ -127,7 +127,8 @@ def student_layout(teacher: Layout, preset: str, **custom: Any) -> Layout:
     up = _custom_list(custom.get("decoder_transformer_depth"), down[::-1], "decoder_transformer_depth", n)
     # Stages without attention have no stack to size (the paper writes 0 for them): keep the
     # teacher's value, except in the last encoder stage, whose value diffusers uses for the mid block.
-    down = [d if att or i == n - 1 else t for i, (d, t, att) in enumerate(zip(down, teacher.down_depth, teacher.attention))]
+    down = [d if att or i == n - 1 else t
+            for i, (d, t, att) in enumerate(zip(down, teacher.down_depth, teacher.attention))]
     up = [d if att else t for d, t, att in zip(up, teacher.up_depth, teacher.attention[::-1])]
     for key, counts, limit in (
         ("layers_per_block", layers, teacher.layers_per_block),
@@ -236,7 +237,8 @@ def block_map(teacher_config: dict, config: dict, selection: str = "even") -> Bl
         for j, tj in enumerate(even_subset(t.layers_per_block[i], s.layers_per_block[i])):
             bmap.add(f"down_blocks.{i}.resnets.{j}", f"down_blocks.{i}.resnets.{tj}", "resnet")
             if attn:
-                stack(f"down_blocks.{i}.attentions.{j}", f"down_blocks.{i}.attentions.{tj}", s.down_depth[i], t.down_depth[i])
+                stack(f"down_blocks.{i}.attentions.{j}", f"down_blocks.{i}.attentions.{tj}", s.down_depth[i],
+                      t.down_depth[i])
     if s.mid_block:
         for j in range(2):
             bmap.add(f"mid_block.resnets.{j}", f"mid_block.resnets.{j}", "resnet")
@@ -259,8 +261,7 @@ def build_student(
     teacher_config = dict(teacher.config)
     config = student_config(teacher_config, preset, **custom)
     bmap = block_map(teacher_config, config, selection)
-    with torch.device("meta"):
-        student = UNet2DConditionModel.from_config(config)
+    student = meta_unet(config)
     for line in bmap.lines():
         logger.info(line)
     reference = next(teacher.parameters())
@@ -282,8 +283,8 @@ def build_student(
     return student, bmap  # already in the teacher's dtype: assign=True adopted the copies
 
 
-def parameter_count(config: dict) -> int:
-    """Parameters of a U-Net built from `config` on the meta device (no memory, no weights)."""
+def meta_unet(config: dict) -> UNet2DConditionModel:
+    """A U-Net built from `config` on the meta device: structure and sizes, no memory, no weights
+    (count its parameters with `convert.module_utils.count_params`)."""
     with torch.device("meta"):
-        model = UNet2DConditionModel.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+        return UNet2DConditionModel.from_config(config)

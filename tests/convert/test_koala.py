@@ -17,9 +17,10 @@ from convert.koala import (
     block_map,
     build_student,
     even_subset,
-    parameter_count,
+    meta_unet,
     student_config,
 )
+from convert.module_utils import count_params
 from distill.spec import RecipeError
 
 SDXL = json.loads((Path(__file__).parents[1] / "fixtures" / "sdxl_unet_config.json").read_text())
@@ -49,6 +50,10 @@ def tiny_sd15(**changes) -> dict:
 def random_unet(config: dict, seed: int = 0) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return UNet2DConditionModel.from_config(config)
+
+
+def parameter_count(config: dict) -> int:
+    return count_params(meta_unet(config))
 
 
 @pytest.mark.parametrize("preset", ["koala-1b", "koala-700m"])
@@ -112,7 +117,7 @@ def test_student_weights_equal_the_mapped_teacher_weights(preset, custom):
     with torch.no_grad():
         p.add_(1.0)
     assert not torch.equal(p, t_state[bmap.teacher_name(next(iter(s_state)))])
-    assert sum(x.numel() for x in student.parameters()) == parameter_count(student_config(tiny_sdxl(), preset, **custom))
+    assert count_params(student) == parameter_count(student_config(tiny_sdxl(), preset, **custom))
 
 
 def test_custom_counts_shape_the_config():
@@ -120,8 +125,7 @@ def test_custom_counts_shape_the_config():
                             decoder_transformer_depth=[8, 2, 1], mid_block=False)
     assert config["layers_per_block"] == [2, 1, 1] and config["transformer_layers_per_block"] == [1, 2, 4]
     assert config["reverse_transformer_layers_per_block"] == [8, 2, 1] and config["mid_block_type"] is None
-    with torch.device("meta"):
-        model = UNet2DConditionModel.from_config(config)
+    model = meta_unet(config)
     assert len(model.down_blocks[0].resnets) == 2 and len(model.up_blocks[2].resnets) == 3  # mirrors stage 0
     assert len(model.up_blocks[0].resnets) == 2
     assert len(model.up_blocks[0].attentions[0].transformer_blocks) == 8

@@ -1,7 +1,8 @@
-"""KOALA distillation: loss terms, feature taps (plain, DDP, gradient checkpointing), data,
-evaluation and export, on the tiny pipeline of recipes/koala_tiny.yaml (shrunk further here).
+"""KOALA distillation: loss terms, feature taps (plain, DDP, gradient checkpointing), data and the
+training step, on the tiny pipeline of recipes/koala_tiny.yaml (shrunk further: tests/distill/koala/conftest.py).
+Evaluation and export: test_evaluation.py; EMA and data-free sampling: test_training.py.
 
-    .venv/bin/python -m pytest tests/distill/test_koala.py -q
+    .venv/bin/python -m pytest tests/distill/koala -q
 """
 
 from __future__ import annotations
@@ -14,37 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler
 from PIL import Image
 
 from convert.koala import block_map
-from distill.koala.method import Koala
 from distill.koala.data import encode_prompts, encode_tokens, image_caption_set, tokenize
-from distill.koala.evaluation import LiveBytes
-from distill.koala.train import FeatureTaps, KoalaModule, feature_pairs, koala_losses, training_target
-from distill.spec import DataSpec, EvalSpec, RecipeError, TrainSpec
-from jobs.recipe import load_recipe
+from distill.koala.train import FeatureTaps, feature_pairs, koala_losses, training_target
+from distill.spec import DataSpec, RecipeError, TrainSpec
 from jobs.sources import resolve_source
 
-ROOT = Path(__file__).parents[2]
-SMALL = ["teacher.config.unet.sample_size=8", "teacher.config.unet.transformer_layers_per_block=[1,2,5]",
-         "koala.eval_steps=2", "koala.eval_seeds=[0]", "eval.latency_repeats=1", "data.batch_size=2"]
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    loaded = load_recipe(ROOT / "recipes" / "koala_tiny.yaml", overrides=SMALL)
-    method = Koala()
-    teacher = method.load_teacher(resolve_source(loaded.recipe.teacher, "teacher"))
-    return method, loaded, teacher
-
-
-def student_of(tiny, preset: str = "koala-1b"):
-    method, loaded, teacher = tiny
-    return method.convert(teacher, loaded.student.model_copy(update={"preset": preset}), loaded.args)
 
 
 def inputs(teacher, batch: int = 2, size: int = 8, seed: int = 0):
@@ -52,8 +32,9 @@ def inputs(teacher, batch: int = 2, size: int = 8, seed: int = 0):
     cond = encode_prompts(teacher, ["a cat", "a dog"][:batch])
     cond["time_ids"] = torch.tensor([[64.0, 64, 0, 0, 64, 64]]).repeat(batch, 1)
     sample = torch.randn(batch, 4, size, size, generator=g)
+    added = {k: cond[k] for k in ("text_embeds", "time_ids")}
     return sample, torch.tensor([10, 700][:batch]), {"encoder_hidden_states": cond["prompt_embeds"],
-                                                      "added_cond_kwargs": {k: cond[k] for k in ("text_embeds", "time_ids")}}
+                                                      "added_cond_kwargs": added}
 
 
 def test_loss_terms_match_a_reference_computation():
@@ -78,16 +59,20 @@ def test_targets_for_epsilon_and_v_prediction(tiny):
     t = torch.tensor([0, 400, 999])
     eps = DDPMScheduler.from_config(method._scheduler_config(teacher, loaded.args))
     assert torch.equal(training_target(eps, x0, noise, t), noise)
+    original = teacher.scheduler_config
     teacher.scheduler_config = {**DDPMScheduler(beta_schedule="scaled_linear").config}  # has _use_default_values
-    v_args = loaded.args.model_copy(update={"prediction_type": "v_prediction"})
-    v = DDPMScheduler.from_config(method._scheduler_config(teacher, v_args))
+    try:
+        v_args = loaded.args.model_copy(update={"prediction_type": "v_prediction"})
+        v = DDPMScheduler.from_config(method._scheduler_config(teacher, v_args))
+    finally:
+        teacher.scheduler_config = original  # the teacher is shared by the module's tests
     assert v.config.prediction_type == "v_prediction"
     abar = v.alphas_cumprod[t].view(-1, 1, 1, 1)
     assert torch.allclose(training_target(v, x0, noise, t), abar.sqrt() * noise - (1 - abar).sqrt() * x0, atol=1e-6)
 
 
-def test_feature_sites(tiny):
-    student = student_of(tiny, "koala-700m")
+def test_feature_sites(tiny, make_student):
+    student = make_student("koala-700m")
     method, loaded, teacher = tiny
     module = method.lightning_module(teacher, student, method.data(teacher, loaded.recipe.data, loaded.args),
                                      loaded.args, TrainSpec())
@@ -107,8 +92,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_taps_work_through_a_ddp_wrapper(tiny):
-    student = student_of(tiny)
+def test_taps_work_through_a_ddp_wrapper(tiny, make_student):
+    student = make_student()
     names = ["down_blocks.1.attentions.0.transformer_blocks.1.attn1", "mid_block", "down_blocks.2"]
     sample, t, kwargs = inputs(tiny[2])
     bare_taps = FeatureTaps(student, names)
@@ -131,9 +116,9 @@ def test_taps_work_through_a_ddp_wrapper(tiny):
         dist.destroy_process_group()
 
 
-def test_gradient_checkpointing_keeps_feature_gradients(tiny):
+def test_gradient_checkpointing_keeps_feature_gradients(tiny, make_student):
     method, loaded, teacher = tiny
-    plain = student_of(tiny).train()
+    plain = make_student().train()
     ckpt = copy.deepcopy(plain)
     ckpt.enable_gradient_checkpointing()
     sample, t, kwargs = inputs(teacher)
@@ -148,9 +133,9 @@ def test_gradient_checkpointing_keeps_feature_gradients(tiny):
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
-def test_training_step_logs_each_term(tiny, tmp_path):
+def test_training_step_logs_each_term(tiny, make_student):
     method, loaded, teacher = tiny
-    student = student_of(tiny)
+    student = make_student()
     data = method.data(teacher, loaded.recipe.data, loaded.args)
     module = method.lightning_module(teacher, student, data, loaded.args.model_copy(update={"ema": True}), TrainSpec())
     logged = {}
@@ -162,8 +147,7 @@ def test_training_step_logs_each_term(tiny, tmp_path):
     batch["latents"] = torch.randn(2, 4, 8, 8)
     module.training_step(batch, 1)
     assert "train/loss_task" in logged and logged["train/loss_feat"] > 0
-    module.on_train_batch_end(None, batch, 1)
-    assert method.trained_student(module) is module.ema.module
+    assert method.trained_student(module) is module.ema.module  # EMA updates: test_training.py
 
 
 def _imagefolder(root: Path) -> Path:
@@ -175,7 +159,7 @@ def _imagefolder(root: Path) -> Path:
     return root
 
 
-def test_image_caption_data_encodes_and_caches(tiny, tmp_path):
+def test_image_caption_data_encodes_and_caches(tiny, make_student, tmp_path):
     method, loaded, teacher = tiny
     spec = DataSpec(kind="datasets", loader="imagefolder", paths=[str(_imagefolder(tmp_path))], batch_size=2)
     raw = image_caption_set(teacher, spec, "image", 64, None)
@@ -190,15 +174,16 @@ def test_image_caption_data_encodes_and_caches(tiny, tmp_path):
     import datasets  # the same rows as parquet (image + text columns) give the same items
 
     datasets.load_dataset("imagefolder", data_dir=str(tmp_path), split="train").to_parquet(tmp_path / "rows.parquet")
-    parquet = image_caption_set(teacher, spec.model_copy(update={"loader": "parquet", "paths": [str(tmp_path / "rows.parquet")]}),
-                                "image", 64, None)
-    assert torch.equal(parquet[2]["pixels"], raw[2]["pixels"]) and torch.equal(parquet[2]["input_ids_1"], raw[2]["input_ids_1"])
+    as_parquet = spec.model_copy(update={"loader": "parquet", "paths": [str(tmp_path / "rows.parquet")]})
+    parquet = image_caption_set(teacher, as_parquet, "image", 64, None)
+    assert torch.equal(parquet[2]["pixels"], raw[2]["pixels"])
+    assert torch.equal(parquet[2]["input_ids_1"], raw[2]["input_ids_1"])
     again = image_caption_set(teacher, spec, "image", 64, str(tmp_path / "cache"))
     assert torch.equal(again[1]["latents"], cached[1]["latents"])
     # Uncached batches carry pixels and token ids; the training step encodes them with the teacher.
     args = loaded.args.model_copy(update={"data_free": False})
     data = method.data(teacher, spec, args)
-    module = method.lightning_module(teacher, student_of(tiny, "koala-700m"), data, args, TrainSpec())
+    module = method.lightning_module(teacher, make_student("koala-700m"), data, args, TrainSpec())
     logged = {}
     module.log_dict = lambda values, **kw: logged.update(values)
     batch = next(iter(data.train_dataloader()))
@@ -222,45 +207,7 @@ def test_prompt_encoding_follows_the_sdxl_pipeline(tiny):
     assert torch.allclose(out["text_embeds"], hidden[1].text_embeds) and out["prompt_embeds"].shape == (2, 77, 64)
 
 
-def test_live_bytes_counts_the_peak_of_live_storages():
-    with LiveBytes() as counter:
-        a = torch.ones(1000)  # 4000 B
-        b = a * 2  # 8000 B live
-        del a
-        c = b + 1  # a freed first: 8000 B
-        d = c.view(10, 100)  # a view allocates nothing
-        del b, c, d
-        e = torch.zeros(3000)  # 12000 B, the peak
-    assert counter.peak == 12000
-    del e
-
-
-def test_evaluate_before_after_and_export(tiny, tmp_path):
-    method, loaded, teacher = tiny
-    student = student_of(tiny, "koala-700m")
-    data = method.data(teacher, loaded.recipe.data, loaded.args)
-    method.artifact_dir = tmp_path / "before"
-    before = method.evaluate(teacher.unet, teacher, data, EvalSpec(latency_repeats=1), loaded.args)
-    method.artifact_dir = tmp_path / "after"
-    after = method.evaluate(student, teacher, data, EvalSpec(latency_repeats=1), loaded.args)
-    assert set(before) == set(after)
-    assert before["noise_mse"] == 0 and before["speedup"] == 1 and before["init_noise_mse"] > 0
-    # Untrained, the student scores exactly what the 'before' pass measured for it at initialisation.
-    assert after["noise_mse"] == pytest.approx(before["init_noise_mse"], rel=1e-6)
-    assert after["latent_mse"] == pytest.approx(before["init_latent_mse"], rel=1e-6)
-    assert after["params_m"] == pytest.approx(sum(p.numel() for p in student.parameters()) / 1e6)
-    assert after["peak_mem_mb"] < before["peak_mem_mb"]
-    grid = Image.open(method.artifacts[0])
-    assert method.artifacts[0].parent == tmp_path / "after" and grid.size == (2 * 64, 2 * 64)  # 2 prompts, 2 rows
-    path = method.export(student, teacher, tmp_path / "export", loaded.args)
-    reloaded = UNet2DConditionModel.from_pretrained(path)
-    sample, t, kwargs = inputs(teacher)
-    with torch.no_grad():
-        assert torch.allclose(reloaded(sample, t, **kwargs).sample, student(sample, t, **kwargs).sample, atol=1e-6)
-    assert json.loads((path / "koala_block_map.json").read_text())["entries"]["up_blocks.0.resnets.1"] == "up_blocks.0.resnets.2"
-
-
-def test_recipe_errors_name_the_key(tiny):
+def test_recipe_errors_name_the_key(tiny, make_student):
     method, loaded, teacher = tiny
     source = resolve_source(loaded.recipe.teacher, "teacher")
     with pytest.raises(RecipeError) as info:
@@ -270,7 +217,7 @@ def test_recipe_errors_name_the_key(tiny):
         method.data(teacher, loaded.recipe.data, loaded.args.model_copy(update={"resolution": 60}))
     assert info.value.key == "koala.resolution"
     with pytest.raises(RecipeError) as info:
-        method.lightning_module(teacher, student_of(tiny), None, loaded.args.model_copy(update={"ema": True}),
+        method.lightning_module(teacher, make_student(), None, loaded.args.model_copy(update={"ema": True}),
                                 TrainSpec(strategy="deepspeed_stage_3"))
     assert info.value.key == "koala.ema"
 
@@ -299,9 +246,9 @@ def test_sd1_teacher_without_added_conditioning(tiny):
     assert student.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.grad is not None
 
 
-def test_bf16_true_student_trains_against_a_matching_teacher(tiny):
+def test_bf16_true_student_trains_against_a_matching_teacher(tiny, make_student):
     method, loaded, teacher = tiny
-    student = student_of(tiny, "koala-700m").to(torch.bfloat16)  # what precision 'bf16-true' does
+    student = make_student("koala-700m").to(torch.bfloat16)  # what precision 'bf16-true' does
     data = method.data(teacher, loaded.recipe.data, loaded.args)
     module = method.lightning_module(teacher, student, data, loaded.args, TrainSpec(precision="bf16-true"))
     module.log_dict = lambda values, **kw: None

@@ -1,0 +1,38 @@
+"""Shared KOALA test setup: the tiny pipeline of recipes/koala_tiny.yaml, shrunk further (8x8 latents,
+2 eval steps, one seed), and a student factory. Used by every test file in this folder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from distill.koala.method import Koala
+from jobs.recipe import load_recipe
+from jobs.sources import resolve_source
+
+ROOT = Path(__file__).parents[3]
+SMALL = ["teacher.config.unet.sample_size=8", "teacher.config.unet.transformer_layers_per_block=[1,2,5]",
+         "koala.eval_steps=2", "koala.eval_seeds=[0]", "eval.latency_repeats=1", "data.batch_size=2",
+         "koala.data_free_steps=2", "koala.data_free_samples=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(method, loaded recipe, teacher); tests that change the teacher restore it."""
+    loaded = load_recipe(ROOT / "recipes" / "koala_tiny.yaml", overrides=SMALL)
+    method = Koala()
+    teacher = method.load_teacher(resolve_source(loaded.recipe.teacher, "teacher"))
+    return method, loaded, teacher
+
+
+@pytest.fixture
+def make_student(tiny) -> Callable:
+    """`make_student(preset)`: a fresh untrained student of the tiny teacher."""
+    method, loaded, teacher = tiny
+
+    def build(preset: str = "koala-1b"):
+        return method.convert(teacher, loaded.student.model_copy(update={"preset": preset}), loaded.args)
+
+    return build
