@@ -192,9 +192,9 @@ class NonFiniteLoss(RuntimeError):
 
 
 def guard_callback(should_stop: Callable[[], bool], poll_seconds: float = 1.0) -> Any:
-    """A Lightning callback run on every rank after each batch: a non-finite loss raises NonFiniteLoss
-    (naming the step), and a cancel request (`should_stop()`, polled at most every `poll_seconds`) stops
-    the fit at this step (Lightning reduces `should_stop` across ranks)."""
+    """A Lightning callback run on every rank: a non-finite loss raises NonFiniteLoss before its backward
+    pass (naming the step, counted from 0 as Lightning's global_step), and a cancel request (`should_stop()`,
+    polled at most every `poll_seconds`) stops the fit after this batch."""
     import time
 
     from lightning.pytorch.callbacks import Callback
@@ -202,12 +202,12 @@ def guard_callback(should_stop: Callable[[], bool], poll_seconds: float = 1.0) -
     class Guard(Callback):
         last_poll = 0.0
 
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-            if isinstance(loss, torch.Tensor) and not torch.isfinite(loss.detach()).all():
+        def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+            if not torch.isfinite(loss.detach()).all():
                 raise NonFiniteLoss(f"training diverged: the loss is {loss.detach().float().mean().item()} at "
-                                    f"optimizer step {trainer.global_step} (batch {batch_idx}); lower train.lr or "
-                                    "check the data")
+                                    f"optimizer step {trainer.global_step}; lower train.lr or check the data")
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             now = time.monotonic()
             if now - self.last_poll >= poll_seconds:
                 self.last_poll = now
