@@ -1,6 +1,6 @@
 """Sentence segmentation for SentenceVAE: text → character spans → per-sentence token ids.
 
-    .venv/bin/python -m pytest tests/convert/test_sentencevae_segment.py -q
+    .venv/bin/python -m pytest tests/convert/sentencevae/test_segment.py -q
 
 The passage is tokenized once, as the LM sees it, and each token is assigned to the sentence that
 holds its last character. So the concatenation of the sentences' tokens is exactly the LM's own

@@ -1,6 +1,6 @@
 """SentenceVAE's sentence-level LM (SLLM) and the whole converted model (encoder, decoder, SLLM).
 
-    .venv/bin/python -m pytest tests/convert/test_sentencevae_model.py -q
+    .venv/bin/python -m pytest tests/convert/sentencevae/test_vae_sllm.py -q
 
 The SLLM is the pretrained LM's decoder stack run over sentence vectors through `inputs_embeds`,
 so transformers builds the causal mask (and positions: rotary for Llama, learned for GPT-2) itself.
@@ -99,7 +99,7 @@ class SentenceVAEModel(nn.Module):
         self.sllm = sllm
 
     @classmethod
-    def from_lm(cls, lm: PreTrainedModel, cfg: VAEConfig) -> "SentenceVAEModel":
+    def from_lm(cls, lm: PreTrainedModel, cfg: VAEConfig) -> SentenceVAEModel:
         """Build from a causal LM: embeddings copied, decoder stack deep-copied (the LM stays intact)."""
         lm_embed = lm.get_input_embeddings()
         embed = build_embedding(lm_embed, cfg)
@@ -143,14 +143,15 @@ class SentenceVAEModel(nn.Module):
         return out_dir
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "SentenceVAEModel":
+    def from_pretrained(cls, path: str | Path) -> SentenceVAEModel:
         path = Path(path)
         cfg = VAEConfig(**json.loads((path / CONFIG_NAME).read_text()))
         base = AutoModel.from_pretrained(path / LM_DIR)
         sllm = SentenceLM(base, cfg.hidden_size, torch.zeros(cfg.hidden_size))
         model = cls(cfg, sllm)
         missing, unexpected = model.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=False)
-        missing = [k for k in missing if not k.startswith("sllm.lm.") and k not in ("encoder.embed.weight", "decoder.embed.weight")]
+        aliases = ("encoder.embed.weight", "decoder.embed.weight")  # saved once, as embed.weight
+        missing = [k for k in missing if not k.startswith("sllm.lm.") and k not in aliases]
         if missing or unexpected:
             raise ValueError(f"{path}: weights do not match the config (missing {missing}, unexpected {unexpected})")
         return model.eval()

@@ -1,11 +1,11 @@
 """SentenceVAE sentence encoder and decoder (An et al. 2024, arXiv:2408.00655), built for a given LM.
 
-    .venv/bin/python -m pytest tests/convert/test_sentencevae_model.py -q
+    .venv/bin/python -m pytest tests/convert/sentencevae/test_vae_sllm.py -q
 
 The encoder compresses one sentence's tokens into one vector in the LM's hidden size; the decoder
 reconstructs the tokens from that vector (cross-attention to it) and ends with an end-of-sentence
 token. Both share one token embedding, initialised from the LM's input embedding; the decoder's
-LM head is tied to it. `convert/sentencevae_sllm.py` puts the LM's layers over these vectors.
+LM head is tied to it. `convert/sentencevae/sllm.py` puts the LM's layers over these vectors.
 """
 
 from __future__ import annotations
@@ -170,7 +170,8 @@ class SentenceDecoder(nn.Module):
             x = layer(x, memory, cache, i)
         return (self.norm(x) @ self.embed.weight.T) * self.logit_scale.exp()  # head tied to the shared embedding
 
-    def teacher_forced(self, sentences: torch.Tensor, lengths: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def teacher_forced(self, sentences: torch.Tensor, lengths: torch.Tensor,
+                       memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [N, L+1, V] for targets [N, L+1] = tokens then EOS then padding (-100)."""
         n, length = sentences.shape
         bos = torch.full((n, 1), self.cfg.bos_id, dtype=sentences.dtype, device=sentences.device)

