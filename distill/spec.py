@@ -27,14 +27,25 @@ Tests of the protocol itself: `.venv/bin/python -m pytest tests/jobs/test_protoc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import Field
 
-from convert.recipe_types import RecipeError, Section
+from convert.recipe_types import RecipeError, Section, bounded
+
+STEPS_MAX = 10_000_000
+"""Ten million optimizer steps is beyond any real schedule: a larger count is a typo (1e30)."""
+BATCH_MAX = 65_536
+"""Examples per micro-batch: beyond this no accelerator holds the activations."""
+SEED_MAX = 2**32 - 1
+"""numpy and Lightning accept seeds in [0, 2**32 - 1]; others fail or are silently replaced."""
+_STEPS = f"more than {STEPS_MAX:,} steps is beyond any real schedule (a typo?)"
+_BATCH = f"more than {BATCH_MAX:,} examples per batch fits no accelerator"
+_SEED = "numpy and Lightning take seeds from 0 to 2**32 - 1"
+_TEXTS = "a sanity bound on passages held in memory"
 
 __all__ = ["RecipeError", "Section", "ResolvedSource", "DataSpec", "EvalSpec", "TrainSpec", "MethodData", "Method"]
 
@@ -71,28 +82,28 @@ class DataSpec(Section):
     """Dataset split to read (kind 'datasets')."""
     text_column: str = "text"
     """Column holding the text (kind 'datasets')."""
-    max_texts: int = Field(20000, ge=1)
+    max_texts: int = bounded(20000, ge=1, le=1_000_000_000, reason=_TEXTS)
     """Upper bound on the number of passages read."""
-    eval_texts: int = Field(256, ge=1)
+    eval_texts: int = bounded(256, ge=1, le=10_000_000, reason=_TEXTS)
     """Passages held out for evaluation (never trained on)."""
-    max_length: int = Field(128, ge=8)
+    max_length: int = bounded(128, ge=8, le=1_048_576, reason="past any model's context")
     """Tokens per passage after truncation."""
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = bounded(16, ge=1, le=BATCH_MAX, reason=_BATCH)
     """Passages per training micro-batch (per device)."""
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = bounded(0, ge=0, le=256, reason="each worker is a process; no machine runs more usefully")
     """DataLoader worker processes."""
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=SEED_MAX, reason=_SEED)
     """Seed for the shuffle and the held-out split."""
 
 
 class EvalSpec(Section):
     """How 'before' and 'after' are measured. Both sides log the same `eval/*` keys."""
 
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = bounded(16, ge=1, le=BATCH_MAX, reason=_BATCH)
     """Passages per evaluation batch (also the latency batch)."""
-    latency_repeats: int = Field(5, ge=1)
+    latency_repeats: int = bounded(5, ge=1, le=10_000, reason="the median of 10,000 timings is already exact")
     """Timed repetitions for latency; the median is reported."""
-    max_texts: int = Field(256, ge=1)
+    max_texts: int = bounded(256, ge=1, le=10_000_000, reason=_TEXTS)
     """Held-out examples (passages, prompts) used for the quality metrics."""
     include_untrained: bool = False
     """Also evaluate the untrained student (child run `untrained`, same keys): shows what training
@@ -106,29 +117,29 @@ class TrainSpec(Section):
     """Distribution strategy. DeepSpeed also runs on CPU (gloo) for testing."""
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     """Hardware; 'auto' picks the GPU when one is present."""
-    devices: int = Field(1, ge=1)
+    devices: int = bounded(1, ge=1, le=1024, reason="processes per node; no node has more than 1024 accelerators")
     """Processes (GPUs, or CPU processes) per node."""
-    num_nodes: int = Field(1, ge=1)
+    num_nodes: int = bounded(1, ge=1, le=4096, reason="more nodes than any cluster this launcher targets")
     """Nodes; multi-node runs need MASTER_ADDR/MASTER_PORT/NODE_RANK set on every node."""
     precision: Literal["32-true", "16-mixed", "bf16-mixed", "bf16-true"] = "32-true"
     """Numeric precision for training."""
-    max_steps: int = Field(200, ge=1)
+    max_steps: int = bounded(200, ge=1, le=STEPS_MAX, reason=_STEPS)
     """Optimizer steps to train for."""
-    accumulate_grad_batches: int = Field(1, ge=1)
+    accumulate_grad_batches: int = bounded(1, ge=1, le=BATCH_MAX, reason=_BATCH)
     """Micro-batches per optimizer step."""
-    lr: float = Field(1e-4, gt=0)
+    lr: float = bounded(1e-4, gt=0, le=10.0, reason="a learning rate above 10 diverges with AdamW (a typo?)")
     """Peak learning rate (AdamW, linear warm-up then linear decay)."""
-    weight_decay: float = Field(0.01, ge=0)
+    weight_decay: float = bounded(0.01, ge=0, le=10.0, reason="decay above 10 erases the weights each step")
     """AdamW weight decay."""
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = bounded(0, ge=0, le=STEPS_MAX, reason=_STEPS)
     """Linear warm-up steps."""
-    gradient_clip_val: float | None = Field(1.0, ge=0)
+    gradient_clip_val: float | None = bounded(1.0, ge=0, le=1e6, reason="a clip above 1e6 clips nothing; use null")
     """Gradient norm clip (None disables)."""
-    checkpoint_every_n_steps: int | None = Field(None, ge=1)
+    checkpoint_every_n_steps: int | None = bounded(None, ge=1, le=STEPS_MAX, reason=_STEPS)
     """Optimizer steps between checkpoints (None: no intermediate checkpoints)."""
-    log_every_n_steps: int = Field(10, ge=1)
+    log_every_n_steps: int = bounded(10, ge=1, le=STEPS_MAX, reason=_STEPS)
     """Optimizer steps between logged training metrics."""
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=SEED_MAX, reason=_SEED)
     """Global seed."""
 
 

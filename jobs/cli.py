@@ -31,14 +31,22 @@ def _job(store, job_id: str):
         sys.exit(EXIT_BAD_INPUT)
 
 
+def _print_problems(problems: list, recipe: str, outcome: str = "") -> None:
+    """One stderr line per problem (capped: a broken file can hold thousands), then the count."""
+    from convert.recipe_types import one_line
+    from jobs.recipe import render_problems
+
+    for line in render_problems(problems, recipe):
+        print(line, file=sys.stderr)
+    print(f"{len(problems)} problem(s) in {one_line(recipe, 300)}{outcome}", file=sys.stderr)
+
+
 def cmd_validate(args) -> int:
     from jobs.validate import check, render_estimate
 
     report = check(args.recipe, overrides=args.override)
     if report.problems:
-        for p in report.problems:
-            print(p.render(args.recipe), file=sys.stderr)
-        print(f"{len(report.problems)} problem(s) in {args.recipe}", file=sys.stderr)
+        _print_problems(report.problems, args.recipe)
         return EXIT_BAD_INPUT
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -82,26 +90,24 @@ def _print_table(job) -> None:
 
 
 def cmd_submit(args) -> int:
-    from jobs.recipe import recipe_hash
+    """Validate first; a job row exists only for a valid recipe (an invalid one is reported and
+    stored nowhere: no FAILED rows holding megabytes of someone's broken file)."""
     from jobs.validate import check
 
-    store = _store(args)
-    text = open(args.recipe).read() if os.path.isfile(args.recipe) else None
     report = check(args.recipe, overrides=args.override)
-    name = (report.loaded.recipe.name if report.loaded else os.path.splitext(os.path.basename(args.recipe))[0])
-    method = report.loaded.recipe.method if report.loaded else "?"
-    job = store.create(name=name, method=method, recipe_text=text or "", recipe_path=os.path.abspath(args.recipe),
-                       overrides=args.override, recipe_hash=recipe_hash(text or "", args.override))
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if report.problems:
-        for p in report.problems:
-            print(p.render(args.recipe), file=sys.stderr)
-        store.finish(job.id, "FAILED", error="; ".join(p.render(args.recipe) for p in report.problems))
-        print(f"job {job.id}: FAILED (invalid recipe, nothing ran)", file=sys.stderr)
+        _print_problems(report.problems, args.recipe, "; no job was created")
         return EXIT_BAD_INPUT
+    loaded = report.loaded
+    name, method = loaded.recipe.name, loaded.recipe.method
+    store = _store(args)
+    job = store.create(name=name, method=method, recipe_text=loaded.text, recipe_path=os.path.abspath(args.recipe),
+                       overrides=args.override, recipe_hash=loaded.hash)
     if not args.wait:
-        print(f"submitted job {job.id} ({name}); run `athanor worker` to execute it, `athanor status {job.id}` to watch")
+        print(f"submitted job {job.id} ({name}); run `athanor worker` to execute it, "
+              f"`athanor status {job.id}` to watch")
         return EXIT_OK
     from jobs import run
 
@@ -116,9 +122,19 @@ def cmd_submit(args) -> int:
 
 
 def cmd_worker(args) -> int:
+    from jobs.store import StoreError
     from jobs.worker import work
 
-    work(_store(args), once=args.once, poll=args.poll, max_jobs=args.max_jobs)
+    while True:  # a home that cannot be opened yet (read-only, full): say so once per poll, stay up
+        try:
+            store = _store(args)
+            break
+        except StoreError as exc:
+            print(f"worker: {exc}; retrying in {args.poll:g} s", file=sys.stderr, flush=True)
+            if args.once:
+                return EXIT_JOB_FAILED
+            time.sleep(args.poll)
+    work(store, once=args.once, poll=args.poll, max_jobs=args.max_jobs)
     return EXIT_OK
 
 

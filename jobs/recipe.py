@@ -1,4 +1,5 @@
-"""Recipe schema and loading: YAML (safe_load only) → validated pydantic models, every error at once.
+"""Recipe schema and loading: YAML (a SafeLoader, see jobs/recipe_yaml.py) → validated pydantic models,
+every error at once, each one line naming its key.
 
     athanor validate recipes/minilm.yaml -o train.max_steps=50
 
@@ -12,17 +13,29 @@ import difflib
 import hashlib
 import json
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from collections.abc import Iterator
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, StrictBool, ValidationError, create_model, field_validator, model_validator
 
-from distill.spec import DataSpec, EvalSpec, Section, TrainSpec
+from convert.recipe_types import LIMIT_REASON
+from distill.spec import SEED_MAX, DataSpec, EvalSpec, Section, TrainSpec, bounded
 from jobs.methods import METHODS, get_method
+from jobs.recipe_yaml import (  # noqa: F401 (Problem, RecipeInvalid, render_problems: this module's API)
+    MISSING,
+    Problem,
+    RecipeInvalid,
+    apply_override,
+    line_map,
+    parse,
+    read_text,
+    render_problems,
+)
+from jobs.sources import inline_config_problems
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """Names that become MLflow experiments, registered models and directories: no slashes, no '..'."""
@@ -40,13 +53,14 @@ class ModelSource(Section):
     """Tokenizer source (same forms as `source`); defaults to `source`."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) for a hub id."""
-    trust_remote_code: bool = False
-    """Run model code shipped with the checkpoint. Off unless the recipe asks for it."""
-    seed: int = 0
+    trust_remote_code: StrictBool = False
+    """Run model code shipped with the checkpoint. Off unless the recipe says `true` (a YAML boolean:
+    "on", "yes" or 1 are refused, not read as consent). `athanor validate` never runs it."""
+    seed: int = bounded(0, ge=0, le=SEED_MAX, reason="numpy and Lightning take seeds from 0 to 2**32 - 1")
     """Seed for the random initialisation of an inline `config` model."""
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "ModelSource":
+    def _exactly_one(self) -> ModelSource:
         if (self.source is None) == (self.config is None):
             raise ValueError("give exactly one of `source` (dir, pkg:…, hub id) or `config` (inline)")
         return self
@@ -120,33 +134,6 @@ def json_schema() -> dict[str, Any]:
 
 
 @dataclass
-class Problem:
-    """One recipe error: where it is, what was there, what is allowed."""
-
-    path: str
-    line: int | None
-    value: Any
-    message: str
-
-    def render(self, file: str = "recipe") -> str:
-        where = f"{file}:{self.line}" if self.line else file
-        shown = "" if self.value is _MISSING else f" = {self.value!r}"
-        return f"{where}: {self.path}{shown}: {self.message}"
-
-
-class RecipeInvalid(Exception):
-    """Every problem found in a recipe, rendered one per line."""
-
-    def __init__(self, problems: list[Problem], file: str = "recipe") -> None:
-        problems = sorted(problems, key=lambda p: (p.line is None, p.line or 0))
-        self.problems, self.file = problems, file
-        super().__init__("\n".join(p.render(file) for p in problems))
-
-
-_MISSING = object()
-
-
-@dataclass
 class LoadedRecipe:
     """A validated recipe and its provenance."""
 
@@ -175,60 +162,40 @@ def recipe_hash(text: str, overrides: list[str]) -> str:
     return hashlib.sha256(json.dumps([text, overrides]).encode()).hexdigest()[:16]
 
 
-def _line_map(text: str) -> dict[tuple, int]:
-    """Map each key path in the YAML document to its 1-based line (keys and sequence items)."""
-    lines: dict[tuple, int] = {}
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
-
-    def walk(node: yaml.Node, path: tuple) -> None:
-        lines[path] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                lines[path + (key.value,)] = key.start_mark.line + 1
-                walk(value, path + (key.value,))
-                lines[path + (key.value,)] = key.start_mark.line + 1
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                walk(item, path + (i,))
-
-    if root is not None:
-        walk(root, ())
-    return lines
-
-
-def apply_override(data: dict, override: str) -> None:
-    """Apply `a.b.c=value` (value parsed as YAML, safely) to a nested dict."""
-    key, sep, raw = override.partition("=")
-    if not sep or not key.strip():
-        raise RecipeInvalid([Problem(override, None, _MISSING, "override must look like key.path=value")])
-    parts = key.strip().split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-
-
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names of the (nested) model reached by `loc`, for 'did you mean' suggestions."""
+    current = _model_at(model, loc)
+    return list(current.model_fields) if current is not None else []
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     current: Any = model
     for part in loc:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return []
-        field = current.model_fields.get(str(part))
-        if field is None:
-            return []
-        current = field.annotation
+        info = _field_at(current, (part,))
+        if info is None:
+            return None
+        current = info.annotation
         if get_origin(current) in (Union, types.UnionType):
             current = next((a for a in get_args(current) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _field_at(model: Any, loc: tuple) -> Any:
+    """The pydantic FieldInfo at `loc` (None when `loc` leaves the models, e.g. into a dict)."""
+    owner = _model_at(model, loc[:-1]) if len(loc) > 1 else model
+    if not (loc and isinstance(owner, type) and issubclass(owner, BaseModel)):
+        return None
+    return owner.model_fields.get(str(loc[-1]))
+
+
+def _limit_message(model: type[BaseModel], loc: tuple) -> str | None:
+    """'must be at most N: why' for a field declared with `bounded(...)`, else None."""
+    info = _field_at(model, loc)
+    extra = info.json_schema_extra if info is not None else None
+    if not (isinstance(extra, dict) and LIMIT_REASON in extra):
+        return None
+    upper = next((m.le for m in info.metadata if getattr(m, "le", None) is not None), None)
+    return f"must be at most {upper:,}: {extra[LIMIT_REASON]}" if upper is not None else None
 
 
 def _value_at(data: Any, loc: tuple) -> Any:
@@ -238,57 +205,66 @@ def _value_at(data: Any, loc: tuple) -> Any:
         elif isinstance(data, list) and isinstance(part, int) and part < len(data):
             data = data[part]
         else:
-            return _MISSING
+            return MISSING
     return data
 
 
-def _problems_from(error: ValidationError, model: type[BaseModel], data: dict, lines: dict, overridden: set) -> list[Problem]:
+_MESSAGES = {
+    "missing": "required key is missing",
+    "string_pattern_mismatch": ("use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit "
+                                "(no '/', spaces or '..')"),
+    "bool_type": "must be true or false (an unquoted YAML boolean; 'on', 'yes' or 1 are not accepted)",
+    "finite_number": "must be a finite number (not .inf or .nan, and within ±1.8e308)",
+}
+
+
+def _message(err: dict, model: type[BaseModel], loc: tuple) -> str:
+    """The pydantic message, rephrased where the raw one names no fix."""
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = _fields_at(model, loc[:-1])
+        guess = difflib.get_close_matches(str(loc[-1])[:200], allowed, n=1)
+        return "unknown key" + (f"; did you mean '{guess[0]}'?" if guess else "") + (
+            f" Allowed here: {', '.join(allowed)}" if allowed else "")
+    if kind in ("less_than_equal", "int_parsing_size"):
+        return _limit_message(model, loc) or err["msg"]
+    return _MESSAGES.get(kind) or err["msg"].removeprefix("Value error, ")
+
+
+def _problems_from(error: ValidationError, model: type[BaseModel], data: dict, lines: dict,
+                   overridden: set) -> list[Problem]:
     problems = []
-    for err in error.errors():
+    for err in error.errors(include_url=False, include_input=False):
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         path = ".".join(str(p) for p in loc) or "(top level)"
-        line = next((lines[loc[:i]] for i in range(len(loc), -1, -1) if loc[:i] in lines), None)
-        if path in overridden:
-            line = None
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            allowed = _fields_at(model, loc[:-1])
-            guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            message = "unknown key" + (f"; did you mean '{guess[0]}'?" if guess else "") + (
-                f" Allowed here: {', '.join(allowed)}" if allowed else ""
-            )
-        elif err["type"] == "missing":
-            message = "required key is missing"
-        elif err["type"] == "string_pattern_mismatch":
-            message = ("use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit "
-                       "(no '/', spaces or '..')")
-        problems.append(Problem(path, line, _value_at(data, loc), message))
+        line = None if path in overridden else next(
+            (lines[loc[:i]] for i in range(len(loc), -1, -1) if loc[:i] in lines), None)
+        problems.append(Problem(path, line, _value_at(data, loc), _message(err, model, loc)))
     return problems
+
+
+def _teacher_config_problems(data: dict, lines: dict) -> list[Problem]:
+    """Model sizes in an inline `teacher.config`, bounded before any method builds the model."""
+    teacher = data.get("teacher")
+    config = teacher.get("config") if isinstance(teacher, dict) else None
+    if not isinstance(config, dict):
+        return []
+    return [Problem(".".join(str(p) for p in loc), lines.get(loc), value, message)
+            for loc, value, message in inline_config_problems(config, ("teacher", "config"))]
 
 
 def load_recipe(path: str | Path | None = None, *, text: str | None = None, overrides: list[str] = ()) -> LoadedRecipe:
     """Read, override and validate a recipe; raise RecipeInvalid listing every problem."""
     file = str(path) if path is not None else "recipe"
-    if text is None:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise RecipeInvalid([Problem("(file)", None, file, f"cannot read recipe: {exc.strerror}")], file) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        raise RecipeInvalid([Problem("(yaml)", line, _MISSING, f"not valid YAML: {getattr(exc, 'problem', exc)}")], file) from None
-    if not isinstance(data, dict):
-        raise RecipeInvalid([Problem("(top level)", 1, _MISSING, "a recipe is a YAML mapping of sections")], file)
-    for override in overrides:
-        apply_override(data, override)
-    overridden = {o.partition("=")[0].strip() for o in overrides}
-    lines = _line_map(text)
+    text = read_text(path, text, file)
+    data = parse(text, list(overrides), file)
+    overridden = {".".join(p.strip() for p in o.partition("=")[0].split(".")) for o in overrides}
+    lines = line_map(text)
+    extra = _teacher_config_problems(data, lines)
 
     method = data.get("method")
-    if isinstance(method, str) and method in METHODS:
+    known = isinstance(method, str) and method in METHODS
+    if known:
         model = recipe_model(method)
         candidate = data
     else:
@@ -299,12 +275,13 @@ def load_recipe(path: str | Path | None = None, *, text: str | None = None, over
         recipe = model.model_validate(candidate)
     except ValidationError as exc:
         problems = _problems_from(exc, model, data, lines, overridden)
-        if method not in METHODS and isinstance(method, str):
-            guess = difflib.get_close_matches(method, list(METHODS), n=1)
-            for p in problems:
-                if p.path == "method" and guess:
-                    p.message += f" (did you mean '{guess[0]}'?)"
-        raise RecipeInvalid(problems, file) from None
+        guess = difflib.get_close_matches(method[:200], list(METHODS), n=1) if isinstance(method, str) else []
+        for p in problems:
+            if p.path == "method" and guess and not known:
+                p.message += f" (did you mean '{guess[0]}'?)"
+        raise RecipeInvalid(problems + extra, file) from None
+    if extra:
+        raise RecipeInvalid(extra, file)
     return LoadedRecipe(recipe, text, list(overrides), Path(path) if path is not None else None)
 
 

@@ -1,16 +1,35 @@
 """`athanor validate`: schema problems, then checks that need the method (sources, student vs
 teacher), all collected; plus a size estimate built on the `meta` device (no weights loaded).
+
+Validation runs on untrusted input and must end in problems or a report, never a traceback, a hang
+or model code from the checkpoint (issue 9): the method's calls are wrapped (an unexpected error is a
+problem naming the section), bounded in time (`DEADLINE_S`, where signals are available), and get
+the source with `trust_remote_code` off; a model that ships code is reported, never run.
+
+    .venv/bin/python -m pytest tests/jobs/test_hostile_recipes.py -q
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from distill.spec import RecipeError
 from convert.module_utils import count_params
-from jobs.recipe import LoadedRecipe, Problem, RecipeInvalid, load_recipe, path_fields, resolve_relative
+from convert.recipe_types import one_line
+from distill.spec import RecipeError, ResolvedSource
+from jobs.recipe import MISSING, LoadedRecipe, Problem, RecipeInvalid, load_recipe, path_fields, resolve_relative
+
+DEADLINE_S = 60.0
+"""Longest the source and meta-device checks may take: the model-size bounds stop the known hangs,
+this stops the unknown ones (a custom block list in thousands, a directory glob over the disk)."""
 
 
 @dataclass
@@ -20,6 +39,37 @@ class Report:
     """What could not be checked here (e.g. a hub teacher while offline); not errors."""
     estimate: dict[str, float] = field(default_factory=dict)
     loaded: LoadedRecipe | None = None
+
+
+class _Overtime(BaseException):
+    """Raised by the deadline's signal; a BaseException so method code's `except Exception` lets it by."""
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Raise _Overtime after `seconds` (SIGALRM; main thread only, elsewhere a no-op). An outer
+    timer that would fire first is left alone, and restored on exit when it fires later."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+    outer_left, _ = signal.getitimer(signal.ITIMER_REAL)
+    if outer_left and outer_left <= seconds:
+        yield
+        return
+
+    def overtime(signum: int, frame: Any) -> None:
+        raise _Overtime()
+
+    started = time.monotonic()
+    previous = signal.signal(signal.SIGALRM, overtime)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer_left:
+            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - started), 0.001))
 
 
 def _bytes(n: float) -> str:
@@ -39,47 +89,72 @@ def check(path: str | Path | None, *, text: str | None = None, overrides: list[s
         report.problems = exc.problems
         return report
     report.loaded = loaded
-    recipe = loaded.recipe
-    base = Path(path).parent if path else None
+    recipe_path = Path(path) if path else None
+    try:
+        with deadline(DEADLINE_S):
+            report.problems += _path_problems(loaded.recipe, recipe_path)
+            _check_model(report, loaded, recipe_path)
+    except _Overtime:
+        report.problems.append(Problem("teacher", None, loaded.recipe.teacher.source or "(inline config)",
+                                       f"checking the sources and building the models on the meta device took over "
+                                       f"{DEADLINE_S:.0f} s; make the teacher or student smaller"))
+    return report
 
-    def problem(exc: RecipeError) -> None:
-        report.problems.append(Problem(exc.key, None, exc.value, exc.fix))
 
+def _path_problems(recipe: Any, recipe_path: Path | None) -> list[Problem]:
+    """Data paths (globs) and every RECIPE_PATH field must name something that exists."""
+    problems = []
     if recipe.data.kind in ("files", "datasets"):
         if not recipe.data.paths and recipe.data.loader != "disk":
-            report.problems.append(Problem("data.paths", None, [], f"kind '{recipe.data.kind}' needs at least one path"))
+            problems.append(Problem("data.paths", None, [], f"kind '{recipe.data.kind}' needs at least one path"))
         for i, entry in enumerate(recipe.data.paths):
-            resolved = resolve_relative(entry, Path(path) if path else None)
-            if not glob.glob(resolved):
-                report.problems.append(Problem(f"data.paths.{i}", None, entry, "no file or directory matches"))
+            # iglob: the first match settles it; glob() would list a whole tree for `/*/*/*`.
+            if next(glob.iglob(resolve_relative(entry, recipe_path)), None) is None:
+                problems.append(Problem(f"data.paths.{i}", None, entry, "no file or directory matches"))
     for key, section, name in path_fields(recipe):
         value = getattr(section, name)
         for entry in [value] if isinstance(value, str) else value or []:
-            if not Path(resolve_relative(entry, Path(path) if path else None)).exists():
-                report.problems.append(Problem(key, None, entry, "no such file (paths are tried from the working "
-                                                                 "directory, then beside the recipe)"))
+            if not Path(resolve_relative(entry, recipe_path)).exists():
+                problems.append(Problem(key, None, entry, "no such file (paths are tried from the working "
+                                                          "directory, then beside the recipe)"))
+    return problems
 
+
+def _check_model(report: Report, loaded: LoadedRecipe, recipe_path: Path | None) -> None:
+    """Resolve the teacher, refuse what needs remote code, then build teacher and student on meta."""
     from jobs.methods import get_method
     from jobs.sources import resolve_source
 
-    method = get_method(recipe.method)
+    recipe = loaded.recipe
     try:
-        try:
-            source = resolve_source(recipe.teacher, "teacher", base=base)
-        except RecipeError as exc:
-            if "hub is offline" not in exc.fix:
-                raise
-            # Cannot be decided offline: the job will fail clearly if the hub stays unreachable.
-            report.warnings.append(f"{exc.key}: {exc.value!r} is a hub id and the hub is offline; "
-                                   "its config was not checked and the size estimate is skipped")
-            return report
-        teacher = method.load_teacher(source, meta=True)
-        student = method.convert(teacher, loaded.student, loaded.args)
+        source = resolve_source(recipe.teacher, "teacher", base=recipe_path.parent if recipe_path else None)
     except RecipeError as exc:
-        problem(exc)
-        return report
-    n_teacher = count_params(method.teacher_model(teacher))
-    n_student = count_params(student)
+        if "hub is offline" not in exc.fix:
+            report.problems.append(Problem(exc.key, None, exc.value, exc.fix))
+            return
+        # Cannot be decided offline: the job will fail clearly if the hub stays unreachable.
+        report.warnings.append(f"{exc.key}: {exc.value!r} is a hub id and the hub is offline; "
+                               "its config was not checked and the size estimate is skipped")
+        return
+    if not _source_checks(report, recipe, source):
+        return
+    method = get_method(recipe.method)
+    # Never run checkpoint code here, whatever the recipe says: the checks above stopped models that need it.
+    source = dataclasses.replace(source, trust_remote_code=False)
+    try:
+        stage, key = "load the teacher", "teacher"
+        teacher = method.load_teacher(source, meta=True)
+        stage, key = "build the student", "student"
+        student = method.convert(teacher, loaded.student, loaded.args)
+        n_teacher, n_student = count_params(method.teacher_model(teacher)), count_params(student)
+    except RecipeError as exc:
+        report.problems.append(Problem(exc.key, None, exc.value, exc.fix))
+        return
+    except Exception as exc:  # method code on untrusted input: any failure is this recipe's problem
+        detail = one_line(str(exc).strip().split("\n")[0], 300)
+        report.problems.append(Problem(key, None, MISSING,
+                                       f"could not {stage} on the meta device: {type(exc).__name__}: {detail}"))
+        return
     weight_bytes = 2 if recipe.train.precision == "bf16-true" else 4
     report.estimate = {
         "teacher_params": n_teacher,
@@ -88,7 +163,30 @@ def check(path: str | Path | None, *, text: str | None = None, overrides: list[s
         # student weights + gradients + two AdamW moments (fp32), before activations
         "student_train_memory_bytes": n_student * (weight_bytes + 4 + 8),
     }
-    return report
+
+
+def _source_checks(report: Report, recipe: Any, source: ResolvedSource) -> bool:
+    """Model directories hold a config within bounds and no code the recipe has not trusted; False
+    when the meta build must be skipped (a problem, or code that only trust_remote_code could load)."""
+    from jobs.sources import model_dir_problems, remote_code
+
+    if source.path is not None:
+        found = model_dir_problems(source.path, "teacher.source")
+        report.problems += [Problem(e.key, None, e.value, e.fix) for e in found]
+        if found:
+            return False
+    places = {"teacher.source": source.path, "teacher.tokenizer": source.tokenizer_path}
+    shipped = {key: reasons for key, path in places.items()
+               if (reasons := remote_code(path)) and not (key == "teacher.tokenizer" and path == source.path)}
+    for key, reasons in shipped.items():
+        what = f"{key} ships model code ({'; '.join(reasons)})"
+        if recipe.teacher.trust_remote_code:
+            report.warnings.append(f"{what}: validate never runs it, so its config and size were not checked")
+        else:
+            report.problems.append(Problem("teacher.trust_remote_code", None, False,
+                                           f"{what} that transformers only loads with trust_remote_code: true; "
+                                           "set it if you trust that code (validate still never runs it)"))
+    return not shipped
 
 
 def render_estimate(estimate: dict[str, float]) -> str:

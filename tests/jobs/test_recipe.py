@@ -132,3 +132,26 @@ def test_method_path_fields_are_checked_and_resolved_beside_the_recipe(tmp_path,
     loaded = load_recipe(path)
     resolve_recipe_paths(loaded)
     assert loaded.args.notes_file == str(folder / "notes.txt")
+
+
+def test_yaml_scalars_follow_yaml_1_2_and_bounds_give_their_reason():
+    """`on`/`yes` are strings (not consent), `1e-3` is a number (as users mean it), and a bound says why."""
+    text = TOY.replace("lr: 0.01", "lr: 1e-3").replace("name: toy-demo", "name: toy-demo\ndescription: on")
+    loaded = load_recipe(text=text)
+    assert loaded.recipe.train.lr == 0.001 and loaded.recipe.description == "on"
+    with pytest.raises(RecipeInvalid) as info:
+        load_recipe(text=TOY, overrides=["train.max_steps=20000000", "train.devices=2000"])
+    messages = {p.path: p.message for p in info.value.problems}
+    assert messages["train.max_steps"].startswith("must be at most 10,000,000: ")
+    assert messages["train.devices"].startswith("must be at most 1,024: ")
+    assert recipe_model("toy").model_json_schema()["$defs"]["TrainSpec"]["properties"]["max_steps"]["maximum"] == 10**7
+
+
+def test_merge_keys_may_be_overridden_but_plain_keys_not_repeated():
+    merged = "  config:\n    <<: &base {width: 8, hidden: 4}\n    hidden: 16"
+    text = TOY.replace("  config: {width: 8, hidden: 16}", merged)
+    assert load_recipe(text=text).recipe.teacher.config == {"width": 8, "hidden": 16}
+    with pytest.raises(RecipeInvalid) as info:
+        load_recipe(text=TOY.replace("  hidden: 4", "  hidden: 4\n  hidden: 5"))
+    (problem,) = info.value.problems
+    assert problem.path == "student.hidden" and problem.line == 8 and "lines 7 and 8" in problem.message
