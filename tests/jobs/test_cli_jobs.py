@@ -117,13 +117,13 @@ def test_a_failing_job_registers_nothing_and_says_why(tmp_path, home, capsys):
         (lambda t: t.replace("  config: {width: 8, hidden: 16}", "  source: ./no/such/dir"), "teacher.source"),
     ],
 )
-def test_bad_input_is_one_line_naming_the_key_and_the_job_fails(tmp_path, home, capsys, edit, key):
+def test_bad_input_is_one_line_naming_the_key_and_no_job_is_created(tmp_path, home, capsys, edit, key):
     path = write_toy(tmp_path, edit(TOY))
     assert cli.main(["submit", str(path), "--wait"]) == cli.EXIT_BAD_INPUT
-    err = [line for line in capsys.readouterr().err.splitlines() if f" {key}" in line]
+    lines = capsys.readouterr().err.splitlines()
+    err = [line for line in lines if f" {key}" in line]
     assert len(err) == 1, err
-    (job,) = JobStore(home).list()
-    assert job.status == "FAILED" and key in job.error
+    assert "no job was created" in lines[-1] and JobStore(home).list() == []  # rejected before any row
     assert _versions(home, "toy-student") == []
 
 
@@ -189,3 +189,15 @@ def test_hub_teacher_while_offline_fails_the_job_with_the_key(tmp_path, home, ca
     (job,) = JobStore(home).list()
     assert job.status == "FAILED" and job.error.startswith("teacher.source: 'some-org/some-model'")
     assert "hub is offline" in job.error and _versions(home, "toy-student") == []
+
+
+@pytest.mark.parametrize("alias", ["../x", "latest", "", "v3", "a b"])
+def test_push_refuses_bad_aliases_in_one_line_before_any_registry_call(tmp_path, home, capsys, alias):
+    assert cli.main(["submit", str(write_toy(tmp_path, TOY.replace("max_steps: 30", "max_steps: 3"))), "--wait",
+                     "--no-progress"]) == 0
+    (job,) = JobStore(home).list()
+    capsys.readouterr()
+    assert cli.main(["push", job.id, "--alias", alias]) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--alias" in err[0]
+    assert [a for a in mlflow_client(home).get_registered_model("toy-student").aliases] == ["candidate"]
