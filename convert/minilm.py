@@ -202,8 +202,3 @@ def _copy_kept_layers(
         mapped[name] = tensor
     # strict=True: any tensor the student has but the teacher lacks is a bug, not a silent init.
     student.load_state_dict(mapped, strict=True)
-
-
-def count_params(model: torch.nn.Module) -> int:
-    """Number of parameters (works on the meta device)."""
-    return sum(p.numel() for p in model.parameters())

@@ -1,36 +1,37 @@
-"""Evaluation of text encoders against their teacher: size, CPU latency, agreement, STS.
+"""Evaluation of text encoders against their teacher: size, agreement, STS. No timing here: the
+spine times `speed_probe` callables of teacher and student interleaved (`distill/timing.py`).
 
 Every metric is defined for any pair of models, so the teacher ("before") and the student ("after")
 report the same keys:
 
 - `params`: parameter count.
-- `latency_ms`: median CPU wall time of one forward over the first eval batch, `latency_repeats`
-  runs, timed interleaved with the teacher; `speedup` = teacher latency / model latency from the
-  same interleaved runs (≈1.0 for the teacher itself).
 - `embedding_cosine`: mean cosine between the model's and the teacher's mean-pooled embeddings of
   each held-out text. Defined only when both have the same hidden size (NaN otherwise, so that
   before and after still log the same keys); 1.0 for the teacher.
-- `similarity_agreement`: similarity-structure agreement, defined for any hidden size. Mean-pooled embeddings of the held-out texts give each model a cosine-similarity
-  matrix S (texts × texts); for each text, the cosine between its model row and its teacher row,
-  diagonal dropped and each row mean-centred (i.e. the Pearson correlation of the two rows),
-  averaged over texts. 1.0 for the teacher; ≈0 for unrelated embeddings.
-- `sts_spearman` (only with an STS file): Spearman correlation of embedding cosine vs gold score.
+- `similarity_agreement`: similarity-structure agreement, defined for any hidden size. Mean-pooled
+  embeddings of the held-out texts give each model a cosine-similarity matrix S (texts × texts); for
+  each text, the cosine between its model row and its teacher row, diagonal dropped and each row
+  mean-centred (i.e. the Pearson correlation of the two rows), averaged over texts.
+  1.0 for the teacher; ≈0 for unrelated embeddings.
+- `sts_spearman` (only with an STS file, `minilm.sts_file`): Spearman correlation of embedding
+  cosine vs gold score.
 
-Tests: `.venv/bin/python -m pytest tests/distill/test_text_eval.py -q`
+Tests: `.venv/bin/python -m pytest tests/distill/test_encoder_eval.py -q`
 """
 
 from __future__ import annotations
 
 import csv
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from scipy.stats import spearmanr
 
+from convert.module_utils import count_params
 from distill.spec import EvalSpec, RecipeError
+
+STS_KEY = "minilm.sts_file"
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -79,46 +80,31 @@ def mean_cosine(model_emb: torch.Tensor, teacher_emb: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(model_emb.double(), teacher_emb.double(), dim=-1).mean().item()
 
 
-@torch.no_grad()
-def interleaved_latency(model: torch.nn.Module, teacher: torch.nn.Module,
-                        batch: dict[str, torch.Tensor], repeats: int) -> tuple[float, float]:
-    """Median ms per forward of (model, teacher), alternating runs so load hits both alike."""
-    for m in (model, teacher):  # warm-up: allocator, kernels, lazy init
-        _forward(m, batch)
-    times: dict[int, list[float]] = {0: [], 1: []}
-    for _ in range(repeats):
-        for idx, m in enumerate((model, teacher)):
-            start = time.perf_counter()
-            _forward(m, batch)
-            times[idx].append((time.perf_counter() - start) * 1000)
-    return statistics.median(times[0]), statistics.median(times[1])
-
-
 def read_sts(path: str) -> tuple[list[str], list[str], list[float]]:
     """STS-Benchmark TSV: genre, file, year, id, score, sentence1, sentence2 (+ ignored extras)."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise RecipeError("eval.sts_file", path, "no such file")
+        raise RecipeError(STS_KEY, path, "no such file")
     first, second, scores = [], [], []
     with p.open(encoding="utf-8") as f:
         for lineno, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
             if not row or not any(row):
                 continue
             if len(row) < 7:
-                raise RecipeError("eval.sts_file", f"{path}:{lineno}",
+                raise RecipeError(STS_KEY, f"{path}:{lineno}",
                                   f"expected 7 tab-separated fields, found {len(row)}")
             try:
                 score = float(row[4])
             except ValueError:
                 if lineno == 1:  # a header line
                     continue
-                raise RecipeError("eval.sts_file", f"{path}:{lineno}",
+                raise RecipeError(STS_KEY, f"{path}:{lineno}",
                                   f"score {row[4]!r} is not a number") from None
             first.append(row[5])
             second.append(row[6])
             scores.append(score)
     if len(scores) < 3:
-        raise RecipeError("eval.sts_file", path, "needs at least 3 scored pairs")
+        raise RecipeError(STS_KEY, path, "needs at least 3 scored pairs")
     return first, second, scores
 
 
@@ -133,29 +119,24 @@ def sts_spearman(model: torch.nn.Module, tokenizer: Any, path: str, batch_size: 
 
 
 def evaluate_encoder(model: torch.nn.Module, teacher: torch.nn.Module, tokenizer: Any,
-                     texts: list[str], spec: EvalSpec, max_length: int) -> dict[str, float]:
+                     texts: list[str], spec: EvalSpec, max_length: int,
+                     sts_file: str | None = None) -> dict[str, float]:
     """All metrics above for `model` against `teacher`, both on CPU in eval mode."""
     texts = texts[: spec.max_texts]
     modes = (model.training, teacher.training)
     model.eval().to("cpu")
     teacher.eval().to("cpu")
     try:
-        batch = dict(tokenizer(texts[: spec.batch_size], truncation=True, max_length=max_length,
-                               padding=True, return_tensors="pt"))
-        model_ms, teacher_ms = interleaved_latency(model, teacher, batch, spec.latency_repeats)
         model_emb = embed(model, tokenizer, texts, spec.batch_size, max_length)
         teacher_emb = (model_emb if model is teacher
                        else embed(teacher, tokenizer, texts, spec.batch_size, max_length))
         metrics = {
-            "params": float(sum(p.numel() for p in model.parameters())),
-            "latency_ms": model_ms,
-            "speedup": teacher_ms / model_ms,
+            "params": float(count_params(model)),
             "embedding_cosine": mean_cosine(model_emb, teacher_emb),
             "similarity_agreement": similarity_agreement(model_emb, teacher_emb),
         }
-        if spec.sts_file:
-            metrics["sts_spearman"] = sts_spearman(model, tokenizer, spec.sts_file,
-                                                   spec.batch_size, max_length)
+        if sts_file:
+            metrics["sts_spearman"] = sts_spearman(model, tokenizer, sts_file, spec.batch_size, max_length)
     finally:
         model.train(modes[0])
         teacher.train(modes[1])

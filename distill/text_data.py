@@ -1,27 +1,33 @@
 """Text data for distillation: local files, any `datasets` loader, or a built-in offline corpus.
 
-The built-in corpus is the docstrings of a fixed list of installed packages, read with `ast` from
-their source files (nothing is imported), in a deterministic order, deduplicated and split into
-paragraph passages. `load_texts` returns (train, held_out); `TrainLoader` turns passages into
-tokenized, dynamically padded batches.
+The built-in corpus mixes two registers, half each: technical prose (docstrings of a fixed list of
+installed packages, read with `ast`, nothing imported, split into paragraphs) and everyday English
+(WordNet 3.0 glosses and usage examples shipped in `distill/corpus/wordnet.tsv.gz`, see its
+builder for source and licence). Every passage has a source (`docstrings:<package>`,
+`wordnet:<topic>`); the built-in held-out set is drawn from whole sources that training never
+sees, so evaluation measures text the student was not fitted on, not just unseen lines.
 
-Tests: `.venv/bin/python -m pytest tests/distill/test_data.py -q`
+`load_texts` returns (train, held_out); `TokenizeCollate` turns passages into tokenized,
+dynamically padded batches (for `distill.loaders.SeededLoader`).
+
+Tests: `.venv/bin/python -m pytest tests/distill/test_text_data.py -q`
 """
 
 from __future__ import annotations
 
 import ast
 import glob
+import gzip
 import importlib.util
+import itertools
 import os
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from distill.spec import DataSpec, RecipeError
 
@@ -36,6 +42,7 @@ BUILTIN_PACKAGES = (
 )
 _MIN_WORDS, _MAX_CHARS = 8, 1200
 _PROSE = re.compile(r"[A-Za-z]")
+WORDNET = Path(__file__).resolve().parent / "corpus" / "wordnet.tsv.gz"
 
 
 def _source_files(package: str) -> list[Path]:
@@ -86,17 +93,84 @@ def split_passages(doc: str) -> list[str]:
     return passages
 
 
+def _package_passages(package: str) -> Iterator[str]:
+    """Docstring passages of one package, lazily (files are parsed only as far as needed)."""
+    for path in _source_files(package):
+        for doc in _docstrings(path):
+            yield from split_passages(doc)
+
+
+def wordnet_passages() -> dict[str, list[str]]:
+    """The shipped WordNet passages by topic (lexicographer file, e.g. 'noun.food'), file order."""
+    by_topic: dict[str, list[str]] = {}
+    with gzip.open(WORDNET, "rt", encoding="utf-8") as f:
+        for line in f:
+            topic, _, text = line.rstrip("\n").partition("\t")
+            if text:
+                by_topic.setdefault(topic, []).append(text)
+    return by_topic
+
+
+def _round_robin(streams: dict[str, Iterable[str]], limit: int, seen: set[str]) -> dict[str, list[str]]:
+    """Up to `limit` new passages, one per stream in turn, so every source gets a share."""
+    out: dict[str, list[str]] = {name: [] for name in streams}
+    alive = {name: iter(stream) for name, stream in streams.items()}
+    total = 0
+    while alive and total < limit:
+        for name in list(alive):
+            passage = next((p for p in alive[name] if p not in seen), None)
+            if passage is None:
+                del alive[name]
+                continue
+            seen.add(passage)
+            out[name].append(passage)
+            total += 1
+            if total >= limit:
+                break
+    return {name: texts for name, texts in out.items() if texts}
+
+
+def builtin_sources(limit: int) -> dict[str, list[str]]:
+    """Up to `limit` unique passages by source: half docstrings (round robin over BUILTIN_PACKAGES),
+    half WordNet (round robin over topics, each topic in a fixed shuffled order). Deterministic."""
+    seen: set[str] = set()
+    wordnet = wordnet_passages()
+    for topic, texts in wordnet.items():
+        random.Random(topic).shuffle(texts)  # topic order is alphabetical by headword otherwise
+    docs = _round_robin({f"docstrings:{p}": _package_passages(p) for p in BUILTIN_PACKAGES}, limit // 2, seen)
+    words = _round_robin({f"wordnet:{t}": texts for t, texts in sorted(wordnet.items())},
+                         limit - sum(map(len, docs.values())), seen)
+    return docs | words
+
+
 def builtin_corpus(limit: int) -> list[str]:
-    """Up to `limit` unique docstring passages of BUILTIN_PACKAGES, in a fixed order."""
-    seen: dict[str, None] = {}
-    for package in BUILTIN_PACKAGES:
-        for path in _source_files(package):
-            for doc in _docstrings(path):
-                for passage in split_passages(doc):
-                    seen.setdefault(passage, None)
-                    if len(seen) >= limit:
-                        return list(seen)
-    return list(seen)
+    """Up to `limit` unique built-in passages (both registers), in a fixed order."""
+    sources = builtin_sources(limit)
+    return [t for texts in itertools.zip_longest(*sources.values()) for t in texts if t is not None]
+
+
+def split_by_source(sources: dict[str, list[str]], eval_texts: int, seed: int) -> tuple[list[str], list[str]]:
+    """(train, held_out): whole sources, alternating registers in a seeded order, are held out until
+    they hold 2 × eval_texts passages; `eval_texts` of those are sampled, the rest of them unused."""
+    rng = random.Random(seed)
+    kinds: dict[str, list[str]] = {}
+    for name in sorted(sources):
+        kinds.setdefault(name.partition(":")[0], []).append(name)
+    for names in kinds.values():
+        rng.shuffle(names)
+    order = [n for group in itertools.zip_longest(*kinds.values()) for n in group if n is not None]
+    held: set[str] = set()
+    for name in order:
+        if sum(len(sources[h]) for h in held) >= 2 * eval_texts or len(held) == len(order) - 1:
+            break
+        held.add(name)
+    pool = [t for name in sorted(held) for t in sources[name]]
+    train = [t for name in order if name not in held for t in sources[name]]
+    if len(pool) < eval_texts or not train:
+        raise RecipeError("data.eval_texts", eval_texts,
+                          f"the built-in corpus has too few passages to hold out {eval_texts}: raise data.max_texts")
+    rng.shuffle(train)
+    return train, rng.sample(pool, eval_texts)
 
 
 def _read_files(paths: list[str]) -> list[str]:
@@ -144,10 +218,11 @@ def _read_datasets(spec: DataSpec) -> list[str]:
 
 
 def load_texts(spec: DataSpec) -> tuple[list[str], list[str]]:
-    """(train, held_out) passages: deduplicated, capped at max_texts, shuffled with `spec.seed`."""
+    """(train, held_out) passages: deduplicated, capped at max_texts, shuffled with `spec.seed`; the
+    built-in corpus holds out whole sources (see `split_by_source`), files and datasets random lines."""
     if spec.kind == "builtin":
-        texts = builtin_corpus(spec.max_texts)
-    elif spec.kind == "files":
+        return split_by_source(builtin_sources(spec.max_texts), spec.eval_texts, spec.seed)
+    if spec.kind == "files":
         if not spec.paths:
             raise RecipeError("data.paths", [], "list text files (one passage per line)")
         texts = _read_files(spec.paths)
@@ -177,19 +252,3 @@ class TokenizeCollate:
             texts, truncation=True, max_length=self.max_length, return_tensors="pt",
             padding="max_length" if self.pad_to_max else "longest",
         ))
-
-
-class TrainLoader:
-    """Factory for the training DataLoader: `loader()` or `loader(batch_size)`."""
-
-    def __init__(self, texts: list[str], tokenizer: Any, spec: DataSpec) -> None:
-        self.texts, self.spec = texts, spec
-        self.collate = TokenizeCollate(tokenizer, spec.max_length)
-
-    def __call__(self, batch_size: int | None = None) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.spec.seed)
-        return DataLoader(
-            self.texts, batch_size=batch_size or self.spec.batch_size, shuffle=True,
-            collate_fn=self.collate, num_workers=self.spec.num_workers, generator=generator,
-            drop_last=len(self.texts) >= (batch_size or self.spec.batch_size),
-        )

@@ -162,8 +162,9 @@ def cmd_status(args) -> int:
     store = _store(args)
     _reap(store)
     job = _job(store, args.job)
-    fields = {k: getattr(job, k) for k in ("id", "name", "method", "status", "attempts", "pid", "recipe_path",
-                                           "recipe_hash", "overrides", "log_path", "mlflow_run_id", "model_version", "error")}
+    shown = ("id", "name", "method", "status", "attempts", "pid", "recipe_path", "recipe_hash", "overrides",
+             "log_path", "mlflow_run_id", "model_version", "error")
+    fields = {k: getattr(job, k) for k in shown}
     fields.update(created=_age(job.created_at), started=_age(job.started_at), finished=_age(job.finished_at))
     for key, value in fields.items():
         print(f"{key:14} {value}")
@@ -213,8 +214,8 @@ def cmd_ui(args) -> int:
 
     home = athanor_home(args.home)
     uri = args.tracking_uri or default_tracking_uri(home)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
-           "--workers", str(args.workers)]
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+           "--port", str(args.port), "--workers", str(args.workers)]
     if uri.startswith("sqlite:"):
         cmd += ["--default-artifact-root", (home / "mlartifacts").as_uri()]
     print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it", flush=True)
@@ -246,8 +247,10 @@ def cmd_push(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="athanor", description="Distil and convert pretrained models from recipe YAML files.")
-    parser.add_argument("--home", default=None, help="athanor home (job store, MLflow store); default $ATHANOR_HOME or ./.athanor")
+    parser = argparse.ArgumentParser(prog="athanor",
+                                     description="Distil and convert pretrained models from recipe YAML files.")
+    parser.add_argument("--home", default=None,
+                        help="athanor home (job store, MLflow store); default $ATHANOR_HOME or ./.athanor")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_overrides(p):

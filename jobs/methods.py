@@ -21,7 +21,7 @@ for _entry in filter(None, os.environ.get("ATHANOR_METHODS", "").split(",")):
     METHODS[_name.strip()] = _target.strip()
 
 
-def get_method(name: str) -> "Method":
+def get_method(name: str) -> Method:
     """Instantiate the method registered as `name` (KeyError if unknown)."""
     module_name, _, class_name = METHODS[name].partition(":")
     return getattr(importlib.import_module(module_name), class_name)()

@@ -24,9 +24,9 @@ def write_model_card(out_dir: Path, *, recipe: Any, job_id: str, params: dict[st
                      before: dict[str, float], after: dict[str, float], speedup: float | None = None,
                      trains: bool = True) -> Path:
     """README.md in the export: how it was made (method, teacher, recipe, training) and measured
-    (before/after table, speed-up); notes the method left in `training_notes.md` are appended."""
-    notes_file = out_dir / "training_notes.md"
-    notes = notes_file.read_text().strip() if notes_file.is_file() else ""
+    (before/after table, speed-up); notes the method left in `training_notes.txt` are appended."""
+    notes_file = out_dir / "training_notes.txt"
+    notes = f"## Notes from the method\n{notes_file.read_text().strip()}\n" if notes_file.is_file() else ""
     training = ("none (a training-free conversion)" if not trains else
                 f"{recipe.train.max_steps} optimizer steps, lr {recipe.train.lr:g}, strategy {recipe.train.strategy}, "
                 f"precision {recipe.train.precision}, data `{recipe.data.kind}`")

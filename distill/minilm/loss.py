@@ -1,27 +1,37 @@
-"""MiniLM relation losses (v1: attention + value relation; v2: Q-Q, K-K, V-V relations).
+"""MiniLM losses: relations (v1: attention + value relation; v2: Q-Q, K-K, V-V) and an output term.
 
 Relations are computed from Q/K/V recomputed from the layer input (hidden_states[l] is the input of
 layer l) with the layer's own projections, so attention dropout never enters the targets. Masked
 (padding) keys are excluded from every softmax; the KL is averaged over relation heads and real
 (non-padding) query tokens, as in Wang et al. 2020 (MiniLM) and 2021 (MiniLMv2).
 
+Relation losses reach only the embeddings, the layers below the distilled layer and that layer's
+Q/K/V projections. The optional output term on the mask-mean-pooled last hidden state (the pooling
+of the teacher's sentence-transformers head) reaches the rest: the distilled layer's attention
+output and feed-forward, i.e. everything a sentence embedding is read from. `mse` and `cosine`
+compare each text's embedding with the teacher's (equal widths); `similarity` compares the in-batch
+cosine-similarity matrices, which any width has. It needs both forwards to run to the end; a
+relation-only step ends them early.
+
 Two things keep a step close to "teacher forward + student forward/backward" (see
 benchmarks/minilm_step.py): forwards end at the distilled layer's input (`layer_input`), and the KL
 and its gradient are fused by hand (`RelationKL`) instead of going through autograd's
 log_softmax/kl_div graph, which stores and re-reads several (T × T) tensors per relation.
 
-Tests: `.venv/bin/python -m pytest tests/distill/test_minilm_loss.py -q`
+Tests: `.venv/bin/python -m pytest tests/distill/minilm/test_loss.py -q`
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from transformers import PreTrainedModel
 
 from convert.minilm import layer_list, qkv
+from distill.encoder_eval import mean_pool
 
 # Relation name -> the two projections it relates ("attention" is softmax(QK^T/sqrt(d))).
 RELATIONS: dict[str, tuple[str, str]] = {
@@ -51,15 +61,15 @@ class _LayerReached(Exception):
     """Raised by the pre-hook once the distilled layer's input is captured, to end the forward."""
 
 
-def layer_input(
+def run_to_layer(
     model: PreTrainedModel, batch: dict[str, torch.Tensor], layer: int, early_exit: bool = True
-) -> torch.Tensor:
-    """The hidden states entering `layer` (what hidden_states[layer] would hold).
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states entering `layer`, the last hidden state or None when the forward ended early).
 
     A forward pre-hook on the layer captures its input. With `early_exit` it also ends the forward
-    there: no loss reads the later layers (or the distilled layer's own output), so running them
-    would only cost time — a sixth of the teacher and a third of a 3-layer student. Strategies
-    whose hooks need every forward to complete (DeepSpeed ZeRO-3) turn it off.
+    there: no relation loss reads the later layers (or the distilled layer's own output), so running
+    them would only cost time — a sixth of the teacher and a third of a 3-layer student. An output
+    loss, and strategies whose hooks need every forward to complete (DeepSpeed ZeRO-3), run it all.
     """
     captured: list[torch.Tensor] = []
 
@@ -69,13 +79,28 @@ def layer_input(
             raise _LayerReached
 
     handle = layer_list(model)[layer].register_forward_pre_hook(grab, with_kwargs=True)
+    last = None
     try:
-        model(**model_inputs(batch))
+        last = model(**model_inputs(batch)).last_hidden_state
     except _LayerReached:
         pass
     finally:
         handle.remove()
-    return captured[0]
+    return captured[0], last
+
+
+def layer_input(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], layer: int, early_exit: bool = True
+) -> torch.Tensor:
+    """The hidden states entering `layer` (what hidden_states[layer] would hold)."""
+    return run_to_layer(model, batch, layer, early_exit)[0]
+
+
+def projections_of(model: PreTrainedModel, x: torch.Tensor, layer: int, needed: set[str]
+                   ) -> dict[str, torch.Tensor]:
+    """The `needed` projections ('q', 'k', 'v') of `layer` applied to its input `x`."""
+    linears = dict(zip("qkv", qkv(model, layer)))
+    return {name: linears[name](x) for name in sorted(needed)}
 
 
 def layer_projections(
@@ -83,9 +108,7 @@ def layer_projections(
     early_exit: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Recompute the `needed` projections ('q', 'k', 'v') of `layer` from its input."""
-    x = layer_input(model, batch, layer, early_exit)
-    linears = dict(zip("qkv", qkv(model, layer)))
-    return {name: linears[name](x) for name in sorted(needed)}
+    return projections_of(model, layer_input(model, batch, layer, early_exit), layer, needed)
 
 
 def _float32(x: torch.Tensor) -> torch.autocast:
@@ -200,9 +223,12 @@ def relation_kl(target: Relation, a: torch.Tensor, b: torch.Tensor, mask: torch.
                             key_bias(mask, heads), heads)
 
 
+OutputLoss = Literal["none", "mse", "cosine", "similarity"]
+
+
 @dataclass(frozen=True)
 class RelationSpec:
-    """Which relations to match, over how many (relation) heads, at which layers."""
+    """Which relations to match, over how many (relation) heads, at which layers; the output term."""
 
     weights: dict[str, float]
     """Relation name (see RELATIONS) -> loss weight; zero-weight relations are skipped."""
@@ -211,40 +237,84 @@ class RelationSpec:
     teacher_layer: int
     student_layer: int
     early_exit: bool = True
-    """End each forward at the distilled layer's input (see `layer_input`)."""
+    """End each forward at the distilled layer's input when no output term needs the rest."""
+    output_loss: OutputLoss = "none"
+    """Term on mean-pooled last hidden states: 'mse', 'cosine' (1 - cos), 'similarity' or 'none'."""
+    output_weight: float = 1.0
 
     @property
     def needed(self) -> set[str]:
         return {p for name, w in self.weights.items() if w for p in RELATIONS[name]}
 
+    @property
+    def exits_early(self) -> bool:
+        """Forwards may stop at the distilled layer: only when no output term reads the last layer."""
+        return self.early_exit and self.output_loss == "none"
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What the source model (teacher or assistant) gives one batch: relations and its embedding."""
+
+    relations: dict[str, Relation]
+    embedding: torch.Tensor | None = field(default=None)
+    """(batch, D) float32 mean-pooled last hidden state, when the spec has an output term."""
+
 
 def teacher_targets(
     teacher: PreTrainedModel, batch: dict[str, torch.Tensor], spec: RelationSpec
-) -> dict[str, Relation]:
-    """The teacher's relations (no grad), one per relation with a non-zero weight."""
+) -> Targets:
+    """The teacher's relations (no grad), one per non-zero weight, and its pooled embedding."""
     mask = batch["attention_mask"].bool()
     with torch.no_grad():
-        proj = layer_projections(teacher, batch, spec.teacher_layer, spec.needed, spec.early_exit)
-    return {
-        name: teacher_relation(proj[RELATIONS[name][0]], proj[RELATIONS[name][1]],
-                               spec.heads, mask)
+        x, last = run_to_layer(teacher, batch, spec.teacher_layer, spec.exits_early)
+        proj = projections_of(teacher, x, spec.teacher_layer, spec.needed)
+        embedding = mean_pool(last, mask) if spec.output_loss != "none" else None
+    relations = {
+        name: teacher_relation(proj[RELATIONS[name][0]], proj[RELATIONS[name][1]], spec.heads, mask)
         for name, w in spec.weights.items() if w
     }
+    return Targets(relations, embedding)
+
+
+def cosine_matrix(x: torch.Tensor) -> torch.Tensor:
+    """(batch, D) -> (batch, batch) cosine similarities between the rows."""
+    x = torch.nn.functional.normalize(x, dim=-1)
+    return x @ x.T
+
+
+def output_term(kind: OutputLoss, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """mse: mean squared difference per dimension; cosine: mean (1 - cos) per text; similarity:
+    mean squared difference of the off-diagonal in-batch cosine similarities. float32."""
+    with _float32(student):
+        student, teacher = student.float(), teacher.float()
+        if kind == "mse":
+            return torch.nn.functional.mse_loss(student, teacher)
+        if kind == "cosine":
+            return (1 - torch.nn.functional.cosine_similarity(student, teacher, dim=-1)).mean()
+        n = student.shape[0]
+        off = ~torch.eye(n, dtype=torch.bool, device=student.device)
+        return (cosine_matrix(student) - cosine_matrix(teacher))[off].pow(2).mean() if n > 1 else student.sum() * 0
 
 
 def minilm_loss(
     student: PreTrainedModel,
-    targets: dict[str, Relation],
+    targets: Targets,
     batch: dict[str, torch.Tensor],
     spec: RelationSpec,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted sum of the relation KLs and each unweighted term (for logging)."""
+    """Weighted sum of the relation KLs (+ the output term) and each unweighted term (for logging)."""
     mask = batch["attention_mask"].bool()
-    proj = layer_projections(student, batch, spec.student_layer, spec.needed, spec.early_exit)
+    x, last = run_to_layer(student, batch, spec.student_layer, spec.exits_early)
+    proj = projections_of(student, x, spec.student_layer, spec.needed)
     terms: dict[str, torch.Tensor] = {}
     total = torch.zeros((), device=mask.device)
-    for name, target in targets.items():
+    for name, target in targets.relations.items():
         a, b = RELATIONS[name]
         terms[name] = relation_kl(target, proj[a], proj[b], mask)
         total = total + spec.weights[name] * terms[name]
+    if spec.output_loss != "none":
+        assert targets.embedding is not None and last is not None, "an output term needs full forwards"
+        terms["output"] = output_term(spec.output_loss, mean_pool(last, mask), targets.embedding)
+        total = total + spec.output_weight * terms["output"]
     return total, terms

@@ -6,33 +6,50 @@ softmax(VVᵀ/√d), head by head, so teacher and student need the same head cou
 relation heads, so head counts and hidden sizes may differ, at a chosen teacher/student layer.
 An optional teacher assistant is distilled first (teacher → assistant → student, one module).
 
+Relation losses never reach the last layer's attention output, its feed-forward or the pooler. The
+output term (`minilm.output_loss`: mse/cosine on mean-pooled embeddings) trains them; a student
+built from a config (random init) must use it, or it would be registered with random output layers.
+
 Recipe sections handled here: `student:` (MiniLMStudent) and `minilm:` (MiniLMArgs), e.g.
 
     student: {keep_layers: [0, 2, 4]}
-    minilm: {version: v2, relation_heads: 12}
+    minilm: {version: v2, relation_heads: 12, output_loss: cosine}
 
-Tests: `.venv/bin/python -m pytest tests/distill/test_minilm.py tests/convert/test_minilm.py -q`
+A sentence-transformers teacher (a directory with `modules.json`) gives a sentence-transformers
+export (`distill/minilm/export.py`).
+
+Tests: `.venv/bin/python -m pytest tests/distill/minilm tests/convert/test_minilm.py -q`
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
+from transformers import AutoModel, PreTrainedModel
 
-from convert.minilm import ARCHS, MiniLMStudent, arch_for, build_student
-from distill.text_data import TrainLoader, load_texts
-from distill.hf import build_hf_model
-from distill.minilm.loss import RelationSpec, resolve_layer
+from convert.minilm import MiniLMStudent, arch_for, build_student
+from convert.recipe_types import RECIPE_PATH
+from distill.encoder_eval import STS_KEY, evaluate_encoder
+from distill.hf import build_hf_model, load_config, load_tokenizer
+from distill.loaders import SeededLoader
+from distill.minilm.export import check_st_student, export_encoder, read_st_modules
+from distill.minilm.loss import OutputLoss, RelationSpec, model_inputs, resolve_layer
 from distill.minilm.module import MiniLMModule
 from distill.spec import (
-    DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec,
+    DataSpec,
+    EvalSpec,
+    MethodData,
+    RecipeError,
+    ResolvedSource,
+    Section,
+    TrainSpec,
 )
-from distill.encoder_eval import evaluate_encoder
+from distill.text_data import TokenizeCollate, load_texts
 
 
 class RelationWeights(Section):
@@ -69,15 +86,71 @@ class MiniLMArgs(Section):
     the student then learns from the assistant's last layer."""
     assistant_steps: int = Field(0, ge=0)
     """Optimizer steps of the teacher → assistant phase (must be < train.max_steps)."""
+    output_loss: OutputLoss = "none"
+    """Output term on mask-mean-pooled last hidden states, training the layers relations never reach
+    (the last layer's attention output and feed-forward); required for a student built from a
+    config. 'cosine' (1 - cos per text, what sentence similarity reads) and 'mse' compare each
+    embedding with the teacher's and need the teacher's width; 'similarity' matches the in-batch
+    cosine-similarity matrix and works at any width; 'none': relations only."""
+    output_loss_weight: float = Field(1.0, gt=0)
+    """Weight of the output term against the relation losses (the terms' scales differ: cosine and
+    similarity are small once the student is close)."""
+    sts_file: str | None = Field(None, json_schema_extra=RECIPE_PATH)
+    """Optional STS-format TSV (score in column 5, sentences in 6 and 7) for `eval/sts_spearman`;
+    a relative path is tried from the working directory, then beside the recipe."""
 
 
 @dataclass
 class TextTeacher:
-    """What load_teacher returns: the encoder and its tokenizer."""
+    """What load_teacher returns: the encoder, its tokenizer and, for a sentence-transformers
+    directory, where it lives and its module list (so the export can be one too)."""
 
     model: PreTrainedModel
     tokenizer: Any
     description: str = ""
+    st_dir: Path | None = None
+    st_modules: list[dict[str, Any]] = field(default_factory=list)
+
+
+def sts_path(args: MiniLMArgs) -> str | None:
+    """`minilm.sts_file` as an absolute path. The spine has already made a path beside the recipe
+    absolute (RECIPE_PATH) and `validate` checked it; what is left relative is read from the working
+    directory (direct API use)."""
+    if args.sts_file is None:
+        return None
+    path = Path(args.sts_file).expanduser()
+    path = path if path.is_absolute() else Path.cwd() / path
+    if not path.is_file():
+        raise RecipeError(STS_KEY, args.sts_file, f"no such file (relative paths are read from {Path.cwd()})")
+    return str(path)
+
+
+def check_output_loss(student: MiniLMStudent, args: MiniLMArgs, teacher: TextTeacher,
+                      widths: dict[str, int]) -> None:
+    """Refuse a config-built student without an output term, a per-embedding term between different
+    widths, and an output term the teacher's own sentence pooling would not read (mean pooling).
+
+    Why no projection for a narrower student: measured on the tiny recipe, a learned map (even an
+    isometry) lets the student satisfy a per-text cosine without its own similarities following the
+    teacher's (held-out agreement fell from 0.85 untrained to 0.67); the width-free 'similarity'
+    term raised it (0.88)."""
+    if student.keep_layers is None and args.output_loss == "none":
+        raise RecipeError(
+            "minilm.output_loss", "none",
+            "a student built from a config (student.layers) starts random and relation losses never "
+            "reach its last layer's output projection and feed-forward: set minilm.output_loss "
+            "(cosine or mse at the teacher's width, similarity at any width), or copy teacher layers "
+            "with student.keep_layers",
+        )
+    if args.output_loss in ("mse", "cosine") and len(set(widths.values())) > 1:
+        sizes = ", ".join(f"{k} {v}" for k, v in widths.items())
+        raise RecipeError("minilm.output_loss", args.output_loss,
+                          f"compares each embedding with its teacher's, so widths must match ({sizes}): "
+                          "use output_loss: similarity (width-free) or keep the teacher's hidden size")
+    pooling = next((m for m in teacher.st_modules if m.get("mode")), None)
+    if args.output_loss != "none" and pooling is not None and pooling["mode"] != "mean":
+        raise RecipeError("minilm.output_loss", args.output_loss,
+                          f"the teacher pools with {pooling['mode']!r}; the output term matches mean pooling")
 
 
 def _relation_names(args: MiniLMArgs) -> dict[str, float]:
@@ -114,7 +187,8 @@ def relation_spec(source: PreTrainedModel, target: PreTrainedModel, args: MiniLM
             if model.config.hidden_size % heads:
                 raise RecipeError("minilm.relation_heads", heads,
                                   f"must divide the {key} hidden size {model.config.hidden_size}")
-    return RelationSpec(weights, heads, source_layer, target_layer, early_exit)
+    return RelationSpec(weights, heads, source_layer, target_layer, early_exit,
+                        args.output_loss, args.output_loss_weight)
 
 
 class MiniLM:
@@ -126,30 +200,31 @@ class MiniLM:
     trains: ClassVar[bool] = True
     mlflow_flavor: ClassVar[str] = "transformers"
     mlflow_task: ClassVar[str | None] = "feature-extraction"
+    auto_class: ClassVar[str | None] = "AutoModel"
+    # A direct cosine between embeddings of different widths is undefined (see encoder_eval).
+    nan_metrics: ClassVar[frozenset[str]] = frozenset({"embedding_cosine"})
 
     def load_teacher(self, source: ResolvedSource, *, meta: bool = False) -> TextTeacher:
-        if source.path is not None:
-            config = AutoConfig.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
-        elif source.config is not None:
-            cfg = dict(source.config)
-            if "model_type" not in cfg:
-                raise RecipeError("teacher.config", cfg, f"add model_type (one of {sorted(ARCHS)})")
-            config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        else:
-            raise RecipeError("teacher", source.description, "give a model directory or a config")
+        config = load_config(source, examples="bert, roberta")
         arch_for(config.model_type, "teacher")
-        tokenizer_path = source.tokenizer_path or source.path
-        if tokenizer_path is None:
-            raise RecipeError("teacher.tokenizer", None, "an inline-config teacher needs a tokenizer path")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path,
-                                                      trust_remote_code=source.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise RecipeError("teacher.tokenizer", str(tokenizer_path), f"no tokenizer found: {exc}") from exc
+        tokenizer = load_tokenizer(source)
         model = build_hf_model(AutoModel, source, config, meta=meta)
-        return TextTeacher(model.eval(), tokenizer, source.description)
+        st_modules = read_st_modules(source.path) if source.path is not None else []
+        return TextTeacher(model.eval(), tokenizer, source.description,
+                           source.path if st_modules else None, st_modules)
 
     def convert(self, teacher: TextTeacher, student: MiniLMStudent, args: MiniLMArgs) -> PreTrainedModel:
+        model = self._convert(teacher, student, args)
+        widths = {"teacher": teacher.model.config.hidden_size, "student": model.config.hidden_size}
+        if args.assistant is not None:
+            widths["minilm.assistant"] = args.assistant.hidden_size or widths["teacher"]
+        check_output_loss(student, args, teacher, widths)
+        check_st_student(teacher.st_modules, teacher.model, model)
+        # Read by export: a config-built student's pooler is random (no loss reaches it).
+        model.minilm_init = "keep_layers" if student.keep_layers is not None else "config"
+        return model
+
+    def _convert(self, teacher: TextTeacher, student: MiniLMStudent, args: MiniLMArgs) -> PreTrainedModel:
         t = teacher.model
         t_layer = _layer(t, args.teacher_layer, "minilm.teacher_layer")
         if args.assistant is None:
@@ -167,9 +242,12 @@ class MiniLM:
 
     def data(self, teacher: TextTeacher, data: DataSpec, args: MiniLMArgs) -> MethodData:
         train, held_out = load_texts(data)
+        loader = SeededLoader(train, batch_size=data.batch_size, seed=data.seed, num_workers=data.num_workers,
+                              collate_fn=TokenizeCollate(teacher.tokenizer, data.max_length))
         return MethodData(
-            train_dataloader=TrainLoader(train, teacher.tokenizer, data),
-            eval={"texts": held_out, "tokenizer": teacher.tokenizer, "max_length": data.max_length},
+            train_dataloader=loader,
+            eval={"texts": held_out, "tokenizer": teacher.tokenizer, "max_length": data.max_length,
+                  "sts_file": sts_path(args)},
             num_train_examples=len(train),
         )
 
@@ -199,14 +277,28 @@ class MiniLM:
         return module.release_student()
 
     def evaluate(self, model: PreTrainedModel, teacher: TextTeacher, data: MethodData,
-                 eval: EvalSpec, args: MiniLMArgs) -> dict[str, float]:
+                 eval: EvalSpec, args: MiniLMArgs, artifact_dir: Path) -> dict[str, float]:
         return evaluate_encoder(model, teacher.model, teacher.tokenizer, data.eval["texts"],
-                                eval, data.eval["max_length"])
+                                eval, data.eval["max_length"], sts_file=data.eval.get("sts_file"))
+
+    def speed_probe(self, model: PreTrainedModel, teacher: TextTeacher, data: MethodData,
+                    eval: EvalSpec, args: MiniLMArgs) -> Callable[[], Any]:
+        """One forward of `model` (eval mode) on the first eval batch, tokenised once, on its device."""
+        texts = data.eval["texts"][: eval.batch_size]
+        device = next(model.parameters()).device
+        batch = model_inputs(dict(teacher.tokenizer(texts, truncation=True, max_length=data.eval["max_length"],
+                                                    padding=True, return_tensors="pt").to(device)))
+        model.eval()
+
+        def probe() -> Any:
+            with torch.no_grad():
+                return model(**batch).last_hidden_state
+
+        return probe
 
     def export(self, student: PreTrainedModel, teacher: TextTeacher, out_dir: Path,
                args: MiniLMArgs) -> Path:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        student.save_pretrained(out_dir)
-        teacher.tokenizer.save_pretrained(out_dir)
-        return out_dir
+        """A transformers directory (AutoModel + tokenizer); a sentence-transformers one as well when
+        the teacher is one; plus `training_notes.txt` for the model card."""
+        return export_encoder(student, teacher.tokenizer, teacher.st_dir, teacher.st_modules, Path(out_dir),
+                              args.output_loss, getattr(student, "minilm_init", "keep_layers"))

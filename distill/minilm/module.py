@@ -4,7 +4,7 @@ With an assistant the first `assistant_steps` optimizer steps distil teacher →
 rest assistant → student, in one module and one optimizer whose two parameter groups follow their
 own warm-up/decay schedule (zero learning rate outside their phase).
 
-Tests: `.venv/bin/python -m pytest tests/distill/test_minilm_module.py -q`
+Tests: `.venv/bin/python -m pytest tests/distill/minilm/test_method.py -q`
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from distill.minilm.loss import RelationSpec, minilm_loss, teacher_targets
 from distill.optim import adamw_with_schedule
 from distill.spec import TrainSpec
 
-
 # Relation name -> logged metric name (train/<name>).
-LOG_NAMES = {"attention": "attn_kl", "value": "value_kl", "qq": "qq", "kk": "kk", "vv": "vv"}
+LOG_NAMES = {"attention": "attn_kl", "value": "value_kl", "qq": "qq", "kk": "kk", "vv": "vv",
+             "output": "output"}
 
 
 class PhaseSchedule:
@@ -42,14 +42,17 @@ class PhaseSchedule:
 
 
 def freeze_unreachable(model: PreTrainedModel, spec: RelationSpec) -> list[torch.nn.Parameter]:
-    """Freeze parameters no relation loss can reach; return them so they can be unfrozen later.
+    """Freeze parameters no loss can reach; return them so they can be unfrozen later.
 
-    Only the embeddings, the layers below the distilled layer and that layer's used Q/K/V
-    projections get gradients. The rest (later layers, the distilled layer's output and
-    feed-forward, the pooler) would sit in DDP's reducer waiting for gradients that never come.
+    Relations alone reach the embeddings, the layers below the distilled layer and that layer's used
+    Q/K/V projections; an output term reaches every layer up to the last hidden state too. The rest
+    (later layers, the distilled layer's output and feed-forward, the pooler) would sit in DDP's
+    reducer waiting for gradients that never come.
     """
     layer = spec.student_layer
     keep: set[int] = set()
+    if spec.output_loss != "none":  # every encoder tensor feeds the last hidden state; the pooler not
+        keep.update(id(p) for name, p in model.named_parameters() if not name.startswith("pooler."))
     for block in list(layer_list(model))[:layer]:
         keep.update(id(p) for p in block.parameters())
     for name, linear in zip("qkv", qkv(model, layer)):
@@ -91,7 +94,7 @@ class MiniLMModule(L.LightningModule):
     def in_assistant_phase(self) -> bool:
         return self.assistant is not None and self.global_step < self.assistant_steps
 
-    def train(self, mode: bool = True) -> "MiniLMModule":
+    def train(self, mode: bool = True) -> MiniLMModule:
         """Lightning calls train() at fit start: keep the teacher (and a trained assistant) in eval."""
         super().train(mode)
         self.teacher.eval()

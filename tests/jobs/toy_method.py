@@ -131,7 +131,8 @@ class Toy:
     def export(self, student, teacher, out_dir: Path, args: ToyArgs) -> Path:
         self._maybe_fail(args, "export")
         save_file({k: v.contiguous() for k, v in student.state_dict().items()}, out_dir / "model.safetensors")
-        (out_dir / "config.json").write_text(json.dumps({"width": student[0].in_features, "hidden": student[0].out_features}))
+        config = {"width": student[0].in_features, "hidden": student[0].out_features}
+        (out_dir / "config.json").write_text(json.dumps(config))
         return out_dir
 
 

