@@ -19,7 +19,9 @@ def athanor(*args: str, home: Path | None = None, env: dict[str, str] | None = N
             check: bool = False) -> subprocess.CompletedProcess:
     """`athanor ARGS` in a subprocess of this interpreter (as a user runs it), run from the repo root; `home`
     sets ATHANOR_HOME (default: the environment's, which the `home` fixture points at a fresh folder)."""
-    full_env = {**os.environ, **(env or {})}
+    # A tracking URI left in this process by an in-process test must not leak into the job.
+    full_env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    full_env.update(env or {})
     if home is not None:
         full_env["ATHANOR_HOME"] = str(home)
     return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=full_env, capture_output=True,

@@ -8,14 +8,11 @@ tiny recipe end to end (`athanor submit --wait`): job, MLflow before/after, regi
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from harness import RECIPES, artifact_files, athanor, mlflow_client
 
 from convert.module_utils import count_params
 from jobs.validate import check
@@ -41,15 +38,11 @@ def test_sdxl_recipe_validates_on_the_meta_device(tmp_path):
 @pytest.mark.slow
 def test_tiny_recipe_end_to_end(tmp_path):
     from diffusers import UNet2DConditionModel
-    from mlflow import MlflowClient
 
     from jobs.store import JobStore
-    from jobs.tracking import default_tracking_uri
 
-    athanor = shutil.which("athanor", path=str(Path(sys.executable).parent)) or "athanor"
-    env = {**os.environ, "ATHANOR_HOME": str(tmp_path)}
-    done = subprocess.run([athanor, "--home", str(tmp_path), "submit", str(ROOT / "recipes" / "koala_tiny.yaml"),
-                           "--wait", "--no-progress"], env=env, capture_output=True, text=True, timeout=900)
+    done = athanor("submit", str(RECIPES / "koala_tiny.yaml"), "--wait", "--no-progress", home=tmp_path,
+                   timeout=900)
     (job,) = JobStore(tmp_path).list()
     assert job.status == "SUCCEEDED", f"{job.error}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     before, after, untrained = job.result["before"], job.result["after"], job.result["untrained"]
@@ -60,16 +53,10 @@ def test_tiny_recipe_end_to_end(tmp_path):
     assert before["noise_mse"] == 0 and after["params"] == untrained["params"] < 0.35 * before["params"]
     assert after["peak_mem_mb"] < before["peak_mem_mb"]
 
-    client = MlflowClient(default_tracking_uri(tmp_path))
+    client = mlflow_client(tmp_path)
     (version,) = client.search_model_versions("name='koala-tiny'")
     assert str(version.version) == job.model_version and version.run_id == job.mlflow_run_id
-    def files(path: str | None = None) -> list[str]:
-        found = []
-        for item in client.list_artifacts(job.mlflow_run_id, path):
-            found += files(item.path) if item.is_dir else [item.path]
-        return found
-
-    grids = [p for p in files() if p.endswith(".png")]
+    grids = [p for p in artifact_files(client, job.mlflow_run_id) if p.endswith(".png")]
     for side in ("after", "untrained"):  # one folder per evaluated side (the spine's artifact_dir)
         assert any(f"/{side}/teacher_vs_student_seed" in p for p in grids), grids
     assert any("/before/teacher_seed" in p for p in grids), grids

@@ -5,12 +5,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from harness import athanor, child_runs, mlflow_client
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "sentencevae_tiny.yaml"
@@ -21,9 +19,7 @@ RECON_FLOOR = 0.10
 
 @pytest.mark.slow
 def test_tiny_recipe_end_to_end(tmp_path: Path) -> None:
-    import mlflow
     import torch
-    from mlflow import MlflowClient
     from transformers import AutoTokenizer
 
     from convert.sentencevae.segment import segment_ids
@@ -36,10 +32,7 @@ def test_tiny_recipe_end_to_end(tmp_path: Path) -> None:
 
     home = tmp_path / "home"
     # One OpenMP thread: on a shared 2-core machine, spin-waiting threads cost 3x the time.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    athanor = Path(sys.executable).parent / "athanor"
-    proc = subprocess.run([str(athanor), "--home", str(home), "submit", str(RECIPE), "--wait", "--no-progress"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    proc = athanor("submit", str(RECIPE), "--wait", "--no-progress", home=home, env={"OMP_NUM_THREADS": "1"})
     jobs = JobStore(home).list()
     assert len(jobs) == 1
     job = jobs[0]
@@ -59,11 +52,8 @@ def test_tiny_recipe_end_to_end(tmp_path: Path) -> None:
         print(f"{key:28s} before {before[key]:12.5g}  after {after[key]:12.5g}")
     assert before["ppl"] < 30522 / 4  # the pre-trained teacher is far better than uniform
 
-    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
-    mlflow.set_registry_uri(f"sqlite:///{home / 'mlflow.db'}")
-    children = client.search_runs([client.get_run(job.mlflow_run_id).info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{job.mlflow_run_id}'")
-    logged = {run.data.tags["athanor.side"]: run.data.metrics for run in children}
+    client = mlflow_client(home)
+    logged = {name: run.data.metrics for name, run in child_runs(client, job.mlflow_run_id).items()}
     assert set(logged) == {"baseline", "converted"}
     assert logged["converted"]["eval/recon_token_acc"] == pytest.approx(after["recon_token_acc"])
     assert set(logged["baseline"]) == {f"eval/{k}" for k in before} == set(logged["converted"])
