@@ -9,6 +9,7 @@ Tests: `.venv/bin/python -m pytest tests/jobs/test_cli_jobs.py tests/jobs/test_p
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import shutil
@@ -134,7 +135,7 @@ class JobRun:
         recipe = p.loaded.recipe
         self.stage("tracking")
         self.start_tracking(p)
-        untrained = _copy_if(recipe.eval.include_untrained, p.student)
+        untrained = copy.deepcopy(p.student) if recipe.eval.include_untrained else None
         results = Results(params={"teacher": count_params(p.method.teacher_model(p.teacher)),
                                   "student": count_params(p.student)})
         self.stage("before")
@@ -338,12 +339,6 @@ def _check_same_keys(method: str, results: Results) -> None:
         if set(metrics) != set(results.before):
             raise RuntimeError(f"method {method} returned different metric keys before/{name}: "
                                f"{sorted(set(results.before) ^ set(metrics))}")
-
-
-def _copy_if(wanted: bool, model: Any) -> Any:
-    import copy
-
-    return copy.deepcopy(model) if wanted else None
 
 
 def _torch_threads() -> int:
