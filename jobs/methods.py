@@ -13,6 +13,7 @@ METHODS: dict[str, str] = {
     "minilm": "distill.minilm:MiniLM",
     "koala": "distill.koala:Koala",
     "sentencevae": "distill.sentencevae:SentenceVAE",
+    "linvideo": "distill.linvideo:LinVideo",
 }
 
 # Extra methods from outside the repo (plugins, test doubles): "name=module:Class,name2=...".

@@ -173,12 +173,15 @@ def _read_json(path: Path) -> Any:
 
 def model_dir_problems(path: Path, key: str) -> list[RecipeError]:
     """A model directory must hold config.json (or be a diffusers pipeline: model_index.json,
-    unet/config.json), parse, and ask for sizes within the same bounds as an inline config."""
-    configs = [path / "config.json", path / "model_index.json", path / "unet" / "config.json"]
+    unet/config.json or transformer/config.json), parse, and ask for sizes within the same bounds as an
+    inline config."""
+    configs = [path / "config.json", path / "model_index.json", path / "unet" / "config.json",
+               path / "transformer" / "config.json"]
     present = [c for c in configs if c.is_file()]
     if not present:
         return [RecipeError(key, str(path), "no config.json here: expected a model directory (config.json and "
-                                            "weights) or a diffusers pipeline (model_index.json, unet/config.json)")]
+                                            "weights) or a diffusers pipeline (model_index.json, unet/ or "
+                                            "transformer/config.json)")]
     problems = []
     for config in present:
         name = config.relative_to(path).as_posix()

@@ -1,0 +1,3 @@
+from distill.linvideo.method import LinVideo
+
+__all__ = ["LinVideo"]

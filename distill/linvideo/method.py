@@ -1,0 +1,291 @@
+"""LinVideo (2025): move a video diffusion transformer's self-attention layers to linear attention,
+chosen automatically (one learnable gate per candidate layer, `convert/linvideo.py`) and trained
+data-free with anytime distribution matching against the teacher (`loss.py`, `train.py`).
+
+    .venv/bin/athanor submit recipes/linvideo_tiny.yaml --wait
+    .venv/bin/python -m pytest tests/distill/linvideo tests/convert/test_linvideo.py -q
+
+The untrained student (`eval.include_untrained`) is the hybrid switched before any training: the
+target count of layers spread evenly over the candidates go linear with their initial feature maps.
+After training the gates are rounded (`choose_linear`): layers at 0 become pure linear attention,
+layers at 1 get their softmax processor back. Evaluation keys: see `evaluation.py`; the spine adds
+`latency_ms` from `speed_probe` (one denoising step) and the speedup.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+from safetensors.torch import save_file
+
+from convert import linvideo as lv
+from convert.module_utils import count_params
+from distill.fashion_mnist import CLASSES
+from distill.linvideo import evaluation as ev
+from distill.linvideo.data import LinVideoTeacher, TrajectoryPoints, cached_trajectories, conditions_for, load_teacher
+from distill.linvideo.train import LinVideoModule
+from distill.loaders import SeededLoader
+from distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
+
+logger = logging.getLogger(__name__)
+
+
+class LinVideoStudent(Section):
+    """The student keeps the teacher's architecture; what changes is set in the `linvideo:` section."""
+
+
+class LinVideoArgs(Section):
+    """LinVideo settings (the recipe's `linvideo:` section)."""
+
+    target: int | None = Field(None, ge=0)
+    """How many candidate layers become linear attention (give this or `target_fraction`)."""
+    target_fraction: float | None = Field(None, ge=0, le=1)
+    """The target as a fraction of the candidates (rounded); default 0.5 when neither is given."""
+    candidate_layers: list[str] | None = None
+    """Self-attention module names that may become linear (default: every `attn1` of Wan/CogVideoX)."""
+    feature_map: Literal["hedgehog", "elu+1", "relu"] = "hedgehog"
+    """Linear-attention feature map; Hedgehog learns separate query and key maps."""
+    feature_dim: int | None = Field(None, ge=1, le=4096)
+    """Hedgehog features per map (2× this after the ± softmax); default the head dim."""
+    objective: Literal["adm", "velocity"] = "adm"
+    """'adm': anytime distribution matching (the student is its own fake score); 'velocity': MSE to the
+    teacher's velocity on trajectory points (for comparison)."""
+    log_both: bool = False
+    """Also log the objective not trained on (no gradient)."""
+    lambda_select: float = Field(0.01, ge=0)
+    """λ of λ(L_con + L_reg), the paper's 0.01."""
+    alpha_start: float = Field(20.0, gt=0)
+    alpha_end: float = Field(2.0, gt=0)
+    """L_reg's exponent α, annealed linearly from alpha_start to alpha_end over train.max_steps."""
+    lambda_transfer: float = Field(1.0, ge=0)
+    """Weight of attention transfer (linear branch toward the softmax branch it replaces)."""
+    adm_eta: float = Field(1.0, gt=0)
+    """η of the ADM surrogate (step size along the score gap)."""
+    t_min: float = Field(0.05, gt=0, lt=1)
+    """Trajectory points whose next time is below this are not trained on ((1 − t)/t explodes)."""
+    lr_gate: float = Field(0.01, gt=0, le=10)
+    """Learning rate of the gates r."""
+    lr_feature_maps: float = Field(1e-3, gt=0, le=10)
+    """Learning rate of the feature maps (Hedgehog weights)."""
+    train_weights: bool = False
+    """Also fine-tune every other student weight (at train.lr); off: only gates and feature maps."""
+    uncond_fraction: float = Field(0.1, ge=0, le=1)
+    """Share of training conditions replaced by the unconditional (zero) embedding."""
+    prompts: list[str] | None = None
+    """Training prompts (default: every caption the teacher ships)."""
+    samples_per_prompt: int = Field(2, ge=1, le=10_000)
+    """Teacher trajectories per prompt in the data-free cache."""
+    trajectory_steps: int = Field(16, ge=2, le=1000)
+    """Euler steps per teacher trajectory (each visited point is a training example)."""
+    guidance_scale: float = Field(3.0, ge=1)
+    """Classifier-free guidance for trajectories and evaluation sampling."""
+    shift: float = Field(1.0, gt=0, le=100)
+    """Flow shift of the sampling time grid (Wan uses 3–5 at 480p+; 1 is uniform)."""
+    cache_dir: str | None = None
+    """Where trajectory caches are kept between runs (default: not kept)."""
+    frames: int | None = Field(None, ge=1, le=1024)
+    height: int | None = Field(None, ge=1, le=4096)
+    width: int | None = Field(None, ge=1, le=4096)
+    """Latent clip size (default: the teacher's training clips from captions.json)."""
+    eval_prompts: list[str] | None = None
+    """Prompts for the before/after clips (default: the first four training prompts)."""
+    eval_seeds: list[int] = Field(default_factory=lambda: [0, 1])
+    eval_steps: int = Field(20, ge=1, le=1000)
+    heldout_points: int = Field(64, ge=1, le=100_000)
+    """Held-out trajectory points (fresh seeds) for velocity_mse."""
+    latency_batch: int = Field(1, ge=1, le=1024)
+
+
+def _target(args: LinVideoArgs, candidates: int) -> int:
+    if args.target is not None and args.target_fraction is not None:
+        raise RecipeError("linvideo.target", args.target, "give target or target_fraction, not both")
+    target = args.target if args.target is not None else round((args.target_fraction or 0.5) * candidates)
+    if target > candidates:
+        raise RecipeError("linvideo.target", target, f"only {candidates} candidate layers; give at most {candidates} "
+                                                     "or list more in linvideo.candidate_layers")
+    return target
+
+
+def _finalize(model: torch.nn.Module, target: int) -> torch.nn.Module:
+    """Switch a model that still has hybrid layers (idempotent)."""
+    if not lv.is_switched(model):
+        lv.switch(model, lv.choose_linear(model, target))
+    return model
+
+
+class LinVideo:
+    """The LinVideo method (see the module docstring)."""
+
+    name: ClassVar[str] = "linvideo"
+    Args: ClassVar[type[Section]] = LinVideoArgs
+    Student: ClassVar[type[Section]] = LinVideoStudent
+    trains: ClassVar[bool] = True
+    mlflow_flavor: ClassVar[str] = "artifacts"
+    mlflow_task: ClassVar[str | None] = None
+    auto_class: ClassVar[str | None] = None
+    """The export is a diffusers transformer directory plus linvideo.json (convert.linvideo.load_student)."""
+    nan_metrics: ClassVar[frozenset[str]] = frozenset({"psnr_db", "class_accuracy"})
+    """psnr_db is NaN for the teacher (identical clips); class_accuracy without a classifier."""
+
+    def load_teacher(self, source: ResolvedSource, *, meta: bool = False) -> LinVideoTeacher:
+        return load_teacher(source, meta=meta)
+
+    def teacher_model(self, teacher: LinVideoTeacher) -> torch.nn.Module:
+        return teacher.transformer
+
+    def convert(self, teacher: LinVideoTeacher, student: LinVideoStudent, args: LinVideoArgs) -> torch.nn.Module:
+        import copy
+
+        candidates = lv.candidate_layers(teacher.transformer, args.candidate_layers)
+        _target(args, len(candidates))
+        model = copy.deepcopy(teacher.transformer)
+        lv.install(model, candidates, feature_map=args.feature_map, feature_dim=args.feature_dim)
+        return model
+
+    def _shape(self, teacher: LinVideoTeacher, args: LinVideoArgs) -> tuple[int, int, int, int]:
+        config = teacher.transformer.config
+        frames = args.frames or teacher.clip.get("frames")
+        height = args.height or teacher.clip.get("canvas")
+        width = args.width or teacher.clip.get("canvas")
+        if not (frames and height and width):
+            raise RecipeError("linvideo.frames", frames, "the teacher ships no clip size: set linvideo.frames, "
+                                                         "linvideo.height and linvideo.width (latent size)")
+        patch = config.get("patch_size")
+        p_t, p_h, p_w = patch if isinstance(patch, (list, tuple)) else (config.get("patch_size_t") or 1, patch, patch)
+        for key, value, p in (("frames", frames, p_t), ("height", height, p_h), ("width", width, p_w)):
+            if value % p:
+                raise RecipeError(f"linvideo.{key}", value, f"must be a multiple of the patch size {p}")
+        return (config.in_channels, frames, height, width)
+
+    def data(self, teacher: LinVideoTeacher, data: DataSpec, args: LinVideoArgs) -> MethodData:
+        prompts = list(args.prompts or teacher.captions)
+        if not prompts:
+            raise RecipeError("linvideo.prompts", args.prompts, "the teacher ships no captions: list training prompts")
+        eval_prompts = list(args.eval_prompts or prompts[:4])
+        if not args.eval_seeds:
+            raise RecipeError("linvideo.eval_seeds", args.eval_seeds, "give at least one eval seed")
+        shape = self._shape(teacher, args)
+        cond = conditions_for(teacher, prompts, "linvideo.prompts")
+        sampling = dict(steps=args.trajectory_steps, guidance=args.guidance_scale, shift=args.shift)
+        cache_dir = Path(args.cache_dir) if args.cache_dir else None
+        model = teacher.transformer
+        train_cache = cached_trajectories(model, cond, shape, cache_dir, samples=args.samples_per_prompt,
+                                          seed=data.seed, **sampling)
+        held = cached_trajectories(model, cond, shape, cache_dir, samples=1, seed=data.seed + 1_000_003, **sampling)
+        pick = torch.linspace(0, len(held) - 1, min(args.heldout_points, len(held))).round().long()
+        points = {"x": held.x[pick], "t": held.t[pick], "cond": cond[held.cond[pick]]}
+        logger.info("data-free: %d trajectory points from %d prompts x %d samples", len(train_cache), len(prompts),
+                    args.samples_per_prompt)
+        eval_cond = conditions_for(teacher, eval_prompts, "linvideo.eval_prompts")
+        noises = [torch.randn((len(eval_prompts), *shape), generator=torch.Generator().manual_seed(s))
+                  for s in args.eval_seeds]
+        payload = {"cond": eval_cond, "uncond": torch.zeros_like(eval_cond[:1]), "noises": noises,
+                   "heldout": points, "labels": _labels(eval_prompts, len(args.eval_seeds)), "shape": shape,
+                   "prompts": eval_prompts, "conditions": cond, "train_prompts": prompts}
+        train = TrajectoryPoints(train_cache, cond, args.t_min)
+        loader = SeededLoader(train, batch_size=data.batch_size, seed=data.seed, num_workers=data.num_workers)
+        return MethodData(train_dataloader=loader, eval=payload, num_train_examples=len(train))
+
+    def lightning_module(self, teacher: LinVideoTeacher, student: torch.nn.Module, data: MethodData,
+                         args: LinVideoArgs, train: TrainSpec) -> LinVideoModule:
+        return LinVideoModule(student, teacher.transformer, train, target=_target(args, len(lv.gate_values(student))),
+                              objective=args.objective, log_both=args.log_both, lambda_select=args.lambda_select,
+                              alpha=(args.alpha_start, args.alpha_end), lambda_transfer=args.lambda_transfer,
+                              eta=args.adm_eta, lr_gate=args.lr_gate, lr_feature_maps=args.lr_feature_maps,
+                              train_weights=args.train_weights, uncond_fraction=args.uncond_fraction)
+
+    def trained_student(self, module: LinVideoModule) -> torch.nn.Module:
+        model = module.student.eval()
+        rounded = [n for n, r in lv.gate_values(model).items() if round(r) == 0]
+        chosen = lv.choose_linear(model, module.target)
+        if sorted(rounded) != sorted(chosen):
+            logger.warning("gates did not settle on the target: %d rounded to 0, target %d; the %d lowest r "
+                           "go linear", len(rounded), module.target, module.target)
+        module.r_history.append((module.trainer.global_step if module._trainer else -1, lv.gate_values(model)))
+        lv.switch(model, chosen)
+        model.linvideo_history = module.r_history  # for the trajectory plot in evaluate
+        return model
+
+    def evaluate(self, model: torch.nn.Module, teacher: LinVideoTeacher, data: MethodData, eval: EvalSpec,
+                 args: LinVideoArgs, artifact_dir: Path) -> dict[str, float]:
+        is_teacher = model is teacher.transformer
+        if not is_teacher:
+            _finalize(model, _target(args, len(lv.gate_values(model)) + len(lv.linear_layers(model))))
+        payload, steps = data.eval, args.eval_steps
+        clips = ev.generate(model.eval(), payload, steps, args.guidance_scale, args.shift)
+        teacher_clips = clips if is_teacher else ev.generate(teacher.transformer, payload, steps,
+                                                             args.guidance_scale, args.shift)
+        metrics = {"params": float(count_params(model)),
+                   "velocity_mse": ev.heldout_velocity_mse(model, teacher.transformer, payload["heldout"]),
+                   **ev.clip_metrics(clips, teacher_clips, payload["labels"], teacher.classifier, is_teacher)}
+        linear = [] if is_teacher else lv.linear_layers(model)
+        metrics["linear_layers"] = float(len(linear))
+        metrics["attention_gmacs"] = self._attention_gmacs(model, teacher, payload["shape"], len(linear), args) / 1e9
+        artifact_dir = Path(artifact_dir)
+        rows = [teacher_clips] if is_teacher else [teacher_clips, clips]
+        ev.save_gif(rows, artifact_dir / ("teacher.gif" if is_teacher else "teacher_vs_student.gif"))
+        history = getattr(model, "linvideo_history", None)
+        if history:
+            ev.plot_gates(history, linear, artifact_dir / "gate_trajectories.png")
+        elif linear:
+            (artifact_dir / "chosen_layers.json").write_text(json.dumps({"linear": linear}, indent=1))
+        return metrics
+
+    def _attention_gmacs(self, model: torch.nn.Module, teacher: LinVideoTeacher, shape: tuple, linear: int,
+                         args: LinVideoArgs) -> float:
+        config = dict(teacher.transformer.config)
+        patch = config.get("patch_size")
+        p_t, p_h, p_w = patch if isinstance(patch, (list, tuple)) else (1, patch, patch)
+        tokens = (shape[1] // p_t) * (shape[2] // p_h) * (shape[3] // p_w)
+        layers = len(lv.candidate_layers(teacher.transformer, args.candidate_layers))
+        cost = lv.attention_cost(config, tokens, linear, layers, args.feature_dim, feature_map=args.feature_map)
+        return cost["after_macs"]
+
+    def speed_probe(self, model: torch.nn.Module, teacher: LinVideoTeacher, data: MethodData, eval: EvalSpec,
+                    args: LinVideoArgs) -> Callable[[], Any]:
+        """One denoising step (a transformer forward) on `latency_batch` clips."""
+        if model is not teacher.transformer:
+            _finalize(model, _target(args, len(lv.gate_values(model)) + len(lv.linear_layers(model))))
+        model.eval()
+        payload = data.eval
+        x = torch.randn((args.latency_batch, *payload["shape"]), generator=torch.Generator().manual_seed(0))
+        cond = payload["cond"][:1].expand(args.latency_batch, -1, -1)
+        t = torch.full((args.latency_batch,), 500.0)
+
+        @torch.no_grad()
+        def step() -> Any:
+            return model(x, t, cond).sample
+
+        return step
+
+    def export(self, student: torch.nn.Module, teacher: LinVideoTeacher, out_dir: Path, args: LinVideoArgs) -> Path:
+        """A diffusers directory (`from_pretrained`) + linvideo.json/.safetensors (`load_student`) + the
+        conditions it was trained on, so the export samples on its own."""
+        out_dir = Path(out_dir)
+        settings = args.model_dump(include={"objective", "feature_map", "lambda_select", "lambda_transfer",
+                                            "train_weights", "target", "target_fraction"})
+        lv.save_student(student, out_dir, extra={"teacher": teacher.description, "settings": settings,
+                                                 "load": "convert.linvideo.load_student(path)"})
+        if teacher.conditions is not None:
+            save_file({"conditions": teacher.conditions.contiguous()}, out_dir / "conditions.safetensors")
+            (out_dir / "captions.json").write_text(json.dumps({"captions": teacher.captions, "clip": teacher.clip}))
+        return out_dir
+
+
+def _labels(prompts: list[str], seeds: int) -> torch.Tensor | None:
+    """The Fashion-MNIST class each prompt names (longest match), repeated per seed; None if any names none."""
+    labels = []
+    for prompt in prompts:
+        found = [i for i, c in sorted(enumerate(CLASSES), key=lambda ic: -len(ic[1]))
+                 if re.search(rf"\b{re.escape(c)}\b", prompt.lower())]
+        if not found:
+            return None
+        labels.append(found[0])
+    return torch.tensor(labels).repeat(seeds)

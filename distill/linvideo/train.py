@@ -1,0 +1,139 @@
+"""LinVideo training: the LightningModule that learns which layers go linear and how.
+
+    .venv/bin/python -m pytest tests/distill/linvideo/test_train.py -q
+
+One step on a batch of teacher-trajectory points (x_t, t, t', condition):
+- objective 'adm': the student steps x̂_{t'} = x_t + (t' − t)·u_S(x_t) (gradient flows), then the
+  teacher and the student itself (no gradient: its own fake score) give velocities at x̂_{t'}; the
+  ADM surrogate pushes x̂ along the score gap (`loss.py`). 'velocity': MSE(u_S(x_t), u_T(x_t)).
+  With `log_both` the other objective is logged too (no gradient).
+- attention transfer: Σ over hybrid layers of the gap between the linear and the softmax branch,
+  weighted by `lambda_transfer` (trains the feature maps toward the softmax output they replace).
+- selection: λ(L_con + L_reg) on the gates, α annealed over the run.
+The gates are clamped to [0, 1] after every optimizer step (the processors clamp too), and their
+values are kept per logged step (`r_history`) for the trajectory plot.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from convert import linvideo as lv
+from distill.linvideo.loss import adm_surrogate, alpha_at, selection_losses, velocity_mse
+from distill.linvideo.sampling import velocity
+from distill.spec import TrainSpec
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+class LinVideoModule(L.LightningModule):
+    """Trains the hybrid student against the frozen teacher (see the module docstring)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, train: TrainSpec, *, target: int,
+                 objective: str = "adm", log_both: bool = False, lambda_select: float = 0.01,
+                 alpha: tuple[float, float] = (20.0, 2.0), lambda_transfer: float = 1.0, eta: float = 1.0,
+                 lr_gate: float = 0.01, lr_feature_maps: float = 1e-3, train_weights: bool = False,
+                 uncond_fraction: float = 0.1) -> None:
+        super().__init__()
+        self.student = student.train()
+        self.__dict__["teacher"] = teacher.eval().requires_grad_(False)  # frozen; not a submodule
+        self.train_spec, self.target, self.objective, self.log_both = train, target, objective, log_both
+        self.lambda_select, self.alpha, self.lambda_transfer, self.eta = lambda_select, alpha, lambda_transfer, eta
+        self.lr_gate, self.lr_feature_maps, self.train_weights = lr_gate, lr_feature_maps, train_weights
+        self.uncond_fraction = uncond_fraction
+        self.layer_names = list(lv.gate_values(student))
+        self.r_history: list[tuple[int, dict[str, float]]] = [(0, lv.gate_values(student))]
+
+    def on_fit_start(self) -> None:
+        self.teacher.to(self.device, next(self.student.parameters()).dtype)
+
+    def _gates(self) -> dict[str, lv.LinVideoGate]:
+        return {n: g for n, g in lv.gates(unwrap(self.student)).items() if g.r is not None}
+
+    def _drop_conditions(self, cond: torch.Tensor) -> torch.Tensor:
+        """Zero a fraction of the conditions: the student must match the teacher's unconditional
+        velocity too, or classifier-free guidance would mix a trained and an untrained prediction."""
+        if not self.uncond_fraction:
+            return cond
+        keep = torch.rand(cond.shape[0], device=cond.device) >= self.uncond_fraction
+        return cond * keep.view(-1, 1, 1).to(cond.dtype)
+
+    def _objective(self, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+                   cond: torch.Tensor) -> dict[str, torch.Tensor]:
+        u_student = velocity(self.student, x, t, cond)
+        transfer = [g.transfer_error for g in self._gates().values() if g.transfer_error is not None]
+        terms = {"transfer": torch.stack(transfer).sum() if transfer else x.new_zeros(())}
+        want_adm = self.objective == "adm" or self.log_both
+        want_mse = self.objective == "velocity" or self.log_both
+        if want_mse:
+            with torch.set_grad_enabled(self.objective == "velocity"):
+                with torch.no_grad():
+                    u_teacher = velocity(self.teacher, x, t, cond)
+                terms["velocity_mse"] = velocity_mse(u_student, u_teacher)
+        if want_adm:
+            dt = (t_next - t).view(-1, *([1] * (x.dim() - 1)))
+            x_hat = x + dt * u_student
+            if self.objective != "adm":
+                x_hat = x_hat.detach()
+            with torch.no_grad():
+                u_t = velocity(self.teacher, x_hat, t_next, cond)
+                u_fake = velocity(self.student, x_hat, t_next, cond)
+            terms["adm"] = adm_surrogate(x_hat, u_t, u_fake, t_next, self.eta)
+        return terms
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        cond = self._drop_conditions(batch["cond"])
+        terms = self._objective(batch["x"], batch["t"], batch["t_next"], cond)
+        gates = self._gates()
+        alpha = alpha_at(self.global_step, self.train_spec.max_steps, *self.alpha)
+        if gates:
+            r = torch.stack([g.r for g in gates.values()])
+            terms["l_con"], terms["l_reg"] = selection_losses(r, self.target, alpha)
+            selection = terms["l_con"] + terms["l_reg"]
+        else:
+            selection = terms["transfer"].new_zeros(())
+        main = terms["adm" if self.objective == "adm" else "velocity_mse"]
+        terms["loss"] = main + self.lambda_transfer * terms["transfer"] + self.lambda_select * selection
+        logged = {f"train/{k}": v.detach() for k, v in terms.items()}
+        logged.update({f"gate/{n}": g.r.detach().clamp(0, 1) for n, g in gates.items()})
+        self.log_dict(logged, on_step=True, prog_bar=False)
+        self.log("train/alpha", alpha, on_step=True)
+        return terms["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        with torch.no_grad():
+            for gate in self._gates().values():
+                gate.r.clamp_(0.0, 1.0)
+        step = self.trainer.global_step
+        if step % max(1, self.train_spec.log_every_n_steps) == 0 and step != self.r_history[-1][0]:
+            self.r_history.append((step, lv.gate_values(unwrap(self.student))))
+
+    def configure_optimizers(self) -> dict:
+        gates = self._gates()
+        gate_params = [g.r for g in gates.values()]
+        map_params = [p for g in lv.gates(unwrap(self.student)).values() for n, p in g.named_parameters() if n != "r"]
+        taken = {id(p) for p in gate_params + map_params}
+        rest = [p for p in self.student.parameters() if id(p) not in taken]
+        for p in rest:
+            p.requires_grad_(self.train_weights)
+        groups = [{"params": gate_params, "lr": self.lr_gate, "weight_decay": 0.0},
+                  {"params": map_params, "lr": self.lr_feature_maps, "weight_decay": 0.0}]
+        if self.train_weights:
+            groups.append({"params": rest, "lr": self.train_spec.lr, "weight_decay": self.train_spec.weight_decay})
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
+        warmup, total = self.train_spec.warmup_steps, max(self.train_spec.max_steps, 1)
+
+        def factor(step: int) -> float:  # warm-up, then constant: the gates need a full lr to the end
+            return (step + 1) / warmup if warmup and step < warmup else 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        del total
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
