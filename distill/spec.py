@@ -211,3 +211,8 @@ class Method(Protocol):
     def export(self, student: Any, teacher: Any, out_dir: Path, args: Section) -> Path:
         """Owns the export format: writes into `out_dir` a model that loads where the teacher loaded
         (transformers, sentence-transformers, diffusers); the spine adds the model card."""
+
+    # Optional (looked up with getattr by `athanor validate`):
+    #   def cost_notes(self, teacher, student, args) -> list[str]
+    # Lines `validate` prints under the size estimate, computed on the meta-device models: a cost the
+    # parameter count does not show (LinVideo: self-attention MACs per denoising step before/after).

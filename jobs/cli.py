@@ -53,6 +53,8 @@ def cmd_validate(args) -> int:
     print(f"{args.recipe}: valid ({report.loaded.recipe.method})")
     if report.estimate:
         print(render_estimate(report.estimate))
+    for note in report.notes:
+        print(note)
     return EXIT_OK
 
 

@@ -38,6 +38,8 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     """What could not be checked here (e.g. a hub teacher while offline); not errors."""
     estimate: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """Method-specific cost lines (the method's optional `cost_notes`, e.g. attention cost per step)."""
     loaded: LoadedRecipe | None = None
 
 
@@ -147,6 +149,9 @@ def _check_model(report: Report, loaded: LoadedRecipe, recipe_path: Path | None)
         stage, key = "build the student", "student"
         student = method.convert(teacher, loaded.student, loaded.args)
         n_teacher, n_student = count_params(method.teacher_model(teacher)), count_params(student)
+        stage, key = "estimate the cost", "student"
+        if callable(describe := getattr(method, "cost_notes", None)):
+            report.notes = [one_line(str(line), 300) for line in describe(teacher, student, loaded.args)]
     except RecipeError as exc:
         report.problems.append(Problem(exc.key, None, exc.value, exc.fix))
         return

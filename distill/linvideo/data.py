@@ -45,6 +45,8 @@ class LinVideoTeacher:
     """frames / canvas of the clips the teacher was trained on (from captions.json), if known."""
     classifier: torch.nn.Module | None = None
     description: str = ""
+    pipeline_dir: Path | None = None
+    """A diffusers pipeline folder with text_encoder/ and tokenizer/ (Wan: UMT5), for new prompts."""
 
 
 def _transformer_class(config: dict) -> Any:
@@ -85,6 +87,8 @@ def load_teacher(source: ResolvedSource, *, meta: bool = False) -> LinVideoTeach
         meta_info = json.loads((path / "captions.json").read_text())
         teacher.captions, teacher.clip = list(meta_info["captions"]), dict(meta_info.get("clip", {}))
         teacher.conditions = load_file(path / "conditions.safetensors")["conditions"]
+    if (path / "text_encoder" / "config.json").is_file() and (path / "tokenizer").is_dir():
+        teacher.pipeline_dir = path
     if (path / "classifier.safetensors").is_file():
         from distill.fashion_mnist import FashionClassifier
 
@@ -105,7 +109,9 @@ def conditions_for(teacher: LinVideoTeacher, prompts: list[str], key: str) -> to
     known = {c: i for i, c in enumerate(teacher.captions)}
     missing = [p for p in prompts if p not in known]
     encoded: dict[str, torch.Tensor] = {}
-    if missing:
+    if missing and teacher.pipeline_dir is not None:
+        encoded = dict(zip(missing, encode_with_pipeline(teacher.pipeline_dir, missing)))
+    elif missing:
         if width != MINILM_WIDTH:
             raise RecipeError(key, missing[0], f"not among the teacher's precomputed captions, and its text_dim "
                                                f"{width} is not all-MiniLM-L6-v2's {MINILM_WIDTH}: use captions "
@@ -116,6 +122,24 @@ def conditions_for(teacher: LinVideoTeacher, prompts: list[str], key: str) -> to
     rows = [teacher.conditions[known[p]] if p in known else encoded[p] for p in prompts]
     tokens = max(r.shape[0] for r in rows)
     return torch.stack([torch.nn.functional.pad(r, (0, 0, 0, tokens - r.shape[0])) for r in rows]).float()
+
+
+@torch.no_grad()
+def encode_with_pipeline(path: Path, prompts: list[str], max_tokens: int = 512) -> torch.Tensor:
+    """Prompt embeddings as the diffusers Wan pipeline makes them: the pipeline's own text encoder
+    (UMT5 for Wan), last hidden states, padding positions zeroed, `max_tokens` long."""
+    import transformers
+
+    arch = json.loads((path / "text_encoder" / "config.json").read_text()).get("architectures", ["AutoModel"])[0]
+    encoder_class = getattr(transformers, arch, transformers.AutoModel)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path / "tokenizer")
+    encoder = encoder_class.from_pretrained(path / "text_encoder").eval()
+    if torch.cuda.is_available():
+        encoder.to("cuda")
+    batch = tokenizer(prompts, padding="max_length", max_length=max_tokens, truncation=True, return_tensors="pt")
+    mask = batch["attention_mask"].to(encoder.device)
+    states = encoder(batch["input_ids"].to(encoder.device), attention_mask=mask).last_hidden_state
+    return (states * mask.unsqueeze(-1)).float().cpu()
 
 
 @dataclass
@@ -184,7 +208,8 @@ def cached_trajectories(model: torch.nn.Module, conditions: torch.Tensor, shape:
     """`teacher_trajectories`, read from / written to `cache_dir` when one is given."""
     if cache_dir is None:
         return teacher_trajectories(model, conditions, shape, **settings)
-    key = fingerprint(model, {"shape": list(shape), "conditions": float(conditions.sum()),
+    digest = hashlib.sha256(conditions.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+    key = fingerprint(model, {"shape": list(shape), "conditions": digest,  # order matters: cond holds indices
                               "n": len(conditions), **settings})
     path = Path(cache_dir) / f"trajectories-{key}.safetensors"
     if path.is_file():

@@ -64,14 +64,20 @@ class LinVideoArgs(Section):
     alpha_start: float = Field(20.0, gt=0)
     alpha_end: float = Field(2.0, gt=0)
     """L_reg's exponent α, annealed linearly from alpha_start to alpha_end over train.max_steps."""
+    reg_warmup: float = Field(0.2, ge=0, le=1)
+    """Fraction of train.max_steps before L_reg applies (AdaRound's warm-up: the gates move freely first)."""
+    commit_at: float = Field(0.8, gt=0, le=1)
+    """Fraction of train.max_steps at which the selection is committed: the `target` lowest gates go to 0,
+    the rest to 1, and stay; the remaining steps train the feature maps (and weights) of that choice."""
     lambda_transfer: float = Field(1.0, ge=0)
     """Weight of attention transfer (linear branch toward the softmax branch it replaces)."""
     adm_eta: float = Field(1.0, gt=0)
     """η of the ADM surrogate (step size along the score gap)."""
     t_min: float = Field(0.05, gt=0, lt=1)
     """Trajectory points whose next time is below this are not trained on ((1 − t)/t explodes)."""
-    lr_gate: float = Field(0.01, gt=0, le=10)
-    """Learning rate of the gates r."""
+    lr_gate: float = Field(0.02, gt=0, le=1)
+    """Step of the fastest-moving gate per optimizer step (gate steps are normalised by the largest
+    gate gradient, so the gates keep their relative speeds; see train.AdamWWithSGDGroups)."""
     lr_feature_maps: float = Field(1e-3, gt=0, le=10)
     """Learning rate of the feature maps (Hedgehog weights)."""
     train_weights: bool = False
@@ -157,8 +163,7 @@ class LinVideo:
         if not (frames and height and width):
             raise RecipeError("linvideo.frames", frames, "the teacher ships no clip size: set linvideo.frames, "
                                                          "linvideo.height and linvideo.width (latent size)")
-        patch = config.get("patch_size")
-        p_t, p_h, p_w = patch if isinstance(patch, (list, tuple)) else (config.get("patch_size_t") or 1, patch, patch)
+        p_t, p_h, p_w = _patch(dict(config))
         for key, value, p in (("frames", frames, p_t), ("height", height, p_h), ("width", width, p_w)):
             if value % p:
                 raise RecipeError(f"linvideo.{key}", value, f"must be a multiple of the patch size {p}")
@@ -199,7 +204,8 @@ class LinVideo:
                               objective=args.objective, log_both=args.log_both, lambda_select=args.lambda_select,
                               alpha=(args.alpha_start, args.alpha_end), lambda_transfer=args.lambda_transfer,
                               eta=args.adm_eta, lr_gate=args.lr_gate, lr_feature_maps=args.lr_feature_maps,
-                              train_weights=args.train_weights, uncond_fraction=args.uncond_fraction)
+                              train_weights=args.train_weights, uncond_fraction=args.uncond_fraction,
+                              reg_warmup=args.reg_warmup, commit_at=args.commit_at)
 
     def trained_student(self, module: LinVideoModule) -> torch.nn.Module:
         model = module.student.eval()
@@ -241,12 +247,27 @@ class LinVideo:
     def _attention_gmacs(self, model: torch.nn.Module, teacher: LinVideoTeacher, shape: tuple, linear: int,
                          args: LinVideoArgs) -> float:
         config = dict(teacher.transformer.config)
-        patch = config.get("patch_size")
-        p_t, p_h, p_w = patch if isinstance(patch, (list, tuple)) else (1, patch, patch)
-        tokens = (shape[1] // p_t) * (shape[2] // p_h) * (shape[3] // p_w)
+        tokens = _tokens(config, shape)
         layers = len(lv.candidate_layers(teacher.transformer, args.candidate_layers))
         cost = lv.attention_cost(config, tokens, linear, layers, args.feature_dim, feature_map=args.feature_map)
         return cost["after_macs"]
+
+    def cost_notes(self, teacher: LinVideoTeacher, student: torch.nn.Module, args: LinVideoArgs) -> list[str]:
+        """Self-attention MACs per denoising step (one sample) before and after, for `validate`."""
+        config = dict(teacher.transformer.config)
+        candidates = lv.candidate_layers(teacher.transformer, args.candidate_layers)
+        target = _target(args, len(candidates))
+        try:
+            shape = self._shape(teacher, args)
+        except RecipeError:
+            return [f"LinVideo: {target} of {len(candidates)} self-attention layers become linear; set "
+                    "linvideo.frames/height/width to see the attention cost per step"]
+        tokens = _tokens(config, shape)
+        cost = lv.attention_cost(config, tokens, target, len(candidates), args.feature_dim,
+                                 feature_map=args.feature_map)
+        return [f"self-attention per denoising step ({tokens:,} tokens, 1 sample): {len(candidates)} softmax layers "
+                f"{cost['before_macs'] / 1e9:,.1f} GMAC -> {len(candidates) - target} softmax + {target} linear "
+                f"({args.feature_map}) {cost['after_macs'] / 1e9:,.1f} GMAC ({cost['ratio']:.2f}x less)"]
 
     def speed_probe(self, model: torch.nn.Module, teacher: LinVideoTeacher, data: MethodData, eval: EvalSpec,
                     args: LinVideoArgs) -> Callable[[], Any]:
@@ -277,6 +298,19 @@ class LinVideo:
             save_file({"conditions": teacher.conditions.contiguous()}, out_dir / "conditions.safetensors")
             (out_dir / "captions.json").write_text(json.dumps({"captions": teacher.captions, "clip": teacher.clip}))
         return out_dir
+
+
+def _patch(config: dict) -> tuple[int, int, int]:
+    """(time, height, width) patch of Wan (a triple) or CogVideoX (patch_size + patch_size_t)."""
+    patch = config.get("patch_size")
+    if isinstance(patch, (list, tuple)):
+        return tuple(int(p) for p in patch)
+    return (int(config.get("patch_size_t") or 1), int(patch), int(patch))
+
+
+def _tokens(config: dict, shape: tuple) -> int:
+    p_t, p_h, p_w = _patch(config)
+    return (shape[1] // p_t) * (shape[2] // p_h) * (shape[3] // p_w)
 
 
 def _labels(prompts: list[str], seeds: int) -> torch.Tensor | None:

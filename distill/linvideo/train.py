@@ -34,6 +34,39 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+class AdamWWithSGDGroups(torch.optim.AdamW):
+    """AdamW, except for param groups marked `sgd=True`, which take gradient steps normalised by the
+    group's largest gradient: p −= lr · g / max|g|, so the fastest gate moves `lr` per step.
+
+    Why: every gate gets the same L_con push, and Adam normalises each parameter's step to ~lr
+    whatever its gradient, so all gates would fall together and cross 0.5 at once. Here a gate moves
+    in proportion to its net gradient, so the layers whose linearisation hurts least (the smallest
+    restoring gradient from the objective) fall first, which is the selection wanted; normalising by
+    the group's largest gradient keeps the step size independent of the losses' scale."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        every = self.param_groups
+        for group in (g for g in every if g.get("sgd")):
+            grads = [p.grad for p in group["params"] if p.grad is not None]
+            if not grads:
+                continue
+            scale = torch.stack([g.abs().max() for g in grads]).max().clamp_min(1e-12)
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.sub_(group["lr"] * p.grad / scale)
+        self.param_groups = [g for g in every if not g.get("sgd")]
+        try:
+            super().step()
+        finally:
+            self.param_groups = every
+        return loss
+
+
 class LinVideoModule(L.LightningModule):
     """Trains the hybrid student against the frozen teacher (see the module docstring)."""
 
@@ -41,14 +74,16 @@ class LinVideoModule(L.LightningModule):
                  objective: str = "adm", log_both: bool = False, lambda_select: float = 0.01,
                  alpha: tuple[float, float] = (20.0, 2.0), lambda_transfer: float = 1.0, eta: float = 1.0,
                  lr_gate: float = 0.01, lr_feature_maps: float = 1e-3, train_weights: bool = False,
-                 uncond_fraction: float = 0.1) -> None:
+                 uncond_fraction: float = 0.1, reg_warmup: float = 0.2, commit_at: float = 0.8) -> None:
         super().__init__()
         self.student = student.train()
         self.__dict__["teacher"] = teacher.eval().requires_grad_(False)  # frozen; not a submodule
         self.train_spec, self.target, self.objective, self.log_both = train, target, objective, log_both
         self.lambda_select, self.alpha, self.lambda_transfer, self.eta = lambda_select, alpha, lambda_transfer, eta
         self.lr_gate, self.lr_feature_maps, self.train_weights = lr_gate, lr_feature_maps, train_weights
-        self.uncond_fraction = uncond_fraction
+        self.uncond_fraction, self.reg_warmup, self.commit_at = uncond_fraction, reg_warmup, commit_at
+        self.committed: dict[str, float] | None = None
+        """The gates' final values once the selection is committed (see `_commit`)."""
         self.layer_names = list(lv.gate_values(student))
         self.r_history: list[tuple[int, dict[str, float]]] = [(0, lv.gate_values(student))]
 
@@ -92,12 +127,16 @@ class LinVideoModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         cond = self._drop_conditions(batch["cond"])
         terms = self._objective(batch["x"], batch["t"], batch["t_next"], cond)
-        gates = self._gates()
-        alpha = alpha_at(self.global_step, self.train_spec.max_steps, *self.alpha)
+        gates = {} if self.committed else self._gates()
+        start = int(self.reg_warmup * self.train_spec.max_steps)  # α anneals over the regularised part
+        alpha = alpha_at(self.global_step - start, self.train_spec.max_steps - start, *self.alpha)
         if gates:
             r = torch.stack([g.r for g in gates.values()])
             terms["l_con"], terms["l_reg"] = selection_losses(r, self.target, alpha)
-            selection = terms["l_con"] + terms["l_reg"]
+            # As AdaRound (where L_reg comes from): no binarisation pressure during the first part of
+            # the run, or the steep wall of |2r − 1|^20 at r = 1 would pin every gate at its start.
+            reg_on = self.global_step >= self.reg_warmup * self.train_spec.max_steps
+            selection = terms["l_con"] + (terms["l_reg"] if reg_on else 0.0)
         else:
             selection = terms["transfer"].new_zeros(())
         main = terms["adm" if self.objective == "adm" else "velocity_mse"]
@@ -108,11 +147,24 @@ class LinVideoModule(L.LightningModule):
         self.log("train/alpha", alpha, on_step=True)
         return terms["loss"]
 
+    def _commit(self) -> None:
+        """End the selection: the `target` lowest gates are set to 0, the rest to 1, and held there.
+        Why: L_con's straight-through rounding holds the marginal gate at 0.5 (it is pushed down above
+        0.5 and released below), where L_reg's gradient vanishes; the remaining steps then train the
+        feature maps (and weights) for the architecture that will be exported."""
+        chosen = set(lv.choose_linear(unwrap(self.student), self.target))
+        self.committed = {name: 0.0 if name in chosen else 1.0 for name in self._gates()}
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        with torch.no_grad():
-            for gate in self._gates().values():
-                gate.r.clamp_(0.0, 1.0)
         step = self.trainer.global_step
+        if self.committed is None and step >= self.commit_at * self.train_spec.max_steps:
+            self._commit()
+        with torch.no_grad():
+            for name, gate in self._gates().items():
+                if self.committed is not None:
+                    gate.r.fill_(self.committed[name])  # held: the optimizer may not move a committed gate
+                else:
+                    gate.r.clamp_(0.0, 1.0)
         if step % max(1, self.train_spec.log_every_n_steps) == 0 and step != self.r_history[-1][0]:
             self.r_history.append((step, lv.gate_values(unwrap(self.student))))
 
@@ -124,16 +176,15 @@ class LinVideoModule(L.LightningModule):
         rest = [p for p in self.student.parameters() if id(p) not in taken]
         for p in rest:
             p.requires_grad_(self.train_weights)
-        groups = [{"params": gate_params, "lr": self.lr_gate, "weight_decay": 0.0},
+        groups = [{"params": gate_params, "lr": self.lr_gate, "weight_decay": 0.0, "sgd": True},
                   {"params": map_params, "lr": self.lr_feature_maps, "weight_decay": 0.0}]
         if self.train_weights:
             groups.append({"params": rest, "lr": self.train_spec.lr, "weight_decay": self.train_spec.weight_decay})
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
-        warmup, total = self.train_spec.warmup_steps, max(self.train_spec.max_steps, 1)
+        optimizer = AdamWWithSGDGroups([g for g in groups if g["params"]])
+        warmup = self.train_spec.warmup_steps
 
         def factor(step: int) -> float:  # warm-up, then constant: the gates need a full lr to the end
             return (step + 1) / warmup if warmup and step < warmup else 1.0
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        del total
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

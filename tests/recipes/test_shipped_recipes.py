@@ -37,10 +37,18 @@ def opt_125m(folder: Path, tokenizer_dir: Path) -> list[str]:
     return [f"teacher.source={folder}", f"teacher.tokenizer={tokenizer_dir}"]
 
 
+def wan_pipeline(folder: Path, tokenizer_dir: Path) -> list[str]:
+    """A diffusers pipeline directory with only transformer/config.json (the real Wan2.1-T2V-1.3B config)."""
+    (folder / "transformer").mkdir(parents=True)
+    shutil.copy(FIXTURES / "wan2.1_t2v_1.3b_transformer.json", folder / "transformer" / "config.json")
+    return [f"teacher.source={folder}"]
+
+
 STAND_INS: dict[str, tuple[Callable[[Path, Path], list[str]], float]] = {
     # hub id -> (stand-in builder, the real model's parameter count in millions)
     "stabilityai/stable-diffusion-xl-base-1.0": (sdxl_pipeline, 2567.5),
     "facebook/opt-125m": (opt_125m, 125.2),
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": (wan_pipeline, 1418.9968),
 }
 
 

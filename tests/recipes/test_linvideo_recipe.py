@@ -1,0 +1,102 @@
+"""LinVideo recipes through the job spine: `recipes/linvideo_wan1.3b.yaml` validated on the meta device
+against the real Wan2.1-T2V-1.3B config (parameters and self-attention cost per step), bad input
+refused with one clear error each, and the tiny recipe end to end (`athanor submit --wait`).
+
+    .venv/bin/python -m pytest tests/recipes/test_linvideo_recipe.py -q              # all (slow: ~10 min)
+    .venv/bin/python -m pytest tests/recipes/test_linvideo_recipe.py -q -m "not slow"
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from harness import RECIPES, artifact_files, athanor, mlflow_client
+
+from jobs.validate import check
+
+ROOT = Path(__file__).parents[2]
+WAN = ROOT / "tests" / "fixtures" / "wan2.1_t2v_1.3b_transformer.json"
+TINY = RECIPES / "linvideo_tiny.yaml"
+
+
+@pytest.fixture
+def wan_dir(tmp_path) -> Path:
+    (tmp_path / "wan" / "transformer").mkdir(parents=True)  # a pipeline directory without weights
+    shutil.copy(WAN, tmp_path / "wan" / "transformer" / "config.json")
+    return tmp_path / "wan"
+
+
+def test_wan_recipe_reports_parameters_and_attention_cost(wan_dir, home):
+    done = athanor("validate", str(RECIPES / "linvideo_wan1.3b.yaml"), "-o", f"teacher.source={wan_dir}", home=home)
+    assert done.returncode == 0, done.stderr
+    assert "teacher: 1,419.00M parameters" in done.stdout
+    # 30 layers x 2·n²·d·heads at 32,760 tokens, 12 heads x 128, by hand:
+    n, layers, softmax = 32_760, 30, 2 * 32_760**2 * 128 * 12
+    hedgehog = 2 * n * 256 * 128 * 12 + 2 * n * 128 * 128 * 12
+    after = 14 * softmax + 16 * hedgehog
+    assert f"{layers * softmax / 1e9:,.1f} GMAC" in done.stdout, done.stdout
+    assert f"{after / 1e9:,.1f} GMAC" in done.stdout and "14 softmax + 16 linear" in done.stdout
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("linvideo.candidate_layers=[blocks.0.attn1, blocks.99.attn1]", "linvideo.candidate_layers",
+     ("blocks.99.attn1", "no attention module of that name")),
+    ("linvideo.target=31", "linvideo.target", (31, "only 30 candidate layers")),
+    ("linvideo.candidate_layers=[blocks.0.attn2]", "linvideo.candidate_layers", ("blocks.0.attn2", "cross-attention")),
+])
+def test_bad_input_is_one_clear_error(wan_dir, override, key, words):
+    report = check(RECIPES / "linvideo_wan1.3b.yaml", overrides=[f"teacher.source={wan_dir}", override])
+    assert [p.path for p in report.problems] == [key]
+    value, reason = words
+    assert report.problems[0].value == value and reason in report.problems[0].message
+
+
+def test_a_non_video_teacher_is_refused(tmp_path):
+    unet = json.loads((ROOT / "tests" / "fixtures" / "sdxl_unet_config.json").read_text())
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(unet))
+    report = check(TINY, overrides=[f"teacher.source={tmp_path / 'unet'}"])
+    assert [p.path for p in report.problems] == ["teacher"]
+    assert "UNet2DConditionModel" in str(report.problems[0].value)
+
+
+@pytest.mark.slow
+def test_tiny_recipe_end_to_end(tmp_path):
+    from convert.linvideo import linear_layers, load_student
+    from distill.linvideo.sampling import sample
+    from jobs.store import JobStore
+
+    done = athanor("submit", str(TINY), "--wait", "--no-progress", home=tmp_path, timeout=1200)
+    (job,) = JobStore(tmp_path).list()
+    assert job.status == "SUCCEEDED", f"{job.error}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    before, after, untrained = job.result["before"], job.result["after"], job.result["untrained"]
+    assert set(before) == set(after) == set(untrained) and "latency_ms" in after
+    assert before["velocity_mse"] == 0 and before["linear_layers"] == 0
+    assert after["linear_layers"] == untrained["linear_layers"] == 2
+    # Training brought the student closer to the teacher than switching the same number of layers untrained.
+    assert after["velocity_mse"] < untrained["velocity_mse"]
+    assert after["frame_mmd"] < untrained["frame_mmd"]
+    assert after["attention_gmacs"] < before["attention_gmacs"]
+
+    client = mlflow_client(tmp_path)
+    (version,) = client.search_model_versions("name='linvideo-tiny'")
+    assert str(version.version) == job.model_version and version.run_id == job.mlflow_run_id
+    files = artifact_files(client, job.mlflow_run_id)
+    assert any(p.endswith("/after/teacher_vs_student.gif") for p in files), files
+    assert any(p.endswith("/after/gate_trajectories.png") for p in files), files
+
+    student = load_student(job.result["export"])
+    assert len(linear_layers(student)) == 2
+    export = Path(job.result["export"])
+    chosen = json.loads((export / "linvideo.json").read_text())["linear_layers"]
+    assert sorted(chosen) == sorted(linear_layers(student))
+    from safetensors.torch import load_file
+
+    cond = load_file(export / "conditions.safetensors")["conditions"][:1]
+    clip, _ = sample(student, torch.randn(1, 1, 8, 32, 32, generator=torch.Generator().manual_seed(0)), cond,
+                     torch.zeros_like(cond), steps=4, guidance=3.0)
+    assert clip.shape == (1, 1, 8, 32, 32) and torch.isfinite(clip).all()
