@@ -62,8 +62,11 @@ class HedgehogFeatureMap(nn.Module):
                 f"Hedgehog map built for [batch, {self.num_heads}, tokens, {self.head_dim}], "
                 f"got {tuple(x.shape)}"
             )
-        proj = torch.einsum("bhnd,hdf->bhnf", x.float(), self.weight.float())
-        return torch.cat([proj.softmax(-1), (-proj).softmax(-1)], dim=-1)
+        # One GEMM against [W | −W] and one softmax over the two halves: the same features as
+        # softmax(xW) ⊕ softmax(−xW) without a negation pass and a concatenation copy.
+        weight = self.weight.float()
+        proj = torch.matmul(x.float(), torch.cat([weight, -weight], dim=-1))  # [B, H, N, 2F]
+        return proj.unflatten(-1, (2, self.feature_dim)).softmax(-1).flatten(-2)
 
 
 def resolve_feature_maps(feature_map: FeatureMap) -> tuple[MapFn, MapFn]:

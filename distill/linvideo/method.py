@@ -107,6 +107,13 @@ class LinVideoArgs(Section):
     heldout_points: int = Field(64, ge=1, le=100_000)
     """Held-out trajectory points (fresh seeds) for velocity_mse."""
     latency_batch: int = Field(1, ge=1, le=1024)
+    """Clips per timed denoising step."""
+    latency_frames: int | None = Field(None, ge=1, le=1024)
+    latency_height: int | None = Field(None, ge=1, le=4096)
+    latency_width: int | None = Field(None, ge=1, le=4096)
+    """Latent size of the timed step (default: the training clip size). Linear attention pays off with
+    tokens: a testbed trained on short clips is timed at the longer clips it would be deployed on
+    (RoPE positions, so the same weights run at any size)."""
 
 
 def _target(args: LinVideoArgs, candidates: int) -> int:
@@ -164,8 +171,10 @@ class LinVideo:
             raise RecipeError("linvideo.frames", frames, "the teacher ships no clip size: set linvideo.frames, "
                                                          "linvideo.height and linvideo.width (latent size)")
         p_t, p_h, p_w = _patch(dict(config))
-        for key, value, p in (("frames", frames, p_t), ("height", height, p_h), ("width", width, p_w)):
-            if value % p:
+        for key, value, p in (("frames", frames, p_t), ("height", height, p_h), ("width", width, p_w),
+                              ("latency_frames", args.latency_frames, p_t), ("latency_height", args.latency_height, p_h),
+                              ("latency_width", args.latency_width, p_w)):
+            if value is not None and value % p:
                 raise RecipeError(f"linvideo.{key}", value, f"must be a multiple of the patch size {p}")
         return (config.in_channels, frames, height, width)
 
@@ -276,7 +285,9 @@ class LinVideo:
             _finalize(model, _target(args, len(lv.gate_values(model)) + len(lv.linear_layers(model))))
         model.eval()
         payload = data.eval
-        x = torch.randn((args.latency_batch, *payload["shape"]), generator=torch.Generator().manual_seed(0))
+        channels, frames, height, width = payload["shape"]
+        shape = (channels, args.latency_frames or frames, args.latency_height or height, args.latency_width or width)
+        x = torch.randn((args.latency_batch, *shape), generator=torch.Generator().manual_seed(0))
         cond = payload["cond"][:1].expand(args.latency_batch, -1, -1)
         t = torch.full((args.latency_batch,), 500.0)
 
