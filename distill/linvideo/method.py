@@ -171,9 +171,10 @@ class LinVideo:
             raise RecipeError("linvideo.frames", frames, "the teacher ships no clip size: set linvideo.frames, "
                                                          "linvideo.height and linvideo.width (latent size)")
         p_t, p_h, p_w = _patch(dict(config))
-        for key, value, p in (("frames", frames, p_t), ("height", height, p_h), ("width", width, p_w),
-                              ("latency_frames", args.latency_frames, p_t), ("latency_height", args.latency_height, p_h),
-                              ("latency_width", args.latency_width, p_w)):
+        checks = (("frames", frames, p_t), ("height", height, p_h), ("width", width, p_w),
+                  ("latency_frames", args.latency_frames, p_t), ("latency_height", args.latency_height, p_h),
+                  ("latency_width", args.latency_width, p_w))
+        for key, value, p in checks:
             if value is not None and value % p:
                 raise RecipeError(f"linvideo.{key}", value, f"must be a multiple of the patch size {p}")
         return (config.in_channels, frames, height, width)
