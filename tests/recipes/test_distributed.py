@@ -29,3 +29,27 @@ def test_ddp_and_deepspeed_zero2_train_the_same_student(home):
     # Both really trained: each beats the same untrained student.
     assert untrained["ddp"]["similarity_agreement"] == untrained["deepspeed_stage_2"]["similarity_agreement"]
     assert all(a > untrained["ddp"]["similarity_agreement"] + 0.01 for a in agreement.values()), (agreement, untrained)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_linvideo_trains_under_ddp_and_deepspeed_zero2(home):
+    """The gates, feature maps and weights train on two ranks; each strategy ends with the target count of
+    linear layers (the selection is committed identically on every rank) and an export that reloads."""
+    from convert.linvideo import linear_layers, load_student
+
+    small = ["linvideo.prompts=[a sneaker moving left, a trouser moving up, a bag moving right, a dress moving down]",
+             "linvideo.eval_prompts=[a sneaker moving left]", "linvideo.eval_seeds=[0]", "linvideo.eval_steps=4",
+             "linvideo.trajectory_steps=8", "linvideo.heldout_points=8", "linvideo.latency_frames=null",
+             "linvideo.latency_height=null", "linvideo.latency_width=null", "train.max_steps=12",
+             "data.batch_size=4", "eval.latency_repeats=2"]
+    for strategy in ("ddp", "deepspeed_stage_2"):
+        args = [a for o in small for a in ("-o", o)]
+        done = athanor("submit", str(RECIPES / "linvideo_tiny.yaml"), "--wait", "--no-progress", *args,
+                       "-o", f"train.strategy={strategy}", "-o", "train.devices=2", "-o", "train.accelerator=cpu",
+                       timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        job = JobStore(home).list()[0]
+        assert job.status == "SUCCEEDED" and job.model_version is not None, job.error
+        assert job.result["after"]["linear_layers"] == 2
+        assert len(linear_layers(load_student(job.result["export"]))) == 2
