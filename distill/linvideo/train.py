@@ -82,6 +82,7 @@ class LinVideoModule(L.LightningModule):
         self.lambda_select, self.alpha, self.lambda_transfer, self.eta = lambda_select, alpha, lambda_transfer, eta
         self.lr_gate, self.lr_feature_maps, self.train_weights = lr_gate, lr_feature_maps, train_weights
         self.uncond_fraction, self.reg_warmup, self.commit_at = uncond_fraction, reg_warmup, commit_at
+        self.reached_target = False
         self.committed: dict[str, float] | None = None
         """The gates' final values once the selection is committed (see `_commit`)."""
         self.layer_names = list(lv.gate_values(student))
@@ -134,8 +135,10 @@ class LinVideoModule(L.LightningModule):
             r = torch.stack([g.r for g in gates.values()])
             terms["l_con"], terms["l_reg"] = selection_losses(r, self.target, alpha)
             # As AdaRound (where L_reg comes from): no binarisation pressure during the first part of
-            # the run, or the steep wall of |2r − 1|^20 at r = 1 would pin every gate at its start.
-            reg_on = self.global_step >= self.reg_warmup * self.train_spec.max_steps
+            # the run, and none before the rounded gates first reach the target: the steep wall of
+            # |2r − 1|^20 near r = 1 would otherwise pin every gate at its start.
+            self.reached_target = self.reached_target or int(torch.round(r.detach()).sum()) <= self.target
+            reg_on = self.reached_target and self.global_step >= self.reg_warmup * self.train_spec.max_steps
             selection = terms["l_con"] + (terms["l_reg"] if reg_on else 0.0)
         else:
             selection = terms["transfer"].new_zeros(())
