@@ -52,7 +52,7 @@ class LinVideoGate(nn.Module):
         self.feature_dim = feature_dim or head_dim
         self.maps = (nn.ModuleList([HedgehogFeatureMap(heads, head_dim, self.feature_dim) for _ in range(2)])
                      if feature_map == "hedgehog" else None)
-        self.r = nn.Parameter(torch.ones(())) if mode == "hybrid" else None
+        self.r = nn.Parameter(torch.ones(1)) if mode == "hybrid" else None  # 1-d: DeepSpeed cannot broadcast 0-d
         self.transfer_error: torch.Tensor | None = None
         """Mean squared gap between the linear and the (detached) softmax branch at the last hybrid call:
         the attention-transfer signal that trains the feature maps toward the softmax output."""

@@ -132,7 +132,7 @@ class LinVideoModule(L.LightningModule):
         start = int(self.reg_warmup * self.train_spec.max_steps)  # α anneals over the regularised part
         alpha = alpha_at(self.global_step - start, self.train_spec.max_steps - start, *self.alpha)
         if gates:
-            r = torch.stack([g.r for g in gates.values()])
+            r = torch.cat([g.r for g in gates.values()])
             terms["l_con"], terms["l_reg"] = selection_losses(r, self.target, alpha)
             # As AdaRound (where L_reg comes from): no binarisation pressure during the first part of
             # the run, and none before the rounded gates first reach the target: the steep wall of
