@@ -49,3 +49,35 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir() -> Path:
+    """Debian's Fashion-MNIST folder. CI installs the package, so there a missing folder fails the test;
+    a developer machine without it skips (saying how to install it)."""
+    from distill.fashion_mnist import DATA_DIR
+
+    if not (DATA_DIR / "train-images-idx3-ubyte.gz").is_file():
+        reason = f"Fashion-MNIST missing under {DATA_DIR}: apt-get install dataset-fashion-mnist"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason + " (a developer machine without it; CI fails instead of skipping)")
+    return DATA_DIR
+
+
+@pytest.fixture
+def constant_classifier():
+    """`make(label)`: a FashionClassifier whose head always answers `label` (weights zeroed by hand)."""
+    import torch
+
+    from distill.fashion_mnist import FashionClassifier
+
+    def make(label: int, width: int = 4) -> FashionClassifier:
+        model = FashionClassifier(width=width).eval()
+        with torch.no_grad():
+            model.head.weight.zero_()
+            model.head.bias.zero_()
+            model.head.bias[label] = 1.0
+        return model
+
+    return make

@@ -102,16 +102,8 @@ def test_clip_metrics_of_a_student_against_hand_values():
     assert metrics["frame_mmd"] > 0 and math.isnan(metrics["class_accuracy"])
 
 
-def always(label: int) -> FashionClassifier:
-    model = FashionClassifier(width=4).eval()
-    with torch.no_grad():
-        model.head.weight.zero_()
-        model.head.bias.zero_()
-        model.head.bias[label] = 1.0
-    return model
-
-
-def test_class_accuracy_counts_every_frame_against_its_prompts_class():
+def test_class_accuracy_counts_every_frame_against_its_prompts_class(constant_classifier):
+    always = constant_classifier
     teacher, student = clips(6, shape=(4, 1, 3, 8, 8)), clips(7, shape=(4, 1, 3, 8, 8))
     labels = torch.tensor([3, 5, 3, 1])
     metrics = clip_metrics(student, teacher, labels, always(3), is_teacher=False)
