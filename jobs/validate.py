@@ -129,7 +129,9 @@ def _check_model(report: Report, loaded: LoadedRecipe, recipe_path: Path | None)
 
     recipe = loaded.recipe
     try:
-        source = resolve_source(recipe.teacher, "teacher", base=recipe_path.parent if recipe_path else None)
+        # weights=False: a GGUF teacher needs only its config and tokenizer here, not a dequantisation.
+        source = resolve_source(recipe.teacher, "teacher", base=recipe_path.parent if recipe_path else None,
+                                weights=False)
     except RecipeError as exc:
         if "hub is offline" not in exc.fix:
             report.problems.append(Problem(exc.key, None, exc.value, exc.fix))

