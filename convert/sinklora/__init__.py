@@ -1,0 +1,45 @@
+"""SinkLoRA surgery (issue 11): shifted sparse attention with sinks as transformers attention
+implementations (`attention`).
+
+    .venv/bin/python -m pytest tests/convert/test_sinklora_attention.py -q
+"""
+
+from convert.sinklora.attention import (
+    FULL_IMPLEMENTATIONS,
+    GROUP_SIZE_KEY,
+    NUM_SINK_KEY,
+    SPARSE_IMPLEMENTATIONS,
+    TEACHER_KEY,
+    attention_implementation,
+    check_group_size,
+    check_model,
+    check_num_sink,
+    clear_settings,
+    configure,
+    register_sparse_attention,
+    s2_attention_forward,
+    sf_attention_forward,
+    sparse_attention_mask,
+    sparse_settings,
+    use_attention,
+)
+
+__all__ = [
+    "FULL_IMPLEMENTATIONS",
+    "GROUP_SIZE_KEY",
+    "NUM_SINK_KEY",
+    "SPARSE_IMPLEMENTATIONS",
+    "TEACHER_KEY",
+    "attention_implementation",
+    "check_group_size",
+    "check_model",
+    "check_num_sink",
+    "clear_settings",
+    "configure",
+    "register_sparse_attention",
+    "s2_attention_forward",
+    "sf_attention_forward",
+    "sparse_attention_mask",
+    "sparse_settings",
+    "use_attention",
+]
