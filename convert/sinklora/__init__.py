@@ -1,7 +1,9 @@
 """SinkLoRA surgery (issue 11): shifted sparse attention with sinks as transformers attention
-implementations (`attention`).
+implementations (`attention`); RoPE position interpolation, LoRA with trainable embeddings and norms, and
+merging for export (`lora`).
 
     .venv/bin/python -m pytest tests/convert/test_sinklora_attention.py -q
+    .venv/bin/python -m pytest tests/convert/test_sinklora_lora.py -q
 """
 
 from convert.sinklora.attention import (
@@ -23,6 +25,14 @@ from convert.sinklora.attention import (
     sparse_settings,
     use_attention,
 )
+from convert.sinklora.lora import (
+    ROPE_METHODS,
+    add_lora,
+    extend_context,
+    merge_for_export,
+    original_context,
+    trainable_summary,
+)
 
 __all__ = [
     "FULL_IMPLEMENTATIONS",
@@ -42,4 +52,10 @@ __all__ = [
     "sparse_attention_mask",
     "sparse_settings",
     "use_attention",
+    "ROPE_METHODS",
+    "add_lora",
+    "extend_context",
+    "merge_for_export",
+    "original_context",
+    "trainable_summary",
 ]
