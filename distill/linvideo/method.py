@@ -14,6 +14,7 @@ layers at 1 get their softmax processor back. Evaluation keys: see `evaluation.p
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -126,11 +127,21 @@ def _target(args: LinVideoArgs, candidates: int) -> int:
     return target
 
 
-def _finalize(model: torch.nn.Module, target: int) -> torch.nn.Module:
-    """Switch a model that still has hybrid layers (idempotent)."""
+def _finalize(model: torch.nn.Module, args: LinVideoArgs) -> torch.nn.Module:
+    """Switch a model that still has hybrid layers (idempotent): the untrained copy the spine evaluates
+    and times is switched here, by its (initial) gates."""
     if not lv.is_switched(model):
-        lv.switch(model, lv.choose_linear(model, target))
+        candidates = len(lv.gate_values(model)) + len(lv.linear_layers(model))
+        lv.switch(model, lv.choose_linear(model, _target(args, candidates)))
     return model
+
+
+def _teacher_clips(teacher: LinVideoTeacher, payload: dict, args: LinVideoArgs) -> torch.Tensor:
+    """The teacher's eval clips, sampled once per job (same noises every time) and kept in the payload."""
+    if "teacher_clips" not in payload:
+        payload["teacher_clips"] = ev.generate(teacher.transformer, payload, args.eval_steps, args.guidance_scale,
+                                               args.shift)
+    return payload["teacher_clips"]
 
 
 class LinVideo:
@@ -154,8 +165,6 @@ class LinVideo:
         return teacher.transformer
 
     def convert(self, teacher: LinVideoTeacher, student: LinVideoStudent, args: LinVideoArgs) -> torch.nn.Module:
-        import copy
-
         candidates = lv.candidate_layers(teacher.transformer, args.candidate_layers)
         _target(args, len(candidates))
         model = copy.deepcopy(teacher.transformer)
@@ -232,11 +241,9 @@ class LinVideo:
     def evaluate(self, model: torch.nn.Module, teacher: LinVideoTeacher, data: MethodData, eval: EvalSpec,
                  args: LinVideoArgs, artifact_dir: Path) -> dict[str, float]:
         is_teacher = model is teacher.transformer
-        if not is_teacher:
-            _finalize(model, _target(args, len(lv.gate_values(model)) + len(lv.linear_layers(model))))
-        payload, steps = data.eval, args.eval_steps
-        clips = ev.generate(model.eval(), payload, steps, args.guidance_scale, args.shift)
-        teacher_clips = clips if is_teacher else ev.generate(teacher.transformer, payload, steps,
+        payload = data.eval
+        teacher_clips = _teacher_clips(teacher, payload, args)
+        clips = teacher_clips if is_teacher else ev.generate(_finalize(model, args).eval(), payload, args.eval_steps,
                                                              args.guidance_scale, args.shift)
         metrics = {"params": float(count_params(model)),
                    "velocity_mse": ev.heldout_velocity_mse(model, teacher.transformer, payload["heldout"]),
@@ -283,7 +290,7 @@ class LinVideo:
                     args: LinVideoArgs) -> Callable[[], Any]:
         """One denoising step (a transformer forward) on `latency_batch` clips."""
         if model is not teacher.transformer:
-            _finalize(model, _target(args, len(lv.gate_values(model)) + len(lv.linear_layers(model))))
+            _finalize(model, args)
         model.eval()
         payload = data.eval
         channels, frames, height, width = payload["shape"]

@@ -23,15 +23,10 @@ import torch
 from torch import nn
 
 from convert import linvideo as lv
+from convert.module_utils import unwrap
 from distill.linvideo.loss import adm_surrogate, alpha_at, selection_losses, velocity_mse
 from distill.linvideo.sampling import velocity
 from distill.spec import TrainSpec
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
 
 
 class AdamWWithSGDGroups(torch.optim.AdamW):
