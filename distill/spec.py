@@ -216,3 +216,13 @@ class Method(Protocol):
     #   def cost_notes(self, teacher, student, args) -> list[str]
     # Lines `validate` prints under the size estimate, computed on the meta-device models: a cost the
     # parameter count does not show (LinVideo: self-attention MACs per denoising step before/after).
+    #
+    # Optional comparison arms (looked up with getattr by the spine, only for methods that train):
+    #   def comparison_arms(self, args, train: TrainSpec) -> dict[str, Section]
+    # Arm name -> the method args that arm runs with. After the 'after' evaluation the spine trains a fresh
+    # student per arm (`convert(teacher, student, arm_args)`, `lightning_module(..., arm_args, train)`, the
+    # same steps and data), evaluates it with `evaluate(..., arm_args, ...)` and logs it as the child run
+    # `arm_<name>` (with its training curves). Arms are not exported or registered.
+    #   def compare_arms(self, args, before, untrained, after, arms) -> dict[str, float]
+    # The summary over the arms (e.g. SinkLoRA's fraction of the full-attention gain), logged on the parent
+    # run as `compare/<key>` and put in the job's result. `untrained` is None unless eval.include_untrained.

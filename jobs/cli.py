@@ -83,6 +83,10 @@ def _print_table(job) -> None:
         middle = [f"{untrained.get(key, float('nan')):.4g}"] if untrained else []
         table.add_row(key, f"{b:.4g}", *middle, f"{a:.4g}", f"{a / b:.3f}" if b else "—")
     Console().print(table)
+    if result.get("comparison"):
+        arms = ", ".join(sorted(result.get("arms") or {}))
+        print(f"comparison arms ({arms}, child runs arm_*): " +
+              ", ".join(f"{k} {v:.4g}" for k, v in result["comparison"].items()))
     if result.get("speedup") is not None:
         print(f"speed-up: {result['speedup']:.2f}x (teacher vs converted, timed interleaved in one measurement)")
     reg = result.get("registered")

@@ -14,6 +14,7 @@ METHODS: dict[str, str] = {
     "koala": "distill.koala:Koala",
     "sentencevae": "distill.sentencevae:SentenceVAE",
     "linvideo": "distill.linvideo:LinVideo",
+    "sinklora": "distill.sinklora:SinkLoRA",
 }
 
 # Extra methods from outside the repo (plugins, test doubles): "name=module:Class,name2=...".

@@ -29,8 +29,8 @@ from jobs.store import Job, JobStore
 
 TEST_HOOK = "ATHANOR_TEST_HOOK"
 """Fault injection for tests: 'cancel:STAGE', 'fail:STAGE' or 'kill:STAGE' (comma-separated) acts when the
-job reaches STAGE (prepare, tracking, before, train, after, timing, track, export, register, registered,
-finish). Unset in normal use."""
+job reaches STAGE (prepare, tracking, before, train, after, arms, timing, track, export, register,
+registered, finish). Unset in normal use."""
 
 
 class NonFiniteMetrics(RuntimeError):
@@ -59,6 +59,10 @@ class Results:
     after: dict[str, float] = field(default_factory=dict)
     untrained: dict[str, float] | None = None
     speedup: float | None = None
+    arms: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Comparison arms (optional protocol call `comparison_arms`): arm name -> its evaluation."""
+    comparison: dict[str, float] = field(default_factory=dict)
+    """The method's summary over the arms (`compare_arms`), logged on the parent run."""
 
 
 def lineage_tags(job: Job, recipe: Any) -> dict[str, str]:
@@ -95,24 +99,42 @@ def prepare(job: Job) -> Prepared:
     return Prepared(loaded, method, teacher, student, data)
 
 
-def _train(p: Prepared, job: Job, store: JobStore, *, logger: Any, progress: bool, launch: bool = True) -> Any:
-    """Train; rank 0 (`launch`) starts the other ranks of this node, which call this with launch=False.
-    Every rank stops at the step after a cancel request and fails on a non-finite loss."""
+ARM_ENV = "ATHANOR_ARM"
+"""Set for the ranks rank 0 launches to train one comparison arm (empty: the main student)."""
+
+
+def comparison_arms(p: Prepared) -> dict[str, Any]:
+    """Arm name -> the method args that arm trains with (the optional protocol call; {} without it)."""
+    arms = getattr(p.method, "comparison_arms", None)
+    return arms(p.loaded.args, p.loaded.recipe.train) if arms is not None and p.method.trains else {}
+
+
+def _train(p: Prepared, job: Job, store: JobStore, *, logger: Any, progress: bool, launch: bool = True,
+           arm: str = "") -> Any:
+    """Train the student (or, with `arm`, a fresh student of that comparison arm); rank 0 (`launch`) starts
+    the other ranks of this node, which call this with launch=False. Every rank stops at the step after a
+    cancel request and fails on a non-finite loss."""
     from jobs.trainer import fit, guard_callback, launched_ranks
 
     recipe = p.loaded.recipe
-    module = p.method.lightning_module(p.teacher, p.student, p.data, p.loaded.args, recipe.train)
-    job_dir = store.job_dir(job.id)
-    ranks = launched_ranks(recipe.train, job.id, store.home, job_dir) if launch else contextlib.nullcontext()
+    args, student = p.loaded.args, p.student
+    if arm:
+        args = comparison_arms(p)[arm]
+        student = p.method.convert(p.teacher, p.loaded.student, args)
+    module = p.method.lightning_module(p.teacher, student, p.data, args, recipe.train)
+    job_dir = store.job_dir(job.id) / ("arms" if arm else "") / arm
+    job_dir.mkdir(parents=True, exist_ok=True)
+    ranks = (launched_ranks(recipe.train, job.id, store.home, job_dir, extra_env={ARM_ENV: arm}) if launch
+             else contextlib.nullcontext())
     with ranks:
-        return fit(p.method, module, p.student, p.data, recipe.train, recipe.data.batch_size, job_dir=job_dir,
+        return fit(p.method, module, student, p.data, recipe.train, recipe.data.batch_size, job_dir=job_dir,
                    logger=logger, progress=progress, callbacks=[guard_callback(lambda: store.cancel_requested(job.id))])
 
 
 def run_rank(job_id: str, store: JobStore) -> None:
     """A non-zero training rank: same preparation, training only (rank 0 evaluates and tracks)."""
     job = store.get(job_id)
-    _train(prepare(job), job, store, logger=False, progress=False, launch=False)
+    _train(prepare(job), job, store, logger=False, progress=False, launch=False, arm=os.environ.get(ARM_ENV, ""))
 
 
 class JobRun:
@@ -147,6 +169,8 @@ class JobRun:
         self.stage("after")
         results.after = self.evaluate(p, student, "after")
         _check_finite(p.method, results.after)
+        self.stage("arms")
+        self.train_arms(p, results)
         self.stage("timing")
         self.time_side_by_side(p, student, untrained, results)
         self.stage("track")
@@ -185,13 +209,32 @@ class JobRun:
         self.store.update(self.job.id, mlflow_run_id=run_id)
         self.tracker.log_datasets(recipe.data, p.data.num_train_examples, recipe.eval.max_texts)
 
-    def evaluate(self, p: Prepared, model: Any, side: str) -> dict[str, float]:
+    def evaluate(self, p: Prepared, model: Any, side: str, args: Any = None) -> dict[str, float]:
         log.info("evaluating %s", {"before": "the teacher (before)", "after": "the converted model (after)",
-                                   "untrained": "the untrained student"}[side])
+                                   "untrained": "the untrained student"}.get(side, f"comparison arm {side}"))
         artifact_dir = self.job_dir / "artifacts" / side
         artifact_dir.mkdir(parents=True, exist_ok=True)
-        metrics = p.method.evaluate(model, p.teacher, p.data, p.loaded.recipe.eval, p.loaded.args, artifact_dir)
+        metrics = p.method.evaluate(model, p.teacher, p.data, p.loaded.recipe.eval, args or p.loaded.args,
+                                    artifact_dir)
         return {k: float(v) for k, v in metrics.items()}
+
+    def train_arms(self, p: Prepared, results: Results) -> None:
+        """Each comparison arm: a fresh student trained with the same steps and data, evaluated, logged as a
+        child run `arm_<name>` (its training curves in it); then the method's summary over the arms."""
+        arms = comparison_arms(p)
+        for name, args in arms.items():
+            self.stage("arms")
+            log.info("comparison arm %s: training %d steps", name, p.loaded.recipe.train.max_steps)
+            run_id = self.tracker.start_child(f"arm_{name}", {"athanor.arm": name})
+            model = _train(p, self.job, self.store, logger=self.tracker.lightning_logger(run_id),
+                           progress=self.progress, arm=name)
+            results.arms[name] = self.evaluate(p, model, f"arm_{name}", args)
+            self.tracker.log_child(f"arm_{name}", results.arms[name], run_id=run_id)
+            del model
+        if arms:
+            results.comparison = {k: float(v) for k, v in p.method.compare_arms(
+                p.loaded.args, results.before, results.untrained, results.after, results.arms).items()}
+            log.info("comparison: %s", ", ".join(f"{k} {v:.4g}" for k, v in results.comparison.items()))
 
     def train(self, p: Prepared) -> Any:
         recipe = p.loaded.recipe
@@ -226,6 +269,7 @@ class JobRun:
         self.tracker.log_child("converted", results.after)
         if results.untrained is not None:
             self.tracker.log_child("untrained", results.untrained)
+        self.tracker.log_metrics({f"compare/{k}": v for k, v in results.comparison.items()})
         self.tracker.log_comparison(results.before, results.after, speedup=results.speedup)
         artifacts = self.job_dir / "artifacts"
         if any(f.is_file() for f in artifacts.rglob("*")):
@@ -277,7 +321,8 @@ class JobRun:
         registered = ({"name": recipe.registry.name, "version": version, "alias": recipe.registry.alias}
                       if version else None)
         return {"before": results.before, "after": results.after, "untrained": results.untrained,
-                "speedup": results.speedup, "params": results.params, "export": str(self.export_dir),
+                "arms": results.arms or None, "comparison": results.comparison or None, "speedup": results.speedup,
+                "params": results.params, "export": str(self.export_dir),
                 "registered": registered, "seconds": round(time.time() - self.started, 1)}
 
 

@@ -87,15 +87,27 @@ class Tracker:
         self.client.log_text(self.parent_id, loaded.effective_yaml(), "recipe/effective.yaml")
         return self.parent_id
 
-    def log_child(self, name: str, metrics: dict[str, float], tags: dict[str, str] | None = None) -> str:
+    def start_child(self, name: str, tags: dict[str, str] | None = None) -> str:
+        """A child run of the job's parent, left open (e.g. for a comparison arm's training curves)."""
         run = self.client.create_run(
             self.experiment_id, run_name=name,
             tags={"mlflow.parentRunId": self.parent_id, "athanor.side": name, **(tags or {})},
         )
-        for key, value in metrics.items():
-            self.client.log_metric(run.info.run_id, EVAL_PREFIX + key, float(value))
-        self.client.set_terminated(run.info.run_id, "FINISHED")
         return run.info.run_id
+
+    def log_child(self, name: str, metrics: dict[str, float], tags: dict[str, str] | None = None,
+                  run_id: str | None = None) -> str:
+        """`eval/*` metrics in a child run (a new one, or `run_id` from `start_child`), then close it."""
+        run_id = run_id or self.start_child(name, tags)
+        for key, value in metrics.items():
+            self.client.log_metric(run_id, EVAL_PREFIX + key, float(value))
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        """Plain metrics on the parent run (e.g. a method's summary over its comparison arms)."""
+        for key, value in metrics.items():
+            self.client.log_metric(self.parent_id, key, float(value))
 
     def log_datasets(self, data: Any, num_train: int, num_eval: int) -> None:
         """The training and held-out data as MLflow dataset inputs (shown on the run page)."""
@@ -156,10 +168,11 @@ class Tracker:
             mlflow_status = {"SUCCEEDED": "FINISHED", "FAILED": "FAILED", "STOPPED": "KILLED"}[status]
             self.client.set_terminated(self.parent_id, mlflow_status)
 
-    def lightning_logger(self):
+    def lightning_logger(self, run_id: str | None = None):
+        """Lightning's MLflow logger writing into the parent run (or the child run `run_id`)."""
         from lightning.pytorch.loggers import MLFlowLogger
 
-        return MLFlowLogger(tracking_uri=self.uri, run_id=self.parent_id, log_model=False)
+        return MLFlowLogger(tracking_uri=self.uri, run_id=run_id or self.parent_id, log_model=False)
 
 
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",

@@ -142,8 +142,10 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def launched_ranks(train: TrainSpec, job_id: str, home: Path, log_dir: Path) -> Iterator[list[subprocess.Popen]]:
-    """Start ranks 1..N-1 of this node for `job_id` and set rank 0's environment (torchrun-style).
+def launched_ranks(train: TrainSpec, job_id: str, home: Path, log_dir: Path,
+                   extra_env: dict[str, str] | None = None) -> Iterator[list[subprocess.Popen]]:
+    """Start ranks 1..N-1 of this node for `job_id` and set rank 0's environment (torchrun-style);
+    `extra_env` goes to the started ranks only.
 
     Multi-node: every node runs `athanor worker --rank` itself; here NODE_RANK, MASTER_ADDR and
     MASTER_PORT are taken from the environment when set.
@@ -167,7 +169,7 @@ def launched_ranks(train: TrainSpec, job_id: str, home: Path, log_dir: Path) -> 
     try:
         for local in range(1, n_local):
             env = {**os.environ, **base, "LOCAL_RANK": str(local), "RANK": str(node_rank * n_local + local),
-                   "ATHANOR_HOME": str(home)}
+                   "ATHANOR_HOME": str(home), **(extra_env or {})}
             log = open(log_dir / f"rank{local}.log", "ab")
             procs.append(subprocess.Popen([sys.executable, "-m", "jobs.worker", "--rank", job_id], env=env,
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=False))
@@ -235,4 +237,14 @@ def fit(method: Any, module: Any, student: Any, data: Any, train: TrainSpec, mic
         blueprint.load_state_dict(state)
         trained = blueprint
     trained.train(False)
+    _leave_process_group()
     return trained
+
+
+def _leave_process_group() -> None:
+    """Tear down the training ranks' process group: the ranks it joined have exited, and a later `fit` in this
+    process (a comparison arm) must form a new group with newly launched ranks, not reuse a dead one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,6 +1,6 @@
 """SinkLoRA surgery (issue 11): shifted sparse attention with sinks as transformers attention
 implementations (`attention`); RoPE position interpolation, LoRA with trainable embeddings and norms, and
-merging for export (`lora`).
+merging for export (`lora`); the whole student in one call (`student`).
 
     .venv/bin/python -m pytest tests/convert/test_sinklora_attention.py -q
     .venv/bin/python -m pytest tests/convert/test_sinklora_lora.py -q
@@ -33,8 +33,12 @@ from convert.sinklora.lora import (
     original_context,
     trainable_summary,
 )
+from convert.sinklora.student import IMPLEMENTATION, build_student, export_ready
 
 __all__ = [
+    "IMPLEMENTATION",
+    "build_student",
+    "export_ready",
     "FULL_IMPLEMENTATIONS",
     "GROUP_SIZE_KEY",
     "NUM_SINK_KEY",

@@ -84,13 +84,15 @@ def _rebuild_rotary_embeddings(model: nn.Module) -> int:
     return len(found)
 
 
-def extend_context(model: nn.Module, target_length: int, method: str = "linear") -> nn.Module:
+def extend_context(model: nn.Module, target_length: int, method: str = "linear",
+                   original: int | None = None) -> nn.Module:
     """RoPE position interpolation of a Llama-family model (or a peft wrapper of one) to `target_length`
-    tokens, in place; returns `model`. See the module docstring for what each method writes."""
+    tokens, in place; returns `model`. See the module docstring for what each method writes. `original`
+    overrides the context the model is treated as pretrained at (a rehearsal at short lengths)."""
     base = _unwrap(model)
     config = base.config.get_text_config()
     rope = _check_rope(config, method)
-    original = original_context(config)
+    original = original or original_context(config)
     if isinstance(target_length, bool) or not isinstance(target_length, int) or target_length <= original:
         raise RecipeError(TARGET_LENGTH_KEY, target_length, f"must be an integer longer than the model's original "
                           f"context of {original} tokens (e.g. {4 * original} for 4x)")

@@ -96,6 +96,27 @@ def test_untrained_student_is_its_own_child_run_with_the_same_keys(tmp_path, hom
     assert eval_metrics(runs["untrained"])["mse_to_teacher"] == pytest.approx(untrained["mse_to_teacher"])
 
 
+def test_comparison_arms_train_fresh_students_and_log_child_runs(tmp_path, home, capsys):
+    path = write_toy(tmp_path, TOY + "toy:\n  compare: [2, 12]\n")
+    assert cli.main(["submit", str(path), "--wait", "--no-progress"]) == 0
+    (job,) = JobStore(home).list()
+    arms, comparison = job.result["arms"], job.result["comparison"]
+    assert set(arms) == {"h2", "h12"} and arms["h12"]["params"] == 8 * 12 + 12 + 12 * 8 + 8  # its own width
+    assert arms["h12"]["mse_to_teacher"] != arms["h2"]["mse_to_teacher"]
+    assert comparison["best_arm_mse"] == min(a["mse_to_teacher"] for a in arms.values())
+    assert comparison["after_minus_best"] == pytest.approx(job.result["after"]["mse_to_teacher"] -
+                                                           comparison["best_arm_mse"])
+    client = mlflow_client(home)
+    runs = child_runs(client, job.mlflow_run_id)
+    assert set(runs) == {"baseline", "converted", "arm_h2", "arm_h12"}
+    assert eval_metrics(runs["arm_h12"])["mse_to_teacher"] == pytest.approx(arms["h12"]["mse_to_teacher"])
+    assert "train/loss" in runs["arm_h2"].data.metrics  # each arm's own training curve, in its child run
+    parent = client.get_run(job.mlflow_run_id).data.metrics
+    assert parent["compare/best_arm_mse"] == pytest.approx(comparison["best_arm_mse"])
+    assert "comparison arms (h12, h2" in capsys.readouterr().out
+    assert (job.result["params"]["student"] == 8 * 4 + 4 + 4 * 8 + 8)  # the exported student is the recipe's
+
+
 def test_a_failing_job_registers_nothing_and_says_why(tmp_path, home, capsys):
     path = write_toy(tmp_path, TOY + "toy:\n  fail_at: export\n")
     assert cli.main(["submit", str(path), "--wait", "--no-progress"]) == cli.EXIT_JOB_FAILED

@@ -43,6 +43,10 @@ class ToyArgs(Section):
     """Sleep this long per training step (tests of cancellation)."""
     notes_file: str | None = Field(None, json_schema_extra=RECIPE_PATH)
     """A file path (tests of recipe-relative path resolution); unused otherwise."""
+    compare: list[int] = Field(default_factory=list)
+    """Comparison arms: one more student per hidden width listed (tests of the optional arms calls)."""
+    hidden_override: int | None = None
+    """The hidden width an arm's student gets instead of `student.hidden`."""
 
 
 class ToyModule(L.LightningModule):
@@ -94,7 +98,7 @@ class Toy:
         if student.hidden > hidden:
             raise RecipeError("student.hidden", student.hidden, f"must be at most the teacher's {hidden}")
         with torch.device(teacher[0].weight.device):
-            return mlp(width, student.hidden)
+            return mlp(width, args.hidden_override or student.hidden)
 
     def data(self, teacher, data: DataSpec, args: ToyArgs) -> MethodData:
         generator = torch.Generator().manual_seed(data.seed)
@@ -134,6 +138,15 @@ class Toy:
         config = {"width": student[0].in_features, "hidden": student[0].out_features}
         (out_dir / "config.json").write_text(json.dumps(config))
         return out_dir
+
+
+    def comparison_arms(self, args: ToyArgs, train: TrainSpec) -> dict[str, ToyArgs]:
+        return {f"h{h}": args.model_copy(update={"hidden_override": h, "compare": []}) for h in args.compare}
+
+    def compare_arms(self, args: ToyArgs, before, untrained, after, arms) -> dict[str, float]:
+        best = min(arms, key=lambda name: arms[name]["mse_to_teacher"])
+        return {"best_arm_mse": arms[best]["mse_to_teacher"], "after_minus_best": after["mse_to_teacher"] -
+                arms[best]["mse_to_teacher"]}
 
 
 class ToyPruning(Toy):

@@ -53,3 +53,24 @@ def test_linvideo_trains_under_ddp_and_deepspeed_zero2(home):
         assert job.status == "SUCCEEDED" and job.model_version is not None, job.error
         assert job.result["after"]["linear_layers"] == 2
         assert len(linear_layers(load_student(job.result["export"]))) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_comparison_arms_train_on_every_rank(home, tmp_path):
+    """Each arm launches the other ranks again (ATHANOR_ARM tells them which arm): a two-rank DDP job with
+    arms finishes, and its arms are as trained as the single-process ones."""
+    from recipes_toy import TOY, write_toy  # tests/jobs is on sys.path (conftest.py)
+
+    path = write_toy(tmp_path, TOY + "toy:\n  compare: [2]\n")
+    results = {}
+    for devices in (1, 2):
+        done = athanor("submit", str(path), "--wait", "--no-progress", "-o", "train.strategy=ddp",
+                       "-o", f"train.devices={devices}", "-o", "train.accelerator=cpu")
+        assert done.returncode == 0, done.stderr[-3000:]
+        job = JobStore(home).list()[0]
+        assert job.status == "SUCCEEDED", job.error
+        results[devices] = job.result
+    # two ranks see half the data each per step: close to, not equal to, one rank
+    assert results[2]["arms"]["h2"]["mse_to_teacher"] == pytest.approx(results[1]["arms"]["h2"]["mse_to_teacher"],
+                                                                       rel=0.5)

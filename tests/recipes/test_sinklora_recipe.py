@@ -1,0 +1,64 @@
+"""The tiny SinkLoRA recipe end to end through the job spine, comparison arms included (slow):
+
+    .venv/bin/python -m pytest tests/recipes/test_sinklora_recipe.py -q -m slow
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from harness import RECIPES, athanor, child_runs, eval_metrics, mlflow_client
+
+pytestmark = pytest.mark.usefixtures("janeaustenr_dir")
+
+
+@pytest.mark.slow
+def test_tiny_recipe_extends_the_context_and_compares_the_attentions(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jobs.store import JobStore
+
+    home = tmp_path / "home"
+    proc = athanor("submit", str(RECIPES / "sinklora_tiny.yaml"), "--wait", "--no-progress", home=home,
+                   env={"OMP_NUM_THREADS": "1"})
+    job = JobStore(home).list()[0]
+    assert job.status == "SUCCEEDED", f"{job.error}\n{proc.stderr[-3000:]}"
+    result = job.result
+    before, untrained, after = result["before"], result["untrained"], result["after"]
+    assert set(before) == set(after) == set(untrained)
+    assert {"ppl_original_length", "ppl_target_length", "passkey_acc", "cache_ppl_full", "h2o_ppl_20",
+            "local_ppl_20", "h2o_kv_mb_20"} <= set(after)
+    # training at 512 tokens improves the interpolated model at 512 tokens
+    assert after["ppl_target_length"] < untrained["ppl_target_length"]
+    # the 20% caches hold about a fifth of the full cache (the first tokens are all kept)
+    assert after["h2o_kv_mb_20"] < 0.3 * after["cache_kv_mb_full"]
+
+    comparison = result["comparison"]
+    assert set(result["arms"]) == {"full", "s2"}
+    assert comparison["ppl_sf"] == after["ppl_target_length"]
+    assert comparison["ppl_base"] == untrained["ppl_target_length"]
+    expected = (comparison["ppl_base"] - comparison["ppl_s2"]) / (comparison["ppl_base"] - comparison["ppl_full"])
+    assert comparison["fraction_of_gain_s2"] == pytest.approx(expected)
+    assert "fraction_of_gain_sf" in comparison
+
+    client = mlflow_client(home)
+    children = child_runs(client, job.mlflow_run_id)
+    assert {"baseline", "converted", "untrained", "arm_full", "arm_s2"} <= set(children)
+    assert eval_metrics(children["arm_s2"])["ppl_target_length"] == pytest.approx(comparison["ppl_s2"])
+    assert any(k.startswith("train/") for k in children["arm_full"].data.metrics)  # the arm's own curves
+    parent = client.get_run(job.mlflow_run_id).data.metrics
+    assert parent["compare/fraction_of_gain_s2"] == pytest.approx(comparison["fraction_of_gain_s2"])
+
+    export = Path(result["export"])
+    model = AutoModelForCausalLM.from_pretrained(export).eval()
+    assert model.config.rope_parameters["factor"] == 4.0 and model.config.max_position_embeddings == 512
+    assert not hasattr(model.config, "sinklora_group_size")
+    import mlflow
+
+    registered = mlflow.transformers.load_model("models:/sinklora-tiny@candidate", return_type="components")["model"]
+    ids = torch.arange(1, 513).reshape(1, -1) % 4000
+    with torch.no_grad():
+        torch.testing.assert_close(registered.eval()(ids).logits, model(ids).logits)
+    assert "trained through SF-Attn" in (export / "README.md").read_text()
