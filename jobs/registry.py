@@ -22,9 +22,10 @@ ALIAS = re.compile(r"[A-Za-z0-9_-]{1,255}")
 
 def write_model_card(out_dir: Path, *, recipe: Any, job_id: str, params: dict[str, float],
                      before: dict[str, float], after: dict[str, float], speedup: float | None = None,
-                     trains: bool = True) -> Path:
+                     trains: bool = True, comparison: dict[str, float] | None = None) -> Path:
     """README.md in the export: how it was made (method, teacher, recipe, training) and measured
-    (before/after table, speed-up); notes the method left in `training_notes.txt` are appended."""
+    (before/after table, speed-up, the comparison arms' summary); notes the method left in
+    `training_notes.txt` are appended."""
     notes_file = out_dir / "training_notes.txt"
     notes = f"## Notes from the method\n{notes_file.read_text().strip()}\n" if notes_file.is_file() else ""
     training = ("none (a training-free conversion)" if not trains else
@@ -48,11 +49,20 @@ Converted by **athanor** with the **{recipe.method}** method (job `{job_id}`, re
 
 ## Before (teacher) and after (converted)
 {comparison_markdown(before, after, speedup)}
-{notes}
+{_arms_markdown(comparison)}{notes}
 """
     path = out_dir / "README.md"
     path.write_text(text)
     return path
+
+
+def _arms_markdown(comparison: dict[str, float] | None) -> str:
+    """The comparison arms' summary (same steps and data, other settings; see the child runs `arm_*`)."""
+    if not comparison:
+        return ""
+    rows = "\n".join(f"| {key} | {value:.4g} |" for key, value in comparison.items())
+    return ("## Comparison arms (same steps and data; child runs `arm_*`)\n| figure | value |\n|---|---|\n"
+            f"{rows}\n\n")
 
 
 def _library(out_dir: Path) -> str:

@@ -285,7 +285,7 @@ class JobRun:
         p.method.export(student, p.teacher, self.partial, p.loaded.args)
         card = write_model_card(self.partial, recipe=p.loaded.recipe, job_id=self.job.id, params=results.params,
                                 before=results.before, after=results.after, speedup=results.speedup,
-                                trains=p.method.trains)
+                                trains=p.method.trains, comparison=results.comparison)
         self.tracker.log_artifact(card, "model_card")
         shutil.rmtree(self.export_dir, ignore_errors=True)
         self.partial.rename(self.export_dir)

@@ -114,6 +114,8 @@ def test_comparison_arms_train_fresh_students_and_log_child_runs(tmp_path, home,
     parent = client.get_run(job.mlflow_run_id).data.metrics
     assert parent["compare/best_arm_mse"] == pytest.approx(comparison["best_arm_mse"])
     assert "comparison arms (h12, h2" in capsys.readouterr().out
+    card = (Path(job.result["export"]) / "README.md").read_text()
+    assert "## Comparison arms" in card and "| best_arm_mse |" in card
     assert (job.result["params"]["student"] == 8 * 4 + 4 + 4 * 8 + 8)  # the exported student is the recipe's
 
 
