@@ -17,7 +17,7 @@ import signal
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from convert.module_utils import count_params
 from distill.spec import RecipeError
 from jobs.leases import JobLease, JobStopped, signals_deferred, sigterm_cancels
 from jobs.recipe import LoadedRecipe, RecipeInvalid, load_recipe, resolve_recipe_paths
+from jobs.results import Results, check_finite, check_same_keys
 from jobs.store import Job, JobStore
 
 TEST_HOOK = "ATHANOR_TEST_HOOK"
@@ -32,9 +33,6 @@ TEST_HOOK = "ATHANOR_TEST_HOOK"
 job reaches STAGE (prepare, tracking, before, train, after, arms, timing, track, export, register,
 registered, finish). Unset in normal use."""
 
-
-class NonFiniteMetrics(RuntimeError):
-    """The converted model's evaluation gave NaN or infinity where the method defines a number."""
 
 log = logging.getLogger("athanor.job")
 
@@ -48,21 +46,6 @@ class Prepared:
     teacher: Any
     student: Any
     data: Any
-
-
-@dataclass
-class Results:
-    """What rank 0 measured; becomes the job's result, the MLflow runs and the model card."""
-
-    params: dict[str, int]
-    before: dict[str, float] = field(default_factory=dict)
-    after: dict[str, float] = field(default_factory=dict)
-    untrained: dict[str, float] | None = None
-    speedup: float | None = None
-    arms: dict[str, dict[str, float]] = field(default_factory=dict)
-    """Comparison arms (optional protocol call `comparison_arms`): arm name -> its evaluation."""
-    comparison: dict[str, float] = field(default_factory=dict)
-    """The method's summary over the arms (`compare_arms`), logged on the parent run."""
 
 
 def lineage_tags(job: Job, recipe: Any) -> dict[str, str]:
@@ -168,7 +151,7 @@ class JobRun:
         student = self.train(p)
         self.stage("after")
         results.after = self.evaluate(p, student, "after")
-        _check_finite(p.method, results.after)
+        check_finite(p.method, results.after)
         self.stage("arms")
         self.train_arms(p, results)
         self.stage("timing")
@@ -262,7 +245,7 @@ class JobRun:
         if results.untrained is not None:
             results.untrained["latency_ms"] = ms["untrained"]
         results.speedup = ms["before"] / ms["after"] if ms["after"] > 0 else float("nan")
-        _check_same_keys(p.loaded.recipe.method, results)
+        check_same_keys(p.loaded.recipe.method, results)
 
     def track_results(self, p: Prepared, results: Results) -> None:
         self.tracker.log_child("baseline", results.before)
@@ -367,23 +350,6 @@ def _outcome(exc: BaseException, job: Job, tracker: Any) -> tuple[str, str]:
     if uri.startswith("http") and type(exc).__module__.split(".")[0] in ("mlflow", "requests", "urllib3"):
         return "FAILED", f"tracking server {uri} failed during the job: {type(exc).__name__}: {first}"
     return "FAILED", f"{type(exc).__name__}: {first} (full traceback in {job.log_path})"
-
-
-def _check_finite(method: Any, metrics: dict[str, float]) -> None:
-    import math
-
-    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v) and k not in method.nan_metrics)
-    if bad:
-        raise NonFiniteMetrics(f"the converted model's {', '.join(bad)} is not finite "
-                               f"({', '.join(f'{k}={metrics[k]}' for k in bad)}); nothing was exported or registered")
-
-
-def _check_same_keys(method: str, results: Results) -> None:
-    sides = {"after": results.after, **({"untrained": results.untrained} if results.untrained else {})}
-    for name, metrics in sides.items():
-        if set(metrics) != set(results.before):
-            raise RuntimeError(f"method {method} returned different metric keys before/{name}: "
-                               f"{sorted(set(results.before) ^ set(metrics))}")
 
 
 def _torch_threads() -> int:

@@ -52,7 +52,7 @@ TEACHER_KEY, GROUP_SIZE_KEY, NUM_SINK_KEY = "teacher", "sinklora.group_size", "s
 # --- validation ---------------------------------------------------------------------------------------------
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def base_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (`get_base_model`), or `model` itself."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
@@ -61,7 +61,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def check_model(model: nn.Module) -> None:
     """Raise RecipeError('teacher', ...) unless `model` is a decoder-only causal transformers model whose
     attention goes through `AttentionInterface` (Llama, Mistral, Qwen2, ...)."""
-    model = _unwrap(model)
+    model = base_model(model)
     name = type(model).__name__
     if not isinstance(model, PreTrainedModel):
         raise RecipeError(TEACHER_KEY, name, "SinkLoRA needs a transformers causal LM (e.g. LlamaForCausalLM)")
@@ -131,14 +131,14 @@ def configure(model: nn.Module, *, group_size: int, num_sink: int = 4, target_le
     check_group_size(group_size, target_length)
     check_num_sink(num_sink)
     register_sparse_attention()
-    for config in _configs(_unwrap(model)):
+    for config in _configs(base_model(model)):
         setattr(config, GROUP_SIZE_ATTR, group_size)
         setattr(config, NUM_SINK_ATTR, num_sink)
 
 
 def clear_settings(model: nn.Module) -> None:
     """Remove the settings `configure` wrote (they would otherwise be saved in config.json)."""
-    for config in _configs(_unwrap(model)):
+    for config in _configs(base_model(model)):
         for attr in (GROUP_SIZE_ATTR, NUM_SINK_ATTR):
             if hasattr(config, attr):
                 delattr(config, attr)
@@ -147,7 +147,7 @@ def clear_settings(model: nn.Module) -> None:
 def use_attention(model: nn.Module, name: str) -> None:
     """Switch a loaded model to `name` ("sf_attention", "s2_attention", "sdpa" or "eager") with
     `set_attn_implementation`; sparse names need `configure` first."""
-    base = _unwrap(model)
+    base = base_model(model)
     if name not in SPARSE_IMPLEMENTATIONS + FULL_IMPLEMENTATIONS:
         raise ValueError(f"attention {name!r}: use one of {SPARSE_IMPLEMENTATIONS + FULL_IMPLEMENTATIONS}")
     if name in SPARSE_IMPLEMENTATIONS:
@@ -163,7 +163,7 @@ def use_attention(model: nn.Module, name: str) -> None:
 @contextmanager
 def attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
     """Run a block under attention `name` (e.g. "sdpa" for evaluation), then restore the previous one."""
-    before = _unwrap(model).config._attn_implementation
+    before = base_model(model).config._attn_implementation
     use_attention(model, name)
     try:
         yield

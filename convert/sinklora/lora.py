@@ -33,7 +33,7 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from convert.recipe_types import RecipeError
-from convert.sinklora.attention import _unwrap
+from convert.sinklora.attention import base_model
 
 ROPE_METHODS = ("linear", "dynamic", "yarn")
 TARGET_LENGTH_KEY, ROPE_SCALING_KEY = "sinklora.target_length", "sinklora.rope_scaling"
@@ -89,7 +89,7 @@ def extend_context(model: nn.Module, target_length: int, method: str = "linear",
     """RoPE position interpolation of a Llama-family model (or a peft wrapper of one) to `target_length`
     tokens, in place; returns `model`. See the module docstring for what each method writes. `original`
     overrides the context the model is treated as pretrained at (a rehearsal at short lengths)."""
-    base = _unwrap(model)
+    base = base_model(model)
     config = base.config.get_text_config()
     rope = _check_rope(config, method)
     original = original or original_context(config)

@@ -25,22 +25,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from convert.h2o_cache import H2OCache, LocalWindowCache, enable_h2o, teacher_forced_nll
-from convert.sinklora import attention_implementation, use_attention
+from convert.sinklora import attention_implementation, base_model, use_attention
 from distill.long_context_eval import passkey_accuracy, sliding_window_perplexity
 
 if TYPE_CHECKING:  # method.py imports this module
     from distill.sinklora.method import SinkLoRAArgs
 
 
-def _base(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 @contextmanager
 def h2o_attention(model: nn.Module) -> Iterator[None]:
     """The "h2o" attention (sdpa that also feeds an H2OCache its scores) for a block, then the previous one."""
-    base = _base(model)
+    base = base_model(model)
     before = base.config._attn_implementation
     enable_h2o(base)
     try:
@@ -57,7 +52,7 @@ def budget_label(budget: float) -> str:
 def cache_comparison(model: nn.Module, sequences: Sequence[torch.Tensor], budgets: Sequence[float]) -> dict[str, float]:
     """Perplexity and peak KV megabytes of H2O and local-window caches at each budget, and the full cache."""
     device = next(model.parameters()).device
-    config = _base(model).config
+    config = base_model(model).config
     out: dict[str, float] = {}
     with torch.no_grad():
         ids = torch.stack(list(sequences)).to(device)
@@ -128,7 +123,7 @@ def passkey_metrics(model: nn.Module, tokenizer: Any, args: SinkLoRAArgs) -> dic
     accuracy = passkey_accuracy(model, tokenizer, lengths, depths, trials)
     out = {f"passkey_acc_{n}": sum(accuracy[(n, d)] for d in depths) / len(depths) for n in lengths}
     out["passkey_acc"] = sum(accuracy.values()) / len(accuracy)
-    config = _base(model).config
+    config = base_model(model).config
     for budget in args.cache_budgets:
         caches = {"h2o": lambda b=budget: H2OCache(heavy=b / 2, recent=b / 2, config=config),
                   "local": lambda b=budget: LocalWindowCache(budget=b, config=config)}

@@ -22,6 +22,7 @@ import torch
 from pydantic import Field
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from convert.module_utils import count_params
 from convert.sinklora import build_student, check_model, export_ready, original_context
 from convert.sinklora.lora import ATTENTION_PROJECTIONS
 from distill.hf import build_hf_model, load_config, load_tokenizer
@@ -203,7 +204,7 @@ class SinkLoRA:
         metrics = evaluate_lm(model, teacher.tokenizer, data.eval["heldout"], args,
                               original_length=self._original(teacher, args), batch_size=eval.batch_size,
                               cache_length=data.eval["cache_length"])
-        return {"params": sum(p.numel() for p in model.parameters()), **metrics}
+        return {"params": count_params(model), **metrics}
 
     def speed_probe(self, model: Any, teacher: CausalTeacher, data: MethodData, eval: EvalSpec,
                     args: SinkLoRAArgs) -> Callable[[], Any]:
@@ -271,7 +272,7 @@ class SinkLoRA:
 
         config = teacher.lm.config.get_text_config()
         return training_memory_notes(
-            params=sum(p.numel() for p in teacher.lm.parameters()), trainable=sum(trainable_summary(student).values()),
+            params=count_params(teacher.lm), trainable=sum(trainable_summary(student).values()),
             hidden=config.hidden_size, layers=config.num_hidden_layers, heads=config.num_attention_heads,
             vocab=config.vocab_size, tokens=args.target_length, group=args.group_size or args.target_length // 4,
             num_sink=args.num_sink, checkpointing=args.gradient_checkpointing)
