@@ -15,6 +15,7 @@ METHODS: dict[str, str] = {
     "sentencevae": "distill.sentencevae:SentenceVAE",
     "linvideo": "distill.linvideo:LinVideo",
     "sinklora": "distill.sinklora:SinkLoRA",
+    "lora_composer": "distill.lora_composer:LoraComposer",
 }
 
 # Extra methods from outside the repo (plugins, test doubles): "name=module:Class,name2=...".

@@ -1,5 +1,6 @@
 """KOALA teacher pipeline and training data: load the SDXL-family teacher (U-Net, text encoders,
-VAE, scheduler config), encode prompts the way the diffusers pipelines do, and build the training
+VAE, scheduler config; without a VAE the U-Net is taken to work in pixel space, like the Fashion-canvas
+testbed of recipes/koala_tiny.yaml), encode prompts the way the diffusers pipelines do, and build the training
 set — an image-caption dataset encoded by the teacher's VAE and text encoders, or data-free prompts
 with teacher-sampled latents (`distill/koala/sampling.py`).
 
@@ -41,6 +42,9 @@ class KoalaTeacher:
     vae: AutoencoderKL | None = None
     scheduler_config: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
     description: str = ""
+    pixel_space: bool = False
+    """The pipeline has no VAE: the U-Net denoises images themselves (e.g. the Fashion-canvas testbed,
+    distill/lora_composer/testbed/), so its samples are pixels in [-1, 1] and `vae_scale` is 1."""
 
     @property
     def sdxl_conditioning(self) -> bool:
@@ -50,8 +54,21 @@ class KoalaTeacher:
     @property
     def vae_scale(self) -> int:
         if self.vae is None:
-            return 8
+            return 1 if self.pixel_space else 8
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def sample_hw(self) -> tuple[int, int]:
+        """(height, width) of the U-Net's input: its `sample_size`, an int (square) or [height, width]."""
+        return hw(self.unet.config.sample_size)
+
+
+def hw(size: int | list[int] | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of a size given as an int (square) or a pair."""
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
 
 
 def _encoder_from_config(name: str, config: dict) -> Any:
@@ -67,7 +84,8 @@ def _encoder_from_config(name: str, config: dict) -> Any:
 def load_teacher(source: ResolvedSource, *, meta: bool = False) -> KoalaTeacher:
     """A diffusers pipeline directory (`unet/`, `text_encoder[_2]/`, `tokenizer[_2]/`, `vae/`,
     `scheduler/`) or an inline config `{unet: {...}, text_encoder: {...}, text_encoder_2: {...},
-    vae: {...}, scheduler: {...}}` (random init, seeded). `meta`: the U-Net's structure only."""
+    vae: {...}, scheduler: {...}}` (random init, seeded). `meta`: the U-Net's structure only.
+    Without a VAE (no `vae/` folder, no `vae:` sub-config) the U-Net works in pixel space."""
     if source.config is not None:
         configs = dict(source.config)
         if "unet" not in configs:
@@ -77,9 +95,11 @@ def load_teacher(source: ResolvedSource, *, meta: bool = False) -> KoalaTeacher:
         if unknown:
             raise RecipeError("teacher.config", sorted(unknown),
                               "allowed sub-configs: unet, text_encoder, text_encoder_2, vae, scheduler")
+        pixel_space = "vae" not in configs
         if meta:
             with torch.device("meta"):
-                return KoalaTeacher(UNet2DConditionModel.from_config(configs["unet"]), description=source.description)
+                return KoalaTeacher(UNet2DConditionModel.from_config(configs["unet"]), description=source.description,
+                                    pixel_space=pixel_space)
         torch.manual_seed(source.seed)
         unet = UNet2DConditionModel.from_config(configs["unet"]).eval()
         encoders = [_encoder_from_config(n, configs[n]) for n in ENCODER_DIRS if n in configs]
@@ -89,15 +109,17 @@ def load_teacher(source: ResolvedSource, *, meta: bool = False) -> KoalaTeacher:
         tokenizers = [transformers.AutoTokenizer.from_pretrained(source.tokenizer_path)] * len(encoders)
         vae = AutoencoderKL.from_config(configs["vae"]).eval() if "vae" in configs else None
         scheduler = {**DEFAULT_SCHEDULER, **configs.get("scheduler", {})}
-        return KoalaTeacher(unet, encoders, tokenizers, vae, scheduler, source.description)
+        return KoalaTeacher(unet, encoders, tokenizers, vae, scheduler, source.description, pixel_space)
     path = Path(source.path)
     if not (path / "unet" / "config.json").is_file():
         raise RecipeError("teacher.source", str(path), "expected a diffusers pipeline directory with unet/config.json "
                           "(and text_encoder/, tokenizer/, vae/, scheduler/ for training)")
+    pixel_space = not (path / "vae").is_dir()
     if meta:
         config = json.loads((path / "unet" / "config.json").read_text())
         with torch.device("meta"):
-            return KoalaTeacher(UNet2DConditionModel.from_config(config), description=source.description)
+            return KoalaTeacher(UNet2DConditionModel.from_config(config), description=source.description,
+                                pixel_space=pixel_space)
     unet = UNet2DConditionModel.from_pretrained(path / "unet").eval()
     encoders, tokenizers = [], []
     for name in ENCODER_DIRS:
@@ -106,10 +128,10 @@ def load_teacher(source: ResolvedSource, *, meta: bool = False) -> KoalaTeacher:
             encoders.append(getattr(transformers, arch).from_pretrained(path / name).eval())
             tokenizer_dir = path / name.replace("text_encoder", "tokenizer")
             tokenizers.append(transformers.AutoTokenizer.from_pretrained(tokenizer_dir))
-    vae = AutoencoderKL.from_pretrained(path / "vae").eval() if (path / "vae").is_dir() else None
+    vae = None if pixel_space else AutoencoderKL.from_pretrained(path / "vae").eval()
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else dict(DEFAULT_SCHEDULER)
-    return KoalaTeacher(unet, encoders, tokenizers, vae, scheduler, source.description)
+    return KoalaTeacher(unet, encoders, tokenizers, vae, scheduler, source.description, pixel_space)
 
 
 def tokenize(teacher: KoalaTeacher, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -193,12 +215,14 @@ class PromptRows(Dataset):
         return {k: v[index % self.rows] for k, v in self.columns.items()}
 
 
-def prompt_conditioning(teacher: KoalaTeacher, prompts: list[str], resolution: int) -> dict[str, torch.Tensor]:
-    """U-Net conditioning of `prompts` on the CPU: embeddings and, for SDXL, square-image time ids."""
+def prompt_conditioning(teacher: KoalaTeacher, prompts: list[str],
+                        resolution: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+    """U-Net conditioning of `prompts` on the CPU: embeddings and, for SDXL, uncropped time ids of an
+    image of `resolution` pixels (an int: square; or (height, width))."""
     columns = encode_prompts(teacher, prompts)
     if teacher.sdxl_conditioning:
-        square = time_ids((resolution, resolution), (0, 0), (resolution, resolution))
-        columns["time_ids"] = square.repeat(len(prompts), 1)
+        size = hw(resolution)
+        columns["time_ids"] = time_ids(size, (0, 0), size).repeat(len(prompts), 1)
     return columns
 
 

@@ -9,71 +9,14 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
-from distill.koala.data import KoalaTeacher, unet_kwargs
+from distill.koala.data import KoalaTeacher, hw, unet_kwargs
 from distill.koala.sampling import guided_conditioning, sample
-
-
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages alive at once while the mode is active (op granularity).
-
-    CPU has no allocator statistics like `torch.cuda.max_memory_allocated`; this counts every
-    storage an op creates until its last reference dies."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.current = self.peak = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for key, (ref, size) in list(self.live.items()):  # first forget freed storages (addresses get reused)
-            if ref.expired():
-                del self.live[key]
-                self.current -= size
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and not t.is_meta:
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self.live:
-                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
-                    self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
-        return out
-
-
-def model_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-
-
-@torch.no_grad()
-def peak_memory_mb(model: torch.nn.Module, run: Callable[[], Any]) -> float:
-    """Peak memory of one inference call of `model` alone: its weights plus the most memory the call
-    holds at once beyond what was allocated before it.
-
-    Why a delta on CUDA: `max_memory_allocated` counts everything on the device, and during a job the
-    teacher, VAE, text encoders and an EMA copy sit there too; the model's own figure must not depend
-    on what else happens to be resident. On CPU, `LiveBytes` counts only storages the call creates."""
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device)
-        run()
-        torch.cuda.synchronize(device)
-        return (model_bytes(model) + torch.cuda.max_memory_allocated(device) - baseline) / 2**20
-    with LiveBytes() as counter:
-        run()
-    return (model_bytes(model) + counter.peak) / 2**20
+from distill.memory import peak_memory_mb
 
 
 def step_inputs(model: torch.nn.Module, payload: dict, batch: int, device: torch.device) -> tuple[tuple, dict]:
@@ -81,9 +24,9 @@ def step_inputs(model: torch.nn.Module, payload: dict, batch: int, device: torch
     resolution, timestep 500, and the first eval prompt."""
     dtype = next(model.parameters()).dtype
     cond = {k: v[:1].expand(batch, *v.shape[1:]) for k, v in payload["cond"].items()}
-    size = payload["latent_size"]
     generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(batch, model.config.in_channels, size, size, generator=generator).to(device, dtype)
+    sample = torch.randn(batch, model.config.in_channels, *hw(payload["latent_size"]), generator=generator)
+    sample = sample.to(device, dtype)
     return (sample, torch.tensor(500, device=device)), unet_kwargs(cond, device, dtype)
 
 
@@ -146,10 +89,18 @@ def fidelity(model: torch.nn.Module, teacher: KoalaTeacher, payload: dict, sched
 
 @torch.no_grad()
 def to_images(teacher: KoalaTeacher, latents: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, H, W, 3]: decoded by the teacher's VAE, or the first latent channels when it has none."""
+    """uint8 [B, H, W, 3]: decoded by the teacher's VAE; without one the samples are pixels in [-1, 1]
+    (grey when single-channel); other channel counts show their first three channels, each image scaled
+    to its largest magnitude."""
     if teacher.vae is None:
-        pixels = latents[:, :3]
-        pixels = pixels / pixels.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+        channels = latents.shape[1]
+        if channels == 1:
+            pixels = latents.expand(-1, 3, -1, -1)
+        elif channels == 3:
+            pixels = latents
+        else:
+            pixels = latents[:, :3]
+            pixels = pixels / pixels.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
     else:
         vae = teacher.vae
         shift = vae.config.get("shift_factor") or 0.0

@@ -96,10 +96,15 @@ class KoalaArgs(Section):
     data_free_steps: int = Field(10, ge=1)
     """Teacher sampler steps per data-free sample (`guidance_scale` applies). Few steps give an
     approximation of the teacher's images, which is enough: the inputs lie near its own x₀."""
+    uncond_prob: float = Field(0.0, ge=0, le=1)
+    """Share of training rows conditioned on the empty prompt instead of their caption (teacher and
+    student alike). Guided sampling (`guidance_scale` > 1) also runs the unconditional prediction, which
+    data-free prompts alone never train; 0.1-0.2 teaches it."""
     image_column: str = "image"
     """Image column of the image-caption dataset (captions: `data.text_column`)."""
     resolution: int | None = Field(None, ge=8)
-    """Training/eval resolution in pixels (default: the U-Net's sample_size × the VAE factor)."""
+    """Training/eval resolution in pixels, square (default: the U-Net's sample_size × the VAE factor,
+    which may be non-square: sample_size [32, 64] of a pixel-space U-Net gives 32×64 images)."""
     cache_dir: str | None = None
     """Directory caching encoded latents and text embeddings of the image-caption dataset."""
     gradient_checkpointing: bool = False
@@ -173,12 +178,17 @@ class Koala:
             config["prediction_type"] = args.prediction_type
         return config
 
-    def _resolution(self, teacher: KoalaTeacher, args: KoalaArgs) -> int:
-        resolution = args.resolution or teacher.unet.config.sample_size * teacher.vae_scale
-        if resolution % teacher.vae_scale:
-            raise RecipeError("koala.resolution", resolution,
-                              f"must be a multiple of the VAE factor {teacher.vae_scale}")
-        return resolution
+    def _resolution(self, teacher: KoalaTeacher, args: KoalaArgs) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        scale = teacher.vae_scale
+        if args.resolution is None:
+            return tuple(side * scale for side in teacher.sample_hw)
+        if args.resolution % scale:
+            raise RecipeError("koala.resolution", args.resolution, f"must be a multiple of the VAE factor {scale}")
+        return args.resolution, args.resolution
+
+    def _latent_hw(self, teacher: KoalaTeacher, resolution: tuple[int, int]) -> tuple[int, int]:
+        return resolution[0] // teacher.vae_scale, resolution[1] // teacher.vae_scale
 
     def data(self, teacher: KoalaTeacher, data: DataSpec, args: KoalaArgs) -> MethodData:
         resolution = self._resolution(teacher, args)
@@ -187,23 +197,28 @@ class Koala:
         if args.data_free:
             train = self._data_free_set(teacher, data, args, resolution)
         else:
-            train = image_caption_set(teacher, data, args.image_column, resolution, args.cache_dir)
+            if resolution[0] != resolution[1]:
+                raise RecipeError("koala.resolution", args.resolution, "image-caption training crops square "
+                                  f"images, but this U-Net's is {resolution[0]}x{resolution[1]}: set a square side")
+            train = image_caption_set(teacher, data, args.image_column, resolution[0], args.cache_dir)
         loader = SeededLoader(train, batch_size=data.batch_size, seed=data.seed, num_workers=data.num_workers)
         return MethodData(train_dataloader=loader, eval=payload, num_train_examples=len(train))
 
-    def _eval_payload(self, teacher: KoalaTeacher, args: KoalaArgs, resolution: int) -> dict:
-        """Eval prompts' conditioning, the empty prompt's (guidance), and one fixed noise per eval seed."""
+    def _eval_payload(self, teacher: KoalaTeacher, args: KoalaArgs, resolution: tuple[int, int]) -> dict:
+        """Eval prompts' conditioning, the empty prompt's (guidance), and one fixed noise per eval seed.
+        `latent_size` and `resolution` are (height, width): of the U-Net's input and of the images."""
         if not args.eval_prompts or not args.eval_seeds:
             raise RecipeError("koala.eval_prompts", args.eval_prompts,
                               "give at least one eval prompt and one eval seed")
         cond = prompt_conditioning(teacher, list(args.eval_prompts), resolution)
         uncond = prompt_conditioning(teacher, [""], resolution)
-        size, channels = resolution // teacher.vae_scale, teacher.unet.config.in_channels
-        noises = [torch.randn(len(args.eval_prompts), channels, size, size, generator=torch.Generator().manual_seed(s))
+        size, channels = self._latent_hw(teacher, resolution), teacher.unet.config.in_channels
+        noises = [torch.randn(len(args.eval_prompts), channels, *size, generator=torch.Generator().manual_seed(s))
                   for s in args.eval_seeds]
         return {"cond": cond, "uncond": uncond, "noises": noises, "latent_size": size, "resolution": resolution}
 
-    def _data_free_set(self, teacher: KoalaTeacher, data: DataSpec, args: KoalaArgs, resolution: int) -> PromptRows:
+    def _data_free_set(self, teacher: KoalaTeacher, data: DataSpec, args: KoalaArgs,
+                       resolution: tuple[int, int]) -> PromptRows:
         """Teacher-sampled latents for the training prompts (see `distill/koala/sampling.py` for why)."""
         if not args.prompts:
             raise RecipeError("koala.prompts", args.prompts, "data-free mode needs at least one training prompt")
@@ -211,7 +226,7 @@ class Koala:
         uncond = prompt_conditioning(teacher, [""], resolution)
         _to_accelerator(teacher.unet)
         latents = teacher_latents(teacher.unet, self._scheduler_config(teacher, args), cond, uncond,
-                                  resolution // teacher.vae_scale, steps=args.data_free_steps,
+                                  self._latent_hw(teacher, resolution), steps=args.data_free_steps,
                                   guidance=args.guidance_scale, samples=args.data_free_samples, seed=data.seed)
         logger.info("data-free: %d teacher samples (%d steps each) for %d prompts", len(latents),
                     args.data_free_steps, len(args.prompts))
@@ -226,7 +241,8 @@ class Koala:
         return KoalaModule(student, teacher, pairs, self._scheduler_config(teacher, args), train,
                            weights=(args.lambda_task, args.lambda_out, args.lambda_feat),
                            gradient_checkpointing=args.gradient_checkpointing,
-                           ema_decay=args.ema_decay if args.ema else None)
+                           ema_decay=args.ema_decay if args.ema else None,
+                           uncond=data.eval["uncond"] if args.uncond_prob > 0 else None, uncond_prob=args.uncond_prob)
 
     def trained_student(self, module: KoalaModule) -> UNet2DConditionModel:
         model = module.trained()
@@ -277,7 +293,7 @@ class Koala:
         bmap = block_map(dict(teacher.unet.config), dict(student.config), args.layer_selection)
         (out_dir / "koala_block_map.json").write_text(bmap.to_json())
         settings = args.model_dump(include={"feature_sites", "layer_selection", "lambda_task", "lambda_out",
-                                            "lambda_feat", "data_free", "ema"})
+                                            "lambda_feat", "data_free", "uncond_prob", "ema"})
         (out_dir / "koala.json").write_text(json.dumps({"teacher": teacher.description, **settings}, indent=1))
         return out_dir
 

@@ -15,7 +15,7 @@ from typing import Any
 import diffusers
 import torch
 
-from distill.koala.data import unet_kwargs
+from distill.koala.data import hw, unet_kwargs
 
 DATA_FREE_SEED_OFFSET = 1_000_003
 """Added to `data.seed` for the data-free sampling noise, so the training latents never start from the
@@ -64,15 +64,16 @@ def sample(unet: torch.nn.Module, scheduler_config: dict, cond: dict, uncond: di
     return x, inputs, preds
 
 
-def data_free_noise(prompts: int, channels: int, size: int, seed: int, index: int) -> torch.Tensor:
-    """The initial noise of data-free sample `index` (all prompts at once), reproducible from the seed."""
+def data_free_noise(prompts: int, channels: int, size: int | tuple[int, int], seed: int, index: int) -> torch.Tensor:
+    """The initial noise of data-free sample `index` (all prompts at once), reproducible from the seed;
+    `size` is the U-Net input's side (square) or (height, width)."""
     generator = torch.Generator().manual_seed(seed + DATA_FREE_SEED_OFFSET + index)
-    return torch.randn(prompts, channels, size, size, generator=generator)
+    return torch.randn(prompts, channels, *hw(size), generator=generator)
 
 
 @torch.no_grad()
 def teacher_latents(unet: torch.nn.Module, scheduler_config: dict, cond: dict[str, torch.Tensor],
-                    uncond: dict[str, torch.Tensor], latent_size: int, *, steps: int, guidance: float,
+                    uncond: dict[str, torch.Tensor], latent_size: int | tuple[int, int], *, steps: int, guidance: float,
                     samples: int, seed: int) -> torch.Tensor:
     """`samples` teacher samples per prompt, [samples · prompts, C, h, w] on the CPU, sample-major
     (row s · prompts + i is prompt i). Few `steps` give an approximation of the teacher's x₀

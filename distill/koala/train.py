@@ -7,7 +7,9 @@ paired with the teacher layer it was copied from — KOALA's finding) or `block`
 output, as in BK-SDM). The feature term sums over sites, as the KOALA and BK-SDM losses do.
 Image latents are noised with their ground-truth noise as the task target; data-free batches carry
 `teacher_latents` (teacher samples, see sampling.py), noised the same way but supervised by the
-teacher only. The optional EMA (`Fp32Ema`) moves once per optimizer step and is kept in fp32.
+teacher only. With `uncond_prob`, rows are conditioned on the empty prompt instead (caption dropout),
+so the student also learns the unconditional prediction that classifier-free guidance uses. The
+optional EMA (`Fp32Ema`) moves once per optimizer step and is kept in fp32.
 
     .venv/bin/python -m pytest tests/distill/koala/test_koala.py tests/distill/koala/test_training.py -q
 """
@@ -157,9 +159,13 @@ class KoalaModule(L.LightningModule):
 
     def __init__(self, student: UNet2DConditionModel, teacher: KoalaTeacher, pairs: list[tuple[str, str]],
                  scheduler_config: dict, train: TrainSpec, *, weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                 gradient_checkpointing: bool = False, ema_decay: float | None = None) -> None:
+                 gradient_checkpointing: bool = False, ema_decay: float | None = None,
+                 uncond: dict[str, torch.Tensor] | None = None, uncond_prob: float = 0.0) -> None:
         super().__init__()
+        if uncond_prob > 0 and uncond is None:
+            raise ValueError("uncond_prob > 0 needs the empty prompt's conditioning (uncond)")
         self.student = student.train()
+        self.uncond, self.uncond_prob = uncond, uncond_prob
         # Not registered submodules: frozen, never optimised, never in checkpoints or DDP buckets.
         self.__dict__["bundle"] = teacher  # VAE + text encoders encode image-caption batches on the fly
         self.__dict__["teacher"] = teacher.unet.eval().requires_grad_(False)
@@ -183,6 +189,7 @@ class KoalaModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         batch = encode_batch(self.bundle, batch)  # no-op for cached latents / data-free batches
+        batch = self.drop_captions(batch)
         # Image latents are ground truth; data-free `teacher_latents` are the teacher's own samples, so
         # only the teacher's prediction supervises them (no task target).
         clean = batch["latents"] if "latents" in batch else batch["teacher_latents"]
@@ -201,6 +208,21 @@ class KoalaModule(L.LightningModule):
                              self.pairs, self.weights)
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, on_step=True, prog_bar=False)
         return terms["loss"]
+
+    def drop_captions(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each row's text conditioning becomes the empty prompt's with probability `uncond_prob`, for
+        teacher and student alike. Classifier-free guidance samples with the unconditional prediction
+        (weighted by 1 - guidance, e.g. -2 at guidance 3), on the same inputs as the conditional one;
+        without these rows the student never learns it (in data-free mode no caption is ever empty)."""
+        if self.uncond_prob <= 0:
+            return batch
+        keys = [k for k in ("prompt_embeds", "text_embeds") if k in batch]
+        drop = torch.rand(len(batch[keys[0]]), device=batch[keys[0]].device) < self.uncond_prob
+        out = dict(batch)
+        for key in keys:
+            empty = self.uncond[key].to(batch[key].device, batch[key].dtype).expand_as(batch[key])
+            out[key] = torch.where(drop.view(-1, *[1] * (batch[key].dim() - 1)), empty, batch[key])
+        return out
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # global_step counts optimizer steps (also under DeepSpeed, which accumulates itself): with

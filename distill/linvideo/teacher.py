@@ -17,14 +17,15 @@ import importlib.util
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from distill.fashion_mnist import CLASSES, accuracy, load_split, train_classifier
+from distill.fashion_mnist import CLASSES, FashionClassifier, accuracy, load_split, train_classifier
 from distill.linvideo.moving_fashion import DIRECTIONS, ClipSpec, MovingFashion, all_captions
 from distill.linvideo.sampling import TIME_SCALE, sample
 
@@ -49,10 +50,29 @@ def encode_captions(captions: list[str]) -> torch.Tensor:
     return states * batch["attention_mask"].unsqueeze(-1)
 
 
-def train_teacher(clips: MovingFashion, conditions: torch.Tensor, minutes: float, steps: int, batch: int,
-                  lr: float, seed: int) -> tuple[WanTransformer3DModel, int]:
+def _flow_loss(model: WanTransformer3DModel, x0: torch.Tensor, cond: torch.Tensor,
+               gen: torch.Generator) -> torch.Tensor:
+    """Rectified-flow velocity loss at logit-normal t (as SD3/Wan train), 10% of conditions dropped for CFG."""
+    n = x0.shape[0]
+    cond = cond.clone()
+    cond[torch.rand(n, generator=gen) < 0.1] = 0.0
+    t = torch.sigmoid(torch.randn(n, generator=gen))
+    noise = torch.randn(x0.shape, generator=gen)
+    tb = t.view(-1, 1, 1, 1, 1)
+    x_t = (1 - tb) * x0 + tb * noise
+    return F.mse_loss(model(x_t, t * TIME_SCALE, cond).sample, noise - x0)
+
+
+def train_teacher(clips: MovingFashion, images: MovingFashion | None, conditions: torch.Tensor, minutes: float,
+                  steps: int, batch: int, lr: float, seed: int,
+                  init_from: Path | None = None) -> tuple[WanTransformer3DModel, int]:
+    """Every step draws a video batch; with `images` (one-frame clips) every other step is an image batch of
+    the same token count instead: Wan's joint image-video training, which teaches item appearance at a
+    fraction of the tokens per sample so the small budget goes further."""
     torch.manual_seed(seed)
     model = WanTransformer3DModel(**TEACHER_CONFIG)
+    if init_from is not None:  # continue an earlier run from its (EMA) weights
+        model.load_state_dict(WanTransformer3DModel.from_pretrained(init_from / "transformer").state_dict())
     ema = WanTransformer3DModel(**TEACHER_CONFIG)
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -62,14 +82,10 @@ def train_teacher(clips: MovingFashion, conditions: torch.Tensor, minutes: float
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in opt.param_groups:
             group["lr"] = lr * max(scale, 0.02)
-        x0, ids = clips.batch(batch, gen)
-        cond = conditions[ids].clone()
-        cond[torch.rand(batch, generator=gen) < 0.1] = 0.0  # CFG: 10% unconditional
-        t = torch.sigmoid(torch.randn(batch, generator=gen))  # logit-normal t, as SD3/Wan train
-        noise = torch.randn(x0.shape, generator=gen)
-        tb = t.view(-1, 1, 1, 1, 1)
-        x_t = (1 - tb) * x0 + tb * noise
-        loss = F.mse_loss(model(x_t, t * TIME_SCALE, cond).sample, noise - x0)
+        image_step = images is not None and step % 2 == 1
+        source, n = (images, batch * clips.spec.frames) if image_step else (clips, batch)
+        x0, ids = source.batch(n, gen)
+        loss = _flow_loss(model, x0, conditions[ids], gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -79,7 +95,9 @@ def train_teacher(clips: MovingFashion, conditions: torch.Tensor, minutes: float
             for e, p in zip(ema.parameters(), model.parameters()):
                 e.lerp_(p, 1 - decay)
         if step % 50 == 0:
-            print(f"teacher step {step}/{steps}: loss {loss.item():.4f} ({time.monotonic() - start:.0f} s)", flush=True)
+            kind = "image" if image_step else "video"
+            print(f"teacher step {step}/{steps}: {kind} loss {loss.item():.4f} ({time.monotonic() - start:.0f} s)",
+                  flush=True)
         if time.monotonic() - start > minutes * 60:
             print(f"time budget reached at step {step}", flush=True)
             return ema.eval(), step + 1
@@ -112,6 +130,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--classifier-steps", type=int, default=1500)
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="continue training the teacher saved there (and keep its classifier)")
+    parser.add_argument("--joint-images", action="store_true",
+                        help="every other step trains on single frames (Wan's joint image-video training)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out, spec = args.out, ClipSpec()
@@ -122,13 +144,20 @@ def main() -> None:
     (out / "captions.json").write_text(json.dumps({"captions": captions, "clip": spec.__dict__}, indent=1))
     train_clips, test_clips = MovingFashion(*load_split("train"), spec), MovingFashion(*load_split("test"), spec)
     started = time.monotonic()
-    classifier = train_classifier(lambda s: train_clips.frames(64, torch.Generator().manual_seed(10_000 + s)),
-                                  steps=args.classifier_steps, seed=args.seed)
+    if args.init_from is not None and (args.init_from / "classifier.safetensors").is_file():
+        classifier = FashionClassifier()
+        classifier.load_state_dict(load_file(args.init_from / "classifier.safetensors"))
+        classifier.eval()
+    else:
+        classifier = train_classifier(lambda s: train_clips.frames(64, torch.Generator().manual_seed(10_000 + s)),
+                                      steps=args.classifier_steps, seed=args.seed)
     save_file(classifier.state_dict(), out / "classifier.safetensors")
     test_frames, test_labels = test_clips.frames(2000, torch.Generator().manual_seed(1))
     real_acc = accuracy(classifier, test_frames, test_labels)
     print(f"classifier: {real_acc:.3f} on 2000 held-out test-split frames", flush=True)
-    model, ran = train_teacher(train_clips, conditions, args.minutes, args.steps, args.batch, args.lr, args.seed)
+    train_images = MovingFashion(*load_split("train"), replace(spec, frames=1)) if args.joint_images else None
+    model, ran = train_teacher(train_clips, train_images, conditions, args.minutes, args.steps, args.batch,
+                               args.lr, args.seed, args.init_from)
     model.save_pretrained(out / "transformer", safe_serialization=True)
     gen_acc = {g: generated_accuracy(model, classifier, conditions, 2, 20, g, spec) for g in (1.0, 3.0)}
     minutes = (time.monotonic() - started) / 60
@@ -137,17 +166,22 @@ def main() -> None:
 
 
 def _readme(args, ran: int, real_acc: float, gen_acc: dict[float, float], minutes: float) -> str:
+    joint = (f"; every other step a batch of {args.batch * 8} single frames (Wan's joint image-video training)"
+             if args.joint_images else "")
+    earlier = _earlier_command(args.init_from)
     return f"""# LinVideo testbed: a tiny Wan teacher for Moving Fashion-MNIST
 
 Made by (on a 2-core CPU, {args.threads} thread(s), {minutes:.0f} min including the classifier):
 
     .venv/bin/python -m distill.linvideo.teacher --out distill/linvideo/testbed --minutes {args.minutes:g} \\
         --steps {args.steps} --batch {args.batch} --lr {args.lr:g} --threads {args.threads} --seed {args.seed} \\
-        --classifier-steps {args.classifier_steps}
+        --classifier-steps {args.classifier_steps}{" --joint-images" if args.joint_images else ""}\
+        {f"--init-from {args.init_from}" if args.init_from else ""}
 
 - `transformer/`: diffusers `WanTransformer3DModel` ({json.dumps(TEACHER_CONFIG)}), rectified flow in pixel
-  space on clips of 8 frames × 32×32 (1 channel, [-1, 1]); 512 tokens with patch (1, 4, 4).
-  Trained {ran} steps of batch {args.batch} (AdamW, lr {args.lr:g}, cosine, EMA 0.999, 10% caption dropout for CFG).
+  space on clips of 8 frames × 32×32 (1 channel, [-1, 1]); 512 tokens with patch (1, 4, 4).{earlier}
+  Trained {ran} steps of batch {args.batch} (AdamW, lr {args.lr:g}, cosine, EMA 0.999, 10% caption dropout
+  for CFG){joint}.
 - `conditions.safetensors`: all-MiniLM-L6-v2 token states ({TEXT_TOKENS} tokens × 384) for the 40 captions
   in `captions.json` ("a <class> moving <left|right|up|down>"); zeros are the unconditional input.
 - `classifier.safetensors`: `distill.fashion_mnist.FashionClassifier` on single frames
@@ -158,6 +192,19 @@ Quality: the classifier reads {real_acc:.1%} of 2,000 real test-split frames cor
 (2 clips × 8 frames per caption, 20 Euler steps, seeds 0..39) as the prompted class.
 Classes: {", ".join(CLASSES)}.
 """
+
+
+def _earlier_command(init_from: Path | None) -> str:
+    """The command block of the run this one continued (from its README), so the README keeps the whole recipe."""
+    if init_from is None or not (init_from / "README.md").is_file():
+        return ""
+    lines = (init_from / "README.md").read_text().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("Made by")), None)
+    if start is None:
+        return ""
+    end = next(i for i in range(start + 2, len(lines) + 1) if i == len(lines) or not lines[i].strip())
+    block = "\n".join("  " + line for line in lines[start:end])
+    return f"\n  Continued from the weights (and classifier) of an earlier run:\n\n{block}\n"
 
 
 if __name__ == "__main__":

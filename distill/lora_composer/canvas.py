@@ -24,7 +24,7 @@ from distill.fashion_mnist import CLASSES, load_split, resize_items
 HEIGHT, WIDTH = 32, 64
 LARGE, SMALL = 28, 20
 PLACES = ("left", "middle", "right")
-_PHRASE = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
+PHRASES = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
 Box = tuple[int, int, int, int]
 
 
@@ -52,7 +52,7 @@ def _noun(label: int) -> str:
 def caption(labels: tuple[int, ...], places: tuple[str, ...]) -> str:
     """"a sneaker on the left", "a bag on the left and a coat on the right",
     "a dress on the left, an ankle boot in the middle and a shirt on the right"."""
-    parts = [f"{_noun(label)} {_PHRASE[place]}" for label, place in zip(labels, places)]
+    parts = [f"{_noun(label)} {PHRASES[place]}" for label, place in zip(labels, places)]
     if len(parts) == 1:
         return parts[0]
     return ", ".join(parts[:-1]) + " and " + parts[-1]

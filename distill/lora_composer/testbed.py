@@ -65,8 +65,11 @@ def save_models(out: Path, unet, text_encoder) -> None:
 
 
 def train(canvases: Canvases, tokenizer, out: Path, minutes: float, steps: int, batch: int, lr: float,
-          seed: int, save_every_min: float = 5.0):
+          seed: int, save_every_min: float = 5.0, init_from: Path | None = None):
     unet, text_encoder = build_models(seed)
+    if init_from is not None:  # continue an earlier run (its EMA weights) instead of starting from scratch
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(init_from / "unet").state_dict())
+        text_encoder.load_state_dict(CLIPTextModel.from_pretrained(init_from / "text_encoder").state_dict())
     ema_unet, ema_text = build_models(seed)
     ema_unet.load_state_dict(unet.state_dict())
     ema_text.load_state_dict(text_encoder.state_dict())
@@ -167,6 +170,7 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--eval-only", action="store_true", help="reload unet/, text_encoder/, judge and measure")
+    parser.add_argument("--init-from", type=Path, default=None, help="continue training the model saved there")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = args.out
@@ -197,7 +201,7 @@ def main() -> None:
         ran, curve, train_s = info.get("steps", 0), info.get("loss_curve", []), info.get("train_seconds", 0.0)
     else:
         unet, text_encoder, ran, curve, train_s = train(train_set, tokenizer, out, args.minutes, args.steps,
-                                                        args.batch, args.lr, args.seed)
+                                                        args.batch, args.lr, args.seed, init_from=args.init_from)
         (out / "train_log.json").write_text(json.dumps({"steps": ran, "batch": args.batch, "train_seconds": train_s,
                                                          "loss_curve_every_200_steps": curve}, indent=1))
     eval_start = time.monotonic()
@@ -226,7 +230,7 @@ Made by (on a 2-core CPU, {args.threads} thread(s), {total_min:.0f} min in all: 
     .venv/bin/python -m distill.lora_composer.testbed --out distill/lora_composer/testbed --minutes {args.minutes:g} \\
         --batch {args.batch} --lr {args.lr:g} --threads {args.threads} --seed {args.seed} \\
         --judge-steps {args.judge_steps} --eval-samples {args.eval_samples} --sample-steps {args.sample_steps} \\
-        --guidance {args.guidance:g}
+        --guidance {args.guidance:g}{f" --init-from {args.init_from}" if args.init_from else ""}
 
 Data: `distill.lora_composer.canvas` canvases, 1×{HEIGHT}×{WIDTH} in [-1, 1] (background −1), with one item
 (28×28, left / middle / right), two items (28×28, left and right) or three items (20×20, left, middle,

@@ -1,5 +1,7 @@
-"""Shared KOALA test setup: the tiny pipeline of recipes/koala_tiny.yaml, shrunk further (8x8 latents,
-2 eval steps, one seed), and a student factory. Used by every test file in this folder."""
+"""Shared KOALA test setup: the tiny SDXL-shaped pipeline of tests/fixtures/koala_sdxl_tiny.yaml, shrunk
+further (8x8 latents, 2 eval steps, one seed), and a student factory; and the Fashion-canvas testbed teacher
+of recipes/koala_tiny.yaml (pixel space, no VAE, one text encoder), shrunk the same way. Used by every
+test file in this folder."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from jobs.recipe import load_recipe
 from jobs.sources import resolve_source
 
 ROOT = Path(__file__).parents[3]
+SDXL_TINY = ROOT / "tests" / "fixtures" / "koala_sdxl_tiny.yaml"
 SMALL = ["teacher.config.unet.sample_size=8", "teacher.config.unet.transformer_layers_per_block=[1,2,5]",
          "koala.eval_steps=2", "koala.eval_seeds=[0]", "eval.latency_repeats=1", "data.batch_size=2",
          "koala.data_free_steps=2", "koala.data_free_samples=1"]
@@ -21,7 +24,7 @@ SMALL = ["teacher.config.unet.sample_size=8", "teacher.config.unet.transformer_l
 @pytest.fixture(scope="module")
 def tiny():
     """(method, loaded recipe, teacher); tests that change the teacher restore it."""
-    loaded = load_recipe(ROOT / "recipes" / "koala_tiny.yaml", overrides=SMALL)
+    loaded = load_recipe(SDXL_TINY, overrides=SMALL)
     method = Koala()
     teacher = method.load_teacher(resolve_source(loaded.recipe.teacher, "teacher"))
     return method, loaded, teacher
@@ -36,3 +39,19 @@ def make_student(tiny) -> Callable:
         return method.convert(teacher, loaded.student.model_copy(update={"preset": preset}), loaded.args)
 
     return build
+
+
+FASHION_SMALL = ["koala.eval_steps=2", "koala.eval_seeds=[0]", "eval.latency_repeats=1", "data.batch_size=2",
+                 "koala.data_free_steps=2", "koala.data_free_samples=1",
+                 'koala.prompts=["a sneaker on the left", "a dress on the left, an ankle boot in the middle '
+                 'and a shirt on the right"]',
+                 'koala.eval_prompts=["a coat on the left", "a sneaker on the left and a dress on the right"]']
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    """(method, loaded recipe, teacher) of recipes/koala_tiny.yaml: the trained Fashion-canvas testbed."""
+    loaded = load_recipe(ROOT / "recipes" / "koala_tiny.yaml", overrides=FASHION_SMALL)
+    method = Koala()
+    teacher = method.load_teacher(resolve_source(loaded.recipe.teacher, "teacher"))
+    return method, loaded, teacher

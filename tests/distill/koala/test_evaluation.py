@@ -16,7 +16,7 @@ from PIL import Image
 
 from convert.module_utils import count_params
 from distill.koala import evaluation as koala_eval
-from distill.koala.evaluation import LiveBytes
+from distill.memory import LiveBytes
 from distill.spec import EvalSpec
 from distill.timing import interleaved_latency
 
@@ -99,7 +99,7 @@ def test_speed_probe_is_one_unet_step_on_the_latency_device(tiny, make_student):
     probes = {"teacher": method.speed_probe(teacher.unet, teacher, data, EvalSpec(), args),
               "student": method.speed_probe(student, teacher, data, EvalSpec(), args)}
     size = data.eval["latent_size"]
-    assert probes["student"]().shape == (3, 4, size, size) and probes["teacher"]().dtype == torch.float32
+    assert probes["student"]().shape == (3, 4, *size) and probes["teacher"]().dtype == torch.float32
     assert set(interleaved_latency(probes, repeats=1)) == {"teacher", "student"}
     assert next(student.parameters()).device.type == "cpu" and not student.training
 

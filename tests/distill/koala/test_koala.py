@@ -1,5 +1,6 @@
 """KOALA distillation: loss terms, feature taps (plain, DDP, gradient checkpointing), data and the
-training step, on the tiny pipeline of recipes/koala_tiny.yaml (shrunk further: tests/distill/koala/conftest.py).
+training step, on the tiny SDXL-shaped pipeline of tests/fixtures/koala_sdxl_tiny.yaml (shrunk further:
+tests/distill/koala/conftest.py).
 Evaluation and export: test_evaluation.py; EMA and data-free sampling: test_training.py.
 
     .venv/bin/python -m pytest tests/distill/koala -q
@@ -259,3 +260,36 @@ def test_bf16_true_student_trains_against_a_matching_teacher(tiny, make_student)
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
     finally:
         teacher.unet.float()
+
+
+def test_caption_dropout_conditions_rows_on_the_empty_prompt(tiny, make_student):
+    """`koala.uncond_prob`: rows take the empty prompt's embeddings (SDXL: pooled ones too; time ids stay),
+    for teacher and student alike, so guidance's unconditional prediction is trained."""
+    method, loaded, teacher = tiny
+    data = method.data(teacher, loaded.recipe.data, loaded.args)
+    args = loaded.args.model_copy(update={"uncond_prob": 1.0})
+    module = method.lightning_module(teacher, make_student(), data, args, TrainSpec())
+    module.log_dict = lambda values, **kw: None
+    seen = {}
+    hooks = [model.register_forward_pre_hook(lambda _, a, kw, name=name: seen.update({name: kw}), with_kwargs=True)
+             for name, model in (("teacher", teacher.unet), ("student", module.student))]
+    batch = next(iter(data.train_dataloader()))
+    try:
+        module.training_step(batch, 0)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    empty = data.eval["uncond"]
+    for kwargs in seen.values():
+        assert torch.equal(kwargs["encoder_hidden_states"], empty["prompt_embeds"].expand_as(batch["prompt_embeds"]))
+        added = kwargs["added_cond_kwargs"]
+        assert torch.equal(added["text_embeds"], empty["text_embeds"].expand_as(batch["text_embeds"]))
+        assert torch.equal(added["time_ids"], batch["time_ids"])
+    module.uncond_prob = 0.5
+    rows = {k: v[:1].repeat(64, *[1] * (v.dim() - 1)) for k, v in batch.items()}
+    dropped = module.drop_captions(rows)["prompt_embeds"]
+    is_empty = [torch.equal(row, empty["prompt_embeds"][0]) for row in dropped]
+    assert 0 < sum(is_empty) < 64  # some rows of each kind
+    assert all(e or torch.equal(row, rows["prompt_embeds"][0]) for e, row in zip(is_empty, dropped))
+    module.uncond_prob = 0.0
+    assert module.drop_captions(batch) is batch

@@ -1,0 +1,402 @@
+"""LoRA-Composer (training-free multi-concept composition): a region-aware diffusers attention processor and
+the loading of several concept LoRAs into ONE U-Net as named peft adapters.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/convert/test_lora_composer.py -q
+
+Usage: `load_concept_adapters(unet, {"sneaker": Path("loras/sneaker"), ...})`, then inside
+`with composed(unet, Composition(regions, global_embeds, height=32, width=64)):` every U-Net call is composed;
+`composition.active = False` gives the plain base model with adapters off (the unconditional branch).
+
+Adapters live in the peft LoRA layers of the attention projections; `load_concept_adapters` switches their global
+application off (`unet.disable_adapters()`), and `RegionalAttnProcessor` adds each adapter's delta
+`lora_B(lora_A(x)) * scaling` itself, weighted by region masks: with m_i region i's mask at the layer's
+resolution, M = sum m_i and w_i = m_i / max(M, 1), a token-wise projection is base(x) + sum_i w_i * delta_i(x).
+
+Cross-attention (attn2) ignores the U-Net's encoder_hidden_states while active: the global branch attends to the
+base keys/values of `global_embeds`, region i's branch to keys/values of its own prompt through adapter i; with
+`inject` the output is (1 - any) * out_global + sum_i w_i * out_i. Self-attention (attn1) with `isolate` forbids a
+query inside some box from attending a key inside some box unless they share a box (background is unrestricted).
+With `record`, cross-attention maps (per region, summed over its token indices, mean over heads) and each
+region's self-attention mass on background keys are appended to the composition, with their autograd graph.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from convert.recipe_types import RecipeError
+
+Box = tuple[float, float, float, float]
+"""(x0, y0, x1, y1) as fractions of width/height in [0, 1], end-exclusive."""
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+
+@dataclass
+class Region:
+    adapter: str | None  # peft adapter name loaded in the UNet (None: base weights, prompt only)
+    box: Box
+    embeds: torch.Tensor  # [1, L, D] text-encoder states of this concept's prompt
+    token_indices: list[int]  # positions in that prompt whose cross-attention map is recorded
+
+
+class Composition:
+    """The regions, the global prompt and the switches one `RegionalAttnProcessor` reads, plus what it records."""
+
+    def __init__(self, regions: list[Region], global_embeds: torch.Tensor, *, height: int, width: int,
+                 isolate: bool = True, inject: bool = True, record: bool = False) -> None:
+        if global_embeds.ndim != 3:
+            raise RecipeError("lora_composer.global_embeds", tuple(global_embeds.shape),
+                              "pass the text-encoder states of the global prompt as a [1 or B, L, D] tensor")
+        if height < 1 or width < 1:
+            raise RecipeError("lora_composer.height/width", (height, width), "pass the U-Net input's positive size")
+        for i, region in enumerate(regions):
+            _check_region(i, region, global_embeds.shape[-1])
+        self.regions, self.global_embeds = list(regions), global_embeds
+        self.height, self.width = height, width
+        self.isolate, self.inject, self.record = isolate, inject, record
+        self.active, self.maps, self.fg_bg_mass = True, [], []
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+
+    @property
+    def adapters(self) -> list[str | None]:
+        return [region.adapter for region in self.regions]
+
+    def masks(self, h: int, w: int) -> torch.Tensor:
+        """[R, h*w] float {0, 1}: the cells of an h×w grid whose centre lies inside each (end-exclusive) box."""
+        if (h, w) not in self._masks:
+            cy = (torch.arange(h, dtype=torch.float64) + 0.5) / h
+            cx = (torch.arange(w, dtype=torch.float64) + 0.5) / w
+            rows = [(((cy >= y0) & (cy < y1))[:, None] & ((cx >= x0) & (cx < x1))[None, :]).reshape(-1)
+                    for x0, y0, x1, y1 in (region.box for region in self.regions)]
+            stacked = torch.stack(rows) if rows else torch.zeros(0, h * w, dtype=torch.bool)
+            self._masks[(h, w)] = stacked.float()
+        return self._masks[(h, w)]
+
+    def layer_size(self, n: int) -> tuple[int, int]:
+        """(h, w) of a layer with n query positions: the input size halved (rounding up, as stride-2 convs with
+        padding 1 do) until it fits, else the aspect-ratio-preserving grid with n cells."""
+        h, w = self.height, self.width
+        while h * w > n and (h > 1 or w > 1):
+            h, w = -(-h // 2), -(-w // 2)
+        if h * w == n:
+            return h, w
+        h = max(1, round(math.sqrt(n * self.height / self.width)))
+        if n % h == 0:
+            return h, n // h
+        raise ValueError(f"cannot infer an h×w grid with {n} positions from the {self.height}×{self.width} input; "
+                         "check Composition(height=, width=) against the U-Net sample size")
+
+    def reset(self) -> None:
+        self.maps.clear()
+        self.fg_bg_mass.clear()
+
+
+def _check_region(i: int, region: Region, dim: int) -> None:
+    key = f"lora_composer.regions[{i}]"
+    x0, y0, x1, y1 = (float(v) for v in region.box)
+    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+        raise RecipeError(f"{key}.box", region.box, "use (x0, y0, x1, y1) fractions with 0 <= x0 < x1 <= 1, "
+                          "0 <= y0 < y1 <= 1")
+    if region.embeds.ndim != 3 or region.embeds.shape[0] != 1 or region.embeds.shape[-1] != dim:
+        raise RecipeError(f"{key}.embeds", tuple(region.embeds.shape),
+                          f"pass the concept prompt's text-encoder states as a [1, L, {dim}] tensor")
+    length = region.embeds.shape[1]
+    if not region.token_indices or any(not 0 <= t < length for t in region.token_indices):
+        raise RecipeError(f"{key}.token_indices", region.token_indices,
+                          f"list the concept word's token positions, each in [0, {length})")
+
+
+def _base(layer: nn.Module) -> nn.Module:
+    return layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer
+
+
+def _delta(layer: nn.Module, adapter: str | None, x: torch.Tensor) -> torch.Tensor | None:
+    """Adapter `adapter`'s LoRA delta of `layer` on x, or None when the layer does not hold it."""
+    if adapter is None or not isinstance(layer, LoraLayer) or adapter not in layer.lora_A:
+        return None
+    lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+    out = lora_b(lora_a(layer.lora_dropout[adapter](x.to(lora_a.weight.dtype))))
+    return (out * layer.scaling[adapter]).to(x.dtype)
+
+
+def _regional(layer: nn.Module, x: torch.Tensor, weights: torch.Tensor, adapters: list[str | None]) -> torch.Tensor:
+    """base(x) + sum_i weights[i] * delta_i(x) for x [B, N, C], weights [R, N]."""
+    out = _base(layer)(x)
+    for weight, adapter in zip(weights, adapters):
+        delta = _delta(layer, adapter, x)
+        if delta is not None:
+            out = out + weight[None, :, None] * delta
+    return out
+
+
+def _full(layer: nn.Module, x: torch.Tensor, adapter: str | None) -> torch.Tensor:
+    """base(x) + delta(x): the projection with one adapter on everywhere."""
+    out, delta = _base(layer)(x), _delta(layer, adapter, x)
+    return out if delta is None else out + delta
+
+
+def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+            want_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Multi-head attention of [B, N, inner] tensors; probabilities [B, heads, N, S] (explicit softmax) only
+    when asked for, otherwise SDPA."""
+    batch, heads = q.shape[0], attn.heads
+    head_dim = k.shape[-1] // heads
+    q, k, v = (t.reshape(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    probs = None
+    if want_probs:
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim)
+        probs = (scores if bias is None else scores + bias).softmax(dim=-1)
+        out = probs @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=0.0, is_causal=False)
+    return out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(q.dtype), probs
+
+
+def _prepared_mask(attn: Attention, mask: torch.Tensor | None, keys: int, batch: int) -> torch.Tensor | None:
+    """The U-Net's attention_mask as AttnProcessor2_0 prepares it: [B, heads, 1 or N, keys]."""
+    if mask is None:
+        return None
+    mask = attn.prepare_attention_mask(mask, keys, batch)
+    return mask.view(batch, attn.heads, -1, mask.shape[-1])
+
+
+class RegionalAttnProcessor:
+    """diffusers attention processor applying a `Composition` (see the module docstring); with
+    `composition.active == False` it is diffusers' `AttnProcessor2_0` on the base weights (adapters off)."""
+
+    def __init__(self, composition: Composition) -> None:
+        self.composition = composition
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 **kwargs: Any) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        grid = None
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            grid = (height, width)
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if not self.composition.active:
+            out = self._plain(attn, hidden_states, encoder_hidden_states, attention_mask)
+        elif encoder_hidden_states is not None:
+            out = self._cross(attn, hidden_states, grid)
+        else:
+            out = self._self(attn, hidden_states, attention_mask, grid)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    @staticmethod
+    def _plain(attn: Attention, x: torch.Tensor, context: torch.Tensor | None,
+               attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """AttnProcessor2_0 with base projections (after its norm/reshape prologue)."""
+        batch = x.shape[0]
+        if context is None:
+            context = x
+        elif attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        bias = _prepared_mask(attn, attention_mask, context.shape[1], batch)
+        q, k, v = _base(attn.to_q)(x), _base(attn.to_k)(context), _base(attn.to_v)(context)
+        out, _ = _attend(attn, q, k, v, bias, want_probs=False)
+        return attn.to_out[1](_base(attn.to_out[0])(out))
+
+    def _weights(self, x: torch.Tensor, grid: tuple[int, int] | None) -> tuple[torch.Tensor, tuple[int, int]]:
+        h, w = grid if grid is not None else self.composition.layer_size(x.shape[1])
+        return self.composition.masks(h, w).to(device=x.device, dtype=x.dtype), (h, w)
+
+    def _context(self, attn: Attention, embeds: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        embeds = embeds.to(device=like.device, dtype=like.dtype).expand(like.shape[0], -1, -1)
+        return attn.norm_encoder_hidden_states(embeds) if attn.norm_cross else embeds
+
+    def _cross(self, attn: Attention, x: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
+        comp = self.composition
+        masks, (h, w) = self._weights(x, grid)
+        weights = masks / masks.sum(0).clamp(min=1)
+        adapters = comp.adapters
+        q = _regional(attn.to_q, x, weights, adapters)
+        glob = self._context(attn, comp.global_embeds, x)
+        out, _ = _attend(attn, q, _base(attn.to_k)(glob), _base(attn.to_v)(glob), None, want_probs=False)
+        if comp.inject or comp.record:
+            mixed, maps = (masks.sum(0) == 0).to(x.dtype)[None, :, None] * out, []
+            for region, weight in zip(comp.regions, weights):
+                ctx = self._context(attn, region.embeds, x)
+                k, v = _full(attn.to_k, ctx, region.adapter), _full(attn.to_v, ctx, region.adapter)
+                out_i, probs = _attend(attn, q, k, v, None, want_probs=comp.record)
+                mixed = mixed + weight[None, :, None] * out_i
+                if probs is not None:
+                    maps.append(probs.mean(1)[..., region.token_indices].sum(-1).reshape(-1, h, w))
+            if comp.inject:
+                out = mixed
+            if comp.record:
+                comp.maps.append(torch.stack(maps) if maps else x.new_zeros(0, x.shape[0], h, w))
+        return attn.to_out[1](_regional(attn.to_out[0], out, weights, adapters))
+
+    def _self(self, attn: Attention, x: torch.Tensor, attention_mask: torch.Tensor | None,
+              grid: tuple[int, int] | None) -> torch.Tensor:
+        comp = self.composition
+        masks, _ = self._weights(x, grid)
+        weights, adapters = masks / masks.sum(0).clamp(min=1), comp.adapters
+        q, k, v = (_regional(layer, x, weights, adapters) for layer in (attn.to_q, attn.to_k, attn.to_v))
+        inside = masks.sum(0) > 0
+        bias = _prepared_mask(attn, attention_mask, x.shape[1], x.shape[0])
+        if comp.isolate and len(comp.regions):
+            forbidden = inside[:, None] & inside[None, :] & ((masks.T @ masks) == 0)
+            iso = torch.zeros(forbidden.shape, dtype=q.dtype, device=q.device).masked_fill(forbidden, float("-inf"))
+            bias = iso if bias is None else bias + iso
+        record = comp.record and comp.isolate
+        out, probs = _attend(attn, q, k, v, bias, want_probs=record)
+        if probs is not None:
+            on_background = probs.mean(1)[..., ~inside].sum(-1)  # [B, N]
+            comp.fg_bg_mass.append((on_background[None] * masks[:, None]).sum(-1) / masks.sum(-1).clamp(min=1)[:, None])
+        return attn.to_out[1](_regional(attn.to_out[0], out, weights, adapters))
+
+
+def attach(unet: nn.Module, composition: Composition) -> dict:
+    """Install one `RegionalAttnProcessor` on every attention module; returns the previous processors."""
+    loaded = getattr(unet, "peft_config", {})
+    for i, adapter in enumerate(composition.adapters):
+        if adapter is not None and adapter not in loaded:
+            raise RecipeError(f"lora_composer.regions[{i}].adapter", adapter,
+                              f"load it first with load_concept_adapters; loaded adapters: {sorted(loaded)}")
+    previous = dict(unet.attn_processors)
+    unet.set_attn_processor(RegionalAttnProcessor(composition))
+    return previous
+
+
+def detach(unet: nn.Module, previous: dict) -> None:
+    unet.set_attn_processor(previous)
+
+
+@contextmanager
+def composed(unet: nn.Module, composition: Composition) -> Iterator[Composition]:
+    previous = attach(unet, composition)
+    try:
+        yield composition
+    finally:
+        detach(unet, previous)
+
+
+def _lora_file(path: Path, key: str) -> Path:
+    path = Path(path)
+    file = path / LORA_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise RecipeError(key, str(path), f"point it at a {LORA_FILE} written by unet.save_lora_adapter, or at "
+                          "the directory holding one")
+    return file
+
+
+def _check_target(modules: dict[str, nn.Module], module: str, tensor_key: str, key: str) -> nn.Linear:
+    if module not in modules:
+        raise RecipeError(key, tensor_key, f"module {module!r} does not exist in the UNet; expected LoRA keys "
+                          "'<attention module>.<to_q|to_k|to_v|to_out.0>.lora_A.weight' as unet.save_lora_adapter "
+                          "writes for this UNet")
+    parent, _, leaf = module.removesuffix(".0").rpartition(".")
+    name = "to_out.0" if module.endswith("to_out.0") else leaf
+    if name not in ATTENTION_PROJECTIONS or not isinstance(modules.get(parent), Attention):
+        raise RecipeError(key, tensor_key, f"module {module!r} is not an attention projection; LoRA-Composer applies "
+                          f"adapters per region only in {', '.join(ATTENTION_PROJECTIONS)}: retrain the LoRA with "
+                          "those target_modules")
+    base = _base(modules[module])
+    if not isinstance(base, nn.Linear):
+        raise RecipeError(key, tensor_key, f"module {module!r} is a {type(base).__name__}, expected nn.Linear")
+    return base
+
+
+def _validate(unet: nn.Module, state: dict[str, torch.Tensor], key: str) -> None:
+    """Check every tensor of a LoRA state dict (keys relative to the UNet) against the UNet."""
+    if not state:
+        raise RecipeError(key, "{}", "the LoRA file holds no tensors; save it with unet.save_lora_adapter")
+    modules, ranks = dict(unet.named_modules()), {}
+    for tensor_key, tensor in state.items():
+        suffix = next((s for s in _SUFFIXES if tensor_key.endswith(s)), None)
+        if suffix is None:
+            raise RecipeError(key, tensor_key, "unsupported LoRA key: expected plain LoRA keys '<module>.lora_A.weight'"
+                              " / '<module>.lora_B.weight' as unet.save_lora_adapter writes (no DoRA, no LoRA bias)")
+        module = tensor_key.removesuffix(suffix)
+        linear = _check_target(modules, module, tensor_key, key)
+        is_a = suffix == _SUFFIXES[0]
+        rank = tensor.shape[0] if is_a else tensor.shape[-1]
+        expected = (rank, linear.in_features) if is_a else (linear.out_features, rank)
+        if tuple(tensor.shape) != expected or ranks.setdefault(module, rank) != rank:
+            raise RecipeError(key, tensor_key, f"shape {tuple(tensor.shape)} does not fit {module!r} "
+                              f"(in_features={linear.in_features}, out_features={linear.out_features}): expected "
+                              f"lora_A [r, {linear.in_features}] and lora_B [{linear.out_features}, r] with one rank r")
+    lonely = sorted(m for m in ranks if not all(m + s in state for s in _SUFFIXES))
+    if lonely:
+        raise RecipeError(key, lonely[0], "each targeted module needs both lora_A.weight and lora_B.weight")
+
+
+def _read(file: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """State dict and peft-config metadata of a LoRA file, keys relative to the UNet (a pipeline file's 'unet.'
+    prefix stripped)."""
+    state = load_file(str(file))
+    with safe_open(str(file), framework="pt") as handle:
+        raw = (handle.metadata() or {}).get("lora_adapter_metadata")
+    metadata = json.loads(raw) if raw else None
+    if state and all(k.startswith("unet.") for k in state):
+        state = {k.removeprefix("unet."): v for k, v in state.items()}
+        if metadata is not None:
+            metadata = {k.removeprefix("unet."): v for k, v in metadata.items() if k.startswith("unet.")} or None
+    return state, metadata
+
+
+def load_concept_adapters(unet: nn.Module, sources: dict[str, Path], *, key: str = "lora_composer.concepts",
+                          validate_only: bool = False) -> None:
+    """Load each diffusers-format LoRA into `unet` itself as adapter `name` (validated first, all of them), then
+    switch global adapter application off: `RegionalAttnProcessor` applies each adapter per region.
+    `validate_only`: check every file against the U-Net (also a meta-device one) and load nothing."""
+    loaded = set(getattr(unet, "peft_config", {}) or {})
+    checked = []
+    for name, path in sources.items():
+        if not name or "." in name or name in loaded:
+            raise RecipeError(f"{key}.{name}", name, "use a unique adapter name without dots, not already loaded "
+                              f"(loaded: {sorted(loaded)})")
+        file = _lora_file(path, f"{key}.{name}.path")
+        state, metadata = _read(file)
+        _validate(unet, state, f"{key}.{name}.path")
+        if metadata and metadata.get("use_dora"):
+            raise RecipeError(f"{key}.{name}.path", str(path), "DoRA adapters are not supported; use plain LoRA")
+        checked.append((name, state, metadata))
+    if validate_only:
+        return
+    with warnings.catch_warnings():  # peft warns on every adapter after the first: several adapters is the point
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        for name, state, metadata in checked:
+            unet.load_lora_adapter(state, prefix=None, adapter_name=name, metadata=metadata)
+    if checked or loaded:
+        unet.disable_adapters()
+
+
+def adapter_bytes(unet: nn.Module) -> int:
+    """Bytes held by LoRA parameters (lora_A / lora_B of every adapter)."""
+    return sum(p.numel() * p.element_size() for n, p in unet.named_parameters() if ".lora_" in n)
