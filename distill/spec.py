@@ -136,7 +136,15 @@ class TrainSpec(Section):
     gradient_clip_val: float | None = bounded(1.0, ge=0, le=1e6, reason="a clip above 1e6 clips nothing; use null")
     """Gradient norm clip (None disables)."""
     checkpoint_every_n_steps: int | None = bounded(None, ge=1, le=STEPS_MAX, reason=_STEPS)
-    """Optimizer steps between checkpoints (None: no intermediate checkpoints)."""
+    """Optimizer steps between checkpoints (None: no intermediate checkpoints). Each is written under a temporary
+    name and renamed when complete, so a crash never leaves a half-written one; a retried job resumes from the
+    newest (without checkpoints it trains again from step 0)."""
+    keep_checkpoints: int = bounded(2, ge=1, le=10_000, reason="more checkpoints than any schedule needs kept")
+    """How many step checkpoints are kept (the newest N; older ones are deleted as new ones are written)."""
+    max_attempts: int = bounded(1, ge=1, le=100, reason="a job that died 100 times will not succeed on the 101st")
+    """Runs of the job in all: a job whose process dies (kill -9, lost machine, stale lease) is re-queued until
+    this many attempts were made, each resuming from the newest checkpoint into the same MLflow run (1: no retry).
+    A job that fails by itself (an error, a diverged loss) or is cancelled is never retried."""
     log_every_n_steps: int = bounded(10, ge=1, le=STEPS_MAX, reason=_STEPS)
     """Optimizer steps between logged training metrics."""
     seed: int = bounded(0, ge=0, le=SEED_MAX, reason=_SEED)

@@ -4,6 +4,7 @@ that need them, so `athanor --help` starts instantly.
     athanor validate recipes/minilm.yaml
     athanor submit recipes/minilm.yaml --wait -o train.max_steps=50
     athanor worker & athanor list; athanor logs JOB --follow; athanor ui
+    athanor serve --port 8000            # the HTTP job API (jobs/api.py)
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ def cmd_submit(args) -> int:
     name, method = loaded.recipe.name, loaded.recipe.method
     store = _store(args)
     job = store.create(name=name, method=method, recipe_text=loaded.text, recipe_path=os.path.abspath(args.recipe),
-                       overrides=args.override, recipe_hash=loaded.hash)
+                       overrides=args.override, recipe_hash=loaded.hash,
+                       max_attempts=loaded.recipe.train.max_attempts)
     if not args.wait:
         print(f"submitted job {job.id} ({name}); run `athanor worker` to execute it, "
               f"`athanor status {job.id}` to watch")
@@ -228,27 +230,66 @@ def cmd_ui(args) -> int:
     os.execv(sys.executable, cmd)
 
 
-def cmd_push(args) -> int:
+def cmd_serve(args) -> int:
+    """The HTTP job API; off the loopback only with ATHANOR_TOKEN (checked before anything starts)."""
+    from jobs.api import serve, token_problem
+    from jobs.store import athanor_home
+
+    token = os.environ.get("ATHANOR_TOKEN") or None
+    problem = token_problem(args.host, token)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    home = athanor_home(args.serve_home or args.home)
+    os.environ["ATHANOR_HOME"] = str(home)
+    auth = "bearer token required" if token else "no token (loopback only)"
+    where = f"http://{args.host}:{args.port}" if args.port else f"{args.host}, a free port (uvicorn's line below)"
+    print(f"athanor API on {where} (home {home}; {auth}); run `athanor worker` to execute the jobs it queues",
+          flush=True)
+    serve(home, host=args.host, port=args.port, token=token)
+    return EXIT_OK
+
+
+class PushRefused(ValueError):
+    """A push that cannot happen (bad alias, no registered version); the message is one line."""
+
+    def __init__(self, message: str, *, conflict: bool = False) -> None:
+        super().__init__(message)
+        self.conflict = conflict
+        """True when the alias is fine but the job has nothing to push (not finished, not registered)."""
+
+
+def push_job(store, job_id: str, alias: str) -> tuple[str, str, str]:
+    """Point registry alias `alias` at the version job `job_id` registered: (model name, version, job id).
+    KeyError for an unknown job, PushRefused (one line) before any registry call when it cannot happen."""
     from jobs.registry import check_alias, move_alias
     from jobs.tracking import Tracker
 
-    problem = check_alias(args.alias)
+    problem = check_alias(alias)
     if problem:
-        print(f"error: --alias {args.alias[:80]!r}: {problem}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    store = _store(args)
-    job = _job(store, args.job)
+        raise PushRefused(f"--alias {alias[:80]!r}: {problem}")
+    job = store.get(job_id)
     if job.status != "SUCCEEDED" or not job.model_version or not (job.result or {}).get("registered"):
-        print(f"error: job {job.id} has no registered version (status {job.status}); only succeeded, "
-              "registered jobs can be pushed", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise PushRefused(f"job {job.id} has no registered version (status {job.status}); only succeeded, "
+                          "registered jobs can be pushed", conflict=True)
     from jobs.recipe import load_recipe
 
     recipe = load_recipe(job.recipe_path, text=job.recipe_text, overrides=job.overrides).recipe
     name = job.result["registered"]["name"]
     tracker = Tracker(store.home, recipe.tracking.uri, recipe.tracking.experiment or recipe.name)
-    move_alias(tracker, name, args.alias, job.model_version)
-    print(f"{name}: alias '{args.alias}' → version {job.model_version} (job {job.id})")
+    move_alias(tracker, name, alias, job.model_version)
+    return name, job.model_version, job.id
+
+
+def cmd_push(args) -> int:
+    store = _store(args)
+    job = _job(store, args.job)
+    try:
+        name, version, job_id = push_job(store, job.id, args.alias)
+    except PushRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"{name}: alias '{args.alias}' → version {version} (job {job_id})")
     return EXIT_OK
 
 
@@ -293,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None), p.set_defaults(fn=cmd_ui)
     p = sub.add_parser("push", help="point a registry alias at a job's registered version")
     p.add_argument("job"), p.add_argument("--alias", required=True), p.set_defaults(fn=cmd_push)
+    p = sub.add_parser("serve", help="HTTP job API on 127.0.0.1 (another --host needs ATHANOR_TOKEN)")
+    p.add_argument("--host", default="127.0.0.1"), p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--home", dest="serve_home", default=None, help="athanor home (as the global --home)")
+    p.set_defaults(fn=cmd_serve)
     return parser
 
 

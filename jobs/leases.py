@@ -3,7 +3,9 @@
 The job process renews its heartbeat from a background thread and, on the same beat, reads the cancel
 flag: `JobLease.cancelled` is what the spine checks between stages and the trainer checks every step.
 Any worker or CLI call reaps leases that went stale and cleans up after them: the MLflow run is closed
-(KILLED) and an export of a job that did not succeed is removed.
+(KILLED; a re-queued job's next attempt reopens it) and an export of a job that did not succeed is removed
+(a re-queued job keeps its checkpoints). A lease is held by one attempt: once its job was re-queued (this
+process was frozen past the lease, then woke up), `lost` is set and the job stops without writing anything.
 
 Tests: `.venv/bin/python -m pytest tests/jobs/test_faults.py -q`.
 """
@@ -30,16 +32,47 @@ class JobStopped(BaseException):
 class JobLease:
     """Heartbeat + cancel flag of one RUNNING job, in the process that runs it."""
 
-    def __init__(self, store: JobStore, job_id: str, *, interval: float | None = None) -> None:
-        self.store, self.job_id = store, job_id
+    def __init__(self, store: JobStore, job_id: str, *, attempt: int | None = None,
+                 interval: float | None = None) -> None:
+        self.store, self.job_id, self.attempt = store, job_id, attempt
         self.interval = interval or max(0.5, LEASE_SECONDS / 6)
         self._cancel = threading.Event()
+        self._lost = threading.Event()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
 
     @property
     def cancelled(self) -> bool:
+        """A cancel was requested, or the lease was lost: the job stops at its next step or stage boundary."""
         return self._cancel.is_set()
+
+    @property
+    def lost(self) -> bool:
+        """The job is no longer this attempt's (reaped, re-queued, perhaps running again elsewhere)."""
+        return self._lost.is_set()
+
+    def renew(self) -> bool:
+        """Heartbeat now; False (and `lost`, `cancelled` set) when this attempt no longer holds the job."""
+        return self._held(lambda: self.store.heartbeat(self.job_id, self.attempt))
+
+    def holds(self) -> bool:
+        """Whether this attempt still holds the job (a read, no write lock), checked before anything another
+        attempt could see is written (a checkpoint); False also sets `lost` and `cancelled`."""
+        if self.attempt is None:
+            return not self.lost
+        return self._held(lambda: self.store.held_by(self.job_id, self.attempt))
+
+    def _held(self, check: Any) -> bool:
+        try:
+            held = check()
+        except StoreError as exc:  # a full disk must not kill the job; the lease may lapse
+            log.warning("could not renew the lease: %s", exc)
+            return not self.lost
+        if not held and not self.lost:
+            log.error("this job's lease was taken away (reaped as stale, perhaps re-queued); stopping")
+            self._lost.set()
+            self._cancel.set()
+        return held
 
     def request_cancel(self) -> None:
         """Cancel from inside the process (SIGTERM, tests): recorded in the store, seen at the next check."""
@@ -53,25 +86,22 @@ class JobLease:
         """Stop here if a cancel was requested: called between stages, never inside registration."""
         if self._cancel.is_set() or self.store.cancel_requested(self.job_id):
             self._cancel.set()
-            log.warning("cancel requested: stopping before %s", stage)
+            log.warning("%s: stopping before %s", "lease lost" if self.lost else "cancel requested", stage)
             raise JobStopped(stage)
 
     def _beat(self) -> None:
         while not self._done.wait(self.interval):
+            if not self.renew():
+                continue
             try:
-                alive = self.store.heartbeat(self.job_id)
                 if self.store.cancel_requested(self.job_id):
                     self._cancel.set()
-            except StoreError as exc:  # a full disk must not kill the job; the lease may lapse
-                log.warning("could not renew the lease: %s", exc)
-                continue
-            if not alive:
-                log.error("this job's lease was taken away (reaped as stale); stopping")
-                self._cancel.set()
+            except StoreError as exc:
+                log.warning("could not read the cancel flag: %s", exc)
 
     def __enter__(self) -> JobLease:
         self.store.update(self.job_id, lease_owner=lease_owner())
-        self.store.heartbeat(self.job_id)
+        self.renew()
         self._thread.start()
         return self
 
@@ -106,7 +136,8 @@ def signals_deferred() -> Iterator[None]:
 
 
 def reap_stale(store: JobStore, lease_seconds: float | None = None) -> list[Job]:
-    """Reap stale leases and clean up after each reaped job; never raises for cleanup problems."""
+    """Reap stale leases (re-queueing jobs with attempts left) and clean up after each; never raises for cleanup
+    problems."""
     reaped = store.reap(lease_seconds)
     for job in reaped:
         log.warning("job %s: %s (%s)", job.id, job.status, job.error)
@@ -115,7 +146,8 @@ def reap_stale(store: JobStore, lease_seconds: float | None = None) -> list[Job]
 
 
 def clean_up(store: JobStore, job: Job) -> None:
-    """After a job that ended without reporting: remove its export, close its MLflow run (KILLED)."""
+    """After an attempt that ended without reporting: remove its export, close its MLflow run (KILLED). A re-queued
+    job (PENDING) keeps its checkpoints and its run id: its next attempt resumes both."""
     shutil.rmtree(store.home / "jobs" / job.id / "export.partial", ignore_errors=True)
     shutil.rmtree(store.home / "jobs" / job.id / "export", ignore_errors=True)
     if job.mlflow_run_id:

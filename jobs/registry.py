@@ -173,3 +173,19 @@ def check_alias(alias: str) -> str | None:
 
 def move_alias(tracker: Tracker, name: str, alias: str, version: str) -> None:
     tracker.client.set_registered_model_alias(name, alias, version)
+
+
+def drop_job_versions(tracker: Tracker, name: str, job_id: str) -> None:
+    """Delete the versions of `name` an earlier attempt of job `job_id` created before it died (a retried job
+    registers one version, its own); an alias left on one of them is removed with it."""
+    import mlflow
+
+    try:
+        versions = tracker.client.search_model_versions(f"name = '{name}'")
+    except mlflow.exceptions.MlflowException:
+        return  # no such model yet
+    for version in versions:
+        if version.tags.get("athanor.job_id") == job_id:
+            log.warning("deleting version %s of %s left by an earlier attempt of job %s", version.version, name,
+                        job_id)
+            tracker.client.delete_model_version(name, version.version)

@@ -15,23 +15,22 @@ import os
 import shutil
 import signal
 import time
-import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from convert.module_utils import count_params
-from distill.spec import RecipeError
 from jobs.leases import JobLease, JobStopped, signals_deferred, sigterm_cancels
-from jobs.recipe import LoadedRecipe, RecipeInvalid, load_recipe, resolve_recipe_paths
-from jobs.results import Results, check_finite, check_same_keys
+from jobs.recipe import LoadedRecipe, load_recipe, resolve_recipe_paths
+from jobs.results import Results, check_finite, check_same_keys, outcome
 from jobs.store import Job, JobStore
 
 TEST_HOOK = "ATHANOR_TEST_HOOK"
 """Fault injection for tests: 'cancel:STAGE', 'fail:STAGE' or 'kill:STAGE' (comma-separated) acts when the
 job reaches STAGE (prepare, tracking, before, train, after, arms, timing, track, export, register,
-registered, finish). Unset in normal use."""
+registered, finish); 'kill:step:N' kills the job's processes at optimizer step N (once per job, see
+jobs/resume.py). Unset in normal use."""
 
 
 log = logging.getLogger("athanor.job")
@@ -93,11 +92,13 @@ def comparison_arms(p: Prepared) -> dict[str, Any]:
 
 
 def _train(p: Prepared, job: Job, store: JobStore, *, logger: Any, progress: bool, launch: bool = True,
-           arm: str = "") -> Any:
+           arm: str = "", lease: JobLease | None = None) -> Any:
     """Train the student (or, with `arm`, a fresh student of that comparison arm); rank 0 (`launch`) starts
-    the other ranks of this node, which call this with launch=False. Every rank stops at the step after a
-    cancel request and fails on a non-finite loss."""
-    from jobs.trainer import fit, guard_callback, launched_ranks
+    the other ranks of this node, which call this with launch=False. A later attempt resumes from the newest
+    checkpoint. Every rank stops at the step after a cancel request (or a lost lease) and fails on a non-finite
+    loss."""
+    from jobs.resume import RESUME_ENV, KillAtStep, kill_steps, resume_from
+    from jobs.trainer import CHECKPOINTS, fit, guard_callback, launched_ranks
 
     recipe = p.loaded.recipe
     args, student = p.loaded.args, p.student
@@ -107,11 +108,17 @@ def _train(p: Prepared, job: Job, store: JobStore, *, logger: Any, progress: boo
     module = p.method.lightning_module(p.teacher, student, p.data, args, recipe.train)
     job_dir = store.job_dir(job.id) / ("arms" if arm else "") / arm
     job_dir.mkdir(parents=True, exist_ok=True)
-    ranks = (launched_ranks(recipe.train, job.id, store.home, job_dir, extra_env={ARM_ENV: arm}) if launch
+    ckpt = resume_from(job_dir / CHECKPOINTS, recipe.train.keep_checkpoints, job.attempts, rank0=launch)
+    ranks = (launched_ranks(recipe.train, job.id, store.home, job_dir,
+                            extra_env={ARM_ENV: arm, RESUME_ENV: str(ckpt or "")}) if launch
              else contextlib.nullcontext())
+    callbacks = [guard_callback(lambda: bool(lease and lease.cancelled) or store.cancel_requested(job.id))]
+    if launch and (steps := kill_steps(os.environ.get(TEST_HOOK, ""))):
+        callbacks.append(KillAtStep(steps, store.job_dir(job.id) / "test_hook_kills"))
     with ranks:
         return fit(p.method, module, student, p.data, recipe.train, recipe.data.batch_size, job_dir=job_dir,
-                   logger=logger, progress=progress, callbacks=[guard_callback(lambda: store.cancel_requested(job.id))])
+                   logger=logger, progress=progress, callbacks=callbacks, ckpt_path=ckpt,
+                   fence=lease.holds if lease else None)
 
 
 def run_rank(job_id: str, store: JobStore) -> None:
@@ -170,6 +177,10 @@ class JobRun:
         if self.lease is not None:
             self.lease.check(name)
 
+    def holds(self) -> bool:
+        """This attempt still holds the job (its lease was not lost)."""
+        return self.lease is None or not self.lease.lost
+
     def hook(self, stage: str) -> None:
         for entry in filter(None, os.environ.get(TEST_HOOK, "").split(",")):
             action, _, where = entry.partition(":")
@@ -186,10 +197,15 @@ class JobRun:
     def start_tracking(self, p: Prepared) -> None:
         from jobs.tracking import Tracker
 
-        recipe = p.loaded.recipe
+        recipe, job = p.loaded.recipe, self.job
         self.tracker = Tracker(self.store.home, recipe.tracking.uri, recipe.tracking.experiment or recipe.name)
-        run_id = self.tracker.start_parent(self.job, p.loaded, lineage_tags(self.job, recipe))
-        self.store.update(self.job.id, mlflow_run_id=run_id)
+        if job.attempts > 1 and job.mlflow_run_id:  # a retry: the same parent run, its curves continue
+            log.info("attempt %d of %d: continuing MLflow run %s", job.attempts, job.max_attempts, job.mlflow_run_id)
+            self.tracker.resume_parent(job.mlflow_run_id, job.attempts)
+            return
+        run_id = self.tracker.start_parent(job, p.loaded, lineage_tags(job, recipe))
+        self.store.update(job.id, mlflow_run_id=run_id)
+        self.tracker.set_attempt(job.attempts)
         self.tracker.log_datasets(recipe.data, p.data.num_train_examples, recipe.eval.max_texts)
 
     def evaluate(self, p: Prepared, model: Any, side: str, args: Any = None) -> dict[str, float]:
@@ -209,8 +225,8 @@ class JobRun:
             self.stage("arms")
             log.info("comparison arm %s: training %d steps", name, p.loaded.recipe.train.max_steps)
             run_id = self.tracker.start_child(f"arm_{name}", {"athanor.arm": name})
-            model = _train(p, self.job, self.store, logger=self.tracker.lightning_logger(run_id),
-                           progress=self.progress, arm=name)
+            model = _train(p, self.job, self.store, logger=self.tracker.lightning_logger(run_id, self.holds),
+                           progress=self.progress, arm=name, lease=self.lease)
             results.arms[name] = self.evaluate(p, model, f"arm_{name}", args)
             self.tracker.log_child(f"arm_{name}", results.arms[name], run_id=run_id)
             del model
@@ -225,8 +241,10 @@ class JobRun:
             log.info("training-free method: no training step")
             return p.student
         log.info("training for %d steps (%s)", recipe.train.max_steps, recipe.train.strategy)
-        student = _train(p, self.job, self.store, logger=self.tracker.lightning_logger(), progress=self.progress)
-        self.tracker.log_training_curves()
+        student = _train(p, self.job, self.store, logger=self.tracker.lightning_logger(holds=self.holds),
+                         progress=self.progress, lease=self.lease)
+        if self.holds():  # an attempt that lost its job (re-queued while frozen) stops at the next stage
+            self.tracker.log_training_curves()
         return student
 
     def time_side_by_side(self, p: Prepared, student: Any, untrained: Any, results: Results) -> None:
@@ -275,12 +293,14 @@ class JobRun:
 
     def register_and_finish(self, p: Prepared, results: Results) -> None:
         """Register, close the run, write SUCCEEDED; if anything after the new version fails, undo it."""
-        from jobs.registry import register, undo
+        from jobs.registry import drop_job_versions, register, undo
 
         recipe = p.loaded.recipe
         registration = None
         if recipe.registry.enabled:
             log.info("registering %s", recipe.registry.name)
+            if self.job.attempts > 1:  # a version an earlier attempt created before it died is not this job's result
+                drop_job_versions(self.tracker, recipe.registry.name, self.job.id)
             headline = {f"after.{k}": f"{v:.6g}" for k, v in list(results.after.items())[:8]}
             registration = register(self.tracker, export_dir=self.export_dir, method=p.method,
                                     name=recipe.registry.name, alias=recipe.registry.alias,
@@ -290,7 +310,7 @@ class JobRun:
         try:
             self.hook("finish")
             result = self.result(recipe, results, registration.version if registration else None)
-            if not self.store.finish(self.job.id, "SUCCEEDED", result=result,
+            if not self.store.finish(self.job.id, "SUCCEEDED", result=result, attempt=self.job.attempts,
                                      model_version=registration.version if registration else None):
                 raise RuntimeError("the job row was finished elsewhere (its lease was reaped); result discarded")
         except BaseException:
@@ -305,51 +325,33 @@ class JobRun:
                       if version else None)
         return {"before": results.before, "after": results.after, "untrained": results.untrained,
                 "arms": results.arms or None, "comparison": results.comparison or None, "speedup": results.speedup,
-                "params": results.params, "export": str(self.export_dir),
+                "params": results.params, "export": str(self.export_dir), "attempts": self.job.attempts,
                 "registered": registered, "seconds": round(time.time() - self.started, 1)}
 
 
 def execute(job_id: str, store: JobStore, *, progress: bool = True) -> Job:
-    """Run a claimed (RUNNING) job to a final status. Never raises for job failures."""
+    """Run the claimed (RUNNING) attempt of a job to a final status. Never raises for job failures. Nothing is
+    written once the attempt lost its lease (its job was re-queued, perhaps running again elsewhere)."""
     job = store.get(job_id)
     store.update(job.id, pid=os.getpid())
     run = JobRun(job, store, progress=progress)
-    with _job_log(job, store), JobLease(store, job.id) as lease, sigterm_cancels(lease):
+    with _job_log(job, store), JobLease(store, job.id, attempt=job.attempts) as lease, sigterm_cancels(lease):
         run.lease = lease
         try:
             run.run()
         except BaseException as exc:  # noqa: BLE001 — every outcome ends in a final status
-            status, error = _outcome(exc, job, run.tracker)
-            if store.finish(job.id, status, error=error) and run.tracker is not None:
+            status, error = outcome(exc, job, run.tracker)
+            if store.finish(job.id, status, error=error, attempt=job.attempts) and run.tracker is not None:
                 _close(run.tracker, status)
             if not isinstance(exc, (Exception, JobStopped, KeyboardInterrupt)):
                 raise
         finally:
-            shutil.rmtree(run.partial, ignore_errors=True)
-            if store.get(job.id).status != "SUCCEEDED":  # no export that looks like a result of a failed job
-                shutil.rmtree(run.export_dir, ignore_errors=True)
+            now = store.get(job.id)
+            if now.attempts == job.attempts and not lease.lost:  # the job folder is still this attempt's
+                shutil.rmtree(run.partial, ignore_errors=True)
+                if now.status != "SUCCEEDED":  # no export that looks like a result of a failed job
+                    shutil.rmtree(run.export_dir, ignore_errors=True)
     return store.get(job.id)
-
-
-def _outcome(exc: BaseException, job: Job, tracker: Any) -> tuple[str, str]:
-    """The final status and one-line error for an exception that ended the job."""
-    from jobs.tracking import TrackingUnavailable
-
-    if isinstance(exc, JobStopped):
-        log.warning("job cancelled")
-        return "STOPPED", "cancelled"
-    if isinstance(exc, KeyboardInterrupt):
-        log.warning("job interrupted")
-        return "STOPPED", "interrupted (Ctrl-C)"
-    if isinstance(exc, (RecipeError, RecipeInvalid, TrackingUnavailable)):
-        log.error("%s", exc)
-        return "FAILED", str(exc)
-    log.error("job failed:\n%s", traceback.format_exc())
-    first = (str(exc).strip().splitlines() or [""])[0][:500]
-    uri = getattr(tracker, "uri", "") or ""
-    if uri.startswith("http") and type(exc).__module__.split(".")[0] in ("mlflow", "requests", "urllib3"):
-        return "FAILED", f"tracking server {uri} failed during the job: {type(exc).__name__}: {first}"
-    return "FAILED", f"{type(exc).__name__}: {first} (full traceback in {job.log_path})"
 
 
 def _torch_threads() -> int:

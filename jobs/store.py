@@ -2,9 +2,13 @@
 
 A running job holds a lease: the claim records its owner and a heartbeat in the same transaction, the
 job process renews the heartbeat, and any worker or CLI call reaps a lease that went stale (the job
-process was killed, its machine lost). Cancellation is a flag the job reads between stages and steps,
-never a signal that interrupts it mid-write. A final status is written once: a SUCCEEDED job is never
-overwritten. Store write failures (read-only home, full disk) raise `StoreError`: one line for the user.
+process was killed, its machine lost). A reaped job with attempts left (`max_attempts`, from the recipe's
+`train.max_attempts`) is re-queued for its next attempt instead of failed. The attempt number is the lease's
+fencing token: a heartbeat or a final status from an earlier attempt (a process that was frozen, not dead, and
+woke up after its job was re-queued) is refused, so one job never runs twice at once. Cancellation is a flag
+the job reads between stages and steps, never a signal that interrupts it mid-write. A final status is
+written once: a SUCCEEDED job is never overwritten. Store write failures (read-only home, full disk) raise
+`StoreError`: one line for the user.
 
 Home: `--home`, else `$ATHANOR_HOME`, else `./.athanor`. Layout:
     <home>/jobs.db            job rows
@@ -40,6 +44,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     overrides TEXT NOT NULL DEFAULT '[]',
     recipe_hash TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL DEFAULT 1,
     pid INTEGER,
     log_path TEXT,
     mlflow_run_id TEXT,
@@ -59,7 +64,8 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created_at);
 
 
 # Columns added after the first release: added to existing stores on open.
-MIGRATIONS = {"lease_owner": "TEXT", "heartbeat_at": "REAL", "cancel_requested": "INTEGER NOT NULL DEFAULT 0"}
+MIGRATIONS = {"lease_owner": "TEXT", "heartbeat_at": "REAL", "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
+              "max_attempts": "INTEGER NOT NULL DEFAULT 1"}
 
 LEASE_SECONDS = float(os.environ.get("ATHANOR_LEASE_SECONDS", "60"))
 """A RUNNING job whose heartbeat is older than this is reaped (its process renews it every LEASE_SECONDS / 6)."""
@@ -111,6 +117,7 @@ class Job:
     lease_owner: str | None = None
     heartbeat_at: float | None = None
     cancel_requested: int = 0
+    max_attempts: int = 1
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -162,18 +169,26 @@ class JobStore:
         return path
 
     def create(self, *, name: str, method: str, recipe_text: str, recipe_path: str | None,
-               overrides: list[str], recipe_hash: str) -> Job:
-        now = time.time()
-        job_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + "-" + secrets.token_hex(3)
-        log_path = str(self.job_dir(job_id) / "job.log")
-        with self._connect() as db:
-            db.execute(
-                "INSERT INTO jobs (id, name, method, status, recipe_path, recipe_text, overrides, recipe_hash,"
-                " log_path, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (job_id, name, method, "PENDING", recipe_path, recipe_text, json.dumps(overrides),
-                 recipe_hash, log_path, now, now),
-            )
-        return self.get(job_id)
+               overrides: list[str], recipe_hash: str, max_attempts: int = 1) -> Job:
+        """A PENDING job; `max_attempts` is the recipe's `train.max_attempts` (runs in all, retries included)."""
+        for attempt in range(3):  # an id is a second plus 24 random bits: two equal ones are drawn again
+            now = time.time()
+            job_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + "-" + secrets.token_hex(3)
+            log_path = str(self.job_dir(job_id) / "job.log")
+            try:
+                with self._connect() as db:
+                    db.execute(
+                        "INSERT INTO jobs (id, name, method, status, recipe_path, recipe_text, overrides, recipe_hash,"
+                        " log_path, created_at, updated_at, max_attempts) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                        (job_id, name, method, "PENDING", recipe_path, recipe_text, json.dumps(overrides),
+                         recipe_hash, log_path, now, now, max(1, int(max_attempts))),
+                    )
+            except StoreError as exc:
+                if "UNIQUE" not in str(exc) or attempt == 2:
+                    raise
+                continue
+            return self.get(job_id)
+        raise AssertionError("unreachable")
 
     def get(self, job_id: str) -> Job:
         """The job with this id, or the only one whose id starts with it (a literal prefix, no wildcards);
@@ -198,7 +213,7 @@ class JobStore:
 
     def claim(self, job_id: str | None = None, *, owner: str | None = None) -> Job | None:
         """Atomically move one PENDING job (the oldest, or `job_id`) to RUNNING under a lease held by
-        `owner` (default: this process), with its first heartbeat."""
+        `owner` (default: this process), with its first heartbeat. Each claim starts the next attempt."""
         now = time.time()
         owner = owner or lease_owner()
         with self._connect() as db:
@@ -212,7 +227,7 @@ class JobStore:
                 return None
             db.execute(
                 "UPDATE jobs SET status='RUNNING', attempts=attempts+1, started_at=?, updated_at=?, error=NULL,"
-                " lease_owner=?, heartbeat_at=? WHERE id=?", (now, now, owner, now, row["id"]),
+                " pid=NULL, lease_owner=?, heartbeat_at=? WHERE id=?", (now, now, owner, now, row["id"]),
             )
             db.execute("COMMIT")
         return self.get(row["id"])
@@ -229,9 +244,11 @@ class JobStore:
         with self._connect() as db:
             db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*fields.values(), job_id))
 
-    def finish(self, job_id: str, status: str, *, error: str | None = None, **fields: Any) -> bool:
+    def finish(self, job_id: str, status: str, *, error: str | None = None, attempt: int | None = None,
+               **fields: Any) -> bool:
         """The one final transition, from PENDING or RUNNING only: a final status (SUCCEEDED above all)
-        is never overwritten. True when this call made the transition."""
+        is never overwritten. With `attempt` (the job process's own), only while that attempt still holds the job
+        (RUNNING, same attempt): a stale attempt cannot finish a re-queued job. True when this call made it."""
         if status not in FINAL:
             raise ValueError(f"not a final status: {status}")
         now = time.time()
@@ -239,18 +256,49 @@ class JobStore:
         if fields.get("result") is not None:
             fields["result"] = json.dumps(fields["result"])
         sets = ", ".join(f"{k} = ?" for k in fields)
+        where, args = "status IN ('PENDING', 'RUNNING')", []
+        if attempt is not None:
+            where, args = "status = 'RUNNING' AND attempts = ?", [attempt]
         with self._connect() as db:
-            cursor = db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND status IN ('PENDING', 'RUNNING')",
-                                (*fields.values(), job_id))
+            cursor = db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND {where}", (*fields.values(), job_id, *args))
             return cursor.rowcount == 1
 
-    def heartbeat(self, job_id: str) -> bool:
-        """Renew a RUNNING job's lease; False when the job is no longer RUNNING (reaped or finished)."""
+    def heartbeat(self, job_id: str, attempt: int | None = None) -> bool:
+        """Renew a RUNNING job's lease; False when the job is no longer RUNNING (reaped or finished) or, with
+        `attempt`, when it runs another attempt now (this one was re-queued while it was frozen)."""
+        now = time.time()
+        fence, args = ("", ()) if attempt is None else (" AND attempts = ?", (attempt,))
+        with self._connect() as db:
+            cursor = db.execute("UPDATE jobs SET heartbeat_at = ?, updated_at = ? WHERE id = ? AND status = 'RUNNING'"
+                                + fence, (now, now, job_id, *args))
+            return cursor.rowcount == 1
+
+    def held_by(self, job_id: str, attempt: int) -> bool:
+        """Whether attempt `attempt` still holds the job (RUNNING, that attempt): a read, no write lock taken."""
+        with self._connect() as db:
+            row = db.execute("SELECT status, attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row) and row["status"] == "RUNNING" and row["attempts"] == attempt
+
+    def retry_or_finish(self, job_id: str, attempt: int, reason: str) -> Job | None:
+        """Attempt `attempt` of a RUNNING job died (`reason`): re-queue it (PENDING, keeping its MLflow run id) when
+        attempts remain and no cancel was requested; else STOPPED (cancel requested) or FAILED, saying the attempts
+        are exhausted. None when the job is no longer running that attempt (someone else decided already)."""
         now = time.time()
         with self._connect() as db:
-            cursor = db.execute("UPDATE jobs SET heartbeat_at = ?, updated_at = ? WHERE id = ? AND status = 'RUNNING'",
-                                (now, now, job_id))
-            return cursor.rowcount == 1
+            cursor = db.execute(
+                "UPDATE jobs SET status='PENDING', pid=NULL, lease_owner=NULL, heartbeat_at=NULL, error=?, updated_at=?"
+                " WHERE id=? AND status='RUNNING' AND attempts=? AND attempts < max_attempts AND cancel_requested=0",
+                (f"attempt {attempt} died ({reason}); re-queued for attempt {attempt + 1}", now, job_id, attempt))
+            requeued = cursor.rowcount == 1
+        if not requeued:
+            job = self.get(job_id)
+            status = "STOPPED" if job.cancel_requested else "FAILED"
+            error = "cancelled" if job.cancel_requested else reason
+            if status == "FAILED" and job.max_attempts > 1:
+                error = f"{reason}; attempts exhausted ({attempt} of train.max_attempts = {job.max_attempts})"
+            if not self.finish(job_id, status, error=error, attempt=attempt):
+                return None
+        return self.get(job_id)
 
     def request_cancel(self, job_id: str) -> str:
         """PENDING → STOPPED at once; RUNNING → the cancel flag, which the job reads at its next step or
@@ -268,9 +316,9 @@ class JobStore:
         return bool(row and row["cancel_requested"])
 
     def reap(self, lease_seconds: float | None = None) -> list[Job]:
-        """Finish RUNNING jobs whose lease went stale (no heartbeat for `lease_seconds`), or whose process
-        on this host is gone: STOPPED when a cancel was requested, else FAILED. Returns the reaped jobs
-        (the caller closes their MLflow runs and removes their exports)."""
+        """Settle RUNNING jobs whose lease went stale (no heartbeat for `lease_seconds`), or whose process on this
+        host is gone (`retry_or_finish`): re-queued (PENDING) while attempts remain, else STOPPED when a cancel was
+        requested or FAILED. Returns those jobs (the caller closes their MLflow runs and removes their exports)."""
         limit = LEASE_SECONDS if lease_seconds is None else lease_seconds
         reaped = []
         for job in self.list(limit=10_000, status="RUNNING"):
@@ -278,11 +326,11 @@ class JobStore:
             dead = job.pid is not None and _on_this_host(job.lease_owner) and not _alive(job.pid)
             if not (stale or dead):
                 continue
-            status = "STOPPED" if job.cancel_requested else "FAILED"
-            error = ("cancelled" if job.cancel_requested else
-                     "the job process stopped reporting (killed, crashed or its machine lost); see its log")
-            if self.finish(job.id, status, error=error):
-                reaped.append(self.get(job.id))
+            settled = self.retry_or_finish(
+                job.id, job.attempts, "the job process stopped reporting (killed, crashed or its machine lost); "
+                "see its log")
+            if settled is not None:
+                reaped.append(settled)
         return reaped
 
 

@@ -2,6 +2,8 @@
 
 The default store is embedded: `sqlite:///<home>/mlflow.db` with artifacts in `<home>/mlartifacts`,
 so `athanor ui` and the Python API see the same runs. Any tracking URI is accepted instead.
+A retried job (a later attempt) reopens its parent run (`resume_parent`): its children are reused by name, never
+duplicated, and training curves continue at the step they reached (points already logged are not logged again).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Tracker:
         self.client = MlflowClient(self.uri, self.uri)
         self.experiment_id = self._experiment(experiment)
         self.parent_id: str | None = None
+        self.resumed = False
 
     def _experiment(self, name: str) -> str:
         """The experiment's id, creating it; two jobs creating it at once both get the same one."""
@@ -87,8 +90,33 @@ class Tracker:
         self.client.log_text(self.parent_id, loaded.effective_yaml(), "recipe/effective.yaml")
         return self.parent_id
 
+    def resume_parent(self, run_id: str, attempt: int) -> str:
+        """Reopen the parent run of an earlier attempt of this job (status RUNNING again) for attempt `attempt`."""
+        self.parent_id, self.resumed = run_id, True
+        self.client.update_run(run_id, status="RUNNING")
+        self.set_attempt(attempt)
+        return run_id
+
+    def set_attempt(self, attempt: int) -> None:
+        """The attempt now running, as the parent's tag `athanor.attempt` and a point of its metric `job/attempt`."""
+        self.client.set_tag(self.parent_id, "athanor.attempt", str(attempt))
+        self.client.log_metric(self.parent_id, "job/attempt", float(attempt), step=attempt)
+
+    def _child(self, name: str) -> str | None:
+        """The id of the parent's child run named `name` (an earlier attempt's), reopened; None when there is none."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{self.parent_id}' and "
+                                       f"attributes.run_name = '{name}'", max_results=1)
+        if not runs:
+            return None
+        self.client.update_run(runs[0].info.run_id, status="RUNNING")
+        return runs[0].info.run_id
+
     def start_child(self, name: str, tags: dict[str, str] | None = None) -> str:
-        """A child run of the job's parent, left open (e.g. for a comparison arm's training curves)."""
+        """A child run of the job's parent, left open (e.g. for a comparison arm's training curves); on a later
+        attempt, the one an earlier attempt started under that name."""
+        found = self._child(name) if self.resumed else None
+        if found:
+            return found
         run = self.client.create_run(
             self.experiment_id, run_name=name,
             tags={"mlflow.parentRunId": self.parent_id, "athanor.side": name, **(tags or {})},
@@ -168,11 +196,32 @@ class Tracker:
             mlflow_status = {"SUCCEEDED": "FINISHED", "FAILED": "FAILED", "STOPPED": "KILLED"}[status]
             self.client.set_terminated(self.parent_id, mlflow_status)
 
-    def lightning_logger(self, run_id: str | None = None):
-        """Lightning's MLflow logger writing into the parent run (or the child run `run_id`)."""
+    def logged_through(self, run_id: str) -> int:
+        """The last step any metric of `run_id` was logged at (-1: none); a resumed fit logs only later steps."""
+        run = self.client.get_run(run_id)
+        steps = [h.step for key in run.data.metrics for h in self.client.get_metric_history(run_id, key)
+                 if not key.startswith(("eval/", "compare/", "job/"))]
+        return max(steps, default=-1)
+
+    def lightning_logger(self, run_id: str | None = None, holds: Any = None):
+        """Lightning's MLflow logger writing into the parent run (or the child run `run_id`); on a later attempt it
+        skips the steps an earlier attempt logged (between its last checkpoint and its death), so each curve has
+        one point per step. Nothing is logged once `holds()` is False (this attempt lost its job)."""
         from lightning.pytorch.loggers import MLFlowLogger
 
-        return MLFlowLogger(tracking_uri=self.uri, run_id=run_id or self.parent_id, log_model=False)
+        run_id = run_id or self.parent_id
+        through = self.logged_through(run_id) if self.resumed else -1
+
+        class ContinuingLogger(MLFlowLogger):
+            def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+                if (step is None or step > through) and (holds is None or holds()):
+                    super().log_metrics(metrics, step)
+
+            def finalize(self, status: str = "success") -> None:  # never close a run another attempt now holds
+                if holds is None or holds():
+                    super().finalize(status)
+
+        return ContinuingLogger(tracking_uri=self.uri, run_id=run_id, log_model=False)
 
 
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",

@@ -21,6 +21,9 @@ import torch
 
 from distill.spec import TrainSpec
 
+CHECKPOINTS = "checkpoints"
+"""A job's (or comparison arm's) step checkpoints: `<job dir>/checkpoints/step=N.ckpt`."""
+
 
 def use_gpu(train: TrainSpec) -> bool:
     return train.accelerator == "gpu" or (train.accelerator == "auto" and torch.cuda.is_available())
@@ -97,14 +100,17 @@ def build_strategy(train: TrainSpec, micro_batch_size: int) -> Any:
 
 
 def build_trainer(train: TrainSpec, *, job_dir: Path, micro_batch_size: int, logger: Any = False,
-                  progress: bool = True, callbacks: list | None = None):
+                  progress: bool = True, callbacks: list | None = None, fence: Callable[[], bool] | None = None):
+    """The Trainer; with `train.checkpoint_every_n_steps`, atomic step checkpoints in `job_dir/checkpoints` (the
+    newest `train.keep_checkpoints`), each published only while `fence()` holds (see jobs/resume.py)."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from jobs.resume import AtomicCheckpoint
 
     callbacks = list(callbacks or [])
     if train.checkpoint_every_n_steps:
-        callbacks.append(ModelCheckpoint(dirpath=job_dir / "checkpoints", save_top_k=-1, save_last=True,
-                                         every_n_train_steps=train.checkpoint_every_n_steps))
+        callbacks.append(AtomicCheckpoint(job_dir / CHECKPOINTS, train.checkpoint_every_n_steps,
+                                          train.keep_checkpoints, fence))
     if progress:
         from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
@@ -220,13 +226,18 @@ def guard_callback(should_stop: Callable[[], bool], poll_seconds: float = 1.0) -
 
 
 def fit(method: Any, module: Any, student: Any, data: Any, train: TrainSpec, micro_batch_size: int, *,
-        job_dir: Path, logger: Any = False, progress: bool = True, callbacks: list | None = None) -> Any:
-    """Train and return the trained student, consolidated on every rank (ZeRO-3 included)."""
+        job_dir: Path, logger: Any = False, progress: bool = True, callbacks: list | None = None,
+        ckpt_path: Path | None = None, fence: Callable[[], bool] | None = None) -> Any:
+    """Train (from step 0, or resumed from `ckpt_path`: weights, optimizer, schedule, step, data position, RNG)
+    and return the trained student, consolidated on every rank (ZeRO-3 included)."""
+    from jobs.resume import resumable_loader
+
     zero3 = train.strategy == "deepspeed_stage_3"
     blueprint = copy.deepcopy(student) if zero3 else None
+    loader, position = resumable_loader(data.train_dataloader())
     trainer = build_trainer(train, job_dir=job_dir, micro_batch_size=micro_batch_size, logger=logger,
-                            progress=progress, callbacks=callbacks)
-    trainer.fit(module, train_dataloaders=data.train_dataloader())
+                            progress=progress, callbacks=[*(callbacks or []), position], fence=fence)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
     trained = method.trained_student(module)
     if zero3:
         import deepspeed

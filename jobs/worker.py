@@ -69,15 +69,19 @@ def work(store: JobStore, *, once: bool = False, poll: float = 2.0, max_jobs: in
 
 
 def _run_one(store: JobStore, job) -> None:
-    print(f"running job {job.id} ({job.name}, {job.method}); log: {job.log_path}", flush=True)
+    """Run the attempt `job` was claimed for; if its process died without reporting, re-queue the job (attempts
+    left) or finish it. A later claim by this loop (or any worker) runs the next attempt."""
+    print(f"running job {job.id} ({job.name}, {job.method}), attempt {job.attempts} of {job.max_attempts}; "
+          f"log: {job.log_path}", flush=True)
     proc = spawn(job.id, store)
     proc.wait()
     reap_stale(store)
     final = store.get(job.id)
-    if final.status == "RUNNING":  # the process died before it could report, and its lease is not stale yet
-        status = "STOPPED" if final.cancel_requested else "FAILED"
-        if store.finish(job.id, status, error=f"job process exited with code {proc.returncode}; see {job.log_path}"):
-            clean_up(store, store.get(job.id))
+    if final.status == "RUNNING" and final.attempts == job.attempts:  # died before reporting; lease not stale yet
+        settled = store.retry_or_finish(job.id, job.attempts, f"job process exited with code {proc.returncode}; "
+                                        f"see {job.log_path}")
+        if settled is not None:
+            clean_up(store, settled)
         final = store.get(job.id)
     print(f"job {job.id}: {final.status}" + (f" — {final.error}" if final.error else ""), flush=True)
 

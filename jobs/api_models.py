@@ -1,0 +1,179 @@
+"""Request and response models of the HTTP job API (`jobs/api.py`): they make its OpenAPI schema precise,
+and turn job rows and recipe problems into JSON (non-finite metrics become null: JSON has no NaN).
+
+    .venv/bin/python -m pytest tests/jobs/test_api.py -q
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from convert.recipe_types import short_repr
+from jobs.recipe_yaml import MAX_RECIPE_BYTES, MISSING, Problem
+from jobs.store import Job
+
+Status = Literal["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"]
+MAX_OVERRIDES = 100
+MAX_OVERRIDE_CHARS = 4096
+Override = Annotated[str, Field(max_length=MAX_OVERRIDE_CHARS, examples=["train.max_steps=50"])]
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProblemOut(_Out):
+    """One thing wrong with a request: where, what was there, how to fix it."""
+
+    path: str = Field(description="dotted key path in the recipe (or the request field)")
+    value: Any = Field(None, description="the value found there (null when missing; long values shortened)")
+    fix: str = Field(description="what is allowed, or what to do")
+    line: int | None = Field(None, description="1-based line of the key in the recipe YAML, when known")
+
+    @classmethod
+    def of(cls, problem: Problem) -> ProblemOut:
+        return cls(path=problem.path, value=json_value(problem.value), fix=problem.message, line=problem.line)
+
+
+class ErrorOut(_Out):
+    """Every error response: one line, plus every problem for an invalid recipe or request."""
+
+    detail: str
+    problems: list[ProblemOut] = Field(default_factory=list)
+
+
+class SubmitIn(_Out):
+    """POST /jobs as JSON (the other form is the YAML itself, overrides as `?override=` parameters)."""
+
+    recipe: str = Field(max_length=MAX_RECIPE_BYTES, description="the recipe YAML text")
+    overrides: list[Override] = Field(default_factory=list, max_length=MAX_OVERRIDES,
+                                      description="key.path=value overrides, as `athanor submit -o`")
+
+
+class PushIn(_Out):
+    alias: str = Field(max_length=255, examples=["champion"], description="the registry alias to move")
+
+
+class Registered(_Out):
+    name: str
+    version: str
+    alias: str
+
+
+class Links(_Out):
+    self: str
+    logs: str
+    mlflow_run: str | None = Field(None, description="runs:/<id> (mlflow.artifacts.download_artifacts takes it)")
+    mlflow_run_ui: str | None = Field(None, description="the parent run in the MLflow UI")
+    model_version: str | None = Field(None, description="models:/<name>/<version>")
+    model_version_ui: str | None = Field(None, description="the registered version in the MLflow UI")
+
+
+class Metrics(_Out):
+    """The job's before/after evaluation (null where a metric is not a finite number)."""
+
+    before: dict[str, float | None] = Field(default_factory=dict)
+    after: dict[str, float | None] = Field(default_factory=dict)
+    untrained: dict[str, float | None] | None = None
+    speedup: float | None = None
+    params: dict[str, float | None] | None = None
+    comparison: dict[str, float | None] | None = None
+    arms: dict[str, dict[str, float | None]] | None = None
+    seconds: float | None = None
+    export: str | None = None
+
+
+class JobSummary(_Out):
+    id: str
+    name: str
+    method: str
+    status: Status
+    attempts: int
+    created_at: float = Field(description="seconds since the epoch")
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, job: Job) -> JobSummary:
+        return cls(**_summary_fields(job))
+
+
+class JobCreated(JobSummary):
+    overrides: list[str]
+    warnings: list[str] = Field(default_factory=list, description="what could not be checked (not errors)")
+    links: Links
+
+
+class JobDetail(JobSummary):
+    recipe_hash: str
+    overrides: list[str]
+    mlflow_run_id: str | None = None
+    model_version: str | None = None
+    cancel_requested: bool = False
+    metrics: Metrics | None = None
+    registered: Registered | None = None
+    links: Links
+
+
+class CancelOut(_Out):
+    id: str
+    status: Status
+    message: str
+
+
+class PushOut(_Out):
+    job: str
+    name: str
+    alias: str
+    version: str
+
+
+class HealthOut(_Out):
+    status: Literal["ok"] = "ok"
+
+
+def _summary_fields(job: Job) -> dict[str, Any]:
+    return {k: getattr(job, k) for k in JobSummary.model_fields}
+
+
+def finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _numbers(data: Any) -> dict[str, float | None] | None:
+    return {str(k): finite(v) for k, v in data.items()} if isinstance(data, dict) else None
+
+
+def metrics_of(result: dict[str, Any] | None) -> Metrics | None:
+    if not result:
+        return None
+    arms = result.get("arms")
+    return Metrics(before=_numbers(result.get("before")) or {}, after=_numbers(result.get("after")) or {},
+                   untrained=_numbers(result.get("untrained")), speedup=finite(result.get("speedup")),
+                   params=_numbers(result.get("params")), comparison=_numbers(result.get("comparison")),
+                   arms={str(k): _numbers(v) or {} for k, v in arms.items()} if isinstance(arms, dict) else None,
+                   seconds=finite(result.get("seconds")), export=result.get("export"))
+
+
+def json_value(value: Any) -> Any:
+    """A recipe value as JSON: plain scalars as they are (strings up to 300 characters), anything else
+    (mappings, lists, dates, bytes, infinities) as its shortened repr."""
+    if value is MISSING or value is None:
+        return None
+    if isinstance(value, bool | int) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    if isinstance(value, str) and len(value) <= 300:
+        return value
+    return short_repr(value)
+
+
+class ApiError(Exception):
+    """An error response: status, one line, and the problems behind it."""
+
+    def __init__(self, status: int, detail: str, problems: list[Problem] = ()) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.problems = status, detail, list(problems)
