@@ -65,6 +65,7 @@ def add_concept_adapter(unet: UNet2DConditionModel, name: str, rank: int = 4) ->
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights="gaussian"),
                      adapter_name=name)
+    unet.enable_adapters()  # measuring an earlier concept may have switched adapters off
     unet.set_adapters([name])
     params = [p for n, p in unet.named_parameters() if f".{name}." in n and "lora_" in n]
     for p in params:
@@ -141,16 +142,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-only", action="store_true", help="re-measure the LoRAs already in --out")
+    parser.add_argument("--only", nargs="*", default=None, help="train (or measure) only these concepts")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     unet, text_encoder, tokenizer, judge = load_base(args.base)
     report_file = args.out / "concepts.json"
-    report = json.loads(report_file.read_text()) if args.eval_only else {}
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
     canvases = Canvases.from_split("train")
     for i, concept in enumerate(DEFAULT_CONCEPTS):
+        if args.only is not None and concept.name not in args.only:
+            continue
         start = time.monotonic()
         if args.eval_only:
             load_concept_adapters(unet, {concept.name: args.out / concept.name})
+            report.setdefault(concept.name, {**asdict(concept), "prompt": concept.prompt(), "steps": args.steps,
+                                             "batch": args.batch, "lr": args.lr})
         else:
             final_loss = train_concept(unet, text_encoder, tokenizer, canvases, concept, args.steps, args.batch,
                                        args.lr, args.seed + i)

