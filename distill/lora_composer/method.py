@@ -224,10 +224,10 @@ class LoraComposer:
         return lambda: model.sample(scene, noise)
 
     def lightning_module(self, teacher, student, data, args, train: TrainSpec):
-        raise NotImplementedError("LoRA-Composer is training-free: the spine never asks for a LightningModule")
+        raise RuntimeError("LoRA-Composer is training-free: the spine never asks for a LightningModule")
 
     def trained_student(self, module):
-        raise NotImplementedError("LoRA-Composer is training-free: there is no trained student")
+        raise RuntimeError("LoRA-Composer is training-free: there is no trained student")
 
     def export(self, student: Composer, teacher: ComposerTeacher, out_dir: Path, args: LoraComposerArgs) -> Path:
         """unet/, text_encoder/ (base weights, adapters not merged), tokenizer/, scheduler/, loras/<name>/
