@@ -96,6 +96,8 @@ class JobSummary(_Out):
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = None
+    engine: str | None = Field(None, description="the cluster engine running it (slurm, ray); null: a local worker")
+    engine_id: str | None = Field(None, description="the engine's own id (Slurm job id, Ray submission id)")
 
     @classmethod
     def of(cls, job: Job) -> JobSummary:

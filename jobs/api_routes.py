@@ -184,7 +184,12 @@ def cancel_job(store: JobStore, job_id: str, force: bool) -> CancelOut:
     job = _job(store, job_id)
     if job.status in FINAL:
         raise ApiError(409, f"job {job.id} is already {job.status}; nothing to cancel")
-    status = cancel(store, job.id, force=force)
+    from jobs.launchers import LaunchError
+
+    try:
+        status = cancel(store, job.id, force=force)
+    except LaunchError as exc:  # the engine could not be reached: the job is unchanged
+        raise ApiError(502, f"{job.engine} could not cancel {job.engine_id}: {exc}") from None
     message = (f"cancel requested: job {job.id} stops at its next training step or stage boundary"
                if status == "RUNNING" else f"job {job.id} is {status}")
     return CancelOut(id=job.id, status=status, message=message)

@@ -120,13 +120,38 @@ def cmd_submit(args) -> int:
     from jobs import run
 
     store.claim(job.id)
-    print(f"running job {job.id} ({name}, {method}) in the foreground; log: {job.log_path}", flush=True)
-    final = run.execute(job.id, store, progress=not args.no_progress)
+    if loaded.recipe.train.launcher != "local":
+        final = _wait_on_engine(store, store.get(job.id), loaded.recipe.train)
+    else:
+        print(f"running job {job.id} ({name}, {method}) in the foreground; log: {job.log_path}", flush=True)
+        final = run.execute(job.id, store, progress=not args.no_progress)
     if final.status == "SUCCEEDED":
         _print_table(final)
         return EXIT_OK
     print(f"job {final.id}: {final.status} — {final.error}", file=sys.stderr)
     return EXIT_JOB_FAILED
+
+
+def _wait_on_engine(store, job, train):
+    """`submit --wait` with a cluster launcher: submit the claimed job to its engine and follow it to a final
+    status (a retried attempt is submitted again), printing each change."""
+    import time
+
+    from jobs.launchers import safe_reconcile, submit
+    from jobs.store import FINAL
+
+    submit(store, job, train)
+    said = None
+    while (now := store.get(job.id)).status not in FINAL:
+        if now.status == "PENDING" and store.claim(job.id) is not None:
+            submit(store, store.get(job.id), train)
+        if (now.status, now.attempts, now.engine_id) != said:
+            said = (now.status, now.attempts, now.engine_id)
+            print(f"job {job.id}: {now.status}, attempt {now.attempts}, {train.launcher} job {now.engine_id}; "
+                  f"log: {now.log_path}", flush=True)
+        time.sleep(1.0)
+        safe_reconcile(store)
+    return now
 
 
 def cmd_worker(args) -> int:
@@ -151,9 +176,11 @@ def _age(t: float | None) -> str:
 
 
 def _reap(store) -> None:
+    from jobs.launchers import safe_reconcile
     from jobs.leases import reap_stale
 
     reap_stale(store)
+    safe_reconcile(store)
 
 
 def cmd_list(args) -> int:
@@ -170,8 +197,8 @@ def cmd_status(args) -> int:
     store = _store(args)
     _reap(store)
     job = _job(store, args.job)
-    shown = ("id", "name", "method", "status", "attempts", "pid", "recipe_path", "recipe_hash", "overrides",
-             "log_path", "mlflow_run_id", "model_version", "error")
+    shown = ("id", "name", "method", "status", "attempts", "pid", "engine", "engine_id", "recipe_path",
+             "recipe_hash", "overrides", "log_path", "mlflow_run_id", "model_version", "error")
     fields = {k: getattr(job, k) for k in shown}
     fields.update(created=_age(job.created_at), started=_age(job.started_at), finished=_age(job.finished_at))
     for key, value in fields.items():
@@ -207,7 +234,13 @@ def cmd_cancel(args) -> int:
     if job.status not in ("PENDING", "RUNNING"):
         print(f"job {job.id} is already {job.status}")
         return EXIT_OK
-    status = cancel(store, job.id, force=args.force)
+    from jobs.launchers import LaunchError
+
+    try:
+        status = cancel(store, job.id, force=args.force)
+    except LaunchError as exc:
+        print(f"job {job.id}: {job.engine} could not cancel {job.engine_id}: {exc}", file=sys.stderr)
+        return EXIT_JOB_FAILED
     if status == "RUNNING":
         print(f"job {job.id}: cancel requested; it stops at its next training step or stage boundary "
               f"(`athanor status {job.id}`; `athanor cancel --force` kills it now)")

@@ -129,8 +129,9 @@ def register(tracker: Tracker, *, export_dir: Path, method: Any, name: str, alia
     anything fails after the version exists, it is deleted and the alias restored before re-raising."""
     import mlflow
 
-    client = tracker.client
-    source, model_id = _log_model(tracker, export_dir, method)
+    client = tracker.client  # on a remote server a lost connection is TrackingUnavailable, never an MlflowException
+    with tracker.guard("logging the model"):
+        source, model_id = _log_model(tracker, export_dir, method)
     try:
         client.create_registered_model(name, description="Converted models registered by athanor.")
     except mlflow.exceptions.MlflowException:

@@ -97,6 +97,7 @@ def _train(p: Prepared, job: Job, store: JobStore, *, logger: Any, progress: boo
     the other ranks of this node, which call this with launch=False. A later attempt resumes from the newest
     checkpoint. Every rank stops at the step after a cancel request (or a lost lease) and fails on a non-finite
     loss."""
+    from jobs.launchers import interrupt_hooks
     from jobs.resume import RESUME_ENV, KillAtStep, kill_steps, resume_from
     from jobs.trainer import CHECKPOINTS, fit, guard_callback, launched_ranks
 
@@ -112,7 +113,8 @@ def _train(p: Prepared, job: Job, store: JobStore, *, logger: Any, progress: boo
     ranks = (launched_ranks(recipe.train, job.id, store.home, job_dir,
                             extra_env={ARM_ENV: arm, RESUME_ENV: str(ckpt or "")}) if launch
              else contextlib.nullcontext())
-    callbacks = [guard_callback(lambda: bool(lease and lease.cancelled) or store.cancel_requested(job.id))]
+    callbacks = [guard_callback(lambda: bool(lease and lease.cancelled) or store.cancel_requested(job.id),
+                                **interrupt_hooks(recipe.train))]
     if launch and (steps := kill_steps(os.environ.get(TEST_HOOK, ""))):
         callbacks.append(KillAtStep(steps, store.job_dir(job.id) / "test_hook_kills"))
     with ranks:
@@ -329,19 +331,27 @@ class JobRun:
                 "registered": registered, "seconds": round(time.time() - self.started, 1)}
 
 
-def execute(job_id: str, store: JobStore, *, progress: bool = True) -> Job:
+def execute(job_id: str, store: JobStore, *, progress: bool = True, engine: bool = False) -> Job:
     """Run the claimed (RUNNING) attempt of a job to a final status. Never raises for job failures. Nothing is
-    written once the attempt lost its lease (its job was re-queued, perhaps running again elsewhere)."""
+    written once the attempt lost its lease (its job was re-queued, perhaps running again elsewhere). Under a
+    cluster engine (`engine`) SIGTERM is the engine's (pre-emption, scancel), not a cancel: its job state decides."""
     job = store.get(job_id)
     store.update(job.id, pid=os.getpid())
     run = JobRun(job, store, progress=progress)
-    with _job_log(job, store), JobLease(store, job.id, attempt=job.attempts) as lease, sigterm_cancels(lease):
+    with (_job_log(job, store), JobLease(store, job.id, attempt=job.attempts) as lease,
+          contextlib.nullcontext() if engine else sigterm_cancels(lease)):
         run.lease = lease
         try:
             run.run()
         except BaseException as exc:  # noqa: BLE001 — every outcome ends in a final status
+            if engine and type(exc).__name__ == "SIGTERMException":  # Lightning's, raised for the engine's SIGTERM
+                log.warning("the engine stopped this attempt (SIGTERM); its job state decides what comes next")
+                raise SystemExit(143) from None
             status, error = outcome(exc, job, run.tracker)
-            if store.finish(job.id, status, error=error, attempt=job.attempts) and run.tracker is not None:
+            if run.tracker is not None and run.tracker.lost and job.attempts < job.max_attempts:
+                # The tracking server went away mid-job: the kept checkpoint resumes in the next attempt.
+                store.retry_or_finish(job.id, job.attempts, error)
+            elif store.finish(job.id, status, error=error, attempt=job.attempts) and run.tracker is not None:
                 _close(run.tracker, status)
             if not isinstance(exc, (Exception, JobStopped, KeyboardInterrupt)):
                 raise

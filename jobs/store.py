@@ -57,7 +57,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL,
     lease_owner TEXT,
     heartbeat_at REAL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    engine TEXT,
+    engine_id TEXT,
+    engine_run INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created_at);
 """
@@ -65,7 +68,8 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created_at);
 
 # Columns added after the first release: added to existing stores on open.
 MIGRATIONS = {"lease_owner": "TEXT", "heartbeat_at": "REAL", "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
-              "max_attempts": "INTEGER NOT NULL DEFAULT 1"}
+              "max_attempts": "INTEGER NOT NULL DEFAULT 1", "engine": "TEXT", "engine_id": "TEXT",
+              "engine_run": "INTEGER NOT NULL DEFAULT 0"}
 
 LEASE_SECONDS = float(os.environ.get("ATHANOR_LEASE_SECONDS", "60"))
 """A RUNNING job whose heartbeat is older than this is reaped (its process renews it every LEASE_SECONDS / 6)."""
@@ -118,6 +122,12 @@ class Job:
     heartbeat_at: float | None = None
     cancel_requested: int = 0
     max_attempts: int = 1
+    engine: str | None = None
+    """The cluster engine running the current attempt ('slurm', 'ray'; None: a local process of a worker)."""
+    engine_id: str | None = None
+    """The engine's own id of that attempt (Slurm job id, Ray submission id)."""
+    engine_run: int = 0
+    """Which run of the engine job the current attempt is (Slurm requeues a job under the same id)."""
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -227,7 +237,8 @@ class JobStore:
                 return None
             db.execute(
                 "UPDATE jobs SET status='RUNNING', attempts=attempts+1, started_at=?, updated_at=?, error=NULL,"
-                " pid=NULL, lease_owner=?, heartbeat_at=? WHERE id=?", (now, now, owner, now, row["id"]),
+                " pid=NULL, lease_owner=?, heartbeat_at=?, engine=NULL, engine_id=NULL, engine_run=0 WHERE id=?",
+                (now, now, owner, now, row["id"]),
             )
             db.execute("COMMIT")
         return self.get(row["id"])
@@ -300,6 +311,29 @@ class JobStore:
                 return None
         return self.get(job_id)
 
+    def take_over(self, job_id: str, engine_id: str, engine_run: int) -> Job | None:
+        """The engine started run `engine_run` of its job `engine_id` (Slurm requeued it after a pre-emption or a
+        time limit): that run becomes the job's next attempt when attempts remain and no cancel was requested; the
+        first run is the attempt the worker claimed. None when this run must not go on (the job finished, was
+        cancelled or exhausted its attempts; it is then STOPPED or FAILED), else the job as this run holds it."""
+        now = time.time()
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["status"] != "RUNNING" or row["engine_id"] != engine_id:
+                db.execute("COMMIT")
+                return None
+            if engine_run > row["engine_run"]:
+                if row["cancel_requested"] or row["attempts"] >= row["max_attempts"]:
+                    db.execute("COMMIT")
+                    self.retry_or_finish(job_id, row["attempts"], f"{row['engine']} job {engine_id} was interrupted "
+                                         f"(pre-empted or out of time)")
+                    return None
+                db.execute("UPDATE jobs SET attempts = attempts + 1, engine_run = ?, heartbeat_at = ?, updated_at = ?,"
+                           " error = NULL WHERE id = ?", (engine_run, now, now, job_id))
+            db.execute("COMMIT")
+        return self.get(job_id)
+
     def request_cancel(self, job_id: str) -> str:
         """PENDING → STOPPED at once; RUNNING → the cancel flag, which the job reads at its next step or
         stage boundary. Returns the status after the call."""
@@ -324,7 +358,7 @@ class JobStore:
         for job in self.list(limit=10_000, status="RUNNING"):
             stale = time.time() - (job.heartbeat_at or job.started_at or job.updated_at) > limit
             dead = job.pid is not None and _on_this_host(job.lease_owner) and not _alive(job.pid)
-            if not (stale or dead):
+            if job.engine or not (stale or dead):  # a cluster engine's job state decides (jobs/launchers)
                 continue
             settled = self.retry_or_finish(
                 job.id, job.attempts, "the job process stopped reporting (killed, crashed or its machine lost); "

@@ -4,19 +4,31 @@ The default store is embedded: `sqlite:///<home>/mlflow.db` with artifacts in `<
 so `athanor ui` and the Python API see the same runs. Any tracking URI is accepted instead.
 A retried job (a later attempt) reopens its parent run (`resume_parent`): its children are reused by name, never
 duplicated, and training curves continue at the step they reached (points already logged are not logged again).
+
+A remote (`http(s)://`) tracking server is health-checked first; every request the tracker makes (its client, the
+Lightning logger, logging the model) runs with short HTTP timeouts and retries (`HTTP_DEFAULTS`, only inside those
+calls and only where the user set none), and a server that cannot be reached any more ends the job with one line,
+`TrackingUnavailable` (the underlying error goes to the job log).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import logging
 import math
 import os
+import re
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from jobs.store import Job
 
 EVAL_PREFIX = "eval/"
+log = logging.getLogger("athanor.tracking")
 
 
 def default_tracking_uri(home: Path) -> str:
@@ -41,22 +53,50 @@ class Tracker:
 
         self.home = home
         self.uri = uri or default_tracking_uri(home)
-        if self.uri.startswith(("http://", "https://")):
-            fail_fast_http()
+        self.remote = self.uri.startswith(("http://", "https://"))
+        self.lost: str | None = None
+        """Why the remote server became unreachable (None while it answers); later requests are tried once."""
+        if self.remote:
             check_server(self.uri)
         elif self.uri == default_tracking_uri(home):
             init_embedded_store(home)
         os.environ["MLFLOW_TRACKING_URI"] = self.uri
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
-        self.client = MlflowClient(self.uri, self.uri)
+        self.client = _Guarded(MlflowClient(self.uri, self.uri), self) if self.remote else MlflowClient(self.uri,
+                                                                                                         self.uri)
         self.experiment_id = self._experiment(experiment)
         self.parent_id: str | None = None
         self.resumed = False
 
+    @contextlib.contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        """Around every request to a remote server: short HTTP timeouts and retries (`HTTP_DEFAULTS` where the
+        user set none; a single try once the server was lost), and a server that cannot be reached raised as
+        `TrackingUnavailable` (one line naming it), the underlying error logged. Nothing changes for local stores."""
+        if not self.remote:
+            yield
+            return
+        started = time.monotonic()
+        with http_settings(ONE_TRY if self.lost else None):
+            retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "?")
+            try:
+                yield
+            except TrackingUnavailable:
+                raise
+            except Exception as exc:
+                reason = unreachable(exc)
+                if reason is None:
+                    raise
+                log.warning("tracking server %s unreachable (%s)", self.uri, what, exc_info=not self.lost)
+                tries = "one try" if self.lost else f"{retries} retries"
+                self.lost = reason
+                raise TrackingUnavailable(f"tracking server {self.uri} became unreachable: {reason} ({what}; gave "
+                                          f"up after {tries}, {time.monotonic() - started:.0f} s)") from None
+
     def _experiment(self, name: str) -> str:
         """The experiment's id, creating it; two jobs creating it at once both get the same one."""
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # (a lost server is TrackingUnavailable, never one of these)
 
         found = self.client.get_experiment_by_name(name)
         if found is not None:
@@ -192,9 +232,17 @@ class Tracker:
             self.client.log_artifact(self.parent_id, str(path), artifact_path)
 
     def finish(self, status: str) -> None:
+        """Close the parent run. After the server was lost, one quick try: a run it cannot close stays RUNNING there
+        (said in the log), and the job's own status is what counts."""
         if self.parent_id:
             mlflow_status = {"SUCCEEDED": "FINISHED", "FAILED": "FAILED", "STOPPED": "KILLED"}[status]
-            self.client.set_terminated(self.parent_id, mlflow_status)
+            if not self.lost:
+                self.client.set_terminated(self.parent_id, mlflow_status)
+                return
+            try:
+                self.client.set_terminated(self.parent_id, mlflow_status)
+            except TrackingUnavailable as exc:
+                log.warning("MLflow run %s stays RUNNING: %s", self.parent_id, exc)
 
     def logged_through(self, run_id: str) -> int:
         """The last step any metric of `run_id` was logged at (-1: none); a resumed fit logs only later steps."""
@@ -211,15 +259,27 @@ class Tracker:
 
         run_id = run_id or self.parent_id
         through = self.logged_through(run_id) if self.resumed else -1
+        tracker = self
 
         class ContinuingLogger(MLFlowLogger):
+            @property
+            def experiment(self) -> Any:
+                with tracker.guard("connecting the training logger"):
+                    return MLFlowLogger.experiment.fget(self)
+
+            def log_hyperparams(self, params: Any) -> None:
+                with tracker.guard("logging hyperparameters"):
+                    super().log_hyperparams(params)
+
             def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
                 if (step is None or step > through) and (holds is None or holds()):
-                    super().log_metrics(metrics, step)
+                    with tracker.guard("logging training metrics"):
+                        super().log_metrics(metrics, step)
 
             def finalize(self, status: str = "success") -> None:  # never close a run another attempt now holds
-                if holds is None or holds():
-                    super().finalize(status)
+                if (holds is None or holds()) and not tracker.lost:  # a lost server: the job closes its run
+                    with tracker.guard("closing the training run"):
+                        super().finalize(status)
 
         return ContinuingLogger(tracking_uri=self.uri, run_id=run_id, log_model=False)
 
@@ -228,15 +288,95 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_HTTP_REQUEST_MAX_R
                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5"}
 """A tracking server that went away fails the job in well under a minute, not after MLflow's default
 seven retries with exponential back-off (12 minutes measured). A user's own settings win."""
+ONE_TRY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+"""Once the server was found unreachable: the job is failing; closing its run is tried once, quickly."""
 
 
 class TrackingUnavailable(RuntimeError):
     """The tracking server cannot be reached: one line naming it."""
 
 
-def fail_fast_http() -> None:
-    for key, value in HTTP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+@contextlib.contextmanager
+def http_settings(force: dict[str, str] | None = None) -> Iterator[None]:
+    """MLflow reads its `MLFLOW_HTTP_REQUEST_*` settings from the environment at each request: inside this block,
+    `HTTP_DEFAULTS` where the user set none (and `force` regardless); the environment as it was after it, so the
+    settings hold for the job's own requests only, never for the user's other MLflow calls in this process."""
+    wanted = {**{k: v for k, v in HTTP_DEFAULTS.items() if k not in os.environ}, **(force or {})}
+    saved = {key: os.environ.get(key) for key in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def unreachable(exc: BaseException) -> str | None:
+    """Why `exc` means the server could not be reached ('connection refused', 'no answer within 15 s', 'HTTP 503 on
+    every try', ...); None for anything else, e.g. an error the server answered with (even one that mentions a
+    refused connection: its own database's)."""
+    import http.client
+
+    import requests
+    import urllib3
+    from mlflow.exceptions import RestException
+
+    chain: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and link not in chain and len(chain) < 20:  # MLflow raises its own error inside `except`
+        chain.append(link)
+        for arg in (*getattr(link, "args", ()), getattr(link, "reason", None)):  # MaxRetryError, in requests' error
+            if isinstance(arg, BaseException) and arg not in chain:
+                chain.append(arg)
+        link = link.__cause__ or link.__context__
+    if any(isinstance(e, RestException) for e in chain):
+        return None
+    transport = [e for e in chain if isinstance(e, (requests.exceptions.RequestException, urllib3.exceptions.HTTPError,
+                                                    http.client.HTTPException, OSError))]
+    text = " ".join(str(e) for e in transport)
+
+    def found(types: type | tuple[type, ...], *words: str) -> bool:
+        return any(isinstance(e, types) for e in transport) or any(word in text for word in words)
+
+    if found(ConnectionRefusedError, "Connection refused"):
+        return "connection refused"
+    if found(urllib3.exceptions.NameResolutionError, "Name or service not known", "name resolution"):
+        return "host name not found"
+    if found(ConnectionResetError, "Connection reset"):
+        return "connection reset"
+    if found(http.client.RemoteDisconnected, "Connection aborted", "without response"):
+        return "connection closed before an answer"
+    if found((urllib3.exceptions.ResponseError, requests.exceptions.RetryError)):
+        codes = sorted(set(re.findall(r"too many (\d{3}) error", text)))
+        return f"HTTP {'/'.join(codes) or 'error'} on every try"
+    if found((requests.exceptions.Timeout, urllib3.exceptions.ReadTimeoutError, TimeoutError), "timed out"):
+        return f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT', '?')} s"
+    if found((requests.exceptions.ConnectionError, urllib3.exceptions.NewConnectionError,
+              urllib3.exceptions.ProtocolError, ConnectionError)):
+        return "connection failed"
+    return None
+
+
+class _Guarded:
+    """An MlflowClient whose every call runs inside `tracker.guard` (a lost server: one line, not a traceback)."""
+
+    def __init__(self, client: Any, tracker: Tracker) -> None:
+        self._client, self._tracker = client, tracker
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._tracker.guard(name):
+                return attr(*args, **kwargs)
+
+        return call
 
 
 def check_server(uri: str, timeout: float = 10) -> None:

@@ -116,6 +116,11 @@ def build_trainer(train: TrainSpec, *, job_dir: Path, micro_batch_size: int, log
 
         refresh = max(1, train.log_every_n_steps)
         callbacks.append(RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=refresh))
+    plugins = []
+    if os.environ.get("ATHANOR_RANKS_LAUNCHED") and "SLURM_NTASKS" in os.environ:
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        plugins.append(SLURMEnvironment(auto_requeue=False))  # ranks from Slurm; requeueing is athanor's (launchers)
     deepspeed = train.strategy.startswith("deepspeed")
     precision = train.precision
     if deepspeed and not use_gpu(train):
@@ -132,6 +137,7 @@ def build_trainer(train: TrainSpec, *, job_dir: Path, micro_batch_size: int, log
         log_every_n_steps=train.log_every_n_steps,
         logger=logger,
         callbacks=callbacks,
+        plugins=plugins,
         enable_checkpointing=bool(train.checkpoint_every_n_steps),
         enable_progress_bar=progress,
         enable_model_summary=False,
@@ -157,7 +163,7 @@ def launched_ranks(train: TrainSpec, job_id: str, home: Path, log_dir: Path,
     MASTER_PORT are taken from the environment when set.
     """
     n_local = train.devices
-    if world_size(train) == 1:
+    if world_size(train) == 1 or os.environ.get("ATHANOR_RANKS_LAUNCHED"):  # a cluster engine started every rank
         yield []
         return
     env_keys = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "DS_ACCELERATOR")
@@ -199,10 +205,14 @@ class NonFiniteLoss(RuntimeError):
     """Training diverged: the job fails at the step it happened, and nothing is exported or registered."""
 
 
-def guard_callback(should_stop: Callable[[], bool], poll_seconds: float = 1.0) -> Any:
+def guard_callback(should_stop: Callable[[], bool], poll_seconds: float = 1.0, *,
+                   interrupted: Callable[[], bool] | None = None, on_interrupt: Callable[[], Any] | None = None,
+                   checkpoint_every: int | None = None) -> Any:
     """A Lightning callback run on every rank: a non-finite loss raises NonFiniteLoss before its backward
     pass (naming the step, counted from 0 as Lightning's global_step), and a cancel request (`should_stop()`,
-    polled at most every `poll_seconds`) stops the fit after this batch."""
+    polled at most every `poll_seconds`) stops the fit after this batch. Once `interrupted()` (an engine's
+    warning that the job will be killed), rank 0 calls `on_interrupt()` as soon as a step checkpoint written after
+    the warning is complete (every `checkpoint_every` steps; at once without checkpoints)."""
     import time
 
     from lightning.pytorch.callbacks import Callback
@@ -216,13 +226,27 @@ def guard_callback(should_stop: Callable[[], bool], poll_seconds: float = 1.0) -
                                     f"optimizer step {trainer.global_step}; lower train.lr or check the data")
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            if interrupted is not None and trainer.is_global_zero and interrupted():
+                self.interrupt(trainer.global_step)
             now = time.monotonic()
             if now - self.last_poll >= poll_seconds:
                 self.last_poll = now
                 if should_stop():
                     trainer.should_stop = True
 
-    return Guard()
+        def interrupt(self, step: int) -> None:
+            if self.interrupted_at is None:
+                self.interrupted_at = step
+            # Checkpoint callbacks run after this one: the newest complete checkpoint is the one before this step.
+            written = (step - 1) // checkpoint_every * checkpoint_every if checkpoint_every else step
+            if written >= self.interrupted_at and not self.handed_over:
+                self.handed_over = True
+                if on_interrupt is not None:
+                    on_interrupt()
+
+    guard = Guard()
+    guard.interrupted_at, guard.handed_over = None, False
+    return guard
 
 
 def fit(method: Any, module: Any, student: Any, data: Any, train: TrainSpec, micro_batch_size: int, *,

@@ -169,7 +169,18 @@ def _check_model(report: Report, loaded: LoadedRecipe, recipe_path: Path | None)
         "teacher_memory_bytes": n_teacher * weight_bytes,
         # student weights + gradients + two AdamW moments (fp32), before activations
         "student_train_memory_bytes": n_student * (weight_bytes + 4 + 8),
+        **_placement(recipe.train, n_student, weight_bytes),
     }
+
+
+def _placement(train: Any, n_student: int, weight_bytes: int) -> dict[str, Any]:
+    """Ranks and the student's training memory per rank: ZeRO-2 shards gradients and AdamW moments over the ranks,
+    ZeRO-3 the weights too; DDP keeps a full copy on every rank."""
+    ranks = train.devices * train.num_nodes
+    sharded = {"deepspeed_stage_2": 4 + 8, "deepspeed_stage_3": weight_bytes + 4 + 8}.get(train.strategy, 0)
+    per_rank = n_student * (weight_bytes + 4 + 8 - sharded) + n_student * sharded / ranks
+    return {"ranks": ranks, "nodes": train.num_nodes, "devices": train.devices, "launcher": train.launcher,
+            "strategy": train.strategy, "student_train_memory_per_rank_bytes": per_rank}
 
 
 def _source_checks(report: Report, recipe: Any, source: ResolvedSource) -> bool:
@@ -202,4 +213,12 @@ def render_estimate(estimate: dict[str, float]) -> str:
     t, s = estimate["teacher_params"], estimate["student_params"]
     return (f"teacher: {t / 1e6:,.2f}M parameters (weights {_bytes(estimate['teacher_memory_bytes'])})\n"
             f"student: {s / 1e6:,.2f}M parameters ({s / max(t, 1):.1%} of the teacher; weights+grads+AdamW "
-            f"{_bytes(estimate['student_train_memory_bytes'])}, activations extra)")
+            f"{_bytes(estimate['student_train_memory_bytes'])}, activations extra)" + _render_placement(estimate))
+
+
+def _render_placement(estimate: dict[str, Any]) -> str:
+    if estimate.get("ranks", 1) == 1:
+        return ""
+    return (f"\nplacement: {estimate['launcher']}, {estimate['nodes']} node(s) × {estimate['devices']} device(s) = "
+            f"{estimate['ranks']} ranks, {estimate['strategy']}: student weights+grads+AdamW "
+            f"{_bytes(estimate['student_train_memory_per_rank_bytes'])} per rank")

@@ -5,6 +5,10 @@ so `athanor cancel` can stop the job and every process it started).
     athanor worker --once          # run what is pending, then exit
     python -m jobs.worker --job ID # (internal) run one claimed job in this process
     python -m jobs.worker --rank ID  # (internal) a non-zero training rank of job ID
+    python -m jobs.worker --job ID --engine-task  # (internal) a rank a cluster engine started (jobs/launchers)
+
+A job whose recipe says `train.launcher: slurm | ray` is not run here: the worker submits it to that engine and
+goes on; the engine's job state settles it (`jobs.launchers.reconcile`, on every loop).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import subprocess
 import sys
 import time
 
+from jobs.launchers import launcher_for, safe_reconcile, submit
 from jobs.leases import clean_up, reap_stale
 from jobs.store import JobStore, StoreError
 
@@ -48,6 +53,7 @@ def work(store: JobStore, *, once: bool = False, poll: float = 2.0, max_jobs: in
     while not stopping and (max_jobs is None or ran < max_jobs):
         try:
             reap_stale(store)
+            safe_reconcile(store)
             job = store.claim()
         except StoreError as exc:
             print(f"worker: {exc}; retrying in {poll:g} s", file=sys.stderr, flush=True)
@@ -70,7 +76,17 @@ def work(store: JobStore, *, once: bool = False, poll: float = 2.0, max_jobs: in
 
 def _run_one(store: JobStore, job) -> None:
     """Run the attempt `job` was claimed for; if its process died without reporting, re-queue the job (attempts
-    left) or finish it. A later claim by this loop (or any worker) runs the next attempt."""
+    left) or finish it. A later claim by this loop (or any worker) runs the next attempt. A job for a cluster
+    engine is submitted to it instead."""
+    launcher = _launcher_of(job)
+    if launcher != "local":
+        from jobs.recipe import load_recipe
+
+        submit(store, job, load_recipe(None, text=job.recipe_text, overrides=job.overrides).recipe.train)
+        now = store.get(job.id)
+        print(f"job {job.id}: " + (f"submitted to {launcher} as {now.engine_id}" if now.status == "RUNNING"
+                                   else f"{now.status} — {now.error}"), flush=True)
+        return
     print(f"running job {job.id} ({job.name}, {job.method}), attempt {job.attempts} of {job.max_attempts}; "
           f"log: {job.log_path}", flush=True)
     proc = spawn(job.id, store)
@@ -86,13 +102,28 @@ def _run_one(store: JobStore, job) -> None:
     print(f"job {job.id}: {final.status}" + (f" — {final.error}" if final.error else ""), flush=True)
 
 
+def _launcher_of(job) -> str:
+    """The recipe's `train.launcher` (the recipe was validated at submission; a store written before launchers
+    existed says nothing, which is 'local')."""
+    from jobs.recipe import load_recipe
+
+    try:
+        return load_recipe(None, text=job.recipe_text, overrides=job.overrides).recipe.train.launcher
+    except Exception:  # noqa: BLE001 — an invalid recipe fails in the job process, with its own error
+        return "local"
+
+
 def cancel(store: JobStore, job_id: str, *, force: bool = False) -> str:
     """PENDING → STOPPED; RUNNING → the cancel flag (the job stops at its next step or stage boundary,
     never inside registration). `force` also kills the job's process group; the lease reaper then
     records it STOPPED and cleans up."""
     status = store.request_cancel(job_id)
     job = store.get(job_id)
-    if force and status == "RUNNING" and job.pid:
+    if force and status == "RUNNING" and job.engine and job.engine_id:
+        launcher_for(job.engine).cancel(job)  # the engine kills every rank; reconcile records it STOPPED
+        time.sleep(0.2)
+        safe_reconcile(store)
+    elif force and status == "RUNNING" and job.pid:
         try:
             if os.getpgid(job.pid) == job.pid:  # the job's own process group: its ranks go too
                 os.killpg(job.pid, signal.SIGKILL)
@@ -110,8 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--job", help="run this claimed job in this process")
     group.add_argument("--rank", help="run a non-zero training rank of this job")
+    parser.add_argument("--engine-task", action="store_true", help="with --job: a rank a cluster engine started")
     args = parser.parse_args(argv)
     store = JobStore()
+    if args.engine_task:
+        from jobs.launchers.task import run_engine_task
+
+        return run_engine_task(args.job, store)
     from jobs import run
 
     if args.rank:  # a rank's stdout is its own log file; the job process logs through its FileHandler only

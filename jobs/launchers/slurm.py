@@ -1,0 +1,135 @@
+"""Slurm launcher: one `sbatch` job per attempt, `num_nodes` nodes × `devices` tasks, one training rank per task.
+
+The batch script (written to the job folder, which every node must see) exports the athanor home, sets
+MASTER_ADDR to the first node's address *as Slurm knows it* (its NodeAddr, so a cluster whose node names do not
+resolve still works) and a port from the job id, writes DeepSpeed's hostfile (`host slots=devices`) into the job
+folder, then `srun`s the common entry point with the torchrun-style RANK / LOCAL_RANK / NODE_RANK / WORLD_SIZE of each
+task. Lightning reads the ranks from Slurm's environment (SLURMEnvironment; its own requeue handler is off: athanor's
+is below).
+
+Pre-emption and time limits: the job is submitted with `--requeue` and `--signal=USR1@<train.slurm.signal_seconds>`.
+On SIGUSR1 each rank marks the job interrupted; rank 0 requeues it (`scontrol requeue`) right after the next step
+checkpoint is written (at once without `train.checkpoint_every_n_steps`), and Slurm's next run of the same job id
+takes over as the next attempt, resuming from that checkpoint into the same MLflow run. SIGTERM (pre-emption,
+`scancel`) is not a cancel here: the process dies like a killed one and Slurm's job state decides what happens
+(PREEMPTED or requeued: next attempt; CANCELLED: STOPPED). `athanor cancel` stays the graceful way to stop.
+
+Tests (start a real single-node cluster): `.venv/bin/python -m pytest tests/jobs/test_slurm.py -q`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from jobs.launchers import ENGINE_ID_ENV, RANKS_LAUNCHED_ENV, EngineState, LaunchError
+from jobs.store import Job, JobStore
+
+ENDED = {"COMPLETED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+         "CANCELLED", "SPECIAL_EXIT"}
+"""Slurm job states after which nothing of the job runs again under its id (REQUEUED and REQUEUE_* are not)."""
+COMMAND_SECONDS = 30
+RANK_ENV = ("export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID NODE_RANK=$SLURM_NODEID WORLD_SIZE=$SLURM_NTASKS "
+            "LOCAL_WORLD_SIZE=$SLURM_NTASKS_PER_NODE; ")
+"""Each task's torchrun-style ids (what DeepSpeed and torch.distributed read), from Slurm's."""
+
+
+def _slurm(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    if shutil.which(argv[0]) is None:
+        raise LaunchError(f"`{argv[0]}` is not on the PATH; install the Slurm client (Debian: slurm-client) or "
+                          f"pick another train.launcher")
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_SECONDS)
+    except subprocess.TimeoutExpired as exc:
+        raise LaunchError(f"`{' '.join(argv)}` did not answer in {COMMAND_SECONDS} s; is slurmctld up?") from exc
+    if check and done.returncode != 0:
+        said = (done.stderr or done.stdout).strip().splitlines()
+        raise LaunchError(f"`{' '.join(argv)}` failed: {said[-1] if said else f'exit {done.returncode}'}")
+    return done
+
+
+def batch_script(job: Job, train: Any, home: Path, workdir: Path) -> str:
+    """The `sbatch` script of one attempt (pure: tested without a cluster)."""
+    slurm = train.slurm
+    gpu = train.accelerator == "gpu"
+    gpus = slurm.gpus_per_node if slurm.gpus_per_node is not None else (train.devices if gpu else 0)
+    out = home / "jobs" / job.id / "slurm-%j.out"
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name=athanor-{job.id}",
+        f"#SBATCH --nodes={train.num_nodes}",
+        f"#SBATCH --ntasks-per-node={train.devices}",
+        f"#SBATCH --cpus-per-task={slurm.cpus_per_task}",
+        f"#SBATCH --output={out}",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --requeue",
+        f"#SBATCH --signal=USR1@{slurm.signal_seconds}",
+    ]
+    lines += [f"#SBATCH --gres=gpu:{gpus}"] if gpus else []
+    lines += [f"#SBATCH --partition={slurm.partition}"] if slurm.partition else []
+    lines += [f"#SBATCH --time={slurm.time_limit}"] if slurm.time_limit else []
+    lines += [f"#SBATCH --account={slurm.account}"] if slurm.account else []
+    lines += list(slurm.sbatch_lines)
+    python = shlex.quote(sys.executable)
+    lines += [
+        "set -eu",
+        f"export ATHANOR_HOME={shlex.quote(str(home))} PYTHONUNBUFFERED=1 {RANKS_LAUNCHED_ENV}=1",
+        f"unset {ENGINE_ID_ENV}",
+        "first=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)",
+        "addr=$(scontrol show node \"$first\" -o | tr ' ' '\\n' | sed -n 's/^NodeAddr=//p')",
+        "export MASTER_ADDR=\"${addr:-$first}\" MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
+        # DeepSpeed's own launcher form of the allocation, for its tools and for people debugging a run.
+        f"scontrol show hostnames \"$SLURM_JOB_NODELIST\" | sed 's/$/ slots={train.devices}/' > "
+        f"{shlex.quote(str(home / 'jobs' / job.id / 'hostfile'))}",
+        f"cd {shlex.quote(str(workdir))}",
+        "srun --kill-on-bad-exit=1 bash -c " + shlex.quote(f"{RANK_ENV}exec {python} -m jobs.worker --job {job.id} "
+                                                           "--engine-task"),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+class SlurmLauncher:
+    name = "slurm"
+
+    def submit(self, job: Job, train: Any, store: JobStore) -> str:
+        if train.accelerator == "auto":
+            raise LaunchError("train.accelerator is 'auto', but the nodes Slurm picks may differ from this one; "
+                              "set train.accelerator to 'gpu' or 'cpu'")
+        script = store.job_dir(job.id) / f"attempt{job.attempts}.sbatch"
+        script.write_text(batch_script(job, train, store.home, Path.cwd()))
+        done = _slurm("sbatch", "--parsable", str(script))
+        return done.stdout.strip().split(";")[0]
+
+    def state(self, job: Job) -> EngineState:
+        done = _slurm("scontrol", "show", "job", "-o", str(job.engine_id), check=False)
+        if done.returncode != 0:
+            if "Invalid job id" in done.stderr:  # purged from slurmctld's memory (MinJobAge) after it ended
+                return EngineState("GONE", finished=True, detail="no longer known to slurmctld")
+            raise LaunchError((done.stderr or done.stdout).strip() or f"scontrol exit {done.returncode}")
+        fields = dict(item.split("=", 1) for item in done.stdout.split() if "=" in item)
+        state = fields.get("JobState", "UNKNOWN")
+        reason = fields.get("Reason", "None")
+        return EngineState(state, finished=state in ENDED, cancelled=state == "CANCELLED",
+                           detail="" if reason == "None" else f"reason {reason}, exit code {fields.get('ExitCode')}")
+
+    def cancel(self, job: Job) -> None:
+        _slurm("scancel", str(job.engine_id))
+
+
+def requeue_self() -> bool:
+    """Rank 0 of an interrupted Slurm job: ask Slurm to run the job again (the next attempt); False outside Slurm
+    or when Slurm refuses (the job then ends and `reconcile` re-queues it through athanor)."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return False
+    try:
+        _slurm("scontrol", "requeue", job_id)
+    except LaunchError:
+        return False
+    return True

@@ -1,0 +1,150 @@
+"""The engine-independent half of the launchers (jobs/launchers/__init__.py, JobStore.take_over), with a fake engine:
+the engine's job state settles a RUNNING job, a stale heartbeat never re-queues an engine job, a requeued engine run
+becomes the next attempt, a refused submission fails the job in one line.
+
+    .venv/bin/python -m pytest tests/jobs/test_launchers.py -q
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from jobs import launchers
+from jobs.launchers import EngineState, LaunchError
+from jobs.store import JobStore
+
+
+class FakeEngine:
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.states: dict[str, EngineState] = {}
+        self.submitted: list[str] = []
+        self.refuse: str | None = None
+
+    def submit(self, job, train, store) -> str:
+        if self.refuse:
+            raise LaunchError(self.refuse)
+        engine_id = f"e{len(self.submitted) + 1}"
+        self.submitted.append(engine_id)
+        self.states[engine_id] = EngineState("RUNNING", finished=False)
+        return engine_id
+
+    def state(self, job) -> EngineState:
+        if job.engine_id not in self.states:
+            raise LaunchError("controller down")
+        return self.states[job.engine_id]
+
+    def cancel(self, job) -> None:
+        self.states[job.engine_id] = EngineState("CANCELLED", finished=True, cancelled=True)
+
+
+class Train:
+    launcher = "fake"
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    fake = FakeEngine()
+    monkeypatch.setattr(launchers, "launcher_for", lambda name: fake)
+    return fake
+
+
+def _submitted(store: JobStore, max_attempts: int = 2):
+    job = store.create(name="t", method="minilm", recipe_text="x", recipe_path=None, overrides=[], recipe_hash="h",
+                       max_attempts=max_attempts)
+    launchers.submit(store, store.claim(job.id), Train())
+    return store.get(job.id)
+
+
+def test_a_submitted_job_records_the_engine_and_its_id(tmp_path, engine):
+    job = _submitted(JobStore(tmp_path))
+    assert (job.status, job.engine, job.engine_id, job.attempts) == ("RUNNING", "fake", "e1", 1)
+
+
+def test_a_refused_submission_fails_the_job_in_one_line(tmp_path, engine):
+    engine.refuse = "sbatch: error: invalid partition specified: gpux"
+    job = _submitted(JobStore(tmp_path))
+    assert job.status == "FAILED" and job.error == "fake: sbatch: error: invalid partition specified: gpux"
+
+
+def test_a_running_engine_job_is_left_alone_and_a_stale_heartbeat_does_not_requeue_it(tmp_path, engine):
+    store = JobStore(tmp_path)
+    job = _submitted(store)
+    store.update(job.id, heartbeat_at=time.time() - 3600)  # waiting in the engine's queue: nobody beats
+    assert launchers.reconcile(store) == [] and store.reap(lease_seconds=1) == []
+    assert store.get(job.id).status == "RUNNING"
+
+
+def test_an_engine_job_that_ended_without_reporting_is_requeued_then_failed_when_attempts_run_out(tmp_path, engine):
+    store = JobStore(tmp_path)
+    job = _submitted(store, max_attempts=2)
+    engine.states["e1"] = EngineState("NODE_FAIL", finished=True, detail="reason NodeFail")
+    (settled,) = launchers.reconcile(store)
+    assert settled.status == "PENDING" and "fake job e1 ended NODE_FAIL: reason NodeFail" in settled.error
+    launchers.submit(store, store.claim(job.id), Train())
+    assert store.get(job.id).engine_id == "e2" and store.get(job.id).attempts == 2
+    engine.states["e2"] = EngineState("FAILED", finished=True)
+    (settled,) = launchers.reconcile(store)
+    assert settled.status == "FAILED" and "attempts exhausted (2 of train.max_attempts = 2)" in settled.error
+
+
+def test_an_engine_job_cancelled_through_the_engine_is_stopped_not_retried(tmp_path, engine):
+    store = JobStore(tmp_path)
+    job = _submitted(store, max_attempts=5)
+    engine.cancel(store.get(job.id))
+    (settled,) = launchers.reconcile(store)
+    assert settled.status == "STOPPED" and settled.error.startswith("cancelled through fake")
+
+
+def test_an_engine_that_cannot_be_asked_leaves_the_job_running(tmp_path, engine):
+    store = JobStore(tmp_path)
+    job = _submitted(store)
+    store.update(job.id, engine_id="unknown-to-the-engine")
+    assert launchers.reconcile(store) == [] and store.get(job.id).status == "RUNNING"
+
+
+def test_a_requeued_engine_run_takes_over_as_the_next_attempt_once(tmp_path, engine):
+    store = JobStore(tmp_path)
+    job = _submitted(store, max_attempts=2)
+    assert store.take_over(job.id, "e1", 0).attempts == 1  # the first run is the claimed attempt
+    assert store.take_over(job.id, "other", 0) is None  # not this job's engine job
+    resumed = store.take_over(job.id, "e1", 1)
+    assert (resumed.attempts, resumed.engine_run, resumed.status) == (2, 1, "RUNNING")
+    assert store.take_over(job.id, "e1", 1).attempts == 2  # rank 0 asking again changes nothing
+    assert store.take_over(job.id, "e1", 2) is None  # a third run: attempts exhausted
+    job = store.get(job.id)
+    assert job.status == "FAILED" and "attempts exhausted" in job.error
+
+
+def test_a_requeued_run_of_a_cancelled_job_does_not_go_on(tmp_path, engine):
+    store = JobStore(tmp_path)
+    job = _submitted(store, max_attempts=3)
+    store.request_cancel(job.id)
+    assert store.take_over(job.id, "e1", 1) is None
+    assert store.get(job.id).status == "STOPPED"
+
+
+def test_the_interrupt_is_handed_over_once_a_checkpoint_written_after_it_is_complete():
+    from types import SimpleNamespace
+
+    from jobs.trainer import guard_callback
+
+    warned, handed = [], []
+    guard = guard_callback(lambda: False, interrupted=lambda: bool(warned), on_interrupt=lambda: handed.append(1),
+                           checkpoint_every=5)
+
+    def step(n: int) -> None:
+        guard.on_train_batch_end(SimpleNamespace(global_step=n, is_global_zero=True, should_stop=False), None, None,
+                                 None, n)
+
+    step(6)
+    warned.append(True)  # SIGUSR1 arrives during step 7
+    for n in (7, 8, 9, 10):  # checkpoint step=10 is written after the guard ran at step 10
+        step(n)
+    assert handed == []
+    step(11)  # step=10.ckpt is complete now
+    step(12)
+    assert handed == [1]

@@ -1,0 +1,184 @@
+"""`train.launcher: slurm` against a real single-node Slurm cluster the test starts (tests/jobs/slurm_cluster.py):
+a 2-task CPU DDP run of the tiny MiniLM recipe trains the same student as the local launcher; the warning signal
+before a time limit (SIGUSR1) requeues the job, whose next run resumes from its checkpoint as attempt 2 into the same
+MLflow run; `scancel` ends a job STOPPED. The batch script itself is checked without a cluster.
+
+    .venv/bin/python -m pytest tests/jobs/test_slurm.py -q
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from harness import RECIPES, athanor, mlflow_client
+from slurm_cluster import missing, slurm_cluster
+
+from jobs.recipe import load_recipe
+from jobs.store import JobStore
+
+DDP = ["-o", "train.launcher=slurm", "-o", "train.strategy=ddp", "-o", "train.devices=2", "-o", "train.accelerator=cpu"]
+TINY = str(RECIPES / "minilm_tiny.yaml")
+
+
+def _opts(*pairs: str) -> list[str]:
+    return [a for p in pairs for a in ("-o", p)]
+
+
+def test_batch_script_places_devices_tasks_on_each_node_with_the_recipes_options(tmp_path):
+    from jobs.launchers.slurm import batch_script
+
+    recipe = load_recipe(TINY, overrides=["train.launcher=slurm", "train.num_nodes=2", "train.devices=8",
+                                          "train.accelerator=gpu", "train.slurm.partition=gpu",
+                                          "train.slurm.time_limit=1-00:00:00", "train.slurm.account=ml",
+                                          "train.slurm.sbatch_lines=['#SBATCH --qos=high']"]).recipe
+    store = JobStore(tmp_path)
+    job = store.create(name="x", method="minilm", recipe_text="x", recipe_path=None, overrides=[], recipe_hash="h")
+    script = batch_script(job, recipe.train, tmp_path, Path("/work"))
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gres=gpu:8", "#SBATCH --requeue",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=1-00:00:00", "#SBATCH --account=ml", "#SBATCH --qos=high",
+                 "#SBATCH --signal=USR1@120"):
+        assert line in script.splitlines(), line
+    assert f"-m jobs.worker --job {job.id} --engine-task" in script
+    # Every #SBATCH line comes before the first command (sbatch stops reading options there).
+    lines = script.splitlines()
+    first_command = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
+    assert all(not line.startswith("#SBATCH") for line in lines[first_command:])
+
+
+def test_the_2x8_recipe_gives_each_of_16_tasks_its_torchrun_ids_and_deepspeed_a_hostfile(tmp_path):
+    from jobs.launchers.slurm import RANK_ENV, batch_script
+
+    recipe = load_recipe(RECIPES / "sentencevae_smollm2_slurm_2x8.yaml").recipe
+    store = JobStore(tmp_path)
+    job = store.create(name="x", method="sentencevae", recipe_text="x", recipe_path=None, overrides=[],
+                       recipe_hash="h")
+    script = batch_script(job, recipe.train, tmp_path, Path("/work")).splitlines()
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gres=gpu:8", "#SBATCH --exclusive",
+                 "#SBATCH --signal=USR1@300"):
+        assert line in script, line
+    assert any("slots=8" in line and "hostfile" in line for line in script)
+    # Task 11 of 16 is the fourth rank of the second node.
+    slurm = {"SLURM_PROCID": "11", "SLURM_LOCALID": "3", "SLURM_NODEID": "1", "SLURM_NTASKS": "16",
+             "SLURM_NTASKS_PER_NODE": "8"}
+    shown = subprocess.run(["bash", "-c", RANK_ENV + "echo $RANK $LOCAL_RANK $NODE_RANK $WORLD_SIZE $LOCAL_WORLD_SIZE"],
+                           env={**os.environ, **slurm}, capture_output=True, text=True, check=True).stdout.split()
+    assert shown == ["11", "3", "1", "16", "8"]
+
+
+def test_an_sbatch_line_that_smuggles_a_command_is_refused(tmp_path):
+    done = athanor("validate", TINY, "-o", r'train.slurm.sbatch_lines=["#SBATCH --qos=high\nrm -rf /"]',
+                   home=tmp_path)
+    assert done.returncode == 2
+    assert "train.slurm.sbatch_lines" in done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    problem = missing()
+    if problem:
+        pytest.fail(f"{problem} (CI installs them: see .ci/run)")
+    # Not under pytest's folder: it is private to root, and munged (the munge user) must reach its socket.
+    root = Path(tempfile.mkdtemp(prefix="athanor-slurm-"))
+    os.chmod(root, 0o755)
+    try:
+        with slurm_cluster(root / "cluster") as env:
+            yield {**env, "OMP_NUM_THREADS": "1"}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _run(home: Path, env: dict, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return athanor("submit", TINY, "--wait", "--no-progress", *extra, home=home, env=env, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.services
+def test_a_two_task_slurm_job_trains_what_the_local_launcher_trains(cluster, tmp_path):
+    steps = _opts("train.max_steps=12")
+    on_slurm = _run(tmp_path / "slurm", cluster, *DDP, *steps)
+    assert on_slurm.returncode == 0, on_slurm.stdout[-2000:] + on_slurm.stderr[-3000:]
+    job = JobStore(tmp_path / "slurm").list()[0]
+    assert job.status == "SUCCEEDED" and job.engine == "slurm" and job.engine_id and job.attempts == 1
+    out = (tmp_path / "slurm" / "jobs" / job.id / f"slurm-{job.engine_id}.out").read_text()
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in out  # the second rank was Slurm's second task
+    local = _run(tmp_path / "local", cluster, *DDP[2:], *steps)
+    assert local.returncode == 0, local.stderr[-3000:]
+    reference = JobStore(tmp_path / "local").list()[0]
+    for key, value in reference.result["after"].items():
+        if key != "latency_ms":
+            assert job.result["after"][key] == pytest.approx(value, rel=1e-5, nan_ok=True), key
+    version = mlflow_client(tmp_path / "slurm").get_model_version_by_alias("minilm-tiny-student", "candidate")
+    assert version.run_id == job.mlflow_run_id
+
+
+def _wait_for(predicate, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if (found := predicate()):
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"{what} within {seconds} s")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.services
+def test_the_time_limit_warning_requeues_and_the_next_run_resumes_as_attempt_two(cluster, tmp_path):
+    home = tmp_path / "home"
+    opts = _opts("train.max_steps=60", "train.checkpoint_every_n_steps=5", "train.max_attempts=2",
+                 "train.log_every_n_steps=5")
+    env = {**os.environ, **cluster, "ATHANOR_HOME": str(home)}
+    proc = subprocess.Popen(
+        [*athanor_argv(), "submit", TINY, "--wait", "--no-progress", *DDP, *opts], env=env, cwd=RECIPES.parent,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job_dir = _wait_for(lambda: next(iter((home / "jobs").glob("*/checkpoints/step=*.ckpt")), None), 300,
+                        "a first step checkpoint").parents[1]
+    job = JobStore(home).get(job_dir.name)
+    signal = subprocess.run(["scancel", "--signal=USR1", job.engine_id], env=env, capture_output=True, text=True)
+    assert signal.returncode == 0, signal.stderr
+    output, _ = proc.communicate(timeout=600)
+    job = JobStore(home).get(job.id)
+    assert job.status == "SUCCEEDED", output[-3000:]
+    assert job.attempts == 2 and job.engine_run == 1, (job.attempts, job.engine_run)
+    log = Path(job.log_path).read_text()
+    assert "requeueing" in log and "attempt 2: resuming from" in log, log[-3000:]
+    client = mlflow_client(home)
+    parents = [r for r in client.search_runs([client.get_run(job.mlflow_run_id).info.experiment_id])
+               if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.run_id for r in parents] == [job.mlflow_run_id]  # one parent run, continued by attempt 2
+
+
+@pytest.mark.slow
+@pytest.mark.services
+def test_scancel_stops_the_job_and_a_forced_cancel_goes_through_slurm(cluster, tmp_path):
+    home = tmp_path / "home"
+    env = {**cluster, "ATHANOR_HOME": str(home)}
+    submitted = athanor("submit", TINY, *_opts("train.launcher=slurm", "train.accelerator=cpu",
+                                               "train.max_steps=100000"), home=home, env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    worker = athanor("worker", "--once", home=home, env=env, timeout=120)
+    assert "submitted to slurm" in worker.stdout, worker.stdout + worker.stderr
+    job = JobStore(home).list()[0]
+    _wait_for(lambda: "training for" in Path(job.log_path).read_text(errors="replace")
+              if Path(job.log_path).exists() else False, 300, "training to start")
+    done = athanor("cancel", job.id, "--force", home=home, env=env)
+    assert done.returncode == 0, done.stderr
+    # `athanor status` asks Slurm (reconcile): its CANCELLED state makes the job STOPPED.
+    _wait_for(lambda: athanor("status", job.id, home=home, env=env) and JobStore(home).get(job.id).status == "STOPPED",
+              60, "STOPPED")
+    job = JobStore(home).get(job.id)
+    assert job.status == "STOPPED" and "cancelled through slurm" in job.error, job.error
+    assert job.model_version is None
+
+
+def athanor_argv() -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "jobs.cli"]
