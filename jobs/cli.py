@@ -121,7 +121,9 @@ def cmd_submit(args) -> int:
 
     store.claim(job.id)
     if loaded.recipe.train.launcher != "local":
-        final = _wait_on_engine(store, store.get(job.id), loaded.recipe.train)
+        from jobs.launchers import submit_and_follow
+
+        final = submit_and_follow(store, store.get(job.id), loaded.recipe.train)
     else:
         print(f"running job {job.id} ({name}, {method}) in the foreground; log: {job.log_path}", flush=True)
         final = run.execute(job.id, store, progress=not args.no_progress)
@@ -130,28 +132,6 @@ def cmd_submit(args) -> int:
         return EXIT_OK
     print(f"job {final.id}: {final.status} — {final.error}", file=sys.stderr)
     return EXIT_JOB_FAILED
-
-
-def _wait_on_engine(store, job, train):
-    """`submit --wait` with a cluster launcher: submit the claimed job to its engine and follow it to a final
-    status (a retried attempt is submitted again), printing each change."""
-    import time
-
-    from jobs.launchers import safe_reconcile, submit
-    from jobs.store import FINAL
-
-    submit(store, job, train)
-    said = None
-    while (now := store.get(job.id)).status not in FINAL:
-        if now.status == "PENDING" and store.claim(job.id) is not None:
-            submit(store, store.get(job.id), train)
-        if (now.status, now.attempts, now.engine_id) != said:
-            said = (now.status, now.attempts, now.engine_id)
-            print(f"job {job.id}: {now.status}, attempt {now.attempts}, {train.launcher} job {now.engine_id}; "
-                  f"log: {now.log_path}", flush=True)
-        time.sleep(1.0)
-        safe_reconcile(store)
-    return now
 
 
 def cmd_worker(args) -> int:
@@ -197,7 +177,7 @@ def cmd_status(args) -> int:
     store = _store(args)
     _reap(store)
     job = _job(store, args.job)
-    shown = ("id", "name", "method", "status", "attempts", "pid", "engine", "engine_id", "recipe_path",
+    shown = ("id", "name", "method", "status", "attempts", "pid", "engine", "engine_id", "engine_state", "recipe_path",
              "recipe_hash", "overrides", "log_path", "mlflow_run_id", "model_version", "error")
     fields = {k: getattr(job, k) for k in shown}
     fields.update(created=_age(job.created_at), started=_age(job.started_at), finished=_age(job.finished_at))
@@ -211,6 +191,8 @@ def cmd_status(args) -> int:
 def cmd_logs(args) -> int:
     store = _store(args)
     job = _job(store, args.job)
+    if args.engine:
+        return _engine_logs(job)
     if not job.log_path or not os.path.exists(job.log_path):
         print("(no log yet)")
         return EXIT_OK
@@ -224,6 +206,22 @@ def cmd_logs(args) -> int:
                     sys.stdout.write(f.read())
                 return EXIT_OK
             time.sleep(0.5)
+
+
+def _engine_logs(job) -> int:
+    """`athanor logs JOB --engine`: every rank's output as the cluster engine keeps it."""
+    from jobs.launchers import LaunchError, launcher_for
+
+    if not job.engine or not job.engine_id:
+        print(f"job {job.id} did not run under a cluster engine (train.launcher: local); see `athanor logs {job.id}`",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        sys.stdout.write(launcher_for(job.engine).logs(job))
+    except LaunchError as exc:
+        print(f"job {job.id}: {job.engine} job {job.engine_id}: {exc}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    return EXIT_OK
 
 
 def cmd_cancel(args) -> int:
@@ -361,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_cancel)
     p = sub.add_parser("logs", help="print a job's log")
     p.add_argument("job"), p.add_argument("--follow", "-f", action="store_true"), p.set_defaults(fn=cmd_logs)
+    p.add_argument("--engine", action="store_true", help="every rank's output as the cluster engine keeps it")
     p = sub.add_parser("ui", help="start the MLflow UI on the job store (127.0.0.1 by default)")
     p.add_argument("--host", default="127.0.0.1"), p.add_argument("--port", type=int, default=5000)
     p.add_argument("--workers", type=int, default=1, help="server worker processes")

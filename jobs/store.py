@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     engine TEXT,
     engine_id TEXT,
-    engine_run INTEGER NOT NULL DEFAULT 0
+    engine_run INTEGER NOT NULL DEFAULT 0,
+    engine_state TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created_at);
 """
@@ -69,7 +70,7 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created_at);
 # Columns added after the first release: added to existing stores on open.
 MIGRATIONS = {"lease_owner": "TEXT", "heartbeat_at": "REAL", "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
               "max_attempts": "INTEGER NOT NULL DEFAULT 1", "engine": "TEXT", "engine_id": "TEXT",
-              "engine_run": "INTEGER NOT NULL DEFAULT 0"}
+              "engine_run": "INTEGER NOT NULL DEFAULT 0", "engine_state": "TEXT"}
 
 LEASE_SECONDS = float(os.environ.get("ATHANOR_LEASE_SECONDS", "60"))
 """A RUNNING job whose heartbeat is older than this is reaped (its process renews it every LEASE_SECONDS / 6)."""
@@ -128,6 +129,8 @@ class Job:
     """The engine's own id of that attempt (Slurm job id, Ray submission id)."""
     engine_run: int = 0
     """Which run of the engine job the current attempt is (Slurm requeues a job under the same id)."""
+    engine_state: str | None = None
+    """The engine's state of that job when last asked (e.g. PENDING while it waits in Slurm's queue)."""
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -237,7 +240,8 @@ class JobStore:
                 return None
             db.execute(
                 "UPDATE jobs SET status='RUNNING', attempts=attempts+1, started_at=?, updated_at=?, error=NULL,"
-                " pid=NULL, lease_owner=?, heartbeat_at=?, engine=NULL, engine_id=NULL, engine_run=0 WHERE id=?",
+                " pid=NULL, lease_owner=?, heartbeat_at=?, engine=NULL, engine_id=NULL, engine_run=0,"
+                " engine_state=NULL WHERE id=?",
                 (now, now, owner, now, row["id"]),
             )
             db.execute("COMMIT")

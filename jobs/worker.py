@@ -113,17 +113,25 @@ def _launcher_of(job) -> str:
         return "local"
 
 
+ENGINE_STOP_SECONDS = 30.0
+"""How long a forced cancel of an engine job waits for the engine to report it stopped."""
+
+
 def cancel(store: JobStore, job_id: str, *, force: bool = False) -> str:
     """PENDING → STOPPED; RUNNING → the cancel flag (the job stops at its next step or stage boundary,
-    never inside registration). `force` also kills the job's process group; the lease reaper then
-    records it STOPPED and cleans up."""
+    never inside registration). `force` also kills the job's process group (the lease reaper then records it
+    STOPPED and cleans up), or for an engine job stops it through the engine first — before the flag, which the
+    job would otherwise race to honour itself — and waits for the engine's state to settle it."""
+    job = store.get(job_id)
+    if force and job.status == "RUNNING" and job.engine and job.engine_id:
+        launcher_for(job.engine).cancel(job)  # the engine kills every rank; reconcile records it STOPPED
+        deadline = time.monotonic() + ENGINE_STOP_SECONDS
+        while store.get(job_id).status == "RUNNING" and time.monotonic() < deadline:
+            time.sleep(0.5)
+            safe_reconcile(store)
     status = store.request_cancel(job_id)
     job = store.get(job_id)
-    if force and status == "RUNNING" and job.engine and job.engine_id:
-        launcher_for(job.engine).cancel(job)  # the engine kills every rank; reconcile records it STOPPED
-        time.sleep(0.2)
-        safe_reconcile(store)
-    elif force and status == "RUNNING" and job.pid:
+    if force and status == "RUNNING" and job.pid and not job.engine:
         try:
             if os.getpgid(job.pid) == job.pid:  # the job's own process group: its ranks go too
                 os.killpg(job.pid, signal.SIGKILL)

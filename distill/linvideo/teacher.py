@@ -161,50 +161,54 @@ def main() -> None:
     model.save_pretrained(out / "transformer", safe_serialization=True)
     gen_acc = {g: generated_accuracy(model, classifier, conditions, 2, 20, g, spec) for g in (1.0, 3.0)}
     minutes = (time.monotonic() - started) / 60
-    (out / "README.md").write_text(_readme(args, ran, real_acc, gen_acc, minutes))
+    runs = run_history(args, ran, gen_acc, minutes)
+    (out / "history.json").write_text(json.dumps(runs, indent=1))
+    (out / "README.md").write_text(_readme(runs, real_acc, args.batch))
     print(f"done in {minutes:.1f} min: classifier on teacher frames {gen_acc}", flush=True)
 
 
-def _readme(args, ran: int, real_acc: float, gen_acc: dict[float, float], minutes: float) -> str:
-    joint = (f"; every other step a batch of {args.batch * 8} single frames (Wan's joint image-video training)"
-             if args.joint_images else "")
-    earlier = _earlier_command(args.init_from)
+def command_of(args) -> str:
+    """The command line of this run, as the README shows it."""
+    return (f".venv/bin/python -m distill.linvideo.teacher --out distill/linvideo/testbed --minutes {args.minutes:g} "
+            f"\\\n        --steps {args.steps} --batch {args.batch} --lr {args.lr:g} --threads {args.threads} "
+            f"--seed {args.seed} \\\n        --classifier-steps {args.classifier_steps}"
+            + (" --joint-images" if args.joint_images else "")
+            + (f" --init-from {args.init_from}" if args.init_from else ""))
+
+
+def run_history(args, ran: int, gen_acc: dict[float, float], minutes: float) -> list[dict]:
+    """Every run that made these weights, oldest first: the continued run's `history.json` plus this run."""
+    earlier = args.init_from / "history.json" if args.init_from else None
+    runs = json.loads(earlier.read_text()) if earlier is not None and earlier.is_file() else []
+    return [*runs, {"command": command_of(args), "steps": ran, "minutes": round(minutes, 1),
+                    "accuracy": {str(g): round(a, 4) for g, a in gen_acc.items()}}]
+
+
+def _readme(runs: list[dict], real_acc: float, batch: int) -> str:
+    made = "\n".join(f"{i + 1}. {r['steps']} steps, {r['minutes']:g} min; frames read as the prompted class: "
+                     f"{r['accuracy']['1.0']:.1%} (no guidance) / {r['accuracy']['3.0']:.1%} (guidance 3)\n\n"
+                     f"        {r['command'].replace(chr(10), chr(10) + '    ')}\n" for i, r in enumerate(runs))
+    last = runs[-1]["accuracy"]
     return f"""# LinVideo testbed: a tiny Wan teacher for Moving Fashion-MNIST
 
-Made by (on a 2-core CPU, {args.threads} thread(s), {minutes:.0f} min including the classifier):
+Made on a 2-core CPU (one thread) by {len(runs)} run(s), each after the first continuing the previous one's EMA
+weights and classifier (`--init-from`); `history.json` holds them:
 
-    .venv/bin/python -m distill.linvideo.teacher --out distill/linvideo/testbed --minutes {args.minutes:g} \\
-        --steps {args.steps} --batch {args.batch} --lr {args.lr:g} --threads {args.threads} --seed {args.seed} \\
-        --classifier-steps {args.classifier_steps}{" --joint-images" if args.joint_images else ""}\
-        {f"--init-from {args.init_from}" if args.init_from else ""}
-
+{made}
 - `transformer/`: diffusers `WanTransformer3DModel` ({json.dumps(TEACHER_CONFIG)}), rectified flow in pixel
-  space on clips of 8 frames × 32×32 (1 channel, [-1, 1]); 512 tokens with patch (1, 4, 4).{earlier}
-  Trained {ran} steps of batch {args.batch} (AdamW, lr {args.lr:g}, cosine, EMA 0.999, 10% caption dropout
-  for CFG){joint}.
+  space on clips of 8 frames × 32×32 (1 channel, [-1, 1]); 512 tokens with patch (1, 4, 4). Each run: batches of
+  {batch} clips (AdamW, cosine, EMA 0.999, 10% caption dropout for CFG); with `--joint-images` every other step is a
+  batch of {batch * 8} single frames (Wan's joint image-video training).
 - `conditions.safetensors`: all-MiniLM-L6-v2 token states ({TEXT_TOKENS} tokens × 384) for the 40 captions
   in `captions.json` ("a <class> moving <left|right|up|down>"); zeros are the unconditional input.
-- `classifier.safetensors`: `distill.fashion_mnist.FashionClassifier` on single frames
-  ({args.classifier_steps} steps × 64).
+- `classifier.safetensors`: `distill.fashion_mnist.FashionClassifier` on single frames, trained by the first run
+  (`--classifier-steps` × 64 frames); the later runs reuse it.
 
 Quality: the classifier reads {real_acc:.1%} of 2,000 real test-split frames correctly, and
-{gen_acc[1.0]:.1%} (no guidance) / {gen_acc[3.0]:.1%} (guidance 3) of the teacher's generated frames
+{last['1.0']:.1%} (no guidance) / {last['3.0']:.1%} (guidance 3) of the teacher's generated frames
 (2 clips × 8 frames per caption, 20 Euler steps, seeds 0..39) as the prompted class.
 Classes: {", ".join(CLASSES)}.
 """
-
-
-def _earlier_command(init_from: Path | None) -> str:
-    """The command block of the run this one continued (from its README), so the README keeps the whole recipe."""
-    if init_from is None or not (init_from / "README.md").is_file():
-        return ""
-    lines = (init_from / "README.md").read_text().splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith("Made by")), None)
-    if start is None:
-        return ""
-    end = next(i for i in range(start + 2, len(lines) + 1) if i == len(lines) or not lines[i].strip())
-    block = "\n".join("  " + line for line in lines[start:end])
-    return f"\n  Continued from the weights (and classifier) of an earlier run:\n\n{block}\n"
 
 
 if __name__ == "__main__":

@@ -27,10 +27,11 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-from jobs.store import Job, JobStore, StoreError
+from jobs.store import FINAL, Job, JobStore, StoreError
 
 log = logging.getLogger("athanor.launchers")
 
@@ -79,6 +80,9 @@ class Launcher(Protocol):
     def cancel(self, job: Job) -> None:
         """Kill the engine job now (the forced cancel; a plain cancel is the flag the job checks every step)."""
 
+    def logs(self, job: Job) -> str:
+        """The engine's log of the job's current engine id (every rank's output), as the engine keeps it."""
+
 
 def launcher_for(name: str) -> Launcher:
     """The launcher registered as `name` (its client library imported now)."""
@@ -101,6 +105,23 @@ def submit(store: JobStore, job: Job, train: Any) -> None:
     log.info("job %s: attempt %d submitted to %s as %s", job.id, job.attempts, train.launcher, engine_id)
 
 
+def submit_and_follow(store: JobStore, job: Job, train: Any) -> Job:
+    """`submit --wait` with a cluster launcher: submit the claimed job to its engine and follow it to a final
+    status (a retried attempt is submitted again), printing each change."""
+    submit(store, job, train)
+    said = None
+    while (now := store.get(job.id)).status not in FINAL:
+        if now.status == "PENDING" and store.claim(job.id) is not None:
+            submit(store, store.get(job.id), train)
+        if (now.status, now.attempts, now.engine_id, now.engine_state) != said:
+            said = (now.status, now.attempts, now.engine_id, now.engine_state)
+            print(f"job {job.id}: {now.status}, attempt {now.attempts}, {train.launcher} job {now.engine_id} "
+                  f"({now.engine_state or 'submitted'}); log: {now.log_path}", flush=True)
+        time.sleep(1.0)
+        safe_reconcile(store)
+    return now
+
+
 def reconcile(store: JobStore) -> list[Job]:
     """Settle every RUNNING engine job whose engine job ended without reporting; return the settled jobs. An engine
     that cannot be asked now (controller restarting) is asked again on the next call."""
@@ -115,6 +136,8 @@ def reconcile(store: JobStore) -> list[Job]:
         except LaunchError as exc:
             log.warning("job %s: could not ask %s about %s: %s", job.id, job.engine, job.engine_id, exc)
             continue
+        if state.state != job.engine_state:
+            store.update(job.id, engine_state=state.state)
         if not state.finished:
             continue
         said = f"{job.engine} job {job.engine_id} ended {state.state}" + (f": {state.detail}" if state.detail else "")

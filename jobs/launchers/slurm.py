@@ -121,6 +121,14 @@ class SlurmLauncher:
     def cancel(self, job: Job) -> None:
         _slurm("scancel", str(job.engine_id))
 
+    def logs(self, job: Job) -> str:
+        fields = dict(item.split("=", 1) for item in _slurm("scontrol", "show", "job", "-o", str(job.engine_id))
+                      .stdout.split() if "=" in item)
+        path = Path(fields.get("StdOut", ""))
+        if not path.is_file():
+            raise LaunchError(f"Slurm's output file of job {job.engine_id} ({path}) cannot be read from here")
+        return path.read_text(errors="replace")
+
 
 def requeue_self() -> bool:
     """Rank 0 of an interrupted Slurm job: ask Slurm to run the job again (the next attempt); False outside Slurm

@@ -106,8 +106,9 @@ def test_a_two_task_slurm_job_trains_what_the_local_launcher_trains(cluster, tmp
     assert on_slurm.returncode == 0, on_slurm.stdout[-2000:] + on_slurm.stderr[-3000:]
     job = JobStore(tmp_path / "slurm").list()[0]
     assert job.status == "SUCCEEDED" and job.engine == "slurm" and job.engine_id and job.attempts == 1
-    out = (tmp_path / "slurm" / "jobs" / job.id / f"slurm-{job.engine_id}.out").read_text()
-    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in out  # the second rank was Slurm's second task
+    out = athanor("logs", job.id, "--engine", home=tmp_path / "slurm", env=cluster)  # Slurm's output file
+    assert out.returncode == 0 and "GLOBAL_RANK: 1, MEMBER: 2/2" in out.stdout  # rank 1 was Slurm's second task
+    assert job.engine_state == "RUNNING"  # Slurm's state as last seen by `submit --wait` while the job ran
     local = _run(tmp_path / "local", cluster, *DDP[2:], *steps)
     assert local.returncode == 0, local.stderr[-3000:]
     reference = JobStore(tmp_path / "local").list()[0]

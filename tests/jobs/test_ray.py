@@ -1,0 +1,200 @@
+"""`train.launcher: ray` against a real Ray head the test starts itself (tests/jobs/ray_cluster.py), inside a network
+namespace whose only interface is `lo`: a 2-rank CPU DDP run of the tiny MiniLM recipe through the Jobs API, a job
+stopped through Ray, and one stopped by `athanor cancel --force`. The driver's rank layout, the entrypoint and the
+launcher's answers are checked without a cluster.
+
+    .venv/bin/python -m pytest tests/jobs/test_ray.py -q
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shutil
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import pytest
+from harness import RECIPES
+from ray_cluster import SCENARIO_SECONDS, in_loopback_namespace, missing
+
+from jobs.launchers import ENGINE_ID_ENV, RANKS_LAUNCHED_ENV, LaunchError, submit
+from jobs.launchers.ray import RayLauncher, entrypoint, job_env
+from jobs.launchers.ray_driver import rank_envs
+from jobs.recipe import load_recipe
+from jobs.store import JobStore
+
+TINY = str(RECIPES / "minilm_tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_train():
+    return load_recipe(TINY, overrides=["train.launcher=ray", "train.accelerator=cpu"]).recipe.train
+
+
+def _job(store: JobStore, overrides: tuple[str, ...] = ()):
+    return store.create(name="x", method="minilm", recipe_text=Path(TINY).read_text(), recipe_path=None,
+                        overrides=list(overrides), recipe_hash="h")
+
+
+def test_ranks_fill_each_node_bundle_torchrun_style():
+    ranks = rank_envs(2, 2, "10.0.0.5", 29400, "athanor-j-a1", [["3", "5"], ["0", "1"]])
+    assert [bundle for bundle, _ in ranks] == [0, 0, 1, 1]
+    for rank, (_, env) in enumerate(ranks):
+        assert env["RANK"] == str(rank) and env["LOCAL_RANK"] == str(rank % 2) and env["NODE_RANK"] == str(rank // 2)
+        assert env["WORLD_SIZE"] == "4" and env["LOCAL_WORLD_SIZE"] == "2"
+        assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("10.0.0.5", "29400")
+        assert env[RANKS_LAUNCHED_ENV] == "1" and env[ENGINE_ID_ENV] == "athanor-j-a1"
+    # Every rank of a node sees its node's GPUs, so `cuda:LOCAL_RANK` is the rank's own.
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in ranks] == ["3,5", "3,5", "0,1", "0,1"]
+    assert all("CUDA_VISIBLE_DEVICES" not in env for _, env in rank_envs(1, 2, "127.0.0.1", 1, "e"))
+
+
+def test_the_entrypoint_runs_this_checkouts_driver_with_the_recipes_layout(tmp_path):
+    train = load_recipe(TINY, overrides=["train.launcher=ray", "train.num_nodes=2", "train.devices=8",
+                                         "train.accelerator=gpu", "train.ray.cpus_per_rank=4"]).recipe.train
+    job = _job(JobStore(tmp_path))
+    command = entrypoint(job, train, Path("/srv/athanor repo"), python="/opt/venv/bin/python")
+    assert command == ("cd '/srv/athanor repo' && exec /opt/venv/bin/python -m jobs.launchers.ray_driver --job "
+                       f"{job.id} --nodes 2 --devices 8 --cpus-per-rank 4 --gpus-per-rank 1")
+    env = job_env("athanor-x-a1", tmp_path, {"ATHANOR_METHODS": "toy=m:T", "ATHANOR_TOKEN": "s" * 32,
+                                             "HF_HUB_OFFLINE": "1", "PATH": "/bin", "MLFLOW_TRACKING_URI": "x"})
+    assert env["ATHANOR_HOME"] == str(tmp_path) and env[ENGINE_ID_ENV] == "athanor-x-a1"
+    assert env["ATHANOR_METHODS"] == "toy=m:T" and env["HF_HUB_OFFLINE"] == "1" and env["MLFLOW_TRACKING_URI"] == "x"
+    assert "ATHANOR_TOKEN" not in env and "PATH" not in env  # no secrets in Ray's job table; the head's own PATH
+
+
+def test_without_a_cluster_address_the_job_fails_with_one_line_naming_both_settings(tmp_path, monkeypatch,
+                                                                                     tiny_train):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    store = JobStore(tmp_path)
+    job = store.claim(_job(store).id)
+    submit(store, job, tiny_train)
+    job = store.get(job.id)
+    assert job.status == "FAILED" and job.engine == "ray"
+    assert job.error.startswith("ray: no Ray cluster") and "train.ray.address" in job.error
+    assert "RAY_ADDRESS" in job.error and "\n" not in job.error
+
+
+def test_an_unreachable_cluster_and_an_auto_accelerator_are_one_line_launch_errors(tmp_path, tiny_train):
+    store = JobStore(tmp_path)
+    job = store.claim(_job(store).id)
+    with pytest.raises(LaunchError, match=r"^Ray Jobs API at http://127.0.0.1:9: Failed to connect") as err:
+        RayLauncher().submit(job, tiny_train.model_copy(update={"ray": tiny_train.ray.model_copy(
+            update={"address": "http://127.0.0.1:9"})}), store)
+    assert "\n" not in str(err.value)
+    with pytest.raises(LaunchError, match="train.accelerator is 'auto'"):
+        RayLauncher().submit(job, tiny_train.model_copy(update={"accelerator": "auto"}), store)
+
+
+class _FakeClient:
+    """Ray's JobSubmissionClient as far as the launcher uses it; records what it was made with."""
+
+    made: list[tuple[str, str | None]] = []
+    info: object = None
+
+    def __init__(self, address: str) -> None:
+        import os
+
+        self.made.append((address, os.environ.get("RAY_ADDRESS")))
+
+    def get_job_info(self, engine_id: str):
+        if self.info is None:
+            raise RuntimeError(f"Request failed with status code 404: Job {engine_id} does not exist.")
+        return self.info
+
+
+@pytest.fixture
+def fake_ray(monkeypatch):
+    """The Ray client replaced by _FakeClient (no Ray needed)."""
+    module = types.ModuleType("ray.job_submission")
+    module.JobSubmissionClient = _FakeClient
+    monkeypatch.setitem(sys.modules, "ray", types.ModuleType("ray"))
+    monkeypatch.setitem(sys.modules, "ray.job_submission", module)
+    _FakeClient.made, _FakeClient.info = [], None
+    return _FakeClient
+
+
+@pytest.mark.parametrize(("status", "finished", "cancelled", "detail"), [
+    ("PENDING", False, False, ""), ("RUNNING", False, False, ""), ("SUCCEEDED", True, False, ""),
+    ("FAILED", True, False, "Job entrypoint command failed with exit code 1, last available logs:"),
+    ("STOPPED", True, True, "Job was intentionally stopped."),
+])
+def test_rays_job_states_map_to_engine_states(tmp_path, monkeypatch, fake_ray, status, finished, cancelled, detail):
+    monkeypatch.setenv("RAY_ADDRESS", "http://elsewhere:8265")
+    job = _job(JobStore(tmp_path), ("train.launcher=ray", "train.ray.address=http://head:8265"))
+    message = {"FAILED": "Job entrypoint command failed with exit code 1, last available logs:\nTraceback …",
+               "STOPPED": "Job was intentionally stopped."}.get(status, "Job is running.")
+    fake_ray.info = types.SimpleNamespace(status=types.SimpleNamespace(value=status), message=message)
+    state = RayLauncher().state(job)
+    assert (state.state, state.finished, state.cancelled, state.detail) == (status, finished, cancelled, detail)
+    # The recipe's address wins over RAY_ADDRESS, which Ray's client would otherwise put first.
+    assert fake_ray.made == [("http://head:8265", None)]
+
+
+def test_a_job_the_cluster_no_longer_knows_has_ended(tmp_path, monkeypatch, fake_ray):
+    monkeypatch.setenv("RAY_ADDRESS", "http://from-env:8265")
+    state = RayLauncher().state(_job(JobStore(tmp_path), ("train.launcher=ray",)))
+    assert state.state == "GONE" and state.finished and not state.cancelled
+    assert fake_ray.made == [("http://from-env:8265", None)]
+
+
+@pytest.fixture(scope="module")
+def ray_scenario():
+    """Start a Ray head and run every Ray job below in a fresh network namespace with only `lo` (the scenario in
+    tests/jobs/ray_cluster.py); its JSON result."""
+    problem = missing()
+    if problem:
+        pytest.fail(f"{problem} (CI installs them: see .ci/run)")
+    root = Path(tempfile.mkdtemp(prefix="athanor-ray-"))  # short: Ray's unix socket paths live under it
+    try:
+        done = in_loopback_namespace([sys.executable, str(Path(__file__).with_name("ray_cluster.py")),
+                                      "run-scenario", "--root", str(root)], timeout=SCENARIO_SECONDS + 90)
+        lines = done.stdout.strip().splitlines()
+        assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
+        result = json.loads(lines[-1])
+        assert "error" not in result, result
+        yield result
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.services
+def test_ray_runs_in_a_namespace_where_only_loopback_exists(ray_scenario):
+    assert sorted(ray_scenario["interfaces"]) == ["lo 127.0.0.1/8", "lo ::1/128"]
+    for address in ray_scenario["listening"]:  # every socket Ray listened on, while its jobs ran
+        ip = ipaddress.ip_address(address.rsplit(":", 1)[0])
+        assert (getattr(ip, "ipv4_mapped", None) or ip).is_loopback, address
+    # The scenario kills what Ray leaves behind (its dashboard's forkserver outlives `ray start`); never a rank.
+    assert not [cmd for _, cmd in ray_scenario["leftovers"] if "jobs.worker" in cmd], ray_scenario["leftovers"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.services
+def test_a_two_rank_ray_job_trains_and_succeeds(ray_scenario):
+    train = ray_scenario["train"]
+    assert train["returncode"] == 0, train["output"]
+    assert train["status"] == "SUCCEEDED" and train["engine"] == "ray" and train["attempts"] == 1, train
+    assert train["engine_id"].startswith("athanor-") and train["ray_status"] == "SUCCEEDED"
+    assert train["rank1_in_ray_logs"], train["logs_tail"]  # Ray's job logs carry the second rank's output
+    assert any("rank 1/2 on node 0 (127.0.0.1), master 127.0.0.1:" in line for line in train["driver_lines"])
+
+
+@pytest.mark.slow
+@pytest.mark.services
+def test_ray_stops_a_job_and_a_forced_cancel_goes_through_ray(ray_scenario):
+    cancel = ray_scenario["cancel"]
+    assert cancel["training_started"] and cancel["cancel"] == 0, cancel
+    assert cancel["stopped"] and cancel["ranks_gone"], cancel
+    by_ray = cancel["by_ray"]
+    assert by_ray["status"] == "STOPPED" and by_ray["ray_status"] == "STOPPED", by_ray
+    assert by_ray["error"].startswith("cancelled through ray (ray job athanor-"), by_ray["error"]
+    by_athanor = cancel["by_athanor"]
+    assert by_athanor["status"] == "STOPPED" and by_athanor["ray_status"] == "STOPPED", by_athanor
+    # `athanor cancel --force` stops the Ray job before it sets the cancel flag: Ray's state ends it, not the job.
+    assert by_athanor["error"].startswith("cancelled through ray (ray job athanor-"), by_athanor
