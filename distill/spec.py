@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from convert.recipe_types import RecipeError, Section, bounded
 
@@ -204,6 +204,14 @@ class TrainSpec(Section):
     """Slurm options (used with `launcher: slurm`)."""
     ray: RaySpec = Field(default_factory=RaySpec)
     """Ray options (used with `launcher: ray`)."""
+
+    @field_validator("launcher")
+    @classmethod
+    def _engines_need_an_explicit_accelerator(cls, launcher: str, info: ValidationInfo) -> str:
+        if launcher != "local" and info.data.get("accelerator") == "auto":
+            raise ValueError(f"{launcher} runs the ranks on nodes that may differ from this machine, so 'auto' "
+                             f"cannot be decided here: set train.accelerator to 'gpu' or 'cpu'")
+        return launcher
 
 
 @dataclass

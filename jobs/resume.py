@@ -133,6 +133,12 @@ class AtomicCheckpoint(ModelCheckpoint):
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
 
+    def save_now(self, trainer: Any) -> None:
+        """A checkpoint of the current step outside the schedule (called on every rank together), unless this step
+        has one already: what an interrupted job resumes from."""
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def _should_remove_checkpoint(self, trainer: Any, previous: str, current: str) -> bool:
         """Also the checkpoint this fit resumed from (Lightning keeps it): it is loaded, and newer ones exist."""
         return previous != current and Path(self.dirpath).resolve() in Path(previous).resolve().parents

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from distill.spec import TrainSpec
+from distill.spec import STEPS_MAX, TrainSpec
 
 CHECKPOINTS = "checkpoints"
 """A job's (or comparison arm's) step checkpoints: `<job dir>/checkpoints/step=N.ckpt`."""
@@ -99,6 +99,11 @@ def build_strategy(train: TrainSpec, micro_batch_size: int) -> Any:
     return "auto"
 
 
+def _slurm_task() -> bool:
+    """This process is a rank Slurm started for athanor (jobs/launchers/slurm.py)."""
+    return bool(os.environ.get("ATHANOR_RANKS_LAUNCHED")) and "SLURM_NTASKS" in os.environ
+
+
 def build_trainer(train: TrainSpec, *, job_dir: Path, micro_batch_size: int, logger: Any = False,
                   progress: bool = True, callbacks: list | None = None, fence: Callable[[], bool] | None = None):
     """The Trainer; with `train.checkpoint_every_n_steps`, atomic step checkpoints in `job_dir/checkpoints` (the
@@ -108,16 +113,17 @@ def build_trainer(train: TrainSpec, *, job_dir: Path, micro_batch_size: int, log
     from jobs.resume import AtomicCheckpoint
 
     callbacks = list(callbacks or [])
-    if train.checkpoint_every_n_steps:
-        callbacks.append(AtomicCheckpoint(job_dir / CHECKPOINTS, train.checkpoint_every_n_steps,
-                                          train.keep_checkpoints, fence))
+    # Under Slurm a job checkpoints when warned of its end (time limit, pre-emption), even without periodic ones.
+    every = train.checkpoint_every_n_steps or (STEPS_MAX if _slurm_task() else None)
+    if every:
+        callbacks.append(AtomicCheckpoint(job_dir / CHECKPOINTS, every, train.keep_checkpoints, fence))
     if progress:
         from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
         refresh = max(1, train.log_every_n_steps)
         callbacks.append(RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=refresh))
     plugins = []
-    if os.environ.get("ATHANOR_RANKS_LAUNCHED") and "SLURM_NTASKS" in os.environ:
+    if _slurm_task():
         from lightning.pytorch.plugins.environments import SLURMEnvironment
 
         plugins.append(SLURMEnvironment(auto_requeue=False))  # ranks from Slurm; requeueing is athanor's (launchers)
@@ -138,7 +144,7 @@ def build_trainer(train: TrainSpec, *, job_dir: Path, micro_batch_size: int, log
         logger=logger,
         callbacks=callbacks,
         plugins=plugins,
-        enable_checkpointing=bool(train.checkpoint_every_n_steps),
+        enable_checkpointing=bool(every),
         enable_progress_bar=progress,
         enable_model_summary=False,
         default_root_dir=str(job_dir),
@@ -206,19 +212,19 @@ class NonFiniteLoss(RuntimeError):
 
 
 def guard_callback(should_stop: Callable[[], bool], poll_seconds: float = 1.0, *,
-                   interrupted: Callable[[], bool] | None = None, on_interrupt: Callable[[], Any] | None = None,
-                   checkpoint_every: int | None = None) -> Any:
+                   interrupted: Callable[[], bool] | None = None, on_interrupt: Callable[[], Any] | None = None) -> Any:
     """A Lightning callback run on every rank: a non-finite loss raises NonFiniteLoss before its backward
     pass (naming the step, counted from 0 as Lightning's global_step), and a cancel request (`should_stop()`,
-    polled at most every `poll_seconds`) stops the fit after this batch. Once `interrupted()` (an engine's
-    warning that the job will be killed), rank 0 calls `on_interrupt()` as soon as a step checkpoint written after
-    the warning is complete (every `checkpoint_every` steps; at once without checkpoints)."""
+    polled at most every `poll_seconds`) stops the fit after this batch. With `interrupted` (an engine's warning
+    that the job will be killed, seen by any rank), the ranks agree after each step; once one saw it, every rank
+    writes a step checkpoint now (collectively) and rank 0 calls `on_interrupt()` (requeue)."""
     import time
 
     from lightning.pytorch.callbacks import Callback
 
     class Guard(Callback):
         last_poll = 0.0
+        handed_over = False
 
         def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
             if not torch.isfinite(loss.detach()).all():
@@ -226,27 +232,25 @@ def guard_callback(should_stop: Callable[[], bool], poll_seconds: float = 1.0, *
                                     f"optimizer step {trainer.global_step}; lower train.lr or check the data")
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            if interrupted is not None and trainer.is_global_zero and interrupted():
-                self.interrupt(trainer.global_step)
+            if interrupted is not None and not self.handed_over:
+                # A collective every step: every rank must decide at the same step to checkpoint together.
+                if trainer.strategy.reduce_boolean_decision(interrupted(), all=False):
+                    self.hand_over(trainer)
             now = time.monotonic()
             if now - self.last_poll >= poll_seconds:
                 self.last_poll = now
                 if should_stop():
                     trainer.should_stop = True
 
-        def interrupt(self, step: int) -> None:
-            if self.interrupted_at is None:
-                self.interrupted_at = step
-            # Checkpoint callbacks run after this one: the newest complete checkpoint is the one before this step.
-            written = (step - 1) // checkpoint_every * checkpoint_every if checkpoint_every else step
-            if written >= self.interrupted_at and not self.handed_over:
-                self.handed_over = True
-                if on_interrupt is not None:
-                    on_interrupt()
+        def hand_over(self, trainer: Any) -> None:
+            self.handed_over = True
+            for callback in trainer.checkpoint_callbacks:
+                if callable(save_now := getattr(callback, "save_now", None)):
+                    save_now(trainer)
+            if trainer.is_global_zero and on_interrupt is not None:
+                on_interrupt()
 
-    guard = Guard()
-    guard.interrupted_at, guard.handed_over = None, False
-    return guard
+    return Guard()
 
 
 def fit(method: Any, module: Any, student: Any, data: Any, train: TrainSpec, micro_batch_size: int, *,

@@ -182,19 +182,19 @@ def interrupted() -> bool:
 
 
 def interrupt_hooks(train: Any) -> dict[str, Any]:
-    """The guard's interrupt hooks in a Slurm task: SIGUSR1 (the time-limit or pre-emption warning) requeues the job
-    once a checkpoint written after it is complete; elsewhere none."""
+    """The guard's interrupt hooks in a Slurm task: after SIGUSR1 (the time-limit or pre-emption warning) every rank
+    writes a step checkpoint and rank 0 requeues the job; elsewhere none."""
     if not os.environ.get(RANKS_LAUNCHED_ENV) or "SLURM_JOB_ID" not in os.environ:
         return {}
 
     def requeue() -> None:
         from jobs.launchers.slurm import requeue_self
 
-        log.warning("Slurm warned that the job will be stopped: the newest checkpoint is complete; requeueing")
+        log.warning("Slurm warned that the job will be stopped: checkpoint written; requeueing")
         if not requeue_self():
             log.error("scontrol requeue failed: the job goes on until Slurm stops it; its next attempt resumes")
 
-    return {"interrupted": interrupted, "on_interrupt": requeue, "checkpoint_every": train.checkpoint_every_n_steps}
+    return {"interrupted": interrupted, "on_interrupt": requeue}
 
 
 def safe_reconcile(store: JobStore) -> None:

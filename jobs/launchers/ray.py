@@ -121,9 +121,6 @@ class RayLauncher:
     name = "ray"
 
     def submit(self, job: Job, train: Any, store: JobStore) -> str:
-        if train.accelerator == "auto":
-            raise LaunchError("train.accelerator is 'auto', but the nodes Ray picks may differ from this one; "
-                              "set train.accelerator to 'gpu' or 'cpu'")
         address = address_of(train.ray.address)
         engine_id = submission_id(job)
         client = _client(address)

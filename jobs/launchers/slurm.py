@@ -8,11 +8,12 @@ task. Lightning reads the ranks from Slurm's environment (SLURMEnvironment; its 
 is below).
 
 Pre-emption and time limits: the job is submitted with `--requeue` and `--signal=USR1@<train.slurm.signal_seconds>`.
-On SIGUSR1 each rank marks the job interrupted; rank 0 requeues it (`scontrol requeue`) right after the next step
-checkpoint is written (at once without `train.checkpoint_every_n_steps`), and Slurm's next run of the same job id
-takes over as the next attempt, resuming from that checkpoint into the same MLflow run. SIGTERM (pre-emption,
-`scancel`) is not a cancel here: the process dies like a killed one and Slurm's job state decides what happens
-(PREEMPTED or requeued: next attempt; CANCELLED: STOPPED). `athanor cancel` stays the graceful way to stop.
+On SIGUSR1 the ranks agree (at the end of the step any of them saw it) to write a step checkpoint together, then rank 0
+requeues the job (`scontrol requeue`); Slurm's next run of the same job id takes over as the next attempt, resuming
+from that checkpoint into the same MLflow run (periodic `train.checkpoint_every_n_steps` are not needed for this).
+SIGTERM (pre-emption, `scancel`) is not a cancel here: the process dies like a killed one and Slurm's job state
+decides what happens (PREEMPTED or requeued: next attempt; CANCELLED: STOPPED). `athanor cancel` stays the graceful
+way to stop.
 
 Tests (start a real single-node cluster): `.venv/bin/python -m pytest tests/jobs/test_slurm.py -q`.
 """
@@ -98,9 +99,6 @@ class SlurmLauncher:
     name = "slurm"
 
     def submit(self, job: Job, train: Any, store: JobStore) -> str:
-        if train.accelerator == "auto":
-            raise LaunchError("train.accelerator is 'auto', but the nodes Slurm picks may differ from this one; "
-                              "set train.accelerator to 'gpu' or 'cpu'")
         script = store.job_dir(job.id) / f"attempt{job.attempts}.sbatch"
         script.write_text(batch_script(job, train, store.home, Path.cwd()))
         done = _slurm("sbatch", "--parsable", str(script))

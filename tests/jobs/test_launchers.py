@@ -127,24 +127,36 @@ def test_a_requeued_run_of_a_cancelled_job_does_not_go_on(tmp_path, engine):
     assert store.get(job.id).status == "STOPPED"
 
 
-def test_the_interrupt_is_handed_over_once_a_checkpoint_written_after_it_is_complete():
+def test_once_any_rank_is_warned_every_rank_checkpoints_and_rank_0_requeues_once():
     from types import SimpleNamespace
 
     from jobs.trainer import guard_callback
 
-    warned, handed = [], []
-    guard = guard_callback(lambda: False, interrupted=lambda: bool(warned), on_interrupt=lambda: handed.append(1),
-                           checkpoint_every=5)
+    warned, handed, saved, asked = [], [], [], []
 
-    def step(n: int) -> None:
-        guard.on_train_batch_end(SimpleNamespace(global_step=n, is_global_zero=True, should_stop=False), None, None,
-                                 None, n)
+    def any_rank(flag: bool, all: bool) -> bool:  # the collective: here another rank saw the signal at step 9
+        asked.append(flag)
+        return flag or len(asked) >= 3
 
-    step(6)
-    warned.append(True)  # SIGUSR1 arrives during step 7
-    for n in (7, 8, 9, 10):  # checkpoint step=10 is written after the guard ran at step 10
-        step(n)
-    assert handed == []
-    step(11)  # step=10.ckpt is complete now
-    step(12)
-    assert handed == [1]
+    guard = guard_callback(lambda: False, interrupted=lambda: bool(warned), on_interrupt=lambda: handed.append(1))
+    saver = SimpleNamespace(save_now=lambda trainer: saved.append(trainer.global_step))
+    for step in (7, 8, 9, 10, 11):
+        trainer = SimpleNamespace(global_step=step, is_global_zero=True, should_stop=False,
+                                  strategy=SimpleNamespace(reduce_boolean_decision=any_rank),
+                                  checkpoint_callbacks=[saver])
+        guard.on_train_batch_end(trainer, None, None, None, step)
+    assert saved == [9] and handed == [1]  # at the step the ranks agreed on, once
+    assert len(asked) == 3  # no collective after the hand-over
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "ray"])
+def test_an_engine_with_accelerator_auto_is_refused_at_validation_naming_the_key(launcher, tmp_path):
+    from harness import RECIPES
+
+    from jobs.validate import check
+
+    report = check(RECIPES / "minilm_tiny.yaml", overrides=[f"train.launcher={launcher}"])
+    (problem,) = report.problems
+    assert problem.path == "train.launcher" and "set train.accelerator to 'gpu' or 'cpu'" in problem.message
+    assert check(RECIPES / "minilm_tiny.yaml", overrides=[f"train.launcher={launcher}", "train.accelerator=cpu"]
+                 ).problems == []

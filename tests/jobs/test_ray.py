@@ -78,15 +78,13 @@ def test_without_a_cluster_address_the_job_fails_with_one_line_naming_both_setti
     assert "RAY_ADDRESS" in job.error and "\n" not in job.error
 
 
-def test_an_unreachable_cluster_and_an_auto_accelerator_are_one_line_launch_errors(tmp_path, tiny_train):
+def test_an_unreachable_cluster_is_a_one_line_launch_error(tmp_path, tiny_train):
     store = JobStore(tmp_path)
     job = store.claim(_job(store).id)
     with pytest.raises(LaunchError, match=r"^Ray Jobs API at http://127.0.0.1:9: Failed to connect") as err:
         RayLauncher().submit(job, tiny_train.model_copy(update={"ray": tiny_train.ray.model_copy(
             update={"address": "http://127.0.0.1:9"})}), store)
     assert "\n" not in str(err.value)
-    with pytest.raises(LaunchError, match="train.accelerator is 'auto'"):
-        RayLauncher().submit(job, tiny_train.model_copy(update={"accelerator": "auto"}), store)
 
 
 class _FakeClient:
