@@ -54,7 +54,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q --durations=30
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not distributed and not browser"
+	$(PY) -m pytest -q -m "not slow and not distributed and not browser and not services"
 
 clean:
 	rm -rf $(VENV) .athanor .pytest_cache
