@@ -114,7 +114,7 @@ def _train(p: Prepared, job: Job, store: JobStore, *, logger: Any, progress: boo
                             extra_env={ARM_ENV: arm, RESUME_ENV: str(ckpt or "")}) if launch
              else contextlib.nullcontext())
     callbacks = [guard_callback(lambda: bool(lease and lease.cancelled) or store.cancel_requested(job.id),
-                                **interrupt_hooks(recipe.train))]
+                                **interrupt_hooks())]
     if launch and (steps := kill_steps(os.environ.get(TEST_HOOK, ""))):
         callbacks.append(KillAtStep(steps, store.job_dir(job.id) / "test_hook_kills"))
     with ranks:
@@ -344,7 +344,7 @@ def execute(job_id: str, store: JobStore, *, progress: bool = True, engine: bool
         try:
             run.run()
         except BaseException as exc:  # noqa: BLE001 — every outcome ends in a final status
-            if engine and type(exc).__name__ == "SIGTERMException":  # Lightning's, raised for the engine's SIGTERM
+            if engine and _terminated(exc):
                 log.warning("the engine stopped this attempt (SIGTERM); its job state decides what comes next")
                 raise SystemExit(143) from None
             status, error = outcome(exc, job, run.tracker)
@@ -362,6 +362,13 @@ def execute(job_id: str, store: JobStore, *, progress: bool = True, engine: bool
                 if now.status != "SUCCEEDED":  # no export that looks like a result of a failed job
                     shutil.rmtree(run.export_dir, ignore_errors=True)
     return store.get(job.id)
+
+
+def _terminated(exc: BaseException) -> bool:
+    """Lightning's SIGTERMException: its handler raises it for a SIGTERM (under an engine: the engine's)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    return isinstance(exc, SIGTERMException)
 
 
 def _torch_threads() -> int:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from distill.spec import STEPS_MAX, TrainSpec
+from jobs.launchers import RANKS_LAUNCHED_ENV, slurm_task
 
 CHECKPOINTS = "checkpoints"
 """A job's (or comparison arm's) step checkpoints: `<job dir>/checkpoints/step=N.ckpt`."""
@@ -99,11 +100,6 @@ def build_strategy(train: TrainSpec, micro_batch_size: int) -> Any:
     return "auto"
 
 
-def _slurm_task() -> bool:
-    """This process is a rank Slurm started for athanor (jobs/launchers/slurm.py)."""
-    return bool(os.environ.get("ATHANOR_RANKS_LAUNCHED")) and "SLURM_NTASKS" in os.environ
-
-
 def build_trainer(train: TrainSpec, *, job_dir: Path, micro_batch_size: int, logger: Any = False,
                   progress: bool = True, callbacks: list | None = None, fence: Callable[[], bool] | None = None):
     """The Trainer; with `train.checkpoint_every_n_steps`, atomic step checkpoints in `job_dir/checkpoints` (the
@@ -114,7 +110,7 @@ def build_trainer(train: TrainSpec, *, job_dir: Path, micro_batch_size: int, log
 
     callbacks = list(callbacks or [])
     # Under Slurm a job checkpoints when warned of its end (time limit, pre-emption), even without periodic ones.
-    every = train.checkpoint_every_n_steps or (STEPS_MAX if _slurm_task() else None)
+    every = train.checkpoint_every_n_steps or (STEPS_MAX if slurm_task() else None)
     if every:
         callbacks.append(AtomicCheckpoint(job_dir / CHECKPOINTS, every, train.keep_checkpoints, fence))
     if progress:
@@ -123,7 +119,7 @@ def build_trainer(train: TrainSpec, *, job_dir: Path, micro_batch_size: int, log
         refresh = max(1, train.log_every_n_steps)
         callbacks.append(RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=refresh))
     plugins = []
-    if _slurm_task():
+    if slurm_task():
         from lightning.pytorch.plugins.environments import SLURMEnvironment
 
         plugins.append(SLURMEnvironment(auto_requeue=False))  # ranks from Slurm; requeueing is athanor's (launchers)
@@ -169,7 +165,7 @@ def launched_ranks(train: TrainSpec, job_id: str, home: Path, log_dir: Path,
     MASTER_PORT are taken from the environment when set.
     """
     n_local = train.devices
-    if world_size(train) == 1 or os.environ.get("ATHANOR_RANKS_LAUNCHED"):  # a cluster engine started every rank
+    if world_size(train) == 1 or os.environ.get(RANKS_LAUNCHED_ENV):  # a cluster engine started every rank
         yield []
         return
     env_keys = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "DS_ACCELERATOR")

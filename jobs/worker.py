@@ -78,13 +78,11 @@ def _run_one(store: JobStore, job) -> None:
     """Run the attempt `job` was claimed for; if its process died without reporting, re-queue the job (attempts
     left) or finish it. A later claim by this loop (or any worker) runs the next attempt. A job for a cluster
     engine is submitted to it instead."""
-    launcher = _launcher_of(job)
-    if launcher != "local":
-        from jobs.recipe import load_recipe
-
-        submit(store, job, load_recipe(None, text=job.recipe_text, overrides=job.overrides).recipe.train)
+    train = _train_section(job)
+    if train is not None and train.launcher != "local":
+        submit(store, job, train)
         now = store.get(job.id)
-        print(f"job {job.id}: " + (f"submitted to {launcher} as {now.engine_id}" if now.status == "RUNNING"
+        print(f"job {job.id}: " + (f"submitted to {train.launcher} as {now.engine_id}" if now.status == "RUNNING"
                                    else f"{now.status} — {now.error}"), flush=True)
         return
     print(f"running job {job.id} ({job.name}, {job.method}), attempt {job.attempts} of {job.max_attempts}; "
@@ -102,15 +100,15 @@ def _run_one(store: JobStore, job) -> None:
     print(f"job {job.id}: {final.status}" + (f" — {final.error}" if final.error else ""), flush=True)
 
 
-def _launcher_of(job) -> str:
-    """The recipe's `train.launcher` (the recipe was validated at submission; a store written before launchers
-    existed says nothing, which is 'local')."""
+def _train_section(job):
+    """The recipe's `train:` section (validated at submission), or None when it cannot be read here: the job then
+    runs locally and fails in its own process with the recipe's own error."""
     from jobs.recipe import load_recipe
 
     try:
-        return load_recipe(None, text=job.recipe_text, overrides=job.overrides).recipe.train.launcher
-    except Exception:  # noqa: BLE001 — an invalid recipe fails in the job process, with its own error
-        return "local"
+        return load_recipe(None, text=job.recipe_text, overrides=job.overrides).recipe.train
+    except Exception:  # noqa: BLE001
+        return None
 
 
 ENGINE_STOP_SECONDS = 30.0

@@ -181,10 +181,15 @@ def interrupted() -> bool:
     return _INTERRUPTED.is_set()
 
 
-def interrupt_hooks(train: Any) -> dict[str, Any]:
+def slurm_task() -> bool:
+    """This process is a rank Slurm started for athanor (jobs/launchers/slurm.py)."""
+    return bool(os.environ.get(RANKS_LAUNCHED_ENV)) and "SLURM_JOB_ID" in os.environ
+
+
+def interrupt_hooks() -> dict[str, Any]:
     """The guard's interrupt hooks in a Slurm task: after SIGUSR1 (the time-limit or pre-emption warning) every rank
     writes a step checkpoint and rank 0 requeues the job; elsewhere none."""
-    if not os.environ.get(RANKS_LAUNCHED_ENV) or "SLURM_JOB_ID" not in os.environ:
+    if not slurm_task():
         return {}
 
     def requeue() -> None:

@@ -81,12 +81,6 @@ def listening() -> list[str]:
     return sorted(found)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ready(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -99,9 +93,11 @@ def _ready(url: str) -> bool:
 def ray_head(root: Path, *, cpus: int = 2, ready_seconds: float = 180.0) -> Iterator[str]:
     """A Ray head on 127.0.0.1 with its files under `root`; yields the Jobs API address. Stopped by its pid."""
     root.mkdir(parents=True, exist_ok=True)
-    dashboard = _free_port()
+    from services import free_port  # tests/ is on the path: pytest's, or the scenario's
+
+    dashboard = free_port()
     # The dashboard serves the Jobs API; Ray's default worker ports are 10002-19999, free ports here are higher.
-    argv = [str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+    argv = [str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
             f"--num-cpus={cpus}", "--num-gpus=0", f"--object-store-memory={OBJECT_STORE_BYTES}",
             f"--temp-dir={root / 'ray'}", "--disable-usage-stats"]

@@ -14,11 +14,12 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from services import free_port
 
 PACKAGES = "slurmctld slurmd slurm-client munge"
 
@@ -33,12 +34,6 @@ def missing() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _memory_mb() -> int:
     with open("/proc/meminfo") as f:
         total_kb = int(f.readline().split()[1])
@@ -51,8 +46,8 @@ def write_config(root: Path, munge_socket: Path) -> Path:
     conf.write_text("\n".join([
         "ClusterName=athanortest",
         "SlurmctldHost=localhost(127.0.0.1)",
-        f"SlurmctldPort={_free_port()}",
-        f"SlurmdPort={_free_port()}",
+        f"SlurmctldPort={free_port()}",
+        f"SlurmdPort={free_port()}",
         "SlurmUser=root",
         "SlurmdUser=root",
         f"AuthInfo=socket={munge_socket}",
