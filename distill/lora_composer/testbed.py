@@ -5,7 +5,8 @@ Fashion-MNIST classifier that judges each box of a generated canvas. Trained onc
 
     .venv/bin/python -m distill.lora_composer.testbed --out distill/lora_composer/testbed --minutes 40
 
-Writes `unet/`, `text_encoder/`, `tokenizer/` (the repo's 4,096-token BPE), `scheduler/` (DDPM,
+Writes `unet/`, `text_encoder/`, `tokenizer/` (`--tokenizer bpe`: the repo's 4,096-token BPE; `words`: word-level,
+`distill.lora_composer.vocab`), `scheduler/` (DDPM,
 epsilon prediction), `judge.safetensors` (`distill.fashion_mnist.FashionClassifier` on 28×28 box
 crops) and `README.md` (command, wall time, configs and the judge's accuracy on real test-split boxes
 and on generated boxes). `--eval-only` reloads a saved model and re-measures it.
@@ -28,8 +29,10 @@ from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
 from distill.fashion_mnist import CLASSES, FashionClassifier, accuracy, train_classifier
 from distill.lora_composer.canvas import HEIGHT, WIDTH, Canvases, crop_boxes, judge_batch, stack
+from distill.lora_composer.vocab import save_tokenizer
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "sinklora" / "testbed" / "tokenizer"
+
 MAX_TOKENS = 32
 UNET_CONFIG = dict(
     sample_size=(HEIGHT, WIDTH), in_channels=1, out_channels=1, layers_per_block=1,
@@ -45,9 +48,23 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_
                         clip_sample=True)
 
 
-def build_models(seed: int = 0) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+def build_models(seed: int = 0, vocab_size: int = TEXT_CONFIG["vocab_size"]) -> tuple[UNet2DConditionModel,
+                                                                                      CLIPTextModel]:
     torch.manual_seed(seed)
-    return UNet2DConditionModel(**UNET_CONFIG), CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    return UNet2DConditionModel(**UNET_CONFIG), CLIPTextModel(CLIPTextConfig(**{**TEXT_CONFIG,
+                                                                                  "vocab_size": vocab_size}))
+
+
+def make_tokenizer(kind: str, out: Path):
+    """Write the testbed's tokenizer to `out` and return it: "bpe" (the committed testbed's: the repo's Austen
+    BPE, which splits caption words into pieces) or "words" (`distill.lora_composer.vocab`, whole words)."""
+    if kind == "words":
+        return save_tokenizer(out)
+    if kind != "bpe":
+        raise ValueError(f"--tokenizer {kind!r}: use 'bpe' or 'words'")
+    if not out.exists():
+        shutil.copytree(TOKENIZER_DIR, out)
+    return AutoTokenizer.from_pretrained(out)
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -64,13 +81,28 @@ def save_models(out: Path, unet, text_encoder) -> None:
     text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
 
 
+def snr_weight(sched: DDPMScheduler, t: torch.Tensor, min_snr: float | None) -> torch.Tensor:
+    """Min-SNR-γ loss weights for epsilon prediction, min(SNR, γ) / SNR (Hang et al., 2023): the nearly clean
+    steps, which teach fine texture, stop dominating the gradient, and the noisy ones that decide which item
+    goes where get more of it. `None`: uniform weights (plain DDPM)."""
+    if min_snr is None:
+        return torch.ones(len(t))
+    alpha_bar = sched.alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(max=min_snr) / snr
+
+
 def train(canvases: Canvases, tokenizer, out: Path, minutes: float, steps: int, batch: int, lr: float,
-          seed: int, save_every_min: float = 5.0, init_from: Path | None = None):
-    unet, text_encoder = build_models(seed)
+          seed: int, save_every_min: float = 5.0, init_from: Path | None = None, min_snr: float | None = None):
+    unet, text_encoder = build_models(seed, len(tokenizer))
     if init_from is not None:  # continue an earlier run (its EMA weights) instead of starting from scratch
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(init_from / "unet").state_dict())
-        text_encoder.load_state_dict(CLIPTextModel.from_pretrained(init_from / "text_encoder").state_dict())
-    ema_unet, ema_text = build_models(seed)
+        earlier = CLIPTextModel.from_pretrained(init_from / "text_encoder")
+        if earlier.config.vocab_size == text_encoder.config.vocab_size:
+            text_encoder.load_state_dict(earlier.state_dict())
+        else:  # another tokenizer: the U-Net carries over, the text encoder starts afresh
+            print(f"text encoder: new ({earlier.config.vocab_size} -> {text_encoder.config.vocab_size} tokens)")
+    ema_unet, ema_text = build_models(seed, len(tokenizer))
     ema_unet.load_state_dict(unet.state_dict())
     ema_text.load_state_dict(text_encoder.state_dict())
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -96,7 +128,8 @@ def train(canvases: Canvases, tokenizer, out: Path, minutes: float, steps: int, 
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
         x_t = sched.add_noise(x0, noise, t)
         cond = text_encoder(ids).last_hidden_state
-        loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=cond).sample, noise)
+        per_sample = F.mse_loss(unet(x_t, t, encoder_hidden_states=cond).sample, noise, reduction="none")
+        loss = (per_sample.mean(dim=(1, 2, 3)) * snr_weight(sched, t, min_snr)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -171,21 +204,28 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--eval-only", action="store_true", help="reload unet/, text_encoder/, judge and measure")
     parser.add_argument("--init-from", type=Path, default=None, help="continue training the model saved there")
+    parser.add_argument("--tokenizer", choices=["bpe", "words"], default="bpe",
+                        help="bpe: the committed testbed's; words: whole-word tokens (a new text encoder)")
+    parser.add_argument("--min-snr", type=float, default=None, help="Min-SNR-γ loss weighting (e.g. 5; default off)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    if not (out / "tokenizer").exists():
-        shutil.copytree(TOKENIZER_DIR, out / "tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    if args.eval_only:
+        tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    else:
+        tokenizer = make_tokenizer(args.tokenizer, out / "tokenizer")
     DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
     train_set, held_out = Canvases.from_split("train"), Canvases.from_split("test")
 
-    if args.eval_only:
+    kept_judge = (args.init_from or out) / "judge.safetensors"
+    if args.eval_only or (args.init_from is not None and kept_judge.is_file()):  # a continued run keeps its judge
         judge = FashionClassifier()
-        judge.load_state_dict(load_file(out / "judge.safetensors"))
+        judge.load_state_dict(load_file(kept_judge))
         judge.eval()
+        if not args.eval_only:
+            save_file(judge.state_dict(), out / "judge.safetensors")
     else:
         judge = train_classifier(lambda s: judge_batch(train_set, 32, torch.Generator().manual_seed(10_000 + s)),
                                  steps=args.judge_steps, seed=args.seed)
@@ -201,7 +241,8 @@ def main() -> None:
         ran, curve, train_s = info.get("steps", 0), info.get("loss_curve", []), info.get("train_seconds", 0.0)
     else:
         unet, text_encoder, ran, curve, train_s = train(train_set, tokenizer, out, args.minutes, args.steps,
-                                                        args.batch, args.lr, args.seed, init_from=args.init_from)
+                                                        args.batch, args.lr, args.seed, init_from=args.init_from,
+                                                        min_snr=args.min_snr)
         (out / "train_log.json").write_text(json.dumps({"steps": ran, "batch": args.batch, "train_seconds": train_s,
                                                          "loss_curve_every_200_steps": curve}, indent=1))
     eval_start = time.monotonic()
@@ -221,8 +262,16 @@ def main() -> None:
     print(f"done in {total_min:.1f} min", flush=True)
 
 
+TOKENIZER_TEXT = {"bpe": "the repo's byte-level BPE (copied from `distill/sinklora/testbed/tokenizer/`)",
+                  "words": "word-level (`distill.lora_composer.vocab`: caption words, rare tokens, Austen words)"}
+
+
 def _readme(args, ran, curve, train_s, real_acc, n_real, gen_acc, total_min, unet, text_encoder, judge) -> str:
     overall = sum(gen_acc.values()) / len(gen_acc)
+    extra = (f" --init-from {args.init_from}" if args.init_from else "") + \
+        (f" --min-snr {args.min_snr:g}" if args.min_snr else "") + \
+        (f" --tokenizer {args.tokenizer}" if args.tokenizer != "bpe" else "")
+    weighting = f" (Min-SNR-{args.min_snr:g} loss weights)" if args.min_snr else ""
     return f"""# LoRA-Composer testbed: a small text-to-image U-Net for Fashion-MNIST canvases
 
 Made by (on a 2-core CPU, {args.threads} thread(s), {total_min:.0f} min in all: {train_s / 60:.1f} min training):
@@ -230,7 +279,7 @@ Made by (on a 2-core CPU, {args.threads} thread(s), {total_min:.0f} min in all: 
     .venv/bin/python -m distill.lora_composer.testbed --out distill/lora_composer/testbed --minutes {args.minutes:g} \\
         --batch {args.batch} --lr {args.lr:g} --threads {args.threads} --seed {args.seed} \\
         --judge-steps {args.judge_steps} --eval-samples {args.eval_samples} --sample-steps {args.sample_steps} \\
-        --guidance {args.guidance:g}{f" --init-from {args.init_from}" if args.init_from else ""}
+        --guidance {args.guidance:g}{extra}
 
 Data: `distill.lora_composer.canvas` canvases, 1×{HEIGHT}×{WIDTH} in [-1, 1] (background −1), with one item
 (28×28, left / middle / right), two items (28×28, left and right) or three items (20×20, left, middle,
@@ -240,13 +289,13 @@ Held-out captions and items come from the test split.
 - `unet/`: diffusers `UNet2DConditionModel`, {n_params(unet):,} parameters, pixel space (no VAE):
   `{json.dumps(UNET_CONFIG)}`
 - `text_encoder/`: transformers `CLIPTextModel`, {n_params(text_encoder):,} parameters, trained jointly
-  from scratch: `{json.dumps(TEXT_CONFIG)}`
-- `tokenizer/`: the repo's 4,096-token BPE (copied from `distill/sinklora/testbed/tokenizer/`), captions
-  padded to {MAX_TOKENS} tokens; the empty caption is the unconditional input.
+  from scratch: `{json.dumps({**TEXT_CONFIG, "vocab_size": text_encoder.config.vocab_size})}`
+- `tokenizer/`: {TOKENIZER_TEXT[args.tokenizer]}, {text_encoder.config.vocab_size:,} tokens, captions padded to
+  {MAX_TOKENS} tokens; the empty caption is the unconditional input.
 - `scheduler/`: `DDPMScheduler` `{json.dumps(SCHEDULER_CONFIG)}`.
 - `judge.safetensors`: `distill.fashion_mnist.FashionClassifier` ({n_params(judge):,} parameters) on box
   crops resized to 28×28 ({args.judge_steps} steps × the boxes of 32 train canvases).
-- Training: epsilon-prediction DDPM, {ran} steps of batch {args.batch} (AdamW, lr {args.lr:g}, 100-step
+- Training: epsilon-prediction DDPM{weighting}, {ran} steps of batch {args.batch} (AdamW, lr {args.lr:g}, 100-step
   warmup then cosine over the time budget, grad clip 1, EMA 0.995 saved), 10% caption dropout for
   classifier-free guidance. Mean loss every 200 steps: {curve}.
 
