@@ -86,14 +86,15 @@ def snr_weight(sched: DDPMScheduler, t: torch.Tensor, min_snr: float | None) -> 
     steps, which teach fine texture, stop dominating the gradient, and the noisy ones that decide which item
     goes where get more of it. `None`: uniform weights (plain DDPM)."""
     if min_snr is None:
-        return torch.ones(len(t))
-    alpha_bar = sched.alphas_cumprod[t]
+        return torch.ones(len(t), device=t.device)
+    alpha_bar = sched.alphas_cumprod.to(t.device)[t]
     snr = alpha_bar / (1 - alpha_bar)
     return snr.clamp(max=min_snr) / snr
 
 
 def train(canvases: Canvases, tokenizer, out: Path, minutes: float, steps: int, batch: int, lr: float,
-          seed: int, save_every_min: float = 5.0, init_from: Path | None = None, min_snr: float | None = None):
+          seed: int, save_every_min: float = 5.0, init_from: Path | None = None, min_snr: float | None = None,
+          device: str = "cpu"):
     unet, text_encoder = build_models(seed, len(tokenizer))
     if init_from is not None:  # continue an earlier run (its EMA weights) instead of starting from scratch
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(init_from / "unet").state_dict())
@@ -105,6 +106,8 @@ def train(canvases: Canvases, tokenizer, out: Path, minutes: float, steps: int, 
     ema_unet, ema_text = build_models(seed, len(tokenizer))
     ema_unet.load_state_dict(unet.state_dict())
     ema_text.load_state_dict(text_encoder.state_dict())
+    for model in (unet, text_encoder, ema_unet, ema_text):
+        model.to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -126,6 +129,7 @@ def train(canvases: Canvases, tokenizer, out: Path, minutes: float, steps: int, 
         ids[torch.rand(batch, generator=gen) < 0.1] = empty  # CFG: 10% unconditional
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
+        x0, ids, noise, t = x0.to(device), ids.to(device), noise.to(device), t.to(device)
         x_t = sched.add_noise(x0, noise, t)
         cond = text_encoder(ids).last_hidden_state
         per_sample = F.mse_loss(unet(x_t, t, encoder_hidden_states=cond).sample, noise, reduction="none")
@@ -152,7 +156,7 @@ def train(canvases: Canvases, tokenizer, out: Path, minutes: float, steps: int, 
             break
     save_models(out, ema_unet, ema_text)
     curve = [round(sum(losses[i:i + 200]) / len(losses[i:i + 200]), 4) for i in range(0, len(losses), 200)]
-    return ema_unet.eval(), ema_text.eval(), ran, curve, time.monotonic() - start
+    return ema_unet.cpu().eval(), ema_text.cpu().eval(), ran, curve, time.monotonic() - start
 
 
 @torch.no_grad()
@@ -204,6 +208,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--eval-only", action="store_true", help="reload unet/, text_encoder/, judge and measure")
     parser.add_argument("--init-from", type=Path, default=None, help="continue training the model saved there")
+    parser.add_argument("--device", default="cpu", help="where to train (sampling and evaluation run on CPU)")
     parser.add_argument("--tokenizer", choices=["bpe", "words"], default="bpe",
                         help="bpe: the committed testbed's; words: whole-word tokens (a new text encoder)")
     parser.add_argument("--min-snr", type=float, default=None, help="Min-SNR-γ loss weighting (e.g. 5; default off)")
@@ -242,7 +247,7 @@ def main() -> None:
     else:
         unet, text_encoder, ran, curve, train_s = train(train_set, tokenizer, out, args.minutes, args.steps,
                                                         args.batch, args.lr, args.seed, init_from=args.init_from,
-                                                        min_snr=args.min_snr)
+                                                        min_snr=args.min_snr, device=args.device)
         (out / "train_log.json").write_text(json.dumps({"steps": ran, "batch": args.batch, "train_seconds": train_s,
                                                          "loss_curve_every_200_steps": curve}, indent=1))
     eval_start = time.monotonic()
