@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import compute_snr
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
@@ -32,7 +33,6 @@ from distill.lora_composer.canvas import HEIGHT, WIDTH, Canvases, crop_boxes, ju
 from distill.lora_composer.vocab import save_tokenizer
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "sinklora" / "testbed" / "tokenizer"
-
 MAX_TOKENS = 32
 UNET_CONFIG = dict(
     sample_size=(HEIGHT, WIDTH), in_channels=1, out_channels=1, layers_per_block=1,
@@ -87,8 +87,7 @@ def snr_weight(sched: DDPMScheduler, t: torch.Tensor, min_snr: float | None) -> 
     goes where get more of it. `None`: uniform weights (plain DDPM)."""
     if min_snr is None:
         return torch.ones(len(t), device=t.device)
-    alpha_bar = sched.alphas_cumprod.to(t.device)[t]
-    snr = alpha_bar / (1 - alpha_bar)
+    snr = compute_snr(sched, t)
     return snr.clamp(max=min_snr) / snr
 
 
@@ -218,22 +217,26 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     if args.eval_only:
+        saved = ("tokenizer", "unet", "text_encoder", "judge.safetensors")
+        missing = [name for name in saved if not (out / name).exists()]
+        if missing:
+            raise SystemExit(f"--eval-only: {out} has no {', '.join(missing)}; train the testbed into --out first")
         tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
     else:
         tokenizer = make_tokenizer(args.tokenizer, out / "tokenizer")
     DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
     train_set, held_out = Canvases.from_split("train"), Canvases.from_split("test")
 
-    kept_judge = (args.init_from or out) / "judge.safetensors"
-    if args.eval_only or (args.init_from is not None and kept_judge.is_file()):  # a continued run keeps its judge
+    # --eval-only re-measures with the saved judge; a continued run keeps its predecessor's, so scores compare
+    kept = out if args.eval_only else args.init_from
+    if kept is not None and (kept / "judge.safetensors").is_file():
         judge = FashionClassifier()
-        judge.load_state_dict(load_file(kept_judge))
+        judge.load_state_dict(load_file(kept / "judge.safetensors"))
         judge.eval()
-        if not args.eval_only:
-            save_file(judge.state_dict(), out / "judge.safetensors")
     else:
         judge = train_classifier(lambda s: judge_batch(train_set, 32, torch.Generator().manual_seed(10_000 + s)),
                                  steps=args.judge_steps, seed=args.seed)
+    if not args.eval_only:
         save_file(judge.state_dict(), out / "judge.safetensors")
     test_crops, test_labels = judge_batch(held_out, 1000, torch.Generator().manual_seed(1))
     real_acc = accuracy(judge, test_crops, test_labels)

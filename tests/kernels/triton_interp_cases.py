@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from kernels.compare import backend_errors, random_qkv
 from kernels.linear_attention import HedgehogFeatureMap, linear_attention
 from kernels.sparse_attention import s2_attention, sf_attention
 
@@ -51,32 +52,6 @@ SPARSE = {
 }
 
 
-def _inputs(b, h, hk, n, d, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    shapes = ((b, h, n, d), (b, hk, n, d), (b, hk, n, d))
-    return [torch.randn(*s, generator=g).to(dtype).requires_grad_() for s in shapes]
-
-
-def _errors(run, params, grad_names) -> dict[str, float]:
-    """Max |triton - reference| of the output and of each gradient (same upstream gradient), relative
-    to the reference's largest magnitude; and `out_mismatch`, the fraction of output elements whose
-    values (in the output dtype) differ at all. With fp16/bf16 inputs that fraction tells fp32
-    features (both paths round the same fp32 numbers: under 0.1 %) from features cast to the input
-    dtype (over 20 %), which the max error, dominated by one-ulp rounding flips, cannot."""
-    results = {}
-    for backend in ("triton", "torch"):
-        out = run(backend)
-        weight = torch.linspace(-1, 1, out.numel()).view_as(out)
-        grads = torch.autograd.grad((out.float() * weight).sum(), params)
-        results[backend] = [out.detach()] + [g.float() for g in grads]
-    errors = {
-        name: (a.float() - b.float()).abs().max().item() / max(1.0, b.float().abs().max().item())
-        for name, a, b in zip(["out", *grad_names], results["triton"], results["torch"])
-    }
-    errors["out_mismatch"] = (results["triton"][0] != results["torch"][0]).float().mean().item()
-    return errors
-
-
 def _padding(b: int, n: int) -> torch.Tensor:
     keep = torch.ones(b, n, dtype=torch.bool)
     keep[0, :3], keep[-1, n - 5 :] = False, False  # left padding, right padding
@@ -84,7 +59,7 @@ def _padding(b: int, n: int) -> torch.Tensor:
 
 
 def _linear_case(b, h, hk, n, d, causal, fmap_name, padded, dtype) -> dict[str, float]:
-    q, k, v = _inputs(b, h, hk, n, d, dtype)
+    q, k, v = random_qkv(b, h, hk, n, d, dtype)
     if fmap_name == "relu":  # keep φ(q)·Σφ(k) away from 0, where fp32 results legitimately differ
         q, k = (t.detach().add(1.0).requires_grad_() for t in (q, k))
     maps: list[HedgehogFeatureMap] = []
@@ -96,17 +71,17 @@ def _linear_case(b, h, hk, n, d, causal, fmap_name, padded, dtype) -> dict[str, 
     names = ["dq", "dk", "dv"] + (["dWq", "dWk"] if len(maps) == 2 else ["dW"] * len(maps))
     kw = dict(causal=causal, feature_map=fmap, chunk_size=16, attention_mask=_padding(b, n) if padded else None)
     run = lambda be: linear_attention(q, k, v, backend=be, **kw)  # noqa: E731
-    return _errors(run, [q, k, v] + [m.weight for m in maps], names)
+    return backend_errors(run, [q, k, v] + [m.weight for m in maps], names)
 
 
 def _sparse_case(fn, b, h, hk, n, d, group, sinks, causal, padded, dtype) -> dict[str, float]:
-    q, k, v = _inputs(b, h, hk, n, d, dtype)
+    q, k, v = random_qkv(b, h, hk, n, d, dtype)
     kw = dict(group_size=group, causal=causal, attention_mask=_padding(b, n) if padded else None)
     if fn == "sf":
         run = lambda be: sf_attention(q, k, v, num_sink=sinks, backend=be, **kw)  # noqa: E731
     else:
         run = lambda be: s2_attention(q, k, v, backend=be, **kw)  # noqa: E731
-    return _errors(run, [q, k, v], ["dq", "dk", "dv"])
+    return backend_errors(run, [q, k, v], ["dq", "dk", "dv"])
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """LoRA-Composer sampling (`distill.lora_composer.sampling`) on the testbed base model (32×64 pixel-space U-Net,
-CLIP text encoder, word-level tokenizer) with random concept LoRAs made here. The reference sampler is DDIM with
+CLIP text encoder, BPE tokenizer) with random concept LoRAs made here. The reference sampler is DDIM with
 classifier-free guidance written out below with diffusers' `DDIMScheduler` and the plain U-Net.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/distill/lora_composer/test_sampling.py -q
