@@ -56,7 +56,9 @@ def test_teacher_samples_as_the_testbed_does(fashion):
     cond = prompt_conditioning(teacher, captions, data.eval["resolution"])
     uncond = prompt_conditioning(teacher, [""], data.eval["resolution"])
     final, _, _ = sample(teacher.unet, method._scheduler_config(teacher, loaded.args), cond, uncond, noise, 4, 3.0)
-    assert torch.allclose(final, expected, atol=1e-5)
+    # the testbed returns images clamped to the pixel range [-1, 1]; KOALA keeps the raw final sample (the
+    # scheduler does not clip: clip_sample is false)
+    assert torch.allclose(final.clamp(-1, 1), expected, atol=1e-5)
 
 
 def test_data_free_training_on_teacher_canvases(fashion):
@@ -68,7 +70,9 @@ def test_data_free_training_on_teacher_canvases(fashion):
     assert student_config(config, "koala-700m") == student_config(config, "custom", mid_block=False)
     data = method.data(teacher, loaded.recipe.data, loaded.args)
     latents = data.train_dataloader().dataset.columns["teacher_latents"]
-    assert latents.shape == (2, 1, 32, 64) and latents.abs().max() <= 1 + 1e-5  # DDIM clips x0 to [-1, 1]
+    # the teacher's own samples (how they are drawn: test_teacher_samples_as_the_testbed_does); its scheduler does
+    # not clip, so a few-step sample may leave the pixel range
+    assert latents.shape == (2, 1, 32, 64) and torch.isfinite(latents).all() and latents.std() > 0.1
     module = method.lightning_module(teacher, student, data, loaded.args, TrainSpec())
     assert len(module.pairs) == 6  # one self-attention layer in each of 2 encoder and 4 decoder stacks
     logged = {}

@@ -1,5 +1,5 @@
 """LoRA-Composer sampling (`distill.lora_composer.sampling`) on the testbed base model (32×64 pixel-space U-Net,
-CLIP text encoder, BPE tokenizer) with random concept LoRAs made here. The reference sampler is DDIM with
+CLIP text encoder, word-level tokenizer) with random concept LoRAs made here. The reference sampler is DDIM with
 classifier-free guidance written out below with diffusers' `DDIMScheduler` and the plain U-Net.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/distill/lora_composer/test_sampling.py -q
@@ -14,6 +14,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
+from transformers import AutoTokenizer
 
 from convert.lora_composer import Composition, Region, composed, load_concept_adapters
 from distill.lora_composer.guidance import LatentGuidance, injection_loss
@@ -26,6 +27,7 @@ from distill.lora_composer.sampling import (
     sample_mixed,
     word_positions,
 )
+from distill.lora_composer.testbed import TOKENIZER_DIR
 from distill.spec import ResolvedSource
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
@@ -77,7 +79,8 @@ def teacher_with(loras: dict[str, Path]) -> ComposerTeacher:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_teacher(ResolvedSource(description="t", path=TESTBED)).tokenizer
+    """A byte-level BPE (the repo's Austen tokenizer, the first testbed's): words come in several pieces."""
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
 def noise(batch: int = 2) -> torch.Tensor:
@@ -122,6 +125,19 @@ def test_word_positions_hand_checked(tokenizer):
     for prompt, word in [("a sks sneaker", "zwx"), ("a zwx bag", "bags"), ("", "sks"), ("sksx sneaker", "sks")]:
         with pytest.raises(ValueError, match="is not a run of tokens"):
             word_positions(tokenizer, prompt, word)
+
+
+def test_word_positions_with_the_testbeds_word_tokenizer():
+    tokenizer = load_teacher(ResolvedSource(description="t", path=TESTBED)).tokenizer
+    scene = "a zwx bag on the left, a sks sneaker in the middle and a vmj dress on the right"
+    # one token per word and per comma, no BOS/EOS: a(0) zwx(1) bag(2) on the left ,(6) a(7) sks(8) sneaker(9) ...
+    assert tokenizer.convert_ids_to_tokens(tokenizer(scene)["input_ids"])[7:10] == ["a", "sks", "sneaker"]
+    assert word_positions(tokenizer, scene, "zwx") == [1]
+    assert word_positions(tokenizer, scene, "sks") == [8]
+    assert word_positions(tokenizer, scene, "dress") == [16]
+    assert word_positions(tokenizer, "a sneaker and a sneaker", "sneaker") == [4]
+    with pytest.raises(ValueError, match="is not a run of tokens"):
+        word_positions(tokenizer, "a sks sneaker", "bnq")
 
 
 def test_composed_with_noop_adapters_is_plain_ddim_cfg(zero_loras):

@@ -38,6 +38,6 @@ def test_text_encoder_is_built_for_the_tokenizers_vocabulary(tmp_path):
         assert tokenizer.pad_token_id == TEXT_CONFIG["pad_token_id"]
         ids = tokenizer(["a sks sneaker on the left"], padding="max_length", max_length=32, return_tensors="pt")
         assert text_encoder(ids["input_ids"]).last_hidden_state.shape == (1, 32, TEXT_CONFIG["hidden_size"])
-    assert len(make_tokenizer("bpe", tmp_path / "bpe")) == TEXT_CONFIG["vocab_size"]  # the committed testbed's
+    assert len(make_tokenizer("bpe", tmp_path / "bpe")) == TEXT_CONFIG["vocab_size"]  # the config default is the BPE
     with pytest.raises(ValueError, match="--tokenizer 'sentencepiece'"):
         make_tokenizer("sentencepiece", tmp_path / "x")
