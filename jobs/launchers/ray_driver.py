@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from jobs.launchers import ENGINE_ID_ENV, RANKS_LAUNCHED_ENV
 
@@ -156,5 +156,23 @@ def main(argv: list[str] | None = None) -> int:
             remove_placement_group(pg)
 
 
+def leave(code: int) -> NoReturn:
+    """End the driver with the ranks' verdict. Ray's core worker can crash while the interpreter tears it down after
+    the work is done (a driver exiting -11: ray-project/ray#40768), and Ray would then record FAILED for a job whose
+    ranks all succeeded; so Ray is shut down here and the process leaves without the interpreter's teardown."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with contextlib.suppress(Exception):
+        import ray
+
+        ray.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        exit_code = main()
+    except SystemExit as stop:  # SIGTERM (_stop), or argparse's usage error
+        exit_code = stop.code if isinstance(stop.code, int) else 2
+    leave(exit_code)

@@ -159,6 +159,11 @@ def _ray_final(client: Any, engine_id: str, seconds: float = 60) -> str:
     return _wait_for(lambda: state() in ("SUCCEEDED", "FAILED", "STOPPED") and state(), seconds) or state()
 
 
+def _ray_message(client: Any, engine_id: str) -> str:
+    """Ray's own words on how a job ended (a failed entrypoint's exit code and last logs)."""
+    return str(client.get_job_info(engine_id).message or "")[-1500:]
+
+
 def scenario(root: Path) -> dict[str, Any]:
     """Everything the tests assert on, measured inside the namespace."""
     sys.path.insert(0, str(TESTS))
@@ -187,6 +192,7 @@ def scenario(root: Path) -> dict[str, Any]:
             "output": (done.stdout[-1500:] + done.stderr[-2500:]), "status": job.status, "engine": job.engine,
             "engine_id": job.engine_id, "attempts": job.attempts, "error": job.error,
             "ray_status": _ray_final(client, job.engine_id) if job.engine_id else None,
+            "ray_message": _ray_message(client, job.engine_id) if job.engine_id else None,
             "rank1_in_ray_logs": "GLOBAL_RANK: 1, MEMBER: 2/2" in logs,
             "driver_lines": [line for line in logs.splitlines() if line.startswith("ray_driver:")],
             "logs_tail": logs[-2000:]}
