@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, NoReturn
+from typing import Any
 
 from jobs.launchers import ENGINE_ID_ENV, RANKS_LAUNCHED_ENV
 
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     bundle = {"CPU": cpus * devices, **({"GPU": gpus * devices} if gpus else {})}
     pg = placement_group([bundle] * nodes, strategy="PACK" if nodes == 1 else "SPREAD", name=engine_id)
     refs: list[Any] = []
+    pending: list[Any] = []  # the ranks still running: the only ones the `finally` below may cancel
     try:
         started = noted = time.monotonic()
         while not pg.wait(timeout_seconds=1):  # 1 s: SIGTERM is handled between Python bytecodes, not inside Ray
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             # max_retries=0: a rank that died must never be started again behind the job's back.
             refs.append(rank_task.options(num_cpus=cpus, num_gpus=gpus, max_retries=0,
                                           scheduling_strategy=in_bundle(j)).remote(entry, env, os.getcwd()))
-        pending = list(refs)
+            pending.append(refs[-1])
         while pending:
             # A timeout, so that SIGTERM is seen within a second.
             done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
@@ -148,31 +149,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ray_driver: all {len(refs)} ranks exited 0", flush=True)
         return 0
     finally:
-        # Ray also ends all of this at the job's end; done here at once, and never to change the exit code.
-        for ref in refs:
+        # Ray also ends all of this at the job's end; done here at once, and never to change the exit code. Only
+        # ranks still running are cancelled: a forced cancel of a task that already returned can crash this driver
+        # in Ray's core worker ("Tried to complete task that was not pending", exit code 1), and Ray would then
+        # record FAILED for a job whose every rank exited 0.
+        for ref in pending:
             with contextlib.suppress(Exception):
-                ray.cancel(ref, force=True)  # kills the rank's worker (a no-op once done); the rank dies with it
+                ray.cancel(ref, force=True)  # kills the rank's worker; the rank dies with it
         with contextlib.suppress(Exception):
             remove_placement_group(pg)
 
 
-def leave(code: int) -> NoReturn:
-    """End the driver with the ranks' verdict. Ray's core worker can crash while the interpreter tears it down after
-    the work is done (a driver exiting -11: ray-project/ray#40768), and Ray would then record FAILED for a job whose
-    ranks all succeeded; so Ray is shut down here and the process leaves without the interpreter's teardown."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    with contextlib.suppress(Exception):
-        import ray
-
-        ray.shutdown()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    try:
-        exit_code = main()
-    except SystemExit as stop:  # SIGTERM (_stop), or argparse's usage error
-        exit_code = stop.code if isinstance(stop.code, int) else 2
-    leave(exit_code)
+    sys.exit(main())
