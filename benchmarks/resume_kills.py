@@ -34,7 +34,7 @@ def athanor(home: Path, *args: str, env: dict[str, str] | None = None) -> subpro
     full = {k: v for k, v in os.environ.items() if k != "ATHANOR_TEST_HOOK"}
     full.update({"ATHANOR_HOME": str(home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                  "MLFLOW_ENABLE_ASYNC_LOGGING": "false", **(env or {})})
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=full, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "athanor.jobs.cli", *args], cwd=REPO, env=full, capture_output=True,
                           text=True, check=True, timeout=3600)
 
 
@@ -58,7 +58,7 @@ def compare(home: Path, killed_id: str, plain_id: str) -> dict[str, Any]:
     import mlflow
     from safetensors.torch import load_file
 
-    from jobs.store import JobStore
+    from athanor.jobs.store import JobStore
 
     store = JobStore(home)
     killed, plain = store.get(killed_id), store.get(plain_id)

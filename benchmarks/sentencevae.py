@@ -22,12 +22,12 @@ from functools import partial
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from convert.sentencevae.segment import SegmentRules
-from convert.sentencevae.sllm import SentenceVAEModel
-from convert.sentencevae.vae import VAEConfig
-from distill.sentencevae.evaluation import Segmenter, generation_cost, generation_probe, generation_runs
-from distill.sentencevae.method import segment_generated
-from distill.timing import interleaved_latency
+from athanor.convert.sentencevae.segment import SegmentRules
+from athanor.convert.sentencevae.sllm import SentenceVAEModel
+from athanor.convert.sentencevae.vae import VAEConfig
+from athanor.distill.sentencevae.evaluation import Segmenter, generation_cost, generation_probe, generation_runs
+from athanor.distill.sentencevae.method import segment_generated
+from athanor.distill.timing import interleaved_latency
 
 
 def build_lm(args: argparse.Namespace) -> torch.nn.Module:

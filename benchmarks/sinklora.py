@@ -46,8 +46,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from convert.sinklora import add_lora, configure, extend_context, original_context, use_attention
-from distill.timing import interleaved_latency
+from athanor.convert.sinklora import add_lora, configure, extend_context, original_context, use_attention
+from athanor.distill.timing import interleaved_latency
 
 ATTENTIONS = {"full": "sdpa", "s2": "s2_attention", "sf": "sf_attention"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels.compare import backend_errors, random_qkv  # noqa: E402
-from kernels.linear_attention import HedgehogFeatureMap, linear_attention  # noqa: E402
-from kernels.sparse_attention import s2_attention, sf_attention  # noqa: E402
+from athanor.kernels.compare import backend_errors, random_qkv  # noqa: E402
+from athanor.kernels.linear_attention import HedgehogFeatureMap, linear_attention  # noqa: E402
+from athanor.kernels.sparse_attention import s2_attention, sf_attention  # noqa: E402
 
 # name: (kind, b, h, hk, n, d, causal, padded, dtype, extra); extra = feature map (linear) or (group, sinks)
 CASES = {

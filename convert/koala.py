@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
-from convert.recipe_types import RecipeError
+from athanor.convert.recipe_types import RecipeError
 
 logger = logging.getLogger(__name__)
 

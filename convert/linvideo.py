@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from convert.recipe_types import RecipeError
-from kernels.feature_maps import HedgehogFeatureMap
-from kernels.linear_attention import linear_attention
+from athanor.convert.recipe_types import RecipeError
+from athanor.kernels.feature_maps import HedgehogFeatureMap
+from athanor.kernels.linear_attention import linear_attention
 
 Mode = Literal["hybrid", "linear"]
 FeatureMapName = Literal["hedgehog", "elu+1", "relu"]

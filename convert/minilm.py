@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
-from convert.recipe_types import RecipeError, Section
+from athanor.convert.recipe_types import RecipeError, Section
 
 
 @dataclass(frozen=True)

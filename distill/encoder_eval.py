@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from scipy.stats import spearmanr
 
-from convert.module_utils import count_params
-from distill.spec import EvalSpec, RecipeError
+from athanor.convert.module_utils import count_params
+from athanor.distill.spec import EvalSpec, RecipeError
 
 STS_KEY = "minilm.sts_file"
 

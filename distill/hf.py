@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from distill.spec import RecipeError, ResolvedSource
+from athanor.distill.spec import RecipeError, ResolvedSource
 
 
 def load_tokenizer(source: ResolvedSource, *, need_fast: bool = False) -> Any:

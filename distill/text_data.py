@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from distill.spec import DataSpec, RecipeError
+from athanor.distill.spec import DataSpec, RecipeError
 
 # Stdlib first (always present), then the project's own dependencies. Order matters: passages are
 # read in this order until `max_texts` is reached.

@@ -6,7 +6,7 @@ to the same load, and the ratio of medians is what `speedup` reports. Why the th
 after a multi-process run Lightning leaves torch with cpus/devices threads, so the 'after' side would
 run with fewer threads than the 'before' side did.
 
-    from distill.timing import interleaved_latency
+    from athanor.distill.timing import interleaved_latency
     ms = interleaved_latency({"teacher": lambda: t(x), "student": lambda: s(x)}, repeats=5)
 """
 

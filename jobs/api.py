@@ -27,10 +27,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from jobs.api_models import ApiError, ErrorOut, ProblemOut, json_value
-from jobs.api_routes import add_routes
-from jobs.recipe_yaml import MAX_RECIPE_BYTES, MISSING
-from jobs.store import JobStore, StoreError
+from athanor.jobs.api_models import ApiError, ErrorOut, ProblemOut, json_value
+from athanor.jobs.api_routes import add_routes
+from athanor.jobs.recipe_yaml import MAX_RECIPE_BYTES, MISSING
+from athanor.jobs.store import JobStore, StoreError
 
 log = logging.getLogger("athanor.api")
 MAX_BODY = MAX_RECIPE_BYTES

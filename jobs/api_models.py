@@ -11,9 +11,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from convert.recipe_types import short_repr
-from jobs.recipe_yaml import MAX_RECIPE_BYTES, MISSING, Problem
-from jobs.store import Job
+from athanor.convert.recipe_types import short_repr
+from athanor.jobs.recipe_yaml import MAX_RECIPE_BYTES, MISSING, Problem
+from athanor.jobs.store import Job
 
 Status = Literal["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"]
 MAX_OVERRIDES = 100

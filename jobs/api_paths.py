@@ -29,8 +29,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from jobs.recipe import LoadedRecipe, Problem
-from jobs.sources import looks_like_hub_id
+from athanor.jobs.recipe import LoadedRecipe, Problem
+from athanor.jobs.sources import looks_like_hub_id
 
 PATH_NAME = re.compile(r"_(dir|file|path)s?$")
 LOCAL_SCHEMES = ("", "file", "sqlite")

@@ -19,8 +19,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 
-from convert.recipe_types import one_line
-from jobs.api_models import (
+from athanor.convert.recipe_types import one_line
+from athanor.jobs.api_models import (
     MAX_OVERRIDES,
     ApiError,
     CancelOut,
@@ -38,10 +38,10 @@ from jobs.api_models import (
     SubmitIn,
     metrics_of,
 )
-from jobs.api_paths import confine
-from jobs.leases import reap_stale
-from jobs.recipe_yaml import MAX_PROBLEMS, MAX_RECIPE_BYTES, MISSING, Problem, RecipeFileError, decode
-from jobs.store import FINAL, Job, JobStore
+from athanor.jobs.api_paths import confine
+from athanor.jobs.leases import reap_stale
+from athanor.jobs.recipe_yaml import MAX_PROBLEMS, MAX_RECIPE_BYTES, MISSING, Problem, RecipeFileError, decode
+from athanor.jobs.store import FINAL, Job, JobStore
 
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/plain")
 LOG_POLL_S = 0.5
@@ -85,8 +85,8 @@ def _create(store: JobStore, loaded: Any) -> Job:
 def submit_recipe(store: JobStore, text: str, overrides: list[str]) -> tuple[Job, list[str]]:
     """Validate `text` as `athanor submit` does, with its paths confined to the home; create the job.
     ApiError(422) listing every problem otherwise."""
-    from jobs.recipe import RecipeInvalid, load_recipe
-    from jobs.validate import check
+    from athanor.jobs.recipe import RecipeInvalid, load_recipe
+    from athanor.jobs.validate import check
 
     try:
         loaded = load_recipe(None, text=text, overrides=overrides)
@@ -123,7 +123,7 @@ async def recipe_request(request: Request, override: list[str]) -> tuple[str, li
 
 
 def _tracking_uri(job: Job) -> str | None:
-    from jobs.recipe import RecipeInvalid, load_recipe
+    from athanor.jobs.recipe import RecipeInvalid, load_recipe
 
     try:
         return load_recipe(None, text=job.recipe_text, overrides=job.overrides).recipe.tracking.uri
@@ -179,12 +179,12 @@ async def log_stream(store: JobStore, job: Job, follow: bool) -> AsyncIterator[b
 
 
 def cancel_job(store: JobStore, job_id: str, force: bool) -> CancelOut:
-    from jobs.worker import cancel
+    from athanor.jobs.worker import cancel
 
     job = _job(store, job_id)
     if job.status in FINAL:
         raise ApiError(409, f"job {job.id} is already {job.status}; nothing to cancel")
-    from jobs.launchers import LaunchError
+    from athanor.jobs.launchers import LaunchError
 
     try:
         status = cancel(store, job.id, force=force)
@@ -198,8 +198,8 @@ def cancel_job(store: JobStore, job_id: str, force: bool) -> CancelOut:
 def push(store: JobStore, job_id: str, alias: str) -> PushOut:
     from mlflow.exceptions import MlflowException
 
-    from jobs.cli import PushRefused, push_job
-    from jobs.registry import check_alias
+    from athanor.jobs.cli import PushRefused, push_job
+    from athanor.jobs.registry import check_alias
 
     if problem := check_alias(alias):
         raise _invalid([Problem("alias", None, alias, problem)], "request body")
@@ -289,14 +289,14 @@ def openapi(app: FastAPI) -> dict[str, Any]:
 
 @cache
 def _recipe_schema() -> dict[str, Any]:
-    from jobs.recipe import json_schema
+    from athanor.jobs.recipe import json_schema
 
     return json_schema()
 
 
 @cache
 def recipe_components() -> dict[str, Any]:
-    from jobs.recipe import json_schema
+    from athanor.jobs.recipe import json_schema
 
     found: dict[str, Any] = {}
     variants = json_schema()["oneOf"]

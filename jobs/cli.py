@@ -19,7 +19,7 @@ EXIT_OK, EXIT_JOB_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _store(args):
-    from jobs.store import JobStore
+    from athanor.jobs.store import JobStore
 
     return JobStore(args.home)
 
@@ -34,8 +34,8 @@ def _job(store, job_id: str):
 
 def _print_problems(problems: list, recipe: str, outcome: str = "") -> None:
     """One stderr line per problem (capped: a broken file can hold thousands), then the count."""
-    from convert.recipe_types import one_line
-    from jobs.recipe import render_problems
+    from athanor.convert.recipe_types import one_line
+    from athanor.jobs.recipe import render_problems
 
     for line in render_problems(problems, recipe):
         print(line, file=sys.stderr)
@@ -43,7 +43,7 @@ def _print_problems(problems: list, recipe: str, outcome: str = "") -> None:
 
 
 def cmd_validate(args) -> int:
-    from jobs.validate import check, render_estimate
+    from athanor.jobs.validate import check, render_estimate
 
     report = check(args.recipe, overrides=args.override)
     if report.problems:
@@ -60,7 +60,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    from jobs.recipe import json_schema, recipe_model
+    from athanor.jobs.recipe import json_schema, recipe_model
 
     schema = recipe_model(args.method).model_json_schema() if args.method else json_schema()
     print(json.dumps(schema, indent=2))
@@ -99,7 +99,7 @@ def _print_table(job) -> None:
 def cmd_submit(args) -> int:
     """Validate first; a job row exists only for a valid recipe (an invalid one is reported and
     stored nowhere: no FAILED rows holding megabytes of someone's broken file)."""
-    from jobs.validate import check
+    from athanor.jobs.validate import check
 
     report = check(args.recipe, overrides=args.override)
     for warning in report.warnings:
@@ -117,11 +117,11 @@ def cmd_submit(args) -> int:
         print(f"submitted job {job.id} ({name}); run `athanor worker` to execute it, "
               f"`athanor status {job.id}` to watch")
         return EXIT_OK
-    from jobs import run
+    from athanor.jobs import run
 
     store.claim(job.id)
     if loaded.recipe.train.launcher != "local":
-        from jobs.launchers import submit_and_follow
+        from athanor.jobs.launchers import submit_and_follow
 
         final = submit_and_follow(store, store.get(job.id), loaded.recipe.train)
     else:
@@ -135,8 +135,8 @@ def cmd_submit(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    from jobs.store import StoreError
-    from jobs.worker import work
+    from athanor.jobs.store import StoreError
+    from athanor.jobs.worker import work
 
     while True:  # a home that cannot be opened yet (read-only, full): say so once per poll, stay up
         try:
@@ -156,8 +156,8 @@ def _age(t: float | None) -> str:
 
 
 def _reap(store) -> None:
-    from jobs.launchers import safe_reconcile
-    from jobs.leases import reap_stale
+    from athanor.jobs.launchers import safe_reconcile
+    from athanor.jobs.leases import reap_stale
 
     reap_stale(store)
     safe_reconcile(store)
@@ -210,7 +210,7 @@ def cmd_logs(args) -> int:
 
 def _engine_logs(job) -> int:
     """`athanor logs JOB --engine`: every rank's output as the cluster engine keeps it."""
-    from jobs.launchers import LaunchError, launcher_for
+    from athanor.jobs.launchers import LaunchError, launcher_for
 
     if not job.engine or not job.engine_id:
         print(f"job {job.id} did not run under a cluster engine (train.launcher: local); see `athanor logs {job.id}`",
@@ -225,14 +225,14 @@ def _engine_logs(job) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from jobs.worker import cancel
+    from athanor.jobs.worker import cancel
 
     store = _store(args)
     job = _job(store, args.job)
     if job.status not in ("PENDING", "RUNNING"):
         print(f"job {job.id} is already {job.status}")
         return EXIT_OK
-    from jobs.launchers import LaunchError
+    from athanor.jobs.launchers import LaunchError
 
     try:
         status = cancel(store, job.id, force=args.force)
@@ -248,8 +248,8 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from jobs.store import athanor_home
-    from jobs.tracking import default_tracking_uri
+    from athanor.jobs.store import athanor_home
+    from athanor.jobs.tracking import default_tracking_uri
 
     home = athanor_home(args.home)
     uri = args.tracking_uri or default_tracking_uri(home)
@@ -263,15 +263,15 @@ def cmd_ui(args) -> int:
 
 def cmd_serve(args) -> int:
     """The HTTP job API; off the loopback only with ATHANOR_TOKEN (checked before anything starts)."""
-    from jobs.api import serve, token_problem
-    from jobs.store import athanor_home
+    from athanor.jobs.api import serve, token_problem
+    from athanor.jobs.store import athanor_home
 
     token = os.environ.get("ATHANOR_TOKEN") or None
     problem = token_problem(args.host, token)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    home = athanor_home(args.serve_home or args.home)
+    home = athanor_home(args.home)
     os.environ["ATHANOR_HOME"] = str(home)
     auth = "bearer token required" if token else "no token (loopback only)"
     where = f"http://{args.host}:{args.port}" if args.port else f"{args.host}, a free port (uvicorn's line below)"
@@ -293,8 +293,8 @@ class PushRefused(ValueError):
 def push_job(store, job_id: str, alias: str) -> tuple[str, str, str]:
     """Point registry alias `alias` at the version job `job_id` registered: (model name, version, job id).
     KeyError for an unknown job, PushRefused (one line) before any registry call when it cannot happen."""
-    from jobs.registry import check_alias, move_alias
-    from jobs.tracking import Tracker
+    from athanor.jobs.registry import check_alias, move_alias
+    from athanor.jobs.tracking import Tracker
 
     problem = check_alias(alias)
     if problem:
@@ -303,7 +303,7 @@ def push_job(store, job_id: str, alias: str) -> tuple[str, str, str]:
     if job.status != "SUCCEEDED" or not job.model_version or not (job.result or {}).get("registered"):
         raise PushRefused(f"job {job.id} has no registered version (status {job.status}); only succeeded, "
                           "registered jobs can be pushed", conflict=True)
-    from jobs.recipe import load_recipe
+    from athanor.jobs.recipe import load_recipe
 
     recipe = load_recipe(job.recipe_path, text=job.recipe_text, overrides=job.overrides).recipe
     name = job.result["registered"]["name"]
@@ -368,16 +368,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job"), p.add_argument("--alias", required=True), p.set_defaults(fn=cmd_push)
     p = sub.add_parser("serve", help="HTTP job API on 127.0.0.1 (another --host needs ATHANOR_TOKEN)")
     p.add_argument("--host", default="127.0.0.1"), p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--home", dest="serve_home", default=None, help="athanor home (as the global --home)")
     p.set_defaults(fn=cmd_serve)
+    for command in sub.choices.values():  # `athanor COMMAND --home DIR` works as well as `athanor --home DIR COMMAND`
+        command.add_argument("--home", default=argparse.SUPPRESS, help="athanor home (as the global --home)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Hub kernels (transformers' `kernels` integration, on by default in every from_pretrained) download and
+    # run code from the hub at load time, and would make a teacher's numbers depend on what a machine fetched:
+    # off unless the operator sets USE_HUB_KERNELS. Workers and ranks inherit it from this process.
+    os.environ.setdefault("USE_HUB_KERNELS", "0")
     args = build_parser().parse_args(argv)
     if args.home:
         os.environ["ATHANOR_HOME"] = os.path.abspath(args.home)
-    from jobs.store import StoreError
+    from athanor.jobs.store import StoreError
 
     try:
         return args.fn(args)

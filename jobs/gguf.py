@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from distill.spec import RecipeError
+from athanor.distill.spec import RecipeError
 
 MAGIC = b"GGUF"
 """The first four bytes of every GGUF file (llama.cpp's format)."""
@@ -109,7 +109,7 @@ def gguf_model_dir(path: Path, key: str, spec: str, *, weights: bool = True, hom
 
 
 def _cache_root(home: Path | None) -> Path:
-    from jobs.store import athanor_home
+    from athanor.jobs.store import athanor_home
 
     root = (home or athanor_home()) / CACHE_DIR
     root.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from jobs.store import LEASE_SECONDS, Job, JobStore, StoreError, lease_owner
+from athanor.jobs.store import LEASE_SECONDS, Job, JobStore, StoreError, lease_owner
 
 log = logging.getLogger("athanor.lease")
 
@@ -156,8 +156,8 @@ def clean_up(store: JobStore, job: Job) -> None:
 
 def _close_run(store: JobStore, job: Job) -> None:
     try:
-        from jobs.recipe import load_recipe
-        from jobs.tracking import Tracker
+        from athanor.jobs.recipe import load_recipe
+        from athanor.jobs.tracking import Tracker
 
         recipe = load_recipe(None, text=job.recipe_text, overrides=job.overrides).recipe
         tracker = Tracker(store.home, recipe.tracking.uri, recipe.tracking.experiment or recipe.name)

@@ -7,15 +7,15 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from distill.spec import Method
+    from athanor.distill.spec import Method
 
 METHODS: dict[str, str] = {
-    "minilm": "distill.minilm:MiniLM",
-    "koala": "distill.koala:Koala",
-    "sentencevae": "distill.sentencevae:SentenceVAE",
-    "linvideo": "distill.linvideo:LinVideo",
-    "sinklora": "distill.sinklora:SinkLoRA",
-    "lora_composer": "distill.lora_composer:LoraComposer",
+    "minilm": "athanor.distill.minilm:MiniLM",
+    "koala": "athanor.distill.koala:Koala",
+    "sentencevae": "athanor.distill.sentencevae:SentenceVAE",
+    "linvideo": "athanor.distill.linvideo:LinVideo",
+    "sinklora": "athanor.distill.sinklora:SinkLoRA",
+    "lora_composer": "athanor.distill.lora_composer:LoraComposer",
 }
 
 # Extra methods from outside the repo (plugins, test doubles): "name=module:Class,name2=...".

@@ -22,10 +22,10 @@ from typing import Any, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, Field, StrictBool, ValidationError, create_model, field_validator, model_validator
 
-from convert.recipe_types import LIMIT_REASON
-from distill.spec import SEED_MAX, DataSpec, EvalSpec, Section, TrainSpec, bounded
-from jobs.methods import METHODS, get_method
-from jobs.recipe_yaml import (  # noqa: F401 (Problem, RecipeInvalid, render_problems: this module's API)
+from athanor.convert.recipe_types import LIMIT_REASON
+from athanor.distill.spec import SEED_MAX, DataSpec, EvalSpec, Section, TrainSpec, bounded
+from athanor.jobs.methods import METHODS, get_method
+from athanor.jobs.recipe_yaml import (  # noqa: F401 (Problem, RecipeInvalid, render_problems: this module's API)
     MISSING,
     Problem,
     RecipeInvalid,
@@ -35,7 +35,7 @@ from jobs.recipe_yaml import (  # noqa: F401 (Problem, RecipeInvalid, render_pro
     read_text,
     render_problems,
 )
-from jobs.sources import inline_config_problems
+from athanor.jobs.sources import inline_config_problems
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """Names that become MLflow experiments, registered models and directories: no slashes, no '..'."""

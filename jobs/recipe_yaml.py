@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from convert.recipe_types import one_line, short_repr
+from athanor.convert.recipe_types import one_line, short_repr
 
 MAX_RECIPE_BYTES = 256 * 1024
 """The largest recipe accepted: the biggest shipped recipe is ~4 KiB; a larger file is not a recipe."""

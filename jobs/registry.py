@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.tracking import Tracker, comparison_markdown
+from athanor.jobs.tracking import Tracker, comparison_markdown
 
 log = logging.getLogger("athanor.registry")
 ALIAS = re.compile(r"[A-Za-z0-9_-]{1,255}")

@@ -52,10 +52,10 @@ def check_same_keys(method: str, results: Results) -> None:
 
 def outcome(exc: BaseException, job: Any, tracker: Any) -> tuple[str, str]:
     """The final status and one-line error for an exception that ended the job (its traceback goes to the log)."""
-    from distill.spec import RecipeError
-    from jobs.leases import JobStopped
-    from jobs.recipe import RecipeInvalid
-    from jobs.tracking import TrackingUnavailable
+    from athanor.distill.spec import RecipeError
+    from athanor.jobs.leases import JobStopped
+    from athanor.jobs.recipe import RecipeInvalid
+    from athanor.jobs.tracking import TrackingUnavailable
 
     if isinstance(exc, JobStopped):
         log.warning("job cancelled")

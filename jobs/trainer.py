@@ -1,6 +1,6 @@
 """Lightning Trainer from a recipe's `train:` section, and the launch of extra ranks.
 
-Multi-process runs are launched by us (one `python -m jobs.worker --rank` process per extra rank,
+Multi-process runs are launched by us (one `python -m athanor.jobs.worker --rank` process per extra rank,
 torchrun-style environment), never by Lightning re-executing the CLI command line. DeepSpeed on
 CPU (testing, CI) uses `CPUDeepSpeedStrategy`: Lightning 2.6 refuses DeepSpeed without CUDA.
 """
@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from distill.spec import STEPS_MAX, TrainSpec
-from jobs.launchers import RANKS_LAUNCHED_ENV, slurm_task
+from athanor.distill.spec import STEPS_MAX, TrainSpec
+from athanor.jobs.launchers import RANKS_LAUNCHED_ENV, slurm_task
 
 CHECKPOINTS = "checkpoints"
 """A job's (or comparison arm's) step checkpoints: `<job dir>/checkpoints/step=N.ckpt`."""
@@ -106,7 +106,7 @@ def build_trainer(train: TrainSpec, *, job_dir: Path, micro_batch_size: int, log
     newest `train.keep_checkpoints`), each published only while `fence()` holds (see jobs/resume.py)."""
     import lightning as L
 
-    from jobs.resume import AtomicCheckpoint
+    from athanor.jobs.resume import AtomicCheckpoint
 
     callbacks = list(callbacks or [])
     # Under Slurm a job checkpoints when warned of its end (time limit, pre-emption), even without periodic ones.
@@ -185,7 +185,7 @@ def launched_ranks(train: TrainSpec, job_id: str, home: Path, log_dir: Path,
             env = {**os.environ, **base, "LOCAL_RANK": str(local), "RANK": str(node_rank * n_local + local),
                    "ATHANOR_HOME": str(home), **(extra_env or {})}
             log = open(log_dir / f"rank{local}.log", "ab")
-            procs.append(subprocess.Popen([sys.executable, "-m", "jobs.worker", "--rank", job_id], env=env,
+            procs.append(subprocess.Popen([sys.executable, "-m", "athanor.jobs.worker", "--rank", job_id], env=env,
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=False))
         os.environ.update({**base, "LOCAL_RANK": "0", "RANK": str(node_rank * n_local)})
         yield procs
@@ -254,7 +254,7 @@ def fit(method: Any, module: Any, student: Any, data: Any, train: TrainSpec, mic
         ckpt_path: Path | None = None, fence: Callable[[], bool] | None = None) -> Any:
     """Train (from step 0, or resumed from `ckpt_path`: weights, optimizer, schedule, step, data position, RNG)
     and return the trained student, consolidated on every rank (ZeRO-3 included)."""
-    from jobs.resume import resumable_loader
+    from athanor.jobs.resume import resumable_loader
 
     zero3 = train.strategy == "deepspeed_stage_3"
     blueprint = copy.deepcopy(student) if zero3 else None

@@ -22,10 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convert.module_utils import count_params
-from convert.recipe_types import one_line
-from distill.spec import RecipeError, ResolvedSource
-from jobs.recipe import MISSING, LoadedRecipe, Problem, RecipeInvalid, load_recipe, path_fields, resolve_relative
+from athanor.convert.module_utils import count_params
+from athanor.convert.recipe_types import one_line
+from athanor.distill.spec import RecipeError, ResolvedSource
+from athanor.jobs.recipe import (
+    MISSING,
+    LoadedRecipe,
+    Problem,
+    RecipeInvalid,
+    load_recipe,
+    path_fields,
+    resolve_relative,
+)
 
 DEADLINE_S = 60.0
 """Longest the source and meta-device checks may take: the model-size bounds stop the known hangs,
@@ -124,8 +132,8 @@ def _path_problems(recipe: Any, recipe_path: Path | None) -> list[Problem]:
 
 def _check_model(report: Report, loaded: LoadedRecipe, recipe_path: Path | None) -> None:
     """Resolve the teacher, refuse what needs remote code, then build teacher and student on meta."""
-    from jobs.methods import get_method
-    from jobs.sources import resolve_source
+    from athanor.jobs.methods import get_method
+    from athanor.jobs.sources import resolve_source
 
     recipe = loaded.recipe
     try:
@@ -186,7 +194,7 @@ def _placement(train: Any, n_student: int, weight_bytes: int) -> dict[str, Any]:
 def _source_checks(report: Report, recipe: Any, source: ResolvedSource) -> bool:
     """Model directories hold a config within bounds and no code the recipe has not trusted; False
     when the meta build must be skipped (a problem, or code that only trust_remote_code could load)."""
-    from jobs.sources import model_dir_problems, remote_code
+    from athanor.jobs.sources import model_dir_problems, remote_code
 
     if source.path is not None:
         found = model_dir_problems(source.path, "teacher.source")

@@ -3,9 +3,9 @@ so `athanor cancel` can stop the job and every process it started).
 
     athanor worker                 # poll forever
     athanor worker --once          # run what is pending, then exit
-    python -m jobs.worker --job ID # (internal) run one claimed job in this process
-    python -m jobs.worker --rank ID  # (internal) a non-zero training rank of job ID
-    python -m jobs.worker --job ID --engine-task  # (internal) a rank a cluster engine started (jobs/launchers)
+    python -m athanor.jobs.worker --job ID # (internal) run one claimed job in this process
+    python -m athanor.jobs.worker --rank ID  # (internal) a non-zero training rank of job ID
+    python -m athanor.jobs.worker --job ID --engine-task  # (internal) a rank a cluster engine started (jobs/launchers)
 
 A job whose recipe says `train.launcher: slurm | ray` is not run here: the worker submits it to that engine and
 goes on; the engine's job state settles it (`jobs.launchers.reconcile`, on every loop).
@@ -21,9 +21,9 @@ import subprocess
 import sys
 import time
 
-from jobs.launchers import launcher_for, safe_reconcile, submit
-from jobs.leases import clean_up, reap_stale
-from jobs.store import JobStore, StoreError
+from athanor.jobs.launchers import launcher_for, safe_reconcile, submit
+from athanor.jobs.leases import clean_up, reap_stale
+from athanor.jobs.store import JobStore, StoreError
 
 log = logging.getLogger("athanor.worker")
 
@@ -32,7 +32,7 @@ def spawn(job_id: str, store: JobStore) -> subprocess.Popen:
     job = store.get(job_id)
     logfile = open(job.log_path, "ab")
     env = {**os.environ, "ATHANOR_HOME": str(store.home), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.worker", "--job", job_id], stdout=logfile,
+    proc = subprocess.Popen([sys.executable, "-m", "athanor.jobs.worker", "--job", job_id], stdout=logfile,
                             stderr=subprocess.STDOUT, env=env, start_new_session=True)
     store.update(job_id, pid=proc.pid)
     return proc
@@ -103,7 +103,7 @@ def _run_one(store: JobStore, job) -> None:
 def _train_section(job):
     """The recipe's `train:` section (validated at submission), or None when it cannot be read here: the job then
     runs locally and fails in its own process with the recipe's own error."""
-    from jobs.recipe import load_recipe
+    from athanor.jobs.recipe import load_recipe
 
     try:
         return load_recipe(None, text=job.recipe_text, overrides=job.overrides).recipe.train
@@ -143,18 +143,19 @@ def cancel(store: JobStore, job_id: str, *, force: bool = False) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.worker")
+    parser = argparse.ArgumentParser(prog="python -m athanor.jobs.worker")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--job", help="run this claimed job in this process")
     group.add_argument("--rank", help="run a non-zero training rank of this job")
     parser.add_argument("--engine-task", action="store_true", help="with --job: a rank a cluster engine started")
     args = parser.parse_args(argv)
+    os.environ.setdefault("USE_HUB_KERNELS", "0")  # as the CLI (jobs/cli.py): engines may not pass it on
     store = JobStore()
     if args.engine_task:
-        from jobs.launchers.task import run_engine_task
+        from athanor.jobs.launchers.task import run_engine_task
 
         return run_engine_task(args.job, store)
-    from jobs import run
+    from athanor.jobs import run
 
     if args.rank:  # a rank's stdout is its own log file; the job process logs through its FileHandler only
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

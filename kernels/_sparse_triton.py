@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import pad_last, pow2_at_least_16
+from athanor.kernels._common import pad_last, pow2_at_least_16
 
 
 @triton.jit

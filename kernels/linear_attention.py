@@ -21,8 +21,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from kernels._common import Backend, check_float, use_triton
-from kernels.feature_maps import FeatureMap, HedgehogFeatureMap, elu_plus_one, resolve_feature_maps
+from athanor.kernels._common import Backend, check_float, use_triton
+from athanor.kernels.feature_maps import FeatureMap, HedgehogFeatureMap, elu_plus_one, resolve_feature_maps
 
 Layout = Literal["bhnd", "bnhd"]
 __all__ = ["linear_attention", "linear_attention_reference", "HedgehogFeatureMap"]
@@ -68,7 +68,7 @@ def linear_attention(
     if phi_q.shape[-1] != phi_k.shape[-1]:
         raise ValueError(f"query and key feature maps give {phi_q.shape[-1]} vs {phi_k.shape[-1]} features")
     if triton_path:
-        from kernels._linear_triton import linear_attention_triton
+        from athanor.kernels._linear_triton import linear_attention_triton
 
         out = linear_attention_triton(phi_q, phi_k, v, causal, eps, attention_mask=keep)
     else:

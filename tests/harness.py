@@ -13,6 +13,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
+CLI = [sys.executable, "-m", "athanor.jobs.cli"]
+"""`athanor` as a module of this interpreter (the console script may belong to another environment)."""
 
 
 def athanor(*args: str, home: Path | None = None, env: dict[str, str] | None = None, timeout: float = 1500,
@@ -24,8 +26,8 @@ def athanor(*args: str, home: Path | None = None, env: dict[str, str] | None = N
     full_env.update(env or {})
     if home is not None:
         full_env["ATHANOR_HOME"] = str(home)
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=full_env, capture_output=True,
-                          text=True, timeout=timeout, check=check)
+    return subprocess.run([*CLI, *args], cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=timeout, check=check)
 
 
 def mlflow_client(home: Path) -> Any:

@@ -18,22 +18,38 @@ from pathlib import Path
 
 import pytest
 
-from jobs.methods import METHODS
+from athanor.jobs.methods import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for folder in ("convert", "distill", "kernels", "jobs", "benchmarks", "tests")
                  for p in (REPO / folder).rglob("*.py"))
 
 
-def imported_roots(path: Path) -> set[str]:
-    """Top-level module names imported anywhere in a file (function-level imports included)."""
-    roots = set()
+LAYERS = ("convert", "distill", "kernels", "jobs")
+
+
+def imported_names(path: Path) -> set[str]:
+    """Absolute module names imported anywhere in a file (function-level imports included)."""
+    names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            roots |= {alias.name.split(".")[0] for alias in node.names}
+            names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            roots.add(node.module.split(".")[0])
-    return roots
+            names.add(node.module)
+    return names
+
+
+def imported_roots(path: Path) -> set[str]:
+    """Top-level names imported by a file, athanor's layers by their own name (`athanor.distill.x` -> `distill`)."""
+    return {name.removeprefix("athanor.").split(".")[0] for name in imported_names(path)}
+
+
+def test_project_code_is_imported_only_as_athanor():
+    """The layers are installed as athanor.convert, athanor.distill, ...: a bare `import kernels` would pick
+    up PyPI's `kernels` (or, from the repository root, a folder), never ours."""
+    offenders = {str(p.relative_to(REPO)): sorted(n for n in imported_names(p) if n.split(".")[0] in LAYERS)
+                 for p in SOURCES if any(n.split(".")[0] in LAYERS for n in imported_names(p))}
+    assert offenders == {}
 
 
 @pytest.mark.parametrize(("folder", "forbidden"), [
@@ -53,10 +69,10 @@ def test_kernels_import_only_torch_and_triton():
     assert offenders == {}
 
 
-@pytest.mark.parametrize("name", sorted(n for n, target in METHODS.items() if target.startswith("distill.")))
+@pytest.mark.parametrize("name", sorted(n for n, target in METHODS.items() if target.startswith("athanor.distill.")))
 def test_every_method_is_one_package(name):
     module = METHODS[name].partition(":")[0]
-    assert module == f"distill.{name}" and (REPO / "distill" / name / "__init__.py").is_file()
+    assert module == f"athanor.distill.{name}" and (REPO / "distill" / name / "__init__.py").is_file()
     flat = [p.name for p in (REPO / "distill").glob(f"{name}_*.py")]
     assert flat == [], f"method files outside the package: {flat}"
 

@@ -1,28 +1,111 @@
-"""The generic top-level names (`kernels`, `convert`, `jobs`, `distill`) must resolve to this repo,
-never to a same-named PyPI package (PyPI's `kernels` is one that transformers probes for)."""
+"""athanor owns every top-level import name it installs: one, `athanor`. The layout's root folders are its
+subpackages (`athanor.convert` = `convert/`, ...) and are not regular packages themselves, so neither an
+installed wheel nor the repository root (on sys.path for `python -m ...` and pytest) ever shadows another
+distribution's top-level name; PyPI's `kernels`, which transformers requires, stays importable beside us.
+
+    .venv/bin/python -m pytest tests/test_packages.py -q
+"""
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
+import shutil
 import subprocess
 import sys
+import sysconfig
+import tomllib
+import venv
+import zipfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+LAYERS = ("convert", "distill", "kernels", "jobs")
+PACKAGES = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
 
 
-@pytest.mark.parametrize("name", ["kernels", "convert", "jobs", "distill"])
-def test_package_imports_from_this_repo(name):
-    module = importlib.import_module(name)
-    assert Path(module.__file__).resolve().parent == REPO / name
+def folder_of(package: str) -> Path:
+    """The repository folder of an athanor package: athanor.distill.minilm -> distill/minilm."""
+    return REPO.joinpath(*package.split(".")[1:])
 
 
-def test_pypi_kernels_package_is_not_installed_and_transformers_does_not_see_ours():
-    with pytest.raises(importlib.metadata.PackageNotFoundError):
-        importlib.metadata.version("kernels")
-    code = "from transformers.utils import is_kernels_available; print(is_kernels_available())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True).stdout
-    assert out.strip() == "False"
+def test_every_folder_with_code_is_an_installed_package():
+    """Every folder with an __init__.py (and the layer roots) is installed: a new method's folder missing from
+    pyproject.toml would import from the checkout and vanish from a wheel."""
+    packages = {"athanor." + ".".join(p.parent.relative_to(REPO).parts)
+                for layer in LAYERS for p in (REPO / layer).rglob("__init__.py")}
+    assert packages | {f"athanor.{layer}" for layer in LAYERS} == set(PACKAGES)
+    assert [p for p in PACKAGES if not folder_of(p).is_dir()] == []
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_package_imports_from_this_repo(package):
+    module = importlib.import_module(package)
+    assert Path(next(iter(module.__path__))).resolve() == folder_of(package)
+
+
+def test_root_folders_are_never_regular_packages():
+    """A regular package `kernels/` at the repository root would win over PyPI's `kernels` for any process
+    started there; a folder without __init__.py is at most a namespace portion, which never wins."""
+    assert [layer for layer in LAYERS if (REPO / layer / "__init__.py").exists()] == []
+
+
+def test_pypi_kernels_is_installed_and_transformers_sees_it_from_the_repo_root():
+    assert importlib.metadata.version("kernels")
+    code = ("import kernels, transformers.modeling_utils; from transformers.utils import is_kernels_available; "
+            "print(kernels.__file__, is_kernels_available())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    path, available = out.split()
+    assert Path(path).is_relative_to(sysconfig.get_paths()["purelib"]) and available == "True"
+
+
+IMPORT_ALL = """
+import importlib, json, sys, kernels
+names = json.loads(sys.argv[1])
+files = {n: list(importlib.import_module(n).__path__)[0] for n in names}
+from athanor.jobs.cli import build_parser
+build_parser()
+print(json.dumps({"files": files, "kernels": kernels.__file__}))
+"""
+
+
+@pytest.mark.slow
+def test_a_wheel_installs_only_athanor_and_runs_outside_the_repository(tmp_path):
+    """Build a wheel, install it (no deps) into a fresh venv outside the repository that borrows the locked
+    environment's libraries, and import every athanor package and the CLI from a folder that is not the repo."""
+    import json
+
+    source, wheels = tmp_path / "source", tmp_path / "wheels"  # a copy: setuptools writes build/ beside the source
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for layer in LAYERS:
+        shutil.copytree(REPO / layer, source / layer, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+                    str(source)], check=True, capture_output=True, cwd=tmp_path)
+    wheel = next(wheels.glob("athanor-*.whl"))
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"athanor"}
+    assert "athanor/distill/lora_composer/testbed/unet/config.json" in zipfile.ZipFile(wheel).namelist()
+
+    env_dir = tmp_path / "fresh"
+    venv.create(env_dir, with_pip=False)
+    python = env_dir / "bin" / "python"
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the repo on it reads as "already installed"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
+                   check=True, capture_output=True, cwd=tmp_path, env=clean)
+    borrowed = {"PYTHONPATH": sysconfig.get_paths()["purelib"], "PATH": "/usr/bin:/bin", "USE_HUB_KERNELS": "0"}
+    done = subprocess.run([str(python), "-c", IMPORT_ALL, json.dumps(PACKAGES)], capture_output=True, text=True,
+                          cwd=tmp_path, env=borrowed)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    fresh_site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                     capture_output=True, text=True, check=True).stdout.strip())
+    assert {n: Path(f).is_relative_to(fresh_site) for n, f in report["files"].items()} == dict.fromkeys(PACKAGES, True)
+    assert Path(report["kernels"]).is_relative_to(sysconfig.get_paths()["purelib"])
+    cli = subprocess.run([str(env_dir / "bin" / "athanor"), "--help"], capture_output=True, text=True, cwd=tmp_path,
+                         env=borrowed)
+    assert cli.returncode == 0 and "validate" in cli.stdout, cli.stderr[-2000:]

@@ -4,8 +4,8 @@ concept LoRAs into one U-Net (`adapters.py`).
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/convert/test_lora_composer.py -q
 """
 
-from convert.lora_composer.adapters import adapter_bytes, load_concept_adapters
-from convert.lora_composer.processor import (
+from athanor.convert.lora_composer.adapters import adapter_bytes, load_concept_adapters
+from athanor.convert.lora_composer.processor import (
     ATTENTION_PROJECTIONS,
     LORA_FILE,
     Box,

@@ -16,8 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from convert.lora_composer.processor import ATTENTION_PROJECTIONS, LORA_FILE, _base
-from convert.recipe_types import RecipeError
+from athanor.convert.lora_composer.processor import ATTENTION_PROJECTIONS, LORA_FILE, _base
+from athanor.convert.recipe_types import RecipeError
 
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 

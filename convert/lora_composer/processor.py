@@ -35,7 +35,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from convert.recipe_types import RecipeError
+from athanor.convert.recipe_types import RecipeError
 
 Box = tuple[float, float, float, float]
 """(x0, y0, x1, y1) as fractions of width/height in [0, 1], end-exclusive."""

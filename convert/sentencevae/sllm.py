@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 
-from convert.sentencevae.vae import SentenceDecoder, SentenceEncoder, VAEConfig, build_embedding
+from athanor.convert.sentencevae.vae import SentenceDecoder, SentenceEncoder, VAEConfig, build_embedding
 
 CONFIG_NAME = "sentencevae_config.json"
 WEIGHTS_NAME = "sentencevae.safetensors"

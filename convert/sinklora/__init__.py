@@ -6,7 +6,7 @@ merging for export (`lora`); the whole student in one call (`student`).
     .venv/bin/python -m pytest tests/convert/test_sinklora_lora.py -q
 """
 
-from convert.sinklora.attention import (
+from athanor.convert.sinklora.attention import (
     FULL_IMPLEMENTATIONS,
     GROUP_SIZE_KEY,
     NUM_SINK_KEY,
@@ -26,7 +26,7 @@ from convert.sinklora.attention import (
     sparse_settings,
     use_attention,
 )
-from convert.sinklora.lora import (
+from athanor.convert.sinklora.lora import (
     ROPE_METHODS,
     add_lora,
     extend_context,
@@ -34,7 +34,7 @@ from convert.sinklora.lora import (
     original_context,
     trainable_summary,
 )
-from convert.sinklora.student import IMPLEMENTATION, build_student, export_ready
+from athanor.convert.sinklora.student import IMPLEMENTATION, build_student, export_ready
 
 __all__ = [
     "IMPLEMENTATION",

@@ -38,8 +38,8 @@ from torch import nn
 from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask
 
-from convert.recipe_types import RecipeError
-from kernels.sparse_attention import s2_attention, sf_attention
+from athanor.convert.recipe_types import RecipeError
+from athanor.kernels.sparse_attention import s2_attention, sf_attention
 
 SPARSE_IMPLEMENTATIONS = ("sf_attention", "s2_attention")
 """The names registered with transformers' attention and mask interfaces."""
@@ -106,7 +106,7 @@ def sparse_settings(config: PreTrainedConfig | None) -> tuple[int, int]:
     group_size = getattr(config, GROUP_SIZE_ATTR, None)
     if group_size is None:
         raise ValueError(f"sparse attention needs {GROUP_SIZE_ATTR} on the model config: call "
-                         "convert.sinklora.configure(model, group_size=..., num_sink=...) first")
+                         "athanor.convert.sinklora.configure(model, group_size=..., num_sink=...) first")
     num_sink = getattr(config, NUM_SINK_ATTR, 0)
     check_group_size(group_size)
     check_num_sink(num_sink)

@@ -32,8 +32,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from convert.recipe_types import RecipeError
-from convert.sinklora.attention import base_model
+from athanor.convert.recipe_types import RecipeError
+from athanor.convert.sinklora.attention import base_model
 
 ROPE_METHODS = ("linear", "dynamic", "yarn")
 TARGET_LENGTH_KEY, ROPE_SCALING_KEY = "sinklora.target_length", "sinklora.rope_scaling"

@@ -17,8 +17,8 @@ from typing import Literal
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-from convert.sinklora.attention import check_model, clear_settings, configure, use_attention
-from convert.sinklora.lora import ATTENTION_PROJECTIONS, add_lora, extend_context, merge_for_export
+from athanor.convert.sinklora.attention import check_model, clear_settings, configure, use_attention
+from athanor.convert.sinklora.lora import ATTENTION_PROJECTIONS, add_lora, extend_context, merge_for_export
 
 TrainingAttention = Literal["sf", "s2", "full"]
 IMPLEMENTATION: dict[str, str] = {"sf": "sf_attention", "s2": "s2_attention", "full": "sdpa"}

@@ -1,5 +1,5 @@
 """The koala method: see `distill/koala/method.py`."""
 
-from distill.koala.method import Koala
+from athanor.distill.koala.method import Koala
 
 __all__ = ["Koala"]

@@ -21,7 +21,7 @@ import transformers
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch.utils.data import Dataset
 
-from distill.spec import DataSpec, RecipeError, ResolvedSource
+from athanor.distill.spec import DataSpec, RecipeError, ResolvedSource
 
 ENCODER_DIRS = ("text_encoder", "text_encoder_2")
 _DEFAULT_ARCH = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}

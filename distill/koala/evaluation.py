@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from distill.koala.data import KoalaTeacher, hw, unet_kwargs
-from distill.koala.sampling import guided_conditioning, sample
-from distill.memory import peak_memory_mb
+from athanor.distill.koala.data import KoalaTeacher, hw, unet_kwargs
+from athanor.distill.koala.sampling import guided_conditioning, sample
+from athanor.distill.memory import peak_memory_mb
 
 
 def step_inputs(model: torch.nn.Module, payload: dict, batch: int, device: torch.device) -> tuple[tuple, dict]:

@@ -24,10 +24,10 @@ import torch
 from diffusers import UNet2DConditionModel
 from pydantic import Field
 
-from convert.koala import block_map, build_student
-from convert.module_utils import count_params
-from distill.koala import evaluation as koala_eval
-from distill.koala.data import (
+from athanor.convert.koala import block_map, build_student
+from athanor.convert.module_utils import count_params
+from athanor.distill.koala import evaluation as koala_eval
+from athanor.distill.koala.data import (
     KoalaTeacher,
     PromptRows,
     data_free_set,
@@ -35,10 +35,10 @@ from distill.koala.data import (
     load_teacher,
     prompt_conditioning,
 )
-from distill.koala.sampling import teacher_latents
-from distill.koala.train import KoalaModule, feature_pairs
-from distill.loaders import SeededLoader
-from distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
+from athanor.distill.koala.sampling import teacher_latents
+from athanor.distill.koala.train import KoalaModule, feature_pairs
+from athanor.distill.loaders import SeededLoader
+from athanor.distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
 
 logger = logging.getLogger(__name__)
 

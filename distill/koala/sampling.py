@@ -15,7 +15,7 @@ from typing import Any
 import diffusers
 import torch
 
-from distill.koala.data import hw, unet_kwargs
+from athanor.distill.koala.data import hw, unet_kwargs
 
 DATA_FREE_SEED_OFFSET = 1_000_003
 """Added to `data.seed` for the data-free sampling noise, so the training latents never start from the

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
-from convert.koala import BlockMap, layout
-from convert.module_utils import unwrap
-from distill.koala.data import KoalaTeacher, encode_batch, unet_kwargs
-from distill.optim import adamw_with_schedule
-from distill.spec import TrainSpec
+from athanor.convert.koala import BlockMap, layout
+from athanor.convert.module_utils import unwrap
+from athanor.distill.koala.data import KoalaTeacher, encode_batch, unet_kwargs
+from athanor.distill.optim import adamw_with_schedule
+from athanor.distill.spec import TrainSpec
 
 SITES = ("self_attention", "block")
 

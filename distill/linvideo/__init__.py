@@ -1,3 +1,3 @@
-from distill.linvideo.method import LinVideo
+from athanor.distill.linvideo.method import LinVideo
 
 __all__ = ["LinVideo"]

@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
-from distill.linvideo.sampling import sample
-from distill.spec import RecipeError, ResolvedSource
+from athanor.distill.linvideo.sampling import sample
+from athanor.distill.spec import RecipeError, ResolvedSource
 
 MINILM_WIDTH = 384
 
@@ -90,7 +90,7 @@ def load_teacher(source: ResolvedSource, *, meta: bool = False) -> LinVideoTeach
     if (path / "text_encoder" / "config.json").is_file() and (path / "tokenizer").is_dir():
         teacher.pipeline_dir = path
     if (path / "classifier.safetensors").is_file():
-        from distill.fashion_mnist import FashionClassifier
+        from athanor.distill.fashion_mnist import FashionClassifier
 
         classifier = FashionClassifier()
         classifier.load_state_dict(load_file(path / "classifier.safetensors"))
@@ -116,7 +116,7 @@ def conditions_for(teacher: LinVideoTeacher, prompts: list[str], key: str) -> to
             raise RecipeError(key, missing[0], f"not among the teacher's precomputed captions, and its text_dim "
                                                f"{width} is not all-MiniLM-L6-v2's {MINILM_WIDTH}: use captions "
                                                f"from the teacher's captions.json")
-        from distill.linvideo.teacher import encode_captions
+        from athanor.distill.linvideo.teacher import encode_captions
 
         encoded = dict(zip(missing, encode_captions(missing)))
     rows = [teacher.conditions[known[p]] if p in known else encoded[p] for p in prompts]

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distill.linvideo.sampling import sample, velocity
+from athanor.distill.linvideo.sampling import sample, velocity
 
 
 def mmd_rbf(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -26,14 +26,20 @@ import torch
 from pydantic import Field
 from safetensors.torch import save_file
 
-from convert import linvideo as lv
-from convert.module_utils import count_params
-from distill.fashion_mnist import CLASSES
-from distill.linvideo import evaluation as ev
-from distill.linvideo.data import LinVideoTeacher, TrajectoryPoints, cached_trajectories, conditions_for, load_teacher
-from distill.linvideo.train import LinVideoModule
-from distill.loaders import SeededLoader
-from distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
+from athanor.convert import linvideo as lv
+from athanor.convert.module_utils import count_params
+from athanor.distill.fashion_mnist import CLASSES
+from athanor.distill.linvideo import evaluation as ev
+from athanor.distill.linvideo.data import (
+    LinVideoTeacher,
+    TrajectoryPoints,
+    cached_trajectories,
+    conditions_for,
+    load_teacher,
+)
+from athanor.distill.linvideo.train import LinVideoModule
+from athanor.distill.loaders import SeededLoader
+from athanor.distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
 
 logger = logging.getLogger(__name__)
 
@@ -312,7 +318,7 @@ class LinVideo:
         settings = args.model_dump(include={"objective", "feature_map", "lambda_select", "lambda_transfer",
                                             "train_weights", "target", "target_fraction"})
         lv.save_student(student, out_dir, extra={"teacher": teacher.description, "settings": settings,
-                                                 "load": "convert.linvideo.load_student(path)"})
+                                                 "load": "athanor.convert.linvideo.load_student(path)"})
         if teacher.conditions is not None:
             save_file({"conditions": teacher.conditions.contiguous()}, out_dir / "conditions.safetensors")
             (out_dir / "captions.json").write_text(json.dumps({"captions": teacher.captions, "clip": teacher.clip}))

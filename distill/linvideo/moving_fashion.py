@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.fashion_mnist import CLASSES, resize_items
+from athanor.distill.fashion_mnist import CLASSES, resize_items
 
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 

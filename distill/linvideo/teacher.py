@@ -2,7 +2,7 @@
 Fashion-MNIST clips (rectified flow, pixel space, MiniLM token embeddings as the text condition),
 plus the Fashion-MNIST classifier that scores its frames. Trained once here; the weights are committed.
 
-    .venv/bin/python -m distill.linvideo.teacher --out distill/linvideo/testbed --minutes 45
+    .venv/bin/python -m athanor.distill.linvideo.teacher --out distill/linvideo/testbed --minutes 45
 
 Writes `transformer/` (a diffusers model directory), `conditions.safetensors` (one [tokens, 384]
 embedding per caption, from all-MiniLM-L6-v2's token states; the zero embedding is the unconditional
@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file, save_file
 
-from distill.fashion_mnist import CLASSES, FashionClassifier, accuracy, load_split, train_classifier
-from distill.linvideo.moving_fashion import DIRECTIONS, ClipSpec, MovingFashion, all_captions
-from distill.linvideo.sampling import TIME_SCALE, sample
+from athanor.distill.fashion_mnist import CLASSES, FashionClassifier, accuracy, load_split, train_classifier
+from athanor.distill.linvideo.moving_fashion import DIRECTIONS, ClipSpec, MovingFashion, all_captions
+from athanor.distill.linvideo.sampling import TIME_SCALE, sample
 
 TEACHER_CONFIG = dict(patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=32, in_channels=1,
                       out_channels=1, text_dim=384, freq_dim=64, ffn_dim=512, num_layers=4, rope_max_seq_len=64)
@@ -169,7 +169,8 @@ def main() -> None:
 
 def command_of(args) -> str:
     """The command line of this run, as the README shows it."""
-    return (f".venv/bin/python -m distill.linvideo.teacher --out distill/linvideo/testbed --minutes {args.minutes:g} "
+    return (".venv/bin/python -m athanor.distill.linvideo.teacher --out distill/linvideo/testbed "
+            f"--minutes {args.minutes:g} "
             f"\\\n        --steps {args.steps} --batch {args.batch} --lr {args.lr:g} --threads {args.threads} "
             f"--seed {args.seed} \\\n        --classifier-steps {args.classifier_steps}"
             + (" --joint-images" if args.joint_images else "")

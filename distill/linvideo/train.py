@@ -22,11 +22,11 @@ import lightning as L
 import torch
 from torch import nn
 
-from convert import linvideo as lv
-from convert.module_utils import unwrap
-from distill.linvideo.loss import adm_surrogate, alpha_at, selection_losses, velocity_mse
-from distill.linvideo.sampling import velocity
-from distill.spec import TrainSpec
+from athanor.convert import linvideo as lv
+from athanor.convert.module_utils import unwrap
+from athanor.distill.linvideo.loss import adm_surrogate, alpha_at, selection_losses, velocity_mse
+from athanor.distill.linvideo.sampling import velocity
+from athanor.distill.spec import TrainSpec
 
 
 class AdamWWithSGDGroups(torch.optim.AdamW):

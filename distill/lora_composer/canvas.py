@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distill.fashion_mnist import CLASSES, load_split, resize_items
+from athanor.distill.fashion_mnist import CLASSES, load_split, resize_items
 
 HEIGHT, WIDTH = 32, 64
 LARGE, SMALL = 28, 20

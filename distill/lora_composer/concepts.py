@@ -3,7 +3,7 @@ committed base U-Net (`distill/lora_composer/testbed/`), each bound to a rare to
 the left"), saved in the diffusers LoRA format a user would download (`unet.save_lora_adapter`:
 `<out>/<concept>/pytorch_lora_weights.safetensors`). Trained once; the files are committed.
 
-    .venv/bin/python -m distill.lora_composer.concepts --base distill/lora_composer/testbed \
+    .venv/bin/python -m athanor.distill.lora_composer.concepts --base distill/lora_composer/testbed \
         --out distill/lora_composer/testbed/loras --steps 300
 
 Each LoRA (rank 4 on the attention projections to_q, to_k, to_v, to_out.0 of every attention module)
@@ -28,10 +28,10 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPTextModel
 
-from convert.lora_composer import load_concept_adapters
-from distill.fashion_mnist import CLASSES, FashionClassifier
-from distill.lora_composer.canvas import PHRASES, PLACES, Canvases, crop_boxes, layout
-from distill.lora_composer.testbed import SCHEDULER_CONFIG, sample, tokenize
+from athanor.convert.lora_composer import load_concept_adapters
+from athanor.distill.fashion_mnist import CLASSES, FashionClassifier
+from athanor.distill.lora_composer.canvas import PHRASES, PLACES, Canvases, crop_boxes, layout
+from athanor.distill.lora_composer.testbed import SCHEDULER_CONFIG, sample, tokenize
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 

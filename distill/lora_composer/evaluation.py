@@ -27,11 +27,11 @@ from diffusers.models.attention_processor import Attention, AttnProcessor
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from distill.lora_composer.canvas import crop_boxes
-from distill.lora_composer.guidance import box_mask
-from distill.lora_composer.pipeline import Composer, Mixer, Scene
-from distill.lora_composer.sampling import word_positions
-from distill.memory import peak_memory_mb
+from athanor.distill.lora_composer.canvas import crop_boxes
+from athanor.distill.lora_composer.guidance import box_mask
+from athanor.distill.lora_composer.pipeline import Composer, Mixer, Scene
+from athanor.distill.lora_composer.sampling import word_positions
+from athanor.distill.memory import peak_memory_mb
 
 Box = tuple[float, float, float, float]
 

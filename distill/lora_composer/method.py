@@ -24,12 +24,12 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field
 
-from convert.lora_composer import adapter_bytes, load_concept_adapters
-from distill.lora_composer import evaluation as ev
-from distill.lora_composer.pipeline import Composer, ComposerTeacher, Mixer, Scene, load_teacher
-from distill.lora_composer.sampling import ComposerSettings, ConceptRegion, word_positions
-from distill.memory import model_bytes
-from distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
+from athanor.convert.lora_composer import adapter_bytes, load_concept_adapters
+from athanor.distill.lora_composer import evaluation as ev
+from athanor.distill.lora_composer.pipeline import Composer, ComposerTeacher, Mixer, Scene, load_teacher
+from athanor.distill.lora_composer.sampling import ComposerSettings, ConceptRegion, word_positions
+from athanor.distill.memory import model_bytes
+from athanor.distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
 
 logger = logging.getLogger(__name__)
 KEY = "lora_composer"

@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
-from distill.fashion_mnist import CLASSES, FashionClassifier
-from distill.lora_composer.sampling import ComposerSettings, ConceptRegion, sample_composed, sample_mixed
-from distill.spec import RecipeError, ResolvedSource
+from athanor.distill.fashion_mnist import CLASSES, FashionClassifier
+from athanor.distill.lora_composer.sampling import ComposerSettings, ConceptRegion, sample_composed, sample_mixed
+from athanor.distill.spec import RecipeError, ResolvedSource
 
 Box = tuple[float, float, float, float]
 

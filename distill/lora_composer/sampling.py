@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import DDIMScheduler
 
-from convert.lora_composer import Composition, Region, composed
-from distill.lora_composer.guidance import LatentGuidance, reinit_latent
+from athanor.convert.lora_composer import Composition, Region, composed
+from athanor.distill.lora_composer.guidance import LatentGuidance, reinit_latent
 
 Box = tuple[float, float, float, float]
 

@@ -3,7 +3,7 @@
 text-to-image on captioned Fashion-MNIST canvases (`distill.lora_composer.canvas`), plus the
 Fashion-MNIST classifier that judges each box of a generated canvas. Trained once; weights committed.
 
-    .venv/bin/python -m distill.lora_composer.testbed --out distill/lora_composer/testbed --minutes 40
+    .venv/bin/python -m athanor.distill.lora_composer.testbed --out distill/lora_composer/testbed --minutes 40
 
 Writes `unet/`, `text_encoder/`, `tokenizer/` (`--tokenizer bpe`: the repo's 4,096-token BPE; `words`: word-level,
 `distill.lora_composer.vocab`), `scheduler/` (DDPM,
@@ -28,9 +28,9 @@ from diffusers.training_utils import compute_snr
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
-from distill.fashion_mnist import CLASSES, FashionClassifier, accuracy, train_classifier
-from distill.lora_composer.canvas import HEIGHT, WIDTH, Canvases, crop_boxes, judge_batch, stack
-from distill.lora_composer.vocab import save_tokenizer
+from athanor.distill.fashion_mnist import CLASSES, FashionClassifier, accuracy, train_classifier
+from athanor.distill.lora_composer.canvas import HEIGHT, WIDTH, Canvases, crop_boxes, judge_batch, stack
+from athanor.distill.lora_composer.vocab import save_tokenizer
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "sinklora" / "testbed" / "tokenizer"
 MAX_TOKENS = 32
@@ -290,8 +290,8 @@ def _readme(args, ran, curve, train_s, real_acc, n_real, gen_acc, total_min, une
 
 Made by (on a 2-core CPU, {args.threads} thread(s), {total_min:.0f} min in all: {train_s / 60:.1f} min training):
 
-    .venv/bin/python -m distill.lora_composer.testbed --out distill/lora_composer/testbed --minutes {args.minutes:g} \\
-        --batch {args.batch} --lr {args.lr:g} --threads {args.threads} --seed {args.seed} \\
+    .venv/bin/python -m athanor.distill.lora_composer.testbed --out distill/lora_composer/testbed \\
+        --minutes {args.minutes:g} --batch {args.batch} --lr {args.lr:g} --threads {args.threads} --seed {args.seed} \\
         --judge-steps {args.judge_steps} --eval-samples {args.eval_samples} --sample-steps {args.sample_steps} \\
         --guidance {args.guidance:g}{extra}
 

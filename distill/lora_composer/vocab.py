@@ -22,8 +22,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from distill.fashion_mnist import CLASSES
-from distill.lora_composer.canvas import PHRASES
+from athanor.distill.fashion_mnist import CLASSES
+from athanor.distill.lora_composer.canvas import PHRASES
 
 SPECIAL = ("<s>", "</s>", "<pad>", "<unk>")  # ids 0..3: bos, eos, pad (the text encoder's config), unk
 RARE_TOKENS = ("sks", "zwx", "qlv", "vmj", "bnq", "hta", "pfk", "xkz")
@@ -40,7 +40,7 @@ def vocabulary(common_words: int = COMMON_WORDS) -> list[str]:
     """Special tokens, caption words, rare tokens, then the `common_words` most frequent other Austen words."""
     words = list(dict.fromkeys([*SPECIAL, *caption_words(), *RARE_TOKENS]))
     if common_words:
-        from distill.long_text import austen_books
+        from athanor.distill.long_text import austen_books
         counts = collections.Counter(w for text in austen_books().values() for w in re.findall(r"[a-z]+", text.lower()))
         known = set(words)
         words += [w for w, _ in counts.most_common(common_words + len(words)) if w not in known][:common_words]

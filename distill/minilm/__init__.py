@@ -1,5 +1,5 @@
 """The minilm method: see `distill/minilm/method.py`."""
 
-from distill.minilm.method import MiniLM
+from athanor.distill.minilm.method import MiniLM
 
 __all__ = ["MiniLM"]

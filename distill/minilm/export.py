@@ -19,7 +19,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from convert.recipe_types import RecipeError
+from athanor.convert.recipe_types import RecipeError
 
 # Module classes whose config does not depend on the encoder's width (Pooling's is patched).
 WIDTH_FREE = {"Transformer", "Pooling", "Normalize"}

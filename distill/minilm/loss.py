@@ -30,8 +30,8 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from convert.minilm import layer_list, qkv
-from distill.encoder_eval import mean_pool
+from athanor.convert.minilm import layer_list, qkv
+from athanor.distill.encoder_eval import mean_pool
 
 # Relation name -> the two projections it relates ("attention" is softmax(QK^T/sqrt(d))).
 RELATIONS: dict[str, tuple[str, str]] = {

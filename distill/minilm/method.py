@@ -32,15 +32,15 @@ import torch
 from pydantic import Field
 from transformers import AutoModel, PreTrainedModel
 
-from convert.minilm import MiniLMStudent, arch_for, build_student
-from convert.recipe_types import RECIPE_PATH
-from distill.encoder_eval import STS_KEY, evaluate_encoder
-from distill.hf import build_hf_model, load_config, load_tokenizer
-from distill.loaders import SeededLoader
-from distill.minilm.export import check_st_student, export_encoder, read_st_modules
-from distill.minilm.loss import OutputLoss, RelationSpec, model_inputs, resolve_layer
-from distill.minilm.module import MiniLMModule
-from distill.spec import (
+from athanor.convert.minilm import MiniLMStudent, arch_for, build_student
+from athanor.convert.recipe_types import RECIPE_PATH
+from athanor.distill.encoder_eval import STS_KEY, evaluate_encoder
+from athanor.distill.hf import build_hf_model, load_config, load_tokenizer
+from athanor.distill.loaders import SeededLoader
+from athanor.distill.minilm.export import check_st_student, export_encoder, read_st_modules
+from athanor.distill.minilm.loss import OutputLoss, RelationSpec, model_inputs, resolve_layer
+from athanor.distill.minilm.module import MiniLMModule
+from athanor.distill.spec import (
     DataSpec,
     EvalSpec,
     MethodData,
@@ -49,7 +49,7 @@ from distill.spec import (
     Section,
     TrainSpec,
 )
-from distill.text_data import TokenizeCollate, load_texts
+from athanor.distill.text_data import TokenizeCollate, load_texts
 
 
 class RelationWeights(Section):

@@ -13,10 +13,10 @@ import lightning as L
 import torch
 from transformers import PreTrainedModel
 
-from convert.minilm import layer_list, qkv
-from distill.minilm.loss import RelationSpec, minilm_loss, teacher_targets
-from distill.optim import adamw_with_schedule
-from distill.spec import TrainSpec
+from athanor.convert.minilm import layer_list, qkv
+from athanor.distill.minilm.loss import RelationSpec, minilm_loss, teacher_targets
+from athanor.distill.optim import adamw_with_schedule
+from athanor.distill.spec import TrainSpec
 
 # Relation name -> logged metric name (train/<name>).
 LOG_NAMES = {"attention": "attn_kl", "value": "value_kl", "qq": "qq", "kk": "kk", "vv": "vv",

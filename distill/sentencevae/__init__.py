@@ -1,5 +1,5 @@
 """The sentencevae method: see `distill/sentencevae/method.py`."""
 
-from distill.sentencevae.method import SentenceVAE
+from athanor.distill.sentencevae.method import SentenceVAE
 
 __all__ = ["SentenceVAE"]

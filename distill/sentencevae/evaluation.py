@@ -31,9 +31,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from convert.module_utils import count_params
-from convert.sentencevae.sllm import SentenceVAEModel
-from distill.sentencevae.train import Passage, bos_padded, collate, sllm_outputs
+from athanor.convert.module_utils import count_params
+from athanor.convert.sentencevae.sllm import SentenceVAEModel
+from athanor.distill.sentencevae.train import Passage, bos_padded, collate, sllm_outputs
 
 Segmenter = Callable[[list[int]], list[list[int]]]
 """Generated token ids -> the ids of each sentence, by the segmentation rules of the data."""

@@ -26,15 +26,15 @@ import torch
 from pydantic import Field
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from convert.sentencevae.segment import DEFAULT_ABBREVIATIONS, SegmentRules, segment_ids
-from convert.sentencevae.sllm import SentenceVAEModel
-from convert.sentencevae.vae import VAEConfig
-from distill.hf import build_hf_model, load_config, load_tokenizer
-from distill.loaders import SeededLoader
-from distill.sentencevae.evaluation import evaluate_pair, generation_probe
-from distill.sentencevae.train import SentenceVAEModule, collate, pretrain_lm
-from distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
-from distill.text_data import load_texts
+from athanor.convert.sentencevae.segment import DEFAULT_ABBREVIATIONS, SegmentRules, segment_ids
+from athanor.convert.sentencevae.sllm import SentenceVAEModel
+from athanor.convert.sentencevae.vae import VAEConfig
+from athanor.distill.hf import build_hf_model, load_config, load_tokenizer
+from athanor.distill.loaders import SeededLoader
+from athanor.distill.sentencevae.evaluation import evaluate_pair, generation_probe
+from athanor.distill.sentencevae.train import SentenceVAEModule, collate, pretrain_lm
+from athanor.distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
+from athanor.distill.text_data import load_texts
 
 
 class SentenceVAEStudent(Section):

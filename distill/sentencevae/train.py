@@ -18,13 +18,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from convert.sentencevae.sllm import SentenceVAEModel
-from convert.sentencevae.vae import focal_cross_entropy
-from distill.lm_pretrain import bos_padded, pretrain_lm  # noqa: F401 (re-exported)
-from distill.spec import TrainSpec
+from athanor.convert.sentencevae.sllm import SentenceVAEModel
+from athanor.convert.sentencevae.vae import focal_cross_entropy
+from athanor.distill.lm_pretrain import bos_padded, pretrain_lm  # noqa: F401 (re-exported)
+from athanor.distill.spec import TrainSpec
 
 if TYPE_CHECKING:  # method.py imports this module
-    from distill.sentencevae.method import SentenceVAEArgs
+    from athanor.distill.sentencevae.method import SentenceVAEArgs
 
 log = logging.getLogger(__name__)
 

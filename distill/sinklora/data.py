@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from distill import long_text
-from distill.spec import RecipeError
+from athanor.distill import long_text
+from athanor.distill.spec import RecipeError
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convert.h2o_cache import H2OCache, LocalWindowCache, enable_h2o, teacher_forced_nll
-from convert.sinklora import attention_implementation, base_model, use_attention
-from distill.long_context_eval import passkey_accuracy, sliding_window_perplexity
+from athanor.convert.h2o_cache import H2OCache, LocalWindowCache, enable_h2o, teacher_forced_nll
+from athanor.convert.sinklora import attention_implementation, base_model, use_attention
+from athanor.distill.long_context_eval import passkey_accuracy, sliding_window_perplexity
 
 if TYPE_CHECKING:  # method.py imports this module
-    from distill.sinklora.method import SinkLoRAArgs
+    from athanor.distill.sinklora.method import SinkLoRAArgs
 
 
 @contextmanager

@@ -22,17 +22,17 @@ import torch
 from pydantic import Field
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from convert.module_utils import count_params
-from convert.sinklora import build_student, check_model, export_ready, original_context
-from convert.sinklora.lora import ATTENTION_PROJECTIONS
-from distill.hf import build_hf_model, load_config, load_tokenizer
-from distill.lm_pretrain import pretrain_lm
-from distill.loaders import SeededLoader
-from distill.long_context_eval import fraction_of_gain
-from distill.sinklora.data import BookTokens, chunks, heldout_stream, tokenize_books
-from distill.sinklora.evaluation import evaluate_lm, forward_probe
-from distill.sinklora.train import SinkLoRAModule, stack_chunks
-from distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
+from athanor.convert.module_utils import count_params
+from athanor.convert.sinklora import build_student, check_model, export_ready, original_context
+from athanor.convert.sinklora.lora import ATTENTION_PROJECTIONS
+from athanor.distill.hf import build_hf_model, load_config, load_tokenizer
+from athanor.distill.lm_pretrain import pretrain_lm
+from athanor.distill.loaders import SeededLoader
+from athanor.distill.long_context_eval import fraction_of_gain
+from athanor.distill.sinklora.data import BookTokens, chunks, heldout_stream, tokenize_books
+from athanor.distill.sinklora.evaluation import evaluate_lm, forward_probe
+from athanor.distill.sinklora.train import SinkLoRAModule, stack_chunks
+from athanor.distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class SinkLoRA:
 
     def cost_notes(self, teacher: CausalTeacher, student: torch.nn.Module, args: SinkLoRAArgs) -> list[str]:
         """`validate`'s training-memory estimate for one sequence at the target length (meta-device sizes)."""
-        from convert.sinklora import trainable_summary
+        from athanor.convert.sinklora import trainable_summary
 
         config = teacher.lm.config.get_text_config()
         return training_memory_notes(

@@ -2,7 +2,7 @@
 the held-out one, so `recipes/sinklora_tiny.yaml` pre-trains and extends a tiny Llama in minutes on a CPU
 (a 30k-word vocabulary made the LM head 80% of every step). Made once and committed:
 
-    .venv/bin/python -m distill.sinklora.testbed --out distill/sinklora/testbed/tokenizer
+    .venv/bin/python -m athanor.distill.sinklora.testbed --out distill/sinklora/testbed/tokenizer
 
 Deterministic for a given `tokenizers` version (the trainer is single-pass over sorted books).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from distill import long_text
+from athanor.distill import long_text
 
 HELDOUT = ["Persuasion"]
 """The book `sinklora_tiny` holds out: the tokenizer never sees it either."""

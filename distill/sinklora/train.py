@@ -10,8 +10,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from distill.optim import adamw_with_schedule
-from distill.spec import TrainSpec
+from athanor.distill.optim import adamw_with_schedule
+from athanor.distill.spec import TrainSpec
 
 
 def stack_chunks(chunks: list[torch.Tensor]) -> torch.Tensor:

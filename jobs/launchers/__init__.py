@@ -4,7 +4,7 @@
 engine (`slurm`, `ray`) is handed the whole job instead: the worker claims the job, `submit`s it and goes on to the
 next one; the engine starts `num_nodes × devices` ranks, each running the same entry point
 
-    python -m jobs.worker --job ID --engine-task
+    python -m athanor.jobs.worker --job ID --engine-task
 
 (rank from SLURM_PROCID, or the torchrun-style RANK the Ray driver sets). Rank 0 runs the job's stages
 (evaluation, tracking, registration), every rank trains. From then on the engine's own job state is the source of
@@ -31,13 +31,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-from jobs.store import FINAL, Job, JobStore, StoreError
+from athanor.jobs.store import FINAL, Job, JobStore, StoreError
 
 log = logging.getLogger("athanor.launchers")
 
 LAUNCHERS = {
-    "slurm": "jobs.launchers.slurm:SlurmLauncher",
-    "ray": "jobs.launchers.ray:RayLauncher",
+    "slurm": "athanor.jobs.launchers.slurm:SlurmLauncher",
+    "ray": "athanor.jobs.launchers.ray:RayLauncher",
 }
 """Engine name (a `train.launcher` value) -> its launcher class. 'local' is the worker itself."""
 
@@ -125,7 +125,7 @@ def submit_and_follow(store: JobStore, job: Job, train: Any) -> Job:
 def reconcile(store: JobStore) -> list[Job]:
     """Settle every RUNNING engine job whose engine job ended without reporting; return the settled jobs. An engine
     that cannot be asked now (controller restarting) is asked again on the next call."""
-    from jobs.leases import clean_up
+    from athanor.jobs.leases import clean_up
 
     settled = []
     for job in store.list(limit=10_000, status="RUNNING"):
@@ -193,7 +193,7 @@ def interrupt_hooks() -> dict[str, Any]:
         return {}
 
     def requeue() -> None:
-        from jobs.launchers.slurm import requeue_self
+        from athanor.jobs.launchers.slurm import requeue_self
 
         log.warning("Slurm warned that the job will be stopped: checkpoint written; requeueing")
         if not requeue_self():

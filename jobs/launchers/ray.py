@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from jobs.launchers import ENGINE_ID_ENV, EngineState, LaunchError
-from jobs.store import Job, JobStore
+from athanor.jobs.launchers import ENGINE_ID_ENV, EngineState, LaunchError
+from athanor.jobs.store import Job, JobStore
 
 ENDED = {"SUCCEEDED", "FAILED", "STOPPED"}
 """Ray job states after which nothing of the job runs again under its submission id."""
@@ -60,7 +60,7 @@ def rank_layout(train: Any) -> tuple[float, float]:
 def entrypoint(job: Job, train: Any, workdir: Path, python: str = sys.executable) -> str:
     """The Ray job's shell command (pure: tested without a cluster): this checkout's driver, run by this Python."""
     cpus, gpus = rank_layout(train)
-    driver = [python, "-m", "jobs.launchers.ray_driver", "--job", job.id, "--nodes", str(train.num_nodes),
+    driver = [python, "-m", "athanor.jobs.launchers.ray_driver", "--job", job.id, "--nodes", str(train.num_nodes),
               "--devices", str(train.devices), "--cpus-per-rank", f"{cpus:g}", "--gpus-per-rank", f"{gpus:g}"]
     return f"cd {shlex.quote(str(workdir))} && exec {shlex.join(driver)}"
 
@@ -107,7 +107,7 @@ def _client(address: str) -> Any:
 def _address_of_job(job: Job) -> str:
     """The address a job was submitted to, from its recipe (parsed, not validated: it was validated at submission;
     validation imports the method, seconds per call, and reconcile asks on every loop)."""
-    from jobs.recipe_yaml import parse
+    from athanor.jobs.recipe_yaml import parse
 
     try:
         data = parse(job.recipe_text, list(job.overrides), "recipe")

@@ -1,13 +1,13 @@
 """The driver of one athanor Ray job: the entrypoint RayLauncher submits, run by the Ray job on the cluster.
 
-    python -m jobs.launchers.ray_driver --job ID --nodes N --devices D --cpus-per-rank C --gpus-per-rank G
+    python -m athanor.jobs.launchers.ray_driver --job ID --nodes N --devices D --cpus-per-rank C --gpus-per-rank G
 
 It reserves one placement-group bundle per node, {CPU: C×D, GPU: G×D}, then starts D Ray tasks in each bundle, one
-per rank, each running the common entry point `python -m jobs.worker --job ID --engine-task` with a torchrun-style
-environment (RANK, LOCAL_RANK, NODE_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT). A bundle per node, not per
-rank: Lightning numbers a node's ranks LOCAL_RANK 0..D-1 and drives `cuda:LOCAL_RANK`, so a node's ranks must share
-one machine and see the same GPUs (the bundle's, in CUDA_VISIBLE_DEVICES), which per-rank bundles and Ray's
-one-GPU-per-task CUDA_VISIBLE_DEVICES do not give. Several nodes are spread over machines where Ray can.
+per rank, each running the common entry point `python -m athanor.jobs.worker --job ID --engine-task` with a
+torchrun-style environment (RANK, LOCAL_RANK, NODE_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT). A bundle
+per node, not per rank: Lightning numbers a node's ranks LOCAL_RANK 0..D-1 and drives `cuda:LOCAL_RANK`, so a node's
+ranks must share one machine and see the same GPUs (the bundle's, in CUDA_VISIBLE_DEVICES), which per-rank bundles
+and Ray's one-GPU-per-task CUDA_VISIBLE_DEVICES do not give. Several nodes are spread over machines where Ray can.
 
 The ranks' output is their Ray task's, so Ray's job logs carry it. A rank dies with its Ray worker (parent-death
 signal): when a rank fails, or Ray stops the job (SIGTERM here), every other rank is killed. The driver exits
@@ -26,7 +26,7 @@ import sys
 import time
 from typing import Any
 
-from jobs.launchers import ENGINE_ID_ENV, RANKS_LAUNCHED_ENV
+from athanor.jobs.launchers import ENGINE_ID_ENV, RANKS_LAUNCHED_ENV
 
 WAIT_NOTE_SECONDS = 60.0
 """How often the driver says it still waits for the cluster's resources (a busy cluster is normal, like Slurm's
@@ -85,7 +85,7 @@ def _stop(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.launchers.ray_driver")
+    parser = argparse.ArgumentParser(prog="python -m athanor.jobs.launchers.ray_driver")
     parser.add_argument("--job", required=True)
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--devices", type=int, default=1)
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         ranks = rank_envs(nodes, devices, master_addr, master_port, engine_id,
                           [gpu_ids for _, gpu_ids, _ in where] if gpus else None)
         rank_task = ray.remote(_run_rank)
-        entry = [sys.executable, "-m", "jobs.worker", "--job", args.job, "--engine-task"]
+        entry = [sys.executable, "-m", "athanor.jobs.worker", "--job", args.job, "--engine-task"]
         for rank, (j, env) in enumerate(ranks):
             print(f"ray_driver: rank {rank}/{len(ranks)} on node {j} ({where[j][0]}), master "
                   f"{master_addr}:{master_port}", flush=True)

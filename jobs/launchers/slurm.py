@@ -28,8 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jobs.launchers import ENGINE_ID_ENV, RANKS_LAUNCHED_ENV, EngineState, LaunchError
-from jobs.store import Job, JobStore
+from athanor.jobs.launchers import ENGINE_ID_ENV, RANKS_LAUNCHED_ENV, EngineState, LaunchError
+from athanor.jobs.store import Job, JobStore
 
 ENDED = {"COMPLETED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
          "CANCELLED", "SPECIAL_EXIT"}
@@ -88,8 +88,8 @@ def batch_script(job: Job, train: Any, home: Path, workdir: Path) -> str:
         f"scontrol show hostnames \"$SLURM_JOB_NODELIST\" | sed 's/$/ slots={train.devices}/' > "
         f"{shlex.quote(str(home / 'jobs' / job.id / 'hostfile'))}",
         f"cd {shlex.quote(str(workdir))}",
-        "srun --kill-on-bad-exit=1 bash -c " + shlex.quote(f"{RANK_ENV}exec {python} -m jobs.worker --job {job.id} "
-                                                           "--engine-task"),
+        "srun --kill-on-bad-exit=1 bash -c "
+        + shlex.quote(f"{RANK_ENV}exec {python} -m athanor.jobs.worker --job {job.id} --engine-task"),
         "",
     ]
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""The entry point every cluster engine starts on each of its slots: `python -m jobs.worker --job ID --engine-task`.
+"""The entry point every cluster engine starts on each of its slots:
+`python -m athanor.jobs.worker --job ID --engine-task`.
 
 Rank 0 takes the engine's run over as the job's attempt (`JobStore.take_over`) and runs every stage of the job
 (`jobs.run.execute`); the other ranks wait for that, then train exactly what rank 0 trains, in the same order (the
@@ -11,9 +12,9 @@ import logging
 import time
 from typing import Any
 
-from jobs.launchers import LaunchError, engine_identity, engine_rank, install_interrupt_handler
-from jobs.run import _train, comparison_arms, execute, prepare
-from jobs.store import Job, JobStore
+from athanor.jobs.launchers import LaunchError, engine_identity, engine_rank, install_interrupt_handler
+from athanor.jobs.run import _train, comparison_arms, execute, prepare
+from athanor.jobs.store import Job, JobStore
 
 log = logging.getLogger("athanor.engine")
 

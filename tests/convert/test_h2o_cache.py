@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from convert.h2o_cache import H2OCache, LocalWindowCache, enable_h2o, teacher_forced_nll
+from athanor.convert.h2o_cache import H2OCache, LocalWindowCache, enable_h2o, teacher_forced_nll
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 4, 2, 16, 2
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from convert.koala import (
+from athanor.convert.koala import (
     UnsupportedLayout,
     block_map,
     build_student,
@@ -20,8 +20,8 @@ from convert.koala import (
     meta_unet,
     student_config,
 )
-from convert.module_utils import count_params
-from distill.spec import RecipeError
+from athanor.convert.module_utils import count_params
+from athanor.distill.spec import RecipeError
 
 SDXL = json.loads((Path(__file__).parents[1] / "fixtures" / "sdxl_unet_config.json").read_text())
 

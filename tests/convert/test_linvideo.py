@@ -19,7 +19,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from convert.linvideo import (
+from athanor.convert.linvideo import (
     WanLinVideoProcessor,
     attention_cost,
     candidate_layers,
@@ -33,7 +33,7 @@ from convert.linvideo import (
     save_student,
     switch,
 )
-from convert.recipe_types import RecipeError
+from athanor.convert.recipe_types import RecipeError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 EPS = 1e-6  # linear attention's denominator eps (kernels.linear_attention default)

@@ -15,7 +15,7 @@ from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
-from convert.lora_composer import (
+from athanor.convert.lora_composer import (
     LORA_FILE,
     Composition,
     Region,
@@ -23,7 +23,7 @@ from convert.lora_composer import (
     composed,
     load_concept_adapters,
 )
-from convert.recipe_types import RecipeError
+from athanor.convert.recipe_types import RecipeError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

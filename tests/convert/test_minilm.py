@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel
 
-from convert.minilm import ARCHS, MiniLMStudent, build_student, qkv
-from convert.module_utils import count_params
-from distill.minilm.method import MiniLM, MiniLMArgs
-from distill.spec import RecipeError, ResolvedSource
+from athanor.convert.minilm import ARCHS, MiniLMStudent, build_student, qkv
+from athanor.convert.module_utils import count_params
+from athanor.distill.minilm.method import MiniLM, MiniLMArgs
+from athanor.distill.spec import RecipeError, ResolvedSource
 
 TINY = dict(model_type="bert", num_hidden_layers=4, hidden_size=32, num_attention_heads=4,
             intermediate_size=64, vocab_size=1000)

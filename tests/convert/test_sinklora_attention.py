@@ -16,10 +16,10 @@ from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausa
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from convert import sinklora
-from convert.recipe_types import RecipeError
-from convert.sinklora import attention as sparse
-from convert.sinklora import (
+from athanor.convert import sinklora
+from athanor.convert.recipe_types import RecipeError
+from athanor.convert.sinklora import attention as sparse
+from athanor.convert.sinklora import (
     attention_implementation,
     check_group_size,
     check_model,

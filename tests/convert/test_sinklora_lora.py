@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from convert.recipe_types import RecipeError
-from convert.sinklora import add_lora, extend_context, merge_for_export, trainable_summary
+from athanor.convert.recipe_types import RecipeError
+from athanor.convert.sinklora import add_lora, extend_context, merge_for_export, trainable_summary
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

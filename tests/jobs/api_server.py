@@ -48,7 +48,7 @@ def athanor_serve(*args: str, env: dict[str, str] | None = None, timeout: float 
     from uvicorn's 'running on' line."""
     full_env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     full_env.update(env or {})
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--port", "0", *args], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "athanor.jobs.cli", "serve", "--port", "0", *args], cwd=REPO,
                             env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     found = threading.Event()

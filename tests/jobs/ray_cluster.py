@@ -170,7 +170,7 @@ def scenario(root: Path) -> dict[str, Any]:
     from harness import athanor
     from ray.job_submission import JobSubmissionClient
 
-    from jobs.store import JobStore
+    from athanor.jobs.store import JobStore
 
     result: dict[str, Any] = {"interfaces": interfaces()}
     started = time.monotonic()

@@ -20,8 +20,8 @@ from fastapi.testclient import TestClient
 from harness import athanor
 from recipes_toy import TOY
 
-from jobs.api import create_app
-from jobs.store import JobStore
+from athanor.jobs.api import create_app
+from athanor.jobs.store import JobStore
 
 YAML = {"content-type": "application/yaml"}
 TOKEN = "s3cret-token-of-32-characters-xx"
@@ -113,7 +113,7 @@ def test_hub_ids_and_package_sources_are_not_paths(client):
 
 
 def test_openapi_includes_every_route_and_the_recipe_schema(client):
-    from jobs.recipe import json_schema
+    from athanor.jobs.recipe import json_schema
 
     spec = client.get("/openapi.json").json()
     assert {"/health", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/logs", "/jobs/{job_id}/cancel",

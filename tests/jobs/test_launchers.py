@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from jobs import launchers
-from jobs.launchers import EngineState, LaunchError
-from jobs.store import JobStore
+from athanor.jobs import launchers
+from athanor.jobs.launchers import EngineState, LaunchError
+from athanor.jobs.store import JobStore
 
 
 class FakeEngine:
@@ -130,7 +130,7 @@ def test_a_requeued_run_of_a_cancelled_job_does_not_go_on(tmp_path, engine):
 def test_once_any_rank_is_warned_every_rank_checkpoints_and_rank_0_requeues_once():
     from types import SimpleNamespace
 
-    from jobs.trainer import guard_callback
+    from athanor.jobs.trainer import guard_callback
 
     warned, handed, saved, asked = [], [], [], []
 
@@ -153,7 +153,7 @@ def test_once_any_rank_is_warned_every_rank_checkpoints_and_rank_0_requeues_once
 def test_an_engine_with_accelerator_auto_is_refused_at_validation_naming_the_key(launcher, tmp_path):
     from harness import RECIPES
 
-    from jobs.validate import check
+    from athanor.jobs.validate import check
 
     report = check(RECIPES / "minilm_tiny.yaml", overrides=[f"train.launcher={launcher}"])
     (problem,) = report.problems

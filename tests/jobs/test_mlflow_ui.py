@@ -16,8 +16,8 @@ import urllib.request
 import pytest
 from recipes_toy import write_toy
 
-from jobs import cli
-from jobs.store import JobStore
+from athanor.jobs import cli
+from athanor.jobs.store import JobStore
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -44,7 +44,7 @@ def test_compare_page_lists_both_child_runs(tmp_path, home):
     ids = json.dumps([r.info.run_id for r in children]).replace(" ", "")
 
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "jobs.cli", "ui", "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "athanor.jobs.cli", "ui", "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 180

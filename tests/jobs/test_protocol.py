@@ -10,8 +10,8 @@ import inspect
 
 import pytest
 
-from distill.spec import Method, Section
-from jobs.methods import METHODS, get_method
+from athanor.distill.spec import Method, Section
+from athanor.jobs.methods import METHODS, get_method
 
 CALLS = [name for name, member in vars(Method).items() if inspect.isfunction(member) and not name.startswith("_")]
 CLASS_VARS = ["name", "Args", "Student", "trains", "mlflow_flavor", "mlflow_task", "auto_class", "nan_metrics"]

@@ -20,11 +20,11 @@ import pytest
 from harness import RECIPES
 from ray_cluster import SCENARIO_SECONDS, in_loopback_namespace, missing
 
-from jobs.launchers import ENGINE_ID_ENV, RANKS_LAUNCHED_ENV, LaunchError, submit
-from jobs.launchers.ray import RayLauncher, entrypoint, job_env
-from jobs.launchers.ray_driver import rank_envs
-from jobs.recipe import load_recipe
-from jobs.store import JobStore
+from athanor.jobs.launchers import ENGINE_ID_ENV, RANKS_LAUNCHED_ENV, LaunchError, submit
+from athanor.jobs.launchers.ray import RayLauncher, entrypoint, job_env
+from athanor.jobs.launchers.ray_driver import rank_envs
+from athanor.jobs.recipe import load_recipe
+from athanor.jobs.store import JobStore
 
 TINY = str(RECIPES / "minilm_tiny.yaml")
 
@@ -57,7 +57,7 @@ def test_the_entrypoint_runs_this_checkouts_driver_with_the_recipes_layout(tmp_p
                                          "train.accelerator=gpu", "train.ray.cpus_per_rank=4"]).recipe.train
     job = _job(JobStore(tmp_path))
     command = entrypoint(job, train, Path("/srv/athanor repo"), python="/opt/venv/bin/python")
-    assert command == ("cd '/srv/athanor repo' && exec /opt/venv/bin/python -m jobs.launchers.ray_driver --job "
+    assert command == ("cd '/srv/athanor repo' && exec /opt/venv/bin/python -m athanor.jobs.launchers.ray_driver --job "
                        f"{job.id} --nodes 2 --devices 8 --cpus-per-rank 4 --gpus-per-rank 1")
     env = job_env("athanor-x-a1", tmp_path, {"ATHANOR_METHODS": "toy=m:T", "ATHANOR_TOKEN": "s" * 32,
                                              "HF_HUB_OFFLINE": "1", "PATH": "/bin", "MLFLOW_TRACKING_URI": "x"})
@@ -168,7 +168,7 @@ def test_ray_runs_in_a_namespace_where_only_loopback_exists(ray_scenario):
         ip = ipaddress.ip_address(address.rsplit(":", 1)[0])
         assert (getattr(ip, "ipv4_mapped", None) or ip).is_loopback, address
     # The scenario kills what Ray leaves behind (its dashboard's forkserver outlives `ray start`); never a rank.
-    assert not [cmd for _, cmd in ray_scenario["leftovers"] if "jobs.worker" in cmd], ray_scenario["leftovers"]
+    assert not [cmd for _, cmd in ray_scenario["leftovers"] if "athanor.jobs.worker" in cmd], ray_scenario["leftovers"]
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ import json
 import pytest
 from recipes_toy import TOY, write_toy
 
-from jobs import cli
-from jobs.recipe import RecipeInvalid, json_schema, load_recipe, recipe_model
+from athanor.jobs import cli
+from athanor.jobs.recipe import RecipeInvalid, json_schema, load_recipe, recipe_model
 
 BROKEN = """\
 name: toy-demo
@@ -117,8 +117,8 @@ def test_schema_command_is_json(capsys):
 
 
 def test_method_path_fields_are_checked_and_resolved_beside_the_recipe(tmp_path, monkeypatch):
-    from jobs.recipe import resolve_recipe_paths
-    from jobs.validate import check
+    from athanor.jobs.recipe import resolve_recipe_paths
+    from athanor.jobs.validate import check
 
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "recipes"

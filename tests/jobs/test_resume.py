@@ -14,21 +14,20 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from harness import REPO, athanor, child_runs, mlflow_client
+from harness import CLI, REPO, athanor, child_runs, mlflow_client
 from recipes_toy import TOY, write_toy
 from safetensors.torch import load_file
 from test_faults import _wait_for, assert_promises_kept
 from toy_method import Toy, ToyArgs, ToyStudent
 
-from distill.spec import DataSpec, ResolvedSource, TrainSpec
-from jobs import resume
-from jobs.store import JobStore
+from athanor.distill.spec import DataSpec, ResolvedSource, TrainSpec
+from athanor.jobs import resume
+from athanor.jobs.store import JobStore
 
 RESUMABLE = TOY.replace("log_every_n_steps: 5", "log_every_n_steps: 2\n  checkpoint_every_n_steps: 5")
 
@@ -38,7 +37,7 @@ def _toy_fit(job_dir: Path, *, steps: int = 12, every: int | None = 3, keep: int
     """Train the toy student in this process (seeded as a job does); its final weights."""
     import lightning as L
 
-    from jobs.trainer import fit
+    from athanor.jobs.trainer import fit
 
     L.seed_everything(0, verbose=False)
     method = Toy()
@@ -218,7 +217,7 @@ def test_a_stale_lease_never_leads_to_two_live_runs_of_one_job(tmp_path, home):
     slow = RESUMABLE.replace("max_steps: 30", "max_steps: 120").replace("lr: 0.01", "lr: 0.01\n  max_attempts: 2")
     job_id = athanor("submit", str(write_toy(tmp_path, slow + "toy:\n  sleep_s: 0.05\n")), check=True).stdout.split()[2]
     store = JobStore(home)
-    first = subprocess.Popen([sys.executable, "-m", "jobs.cli", "worker", "--once"], env={**os.environ, **env},
+    first = subprocess.Popen([*CLI, "worker", "--once"], env={**os.environ, **env},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for(lambda: list((home / "jobs" / job_id / "checkpoints").glob("step=*.ckpt")), 120, "a checkpoint")
     frozen = store.get(job_id).pid
@@ -228,7 +227,7 @@ def test_a_stale_lease_never_leads_to_two_live_runs_of_one_job(tmp_path, home):
         listing = athanor("list", env=env)  # reaps the stale lease: re-queued, not failed
         assert listing.returncode == 0, listing.stderr[-3000:]
         assert store.get(job_id).status == "PENDING"
-        second = subprocess.Popen([sys.executable, "-m", "jobs.cli", "worker", "--once"], env={**os.environ, **env},
+        second = subprocess.Popen([*CLI, "worker", "--once"], env={**os.environ, **env},
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         _wait_for(lambda: store.get(job_id).attempts == 2 and store.get(job_id).pid not in (None, frozen), 60,
                   "attempt 2 to start")

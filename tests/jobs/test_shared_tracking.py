@@ -19,7 +19,7 @@ import pytest
 from harness import RECIPES, REPO, athanor, child_runs
 from services import mlflow_on_postgres_fixture, postgres_fixture  # noqa: F401 — fixtures `mlflow_on_postgres`, `postgres`
 
-from jobs.store import JobStore
+from athanor.jobs.store import JobStore
 
 TINY = RECIPES / "minilm_tiny.yaml"
 NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}  # nothing leaves 127.0.0.1
@@ -95,7 +95,7 @@ def test_a_tracking_server_that_goes_away_mid_job_fails_it_in_one_line_and_keeps
     server = mlflow_on_postgres
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "submit", str(TINY), "--wait", "--no-progress",
+        [sys.executable, "-m", "athanor.jobs.cli", "submit", str(TINY), "--wait", "--no-progress",
          "-o", f"tracking.uri={server.uri}", "-o", "registry.name=minilm-tiny-gone", *FAST,
          "-o", "train.max_steps=100000", "-o", "train.checkpoint_every_n_steps=2", "-o", "train.log_every_n_steps=1"],
         cwd=REPO, env={**env, **NO_TELEMETRY}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -139,7 +139,7 @@ def test_with_attempts_left_a_lost_tracking_server_requeues_the_job_and_it_resum
     server = mlflow_on_postgres
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "submit", str(TINY), "--wait", "--no-progress",
+        [sys.executable, "-m", "athanor.jobs.cli", "submit", str(TINY), "--wait", "--no-progress",
          "-o", f"tracking.uri={server.uri}", "-o", "registry.name=minilm-tiny-back", *FAST, "-o", "train.max_steps=40",
          "-o", "train.checkpoint_every_n_steps=2", "-o", "train.log_every_n_steps=1", "-o", "train.max_attempts=2"],
         cwd=REPO, env={**env, **NO_TELEMETRY}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

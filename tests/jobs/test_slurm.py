@@ -19,8 +19,8 @@ import pytest
 from harness import RECIPES, athanor, mlflow_client
 from slurm_cluster import missing, slurm_cluster
 
-from jobs.recipe import load_recipe
-from jobs.store import JobStore
+from athanor.jobs.recipe import load_recipe
+from athanor.jobs.store import JobStore
 
 DDP = ["-o", "train.launcher=slurm", "-o", "train.strategy=ddp", "-o", "train.devices=2", "-o", "train.accelerator=cpu"]
 TINY = str(RECIPES / "minilm_tiny.yaml")
@@ -31,7 +31,7 @@ def _opts(*pairs: str) -> list[str]:
 
 
 def test_batch_script_places_devices_tasks_on_each_node_with_the_recipes_options(tmp_path):
-    from jobs.launchers.slurm import batch_script
+    from athanor.jobs.launchers.slurm import batch_script
 
     recipe = load_recipe(TINY, overrides=["train.launcher=slurm", "train.num_nodes=2", "train.devices=8",
                                           "train.accelerator=gpu", "train.slurm.partition=gpu",
@@ -44,7 +44,7 @@ def test_batch_script_places_devices_tasks_on_each_node_with_the_recipes_options
                  "#SBATCH --partition=gpu", "#SBATCH --time=1-00:00:00", "#SBATCH --account=ml", "#SBATCH --qos=high",
                  "#SBATCH --signal=USR1@120"):
         assert line in script.splitlines(), line
-    assert f"-m jobs.worker --job {job.id} --engine-task" in script
+    assert f"-m athanor.jobs.worker --job {job.id} --engine-task" in script
     # Every #SBATCH line comes before the first command (sbatch stops reading options there).
     lines = script.splitlines()
     first_command = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
@@ -52,7 +52,7 @@ def test_batch_script_places_devices_tasks_on_each_node_with_the_recipes_options
 
 
 def test_the_2x8_recipe_gives_each_of_16_tasks_its_torchrun_ids_and_deepspeed_a_hostfile(tmp_path):
-    from jobs.launchers.slurm import RANK_ENV, batch_script
+    from athanor.jobs.launchers.slurm import RANK_ENV, batch_script
 
     recipe = load_recipe(RECIPES / "sentencevae_smollm2_slurm_2x8.yaml").recipe
     store = JobStore(tmp_path)
@@ -194,4 +194,4 @@ def _scontrol(env: dict, *args: str) -> str:
 def athanor_argv() -> list[str]:
     import sys
 
-    return [sys.executable, "-m", "jobs.cli"]
+    return [sys.executable, "-m", "athanor.jobs.cli"]

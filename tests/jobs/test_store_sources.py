@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from distill.spec import RecipeError
-from jobs.recipe import ModelSource
-from jobs.sources import resolve_path, resolve_source
-from jobs.store import JobStore
+from athanor.distill.spec import RecipeError
+from athanor.jobs.recipe import ModelSource
+from athanor.jobs.sources import resolve_path, resolve_source
+from athanor.jobs.store import JobStore
 
 
 def _new(store: JobStore, name: str = "j"):

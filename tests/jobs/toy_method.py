@@ -16,11 +16,11 @@ import torch
 from pydantic import Field
 from safetensors.torch import save_file
 
-from convert.module_utils import count_params
-from convert.recipe_types import RECIPE_PATH
-from distill.loaders import SeededLoader
-from distill.optim import adamw_with_schedule
-from distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
+from athanor.convert.module_utils import count_params
+from athanor.convert.recipe_types import RECIPE_PATH
+from athanor.distill.loaders import SeededLoader
+from athanor.distill.optim import adamw_with_schedule
+from athanor.distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
 
 
 def mlp(width: int, hidden: int) -> torch.nn.Module:

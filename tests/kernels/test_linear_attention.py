@@ -11,8 +11,8 @@ import torch
 from attention_naive import naive_linear, repeat_kv
 from torch import nn
 
-from kernels.feature_maps import HedgehogFeatureMap, elu_plus_one, relu_map
-from kernels.linear_attention import linear_attention
+from athanor.kernels.feature_maps import HedgehogFeatureMap, elu_plus_one, relu_map
+from athanor.kernels.linear_attention import linear_attention
 
 
 def _qkv(b=2, h=2, n=23, d=8, dv=None, hk=None, seed=0, requires_grad=True):

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from attention_naive import naive_sparse
 
-import kernels._sparse_reference as sparse_ref
-from kernels.sparse_attention import s2_attention, sf_attention
+import athanor.kernels._sparse_reference as sparse_ref
+from athanor.kernels.sparse_attention import s2_attention, sf_attention
 
 
 def _qkv(b=2, h=4, hk=None, n=37, d=16, seed=0, requires_grad=True):

@@ -64,4 +64,4 @@ def test_sparse_triton_matches_reference(report, name):
 
 
 def test_dispatcher_took_the_triton_path(report):
-    assert report["_dispatch"] == {"kernels._linear_triton": 1.0, "kernels._sparse_triton": 1.0}
+    assert report["_dispatch"] == {"athanor.kernels._linear_triton": 1.0, "athanor.kernels._sparse_triton": 1.0}

@@ -16,8 +16,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-import kernels._linear_triton as lt
-import kernels._sparse_triton as st
+import athanor.kernels._linear_triton as lt
+import athanor.kernels._sparse_triton as st
 
 TARGET = GPUTarget("cuda", 90, 32)
 SPARSE_CONFIGS = [("fp16", 64, True, True), ("bf16", 128, True, False), ("fp32", 64, False, True)]

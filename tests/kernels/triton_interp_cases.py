@@ -13,9 +13,9 @@ import sys
 
 import torch
 
-from kernels.compare import backend_errors, random_qkv
-from kernels.linear_attention import HedgehogFeatureMap, linear_attention
-from kernels.sparse_attention import s2_attention, sf_attention
+from athanor.kernels.compare import backend_errors, random_qkv
+from athanor.kernels.linear_attention import HedgehogFeatureMap, linear_attention
+from athanor.kernels.sparse_attention import s2_attention, sf_attention
 
 # name: (b, h, hk, n, d, causal, feature map, padded, dtype); "hedgehog_pair": separate query/key maps
 LINEAR = {
@@ -90,7 +90,8 @@ def main() -> None:
     report = {name: _linear_case(*case) for name, case in LINEAR.items()}
     report |= {name: _sparse_case(*case) for name, case in SPARSE.items()}
     # The dispatcher must really have taken the Triton path (the reference never imports these).
-    report["_dispatch"] = {m: float(m in sys.modules) for m in ("kernels._linear_triton", "kernels._sparse_triton")}
+    report["_dispatch"] = {m: float(m in sys.modules) for m in (
+        "athanor.kernels._linear_triton", "athanor.kernels._sparse_triton")}
     print(json.dumps(report))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from harness import RECIPES, athanor
 
-from jobs.store import JobStore
+from athanor.jobs.store import JobStore
 
 
 @pytest.mark.slow
@@ -36,7 +36,7 @@ def test_ddp_and_deepspeed_zero2_train_the_same_student(home):
 def test_linvideo_trains_under_ddp_and_deepspeed_zero2(home):
     """The gates, feature maps and weights train on two ranks; each strategy ends with the target count of
     linear layers (the selection is committed identically on every rank) and an export that reloads."""
-    from convert.linvideo import linear_layers, load_student
+    from athanor.convert.linvideo import linear_layers, load_student
 
     small = ["linvideo.prompts=[a sneaker moving left, a trouser moving up, a bag moving right, a dress moving down]",
              "linvideo.eval_prompts=[a sneaker moving left]", "linvideo.eval_seeds=[0]", "linvideo.eval_steps=4",

@@ -15,8 +15,8 @@ import pytest
 import torch
 from harness import RECIPES, artifact_files, athanor, mlflow_client
 
-from convert.module_utils import count_params
-from jobs.validate import check
+from athanor.convert.module_utils import count_params
+from athanor.jobs.validate import check
 
 ROOT = Path(__file__).parents[2]
 SDXL = json.loads((ROOT / "tests" / "fixtures" / "sdxl_unet_config.json").read_text())
@@ -41,7 +41,7 @@ def test_sdxl_recipe_validates_on_the_meta_device(tmp_path):
 def test_tiny_recipe_end_to_end(tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from jobs.store import JobStore
+    from athanor.jobs.store import JobStore
 
     done = athanor("submit", str(RECIPES / "koala_tiny.yaml"), "--wait", "--no-progress", home=tmp_path,
                    timeout=900)

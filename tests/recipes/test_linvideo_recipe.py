@@ -16,7 +16,7 @@ import pytest
 import torch
 from harness import RECIPES, artifact_files, athanor, mlflow_client
 
-from jobs.validate import check
+from athanor.jobs.validate import check
 
 ROOT = Path(__file__).parents[2]
 WAN = ROOT / "tests" / "fixtures" / "wan2.1_t2v_1.3b_transformer.json"
@@ -66,9 +66,9 @@ def test_a_non_video_teacher_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_recipe_end_to_end(tmp_path):
-    from convert.linvideo import linear_layers, load_student
-    from distill.linvideo.sampling import sample
-    from jobs.store import JobStore
+    from athanor.convert.linvideo import linear_layers, load_student
+    from athanor.distill.linvideo.sampling import sample
+    from athanor.jobs.store import JobStore
 
     # The shipped recipe trains 300 steps and evaluates 8 clips (7 minutes here; its figures are in its header);
     # CI runs it shorter, with every check below: the gates sort within the first 100 steps.

@@ -16,7 +16,7 @@ import torch
 import yaml
 from harness import RECIPES, artifact_files, athanor, child_runs, mlflow_client
 
-from jobs.validate import check
+from athanor.jobs.validate import check
 
 RECIPE = RECIPES / "lora_composer_fashion.yaml"
 TESTBED = Path(__file__).parents[2] / "distill" / "lora_composer" / "testbed"
@@ -64,7 +64,7 @@ def test_a_lora_that_does_not_fit_the_unet_is_refused(tmp_path):
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    from distill.lora_composer.testbed import UNET_CONFIG
+    from athanor.distill.lora_composer.testbed import UNET_CONFIG
 
     other = UNet2DConditionModel(**{**UNET_CONFIG, "block_out_channels": (32, 64, 96)})
     other.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
@@ -88,8 +88,8 @@ def test_fashion_recipe_end_to_end(tmp_path):
     from mlflow.artifacts import download_artifacts
     from safetensors.torch import load_file
 
-    from distill.lora_composer.method import load_export
-    from jobs.store import JobStore
+    from athanor.distill.lora_composer.method import load_export
+    from athanor.jobs.store import JobStore
 
     done = athanor("submit", str(RECIPE), "--wait", "--no-progress", home=tmp_path, timeout=1500)
     (job,) = JobStore(tmp_path).list()

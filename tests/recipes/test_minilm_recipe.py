@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from harness import RECIPES, athanor, child_runs, eval_metrics, mlflow_client
 
-from jobs.store import JobStore
+from athanor.jobs.store import JobStore
 
 TINY = RECIPES / "minilm_tiny.yaml"
 

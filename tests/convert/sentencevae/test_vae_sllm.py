@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from convert.sentencevae.sllm import SentenceVAEModel
-from convert.sentencevae.vae import KVCache, VAEConfig, focal_cross_entropy
+from athanor.convert.sentencevae.sllm import SentenceVAEModel
+from athanor.convert.sentencevae.vae import KVCache, VAEConfig, focal_cross_entropy
 
 V, H = 64, 32
 

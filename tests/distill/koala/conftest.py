@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from distill.koala.method import Koala
-from jobs.recipe import load_recipe
-from jobs.sources import resolve_source
+from athanor.distill.koala.method import Koala
+from athanor.jobs.recipe import load_recipe
+from athanor.jobs.sources import resolve_source
 
 ROOT = Path(__file__).parents[3]
 SDXL_TINY = ROOT / "tests" / "fixtures" / "koala_sdxl_tiny.yaml"

@@ -14,11 +14,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
-from convert.module_utils import count_params
-from distill.koala import evaluation as koala_eval
-from distill.memory import LiveBytes
-from distill.spec import EvalSpec
-from distill.timing import interleaved_latency
+from athanor.convert.module_utils import count_params
+from athanor.distill.koala import evaluation as koala_eval
+from athanor.distill.memory import LiveBytes
+from athanor.distill.spec import EvalSpec
+from athanor.distill.timing import interleaved_latency
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 KEYS = {"params", "peak_mem_mb", "noise_mse", "latent_mse"}

@@ -17,11 +17,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
-from convert.koala import student_config
-from convert.module_utils import count_params
-from distill.koala import evaluation as koala_eval
-from distill.koala.sampling import sample
-from distill.spec import EvalSpec, RecipeError, TrainSpec
+from athanor.convert.koala import student_config
+from athanor.convert.module_utils import count_params
+from athanor.distill.koala import evaluation as koala_eval
+from athanor.distill.koala.sampling import sample
+from athanor.distill.spec import EvalSpec, RecipeError, TrainSpec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -43,7 +43,7 @@ def test_the_testbed_loads_as_a_pixel_space_pipeline(fashion):
 def test_teacher_samples_as_the_testbed_does(fashion):
     """Same tokens, text encoder output, scheduler (DDIM from its DDPM config) and guidance as the
     testbed's own sampler, so the KD targets are the trained model's real behaviour."""
-    from distill.lora_composer import testbed
+    from athanor.distill.lora_composer import testbed
 
     method, loaded, teacher = fashion
     captions = ["a bag on the left and a coat on the right", "a trouser in the middle"]
@@ -51,7 +51,7 @@ def test_teacher_samples_as_the_testbed_does(fashion):
                               torch.Generator().manual_seed(3), steps=4, guidance=3.0)
     noise = torch.randn(2, 1, 32, 64, generator=torch.Generator().manual_seed(3))
     data = method.data(teacher, loaded.recipe.data, loaded.args)
-    from distill.koala.data import prompt_conditioning
+    from athanor.distill.koala.data import prompt_conditioning
 
     cond = prompt_conditioning(teacher, captions, data.eval["resolution"])
     uncond = prompt_conditioning(teacher, [""], data.eval["resolution"])

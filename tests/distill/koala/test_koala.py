@@ -19,11 +19,11 @@ import torch.distributed as dist
 from diffusers import DDPMScheduler
 from PIL import Image
 
-from convert.koala import block_map
-from distill.koala.data import encode_prompts, encode_tokens, image_caption_set, tokenize
-from distill.koala.train import FeatureTaps, feature_pairs, koala_losses, training_target
-from distill.spec import DataSpec, RecipeError, TrainSpec
-from jobs.sources import resolve_source
+from athanor.convert.koala import block_map
+from athanor.distill.koala.data import encode_prompts, encode_tokens, image_caption_set, tokenize
+from athanor.distill.koala.train import FeatureTaps, feature_pairs, koala_losses, training_target
+from athanor.distill.spec import DataSpec, RecipeError, TrainSpec
+from athanor.jobs.sources import resolve_source
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

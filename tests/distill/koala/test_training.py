@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 
-from distill.spec import TrainSpec
+from athanor.distill.spec import TrainSpec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -67,8 +67,8 @@ def test_data_free_training_noises_teacher_samples(tiny, make_student):
     data = method.data(teacher, loaded.recipe.data, args)
     rows = data.train_dataloader().dataset
     assert "teacher_latents" in rows[0]
-    from distill.koala.data import prompt_conditioning  # here: the check above fails first without them
-    from distill.koala.sampling import data_free_noise, sample
+    from athanor.distill.koala.data import prompt_conditioning  # here: the check above fails first without them
+    from athanor.distill.koala.sampling import data_free_noise, sample
 
     # Independently: the teacher's sampler on the first prompt from the first sample's noise.
     resolution, size = data.eval["resolution"], data.eval["latent_size"]

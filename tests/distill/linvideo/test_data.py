@@ -16,9 +16,9 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
-from distill.fashion_mnist import FashionClassifier
-from distill.linvideo import sampling
-from distill.linvideo.data import (
+from athanor.distill.fashion_mnist import FashionClassifier
+from athanor.distill.linvideo import sampling
+from athanor.distill.linvideo.data import (
     LinVideoTeacher,
     TrajectoryCache,
     TrajectoryPoints,
@@ -27,7 +27,7 @@ from distill.linvideo.data import (
     load_teacher,
     teacher_trajectories,
 )
-from distill.spec import RecipeError, ResolvedSource
+from athanor.distill.spec import RecipeError, ResolvedSource
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.fashion_mnist import FashionClassifier
-from distill.linvideo.evaluation import clip_metrics, jitter, mmd_rbf, plot_gates, psnr_db, save_gif
+from athanor.distill.fashion_mnist import FashionClassifier
+from athanor.distill.linvideo.evaluation import clip_metrics, jitter, mmd_rbf, plot_gates, psnr_db, save_gif
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

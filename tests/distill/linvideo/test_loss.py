@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from distill.linvideo.loss import adm_surrogate, alpha_at, round_ste, score_gap, selection_losses, velocity_mse
+from athanor.distill.linvideo.loss import adm_surrogate, alpha_at, round_ste, score_gap, selection_losses, velocity_mse
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SHAPE = (3, 2, 2, 4, 5)  # [B, C, F, H, W]

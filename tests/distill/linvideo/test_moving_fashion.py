@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.fashion_mnist import CLASSES, load_split
-from distill.linvideo.moving_fashion import ClipSpec, MovingFashion, all_captions, render_clip
+from athanor.distill.fashion_mnist import CLASSES, load_split
+from athanor.distill.linvideo.moving_fashion import ClipSpec, MovingFashion, all_captions, render_clip
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DIRECTIONS = ("left", "right", "up", "down")  # caption id = class · 4 + index here

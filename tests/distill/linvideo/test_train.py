@@ -14,12 +14,12 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from convert import linvideo as lv
-from distill.linvideo.data import TrajectoryPoints, teacher_trajectories
-from distill.linvideo.sampling import velocity
-from distill.linvideo.train import AdamWWithSGDGroups, LinVideoModule
-from distill.loaders import SeededLoader
-from distill.spec import TrainSpec
+from athanor.convert import linvideo as lv
+from athanor.distill.linvideo.data import TrajectoryPoints, teacher_trajectories
+from athanor.distill.linvideo.sampling import velocity
+from athanor.distill.linvideo.train import AdamWWithSGDGroups, LinVideoModule
+from athanor.distill.loaders import SeededLoader
+from athanor.distill.spec import TrainSpec
 
 CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
               text_dim=16, freq_dim=16, ffn_dim=32, num_layers=4, rope_max_seq_len=32)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.fashion_mnist import CLASSES, load_split, resize_items
-from distill.lora_composer.canvas import (
+from athanor.distill.fashion_mnist import CLASSES, load_split, resize_items
+from athanor.distill.lora_composer.canvas import (
     HEIGHT,
     PLACES,
     WIDTH,

@@ -13,9 +13,9 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
-from distill.lora_composer.evaluation import MapRecorder, box_outcomes, judge_scene, leakage, pixel_box
-from distill.lora_composer.pipeline import Scene
-from distill.lora_composer.sampling import ConceptRegion
+from athanor.distill.lora_composer.evaluation import MapRecorder, box_outcomes, judge_scene, leakage, pixel_box
+from athanor.distill.lora_composer.pipeline import Scene
+from athanor.distill.lora_composer.sampling import ConceptRegion
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from distill.lora_composer.guidance import (
+from athanor.distill.lora_composer.guidance import (
     LatentGuidance,
     best_window,
     box_cells,

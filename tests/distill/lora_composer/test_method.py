@@ -16,16 +16,16 @@ from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
-import distill.lora_composer
-from convert.lora_composer import LORA_FILE, adapter_bytes
-from distill.lora_composer.method import LoraComposer, LoraComposerArgs, LoraComposerStudent, load_export
-from distill.lora_composer.pipeline import Composer, ComposerTeacher
-from distill.spec import DataSpec, RecipeError, ResolvedSource
+import athanor.distill.lora_composer
+from athanor.convert.lora_composer import LORA_FILE, adapter_bytes
+from athanor.distill.lora_composer.method import LoraComposer, LoraComposerArgs, LoraComposerStudent, load_export
+from athanor.distill.lora_composer.pipeline import Composer, ComposerTeacher
+from athanor.distill.spec import DataSpec, RecipeError, ResolvedSource
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.filterwarnings("ignore:Already found a `peft_config`")]  # several adapters on purpose
 
-TESTBED = Path(distill.lora_composer.__file__).parent / "testbed"
+TESTBED = Path(athanor.distill.lora_composer.__file__).parent / "testbed"
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 WORDS = {"sneaker": "sks", "bag": "zwx", "trouser": "qlv"}
 LEFT, RIGHT = [0.03125, 0.0625, 0.46875, 0.9375], [0.53125, 0.0625, 0.96875, 0.9375]
@@ -155,13 +155,13 @@ def test_relative_path_inside_the_teacher_directory_is_read_there(loras):
 def test_overlapping_boxes_warn_but_convert(loras, caplog):
     model = teacher()
     overlapping = scene(right=[0.3, 0.0625, 0.8, 0.9375])  # x overlap 0.3..0.46875: ~39% of the smaller box
-    with caplog.at_level(logging.WARNING, logger="distill.lora_composer.method"):
+    with caplog.at_level(logging.WARNING, logger="athanor.distill.lora_composer.method"):
         composer = convert(model, make_args(loras, scenes=overlapping))
     assert isinstance(composer, Composer)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "overlap" in r.getMessage()]
     assert len(warnings) == 1 and "scenes[0]" in warnings[0].getMessage(), caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="distill.lora_composer.method"):
+    with caplog.at_level(logging.WARNING, logger="athanor.distill.lora_composer.method"):
         convert(teacher(), make_args(loras, scenes=scene(right=[0.4, 0.0625, 0.9, 0.9375]), overlap_warn=0.5))
     assert not [r for r in caplog.records if "overlap" in r.getMessage()]  # 15% < overlap_warn 50%
 

@@ -16,10 +16,10 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from transformers import AutoTokenizer
 
-from convert.lora_composer import Composition, Region, composed, load_concept_adapters
-from distill.lora_composer.guidance import LatentGuidance, injection_loss
-from distill.lora_composer.pipeline import ComposerTeacher, load_teacher
-from distill.lora_composer.sampling import (
+from athanor.convert.lora_composer import Composition, Region, composed, load_concept_adapters
+from athanor.distill.lora_composer.guidance import LatentGuidance, injection_loss
+from athanor.distill.lora_composer.pipeline import ComposerTeacher, load_teacher
+from athanor.distill.lora_composer.sampling import (
     ComposerSettings,
     ConceptRegion,
     encode,
@@ -27,8 +27,8 @@ from distill.lora_composer.sampling import (
     sample_mixed,
     word_positions,
 )
-from distill.lora_composer.testbed import TOKENIZER_DIR
-from distill.spec import ResolvedSource
+from athanor.distill.lora_composer.testbed import TOKENIZER_DIR
+from athanor.distill.spec import ResolvedSource
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.filterwarnings("ignore:Already found a `peft_config`")]  # several adapters on purpose

@@ -8,7 +8,13 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from distill.lora_composer.testbed import SCHEDULER_CONFIG, TEXT_CONFIG, build_models, make_tokenizer, snr_weight
+from athanor.distill.lora_composer.testbed import (
+    SCHEDULER_CONFIG,
+    TEXT_CONFIG,
+    build_models,
+    make_tokenizer,
+    snr_weight,
+)
 
 
 def _cosine_alpha_bar(t: int, steps: int = 1000, s: float = 0.008) -> float:

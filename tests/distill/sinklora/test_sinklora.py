@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from convert.sinklora import build_student, trainable_summary
-from distill.sinklora.data import BookTokens, chunks, heldout_stream
-from distill.sinklora.evaluation import cache_comparison, evaluate_lm
-from distill.sinklora.method import SinkLoRA, SinkLoRAArgs
-from distill.sinklora.train import SinkLoRAModule
-from distill.spec import RecipeError, TrainSpec
+from athanor.convert.sinklora import build_student, trainable_summary
+from athanor.distill.sinklora.data import BookTokens, chunks, heldout_stream
+from athanor.distill.sinklora.evaluation import cache_comparison, evaluate_lm
+from athanor.distill.sinklora.method import SinkLoRA, SinkLoRAArgs
+from athanor.distill.sinklora.train import SinkLoRAModule
+from athanor.distill.spec import RecipeError, TrainSpec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -82,7 +82,7 @@ def test_perplexities_equal_an_independent_computation_under_full_attention():
     ids = stream(4 * CONTEXT * 3 + 1)
     out = evaluate_lm(student, None, ids, args(eval_stride_fraction=1.0), original_length=CONTEXT, batch_size=2,
                       cache_length=CONTEXT)
-    from convert.sinklora import attention_implementation
+    from athanor.convert.sinklora import attention_implementation
 
     with attention_implementation(student, "sdpa"):
         assert out["ppl_original_length"] == pytest.approx(disjoint_window_ppl(student, ids, CONTEXT), rel=1e-4)
@@ -183,7 +183,7 @@ def test_fraction_of_gain_against_the_full_attention_arm():
 
 
 def test_a_rehearsal_original_length_sets_the_interpolation_base_and_cannot_exceed_the_real_context():
-    from distill.sinklora.method import CausalTeacher, SinkLoRAStudent
+    from athanor.distill.sinklora.method import CausalTeacher, SinkLoRAStudent
 
     teacher = CausalTeacher(tiny_llama(), tokenizer=None, original_length=CONTEXT)
     student = SinkLoRA().convert(teacher, SinkLoRAStudent(), args(original_length=CONTEXT // 2, target_length=64))
