@@ -8,6 +8,7 @@ stand-in directory built from the real model's config (`tests/fixtures/`), never
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from harness import RECIPES
 
+from athanor.jobs import cli
 from athanor.jobs.recipe import load_recipe
 from athanor.jobs.sources import looks_like_hub_id
 from athanor.jobs.validate import check
@@ -80,3 +82,32 @@ def test_shipped_recipe_is_valid(path: Path, home, tmp_path, minilm_tokenizer_di
         assert teacher / 1e6 == pytest.approx(expected_teacher_m, rel=0.01), json.dumps(report.estimate)
     if path.name.startswith(("minilm", "koala")):  # compression methods: the student is smaller
         assert student < teacher
+
+
+def header_commands(path: Path, verb: str) -> list[list[str]]:
+    """The `athanor VERB ...` commands a recipe's header comment tells a user to run (continuation lines
+    joined, trailing comments dropped), as argument lists without the program name."""
+    header = "\n".join(line[1:] for line in path.read_text().splitlines()[:20] if line.startswith("#"))
+    commands = []
+    for line in header.replace("\\\n", " ").splitlines():
+        if line.split()[:2] in (["athanor", verb], [".venv/bin/athanor", verb]):
+            commands.append(shlex.split(line, comments=True)[1:])
+    return commands
+
+
+VALIDATE_COMMANDS = [(path, command) for path in SHIPPED for command in header_commands(path, "validate")]
+
+
+def test_the_gpu_recipes_say_how_to_validate_them_offline():
+    named = {path.name for path, _ in VALIDATE_COMMANDS}
+    assert {"koala.yaml", "linvideo_wan1.3b.yaml", "sinklora_smollm2.yaml"} <= named
+
+
+@pytest.mark.parametrize(("path", "command"), VALIDATE_COMMANDS, ids=[p.name for p, _ in VALIDATE_COMMANDS])
+def test_the_validate_command_in_a_recipe_header_succeeds_offline(path, command, tmp_path, monkeypatch, capsys):
+    """Exactly as the comment gives it, from the repository root, with no hub and no user data."""
+    monkeypatch.chdir(RECIPES.parent)
+    code = cli.main(["--home", str(tmp_path / "home"), *command])
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    assert f"{command[1]}: valid (" in out.out and "teacher: " in out.out
