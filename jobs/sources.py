@@ -9,6 +9,7 @@ the source is a hub id and the hub is allowed (HF_HUB_OFFLINE unset).
 from __future__ import annotations
 
 import difflib
+import importlib.machinery
 import importlib.util
 import itertools
 import json
@@ -36,11 +37,18 @@ def looks_like_hub_id(spec: str) -> bool:
 
 
 def package_root(package: str) -> Path | None:
-    """The folder of installed package `package` (found, never imported), else the folder `make` fetched its
-    files into (FETCHED_DATA/<package>: data carried by a wheel that is not installed), else None."""
-    if not package.isidentifier():
+    """The folder of installed package `package` (a dotted name such as athanor.distill.linvideo is found level
+    by level, never importing anything), else the folder `make` fetched its files into (FETCHED_DATA/<package>:
+    data carried by a wheel that is not installed), else None."""
+    parts = package.split(".")
+    if not all(part.isidentifier() for part in parts):
         return None
-    found = importlib.util.find_spec(package)
+    found = importlib.util.find_spec(parts[0])
+    for depth in range(2, len(parts) + 1):
+        if found is None or not found.submodule_search_locations:
+            return None
+        locations = list(found.submodule_search_locations)
+        found = importlib.machinery.PathFinder.find_spec(".".join(parts[:depth]), locations)
     if found is not None and found.submodule_search_locations:
         return Path(next(iter(found.submodule_search_locations)))
     fetched = FETCHED_DATA / package

@@ -53,8 +53,8 @@ class ComposerTeacher:
 def load_teacher(source: ResolvedSource, *, meta: bool = False) -> ComposerTeacher:
     """A pipeline directory (see the module docstring); `meta=True` builds the modules on the meta device."""
     if source.path is None:
-        raise RecipeError("teacher.source", source.description, "LoRA-Composer needs a pipeline directory "
-                          "(unet/, text_encoder/, tokenizer/, scheduler/), e.g. pkg:distill/lora_composer/testbed")
+        raise RecipeError("teacher.source", source.description, "LoRA-Composer needs a pipeline directory (unet/, "
+                          "text_encoder/, tokenizer/, scheduler/), e.g. pkg:athanor.distill.lora_composer/testbed")
     path = Path(source.path)
     missing = [part for part in ("unet/config.json", "text_encoder/config.json", "tokenizer", "scheduler")
                if not (path / part).exists()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -122,3 +123,12 @@ def test_relative_directories_resolve_beside_the_recipe(tmp_path):
     assert source.path == (tmp_path / "models" / "t").resolve() and source.tokenizer_path == source.path
     inline = resolve_source(ModelSource(config={"model_type": "bert"}, seed=3), "teacher")
     assert inline.path is None and inline.config == {"model_type": "bert"} and inline.seed == 3
+
+
+def test_a_dotted_pkg_source_finds_athanors_own_testbed_without_importing_it():
+    sys.modules.pop("athanor.distill.linvideo", None)
+    path = resolve_path("pkg:athanor.distill.linvideo/testbed", "teacher.source")
+    assert path == (Path(__file__).resolve().parents[2] / "distill" / "linvideo" / "testbed")
+    assert "athanor.distill.linvideo" not in sys.modules
+    with pytest.raises(RecipeError, match="no installed Python package 'athanor.distill.nosuch'"):
+        resolve_path("pkg:athanor.distill.nosuch/testbed", "teacher.source")

@@ -103,7 +103,7 @@ def test_evaluation_grids_probe_and_export(fashion, tmp_path):
     assert probe().shape == (2, 1, 32, 64)
 
     path = method.export(student, teacher, tmp_path / "export", loaded.args)
-    assert json.loads((path / "koala.json").read_text())["teacher"] == "pkg:distill/lora_composer/testbed"
+    assert json.loads((path / "koala.json").read_text())["teacher"] == "pkg:athanor.distill.lora_composer/testbed"
     reloaded = UNet2DConditionModel.from_pretrained(path)
     assert reloaded.mid_block is None and list(reloaded.config.sample_size) == [32, 64]
     (x, t), kwargs = koala_eval.step_inputs(student, data.eval, 2, torch.device("cpu"))
