@@ -85,8 +85,11 @@ export DEMO_LOAD
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Two pytest workers (pytest-xdist): on two cores the suite is mostly one busy process waiting on another
+# (subprocess jobs, services starting, polls). Tests that start services share one worker (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=30
+	$(PY) -m pytest -q --durations=30 -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not distributed and not browser and not services"

