@@ -199,7 +199,7 @@ def push(store: JobStore, job_id: str, alias: str) -> PushOut:
     from mlflow.exceptions import MlflowException
 
     from athanor.jobs.cli import PushRefused, push_job
-    from athanor.jobs.registry import check_alias
+    from athanor.jobs.recipe import check_alias
 
     if problem := check_alias(alias):
         raise _invalid([Problem("alias", None, alias, problem)], "request body")

@@ -293,7 +293,8 @@ class PushRefused(ValueError):
 def push_job(store, job_id: str, alias: str) -> tuple[str, str, str]:
     """Point registry alias `alias` at the version job `job_id` registered: (model name, version, job id).
     KeyError for an unknown job, PushRefused (one line) before any registry call when it cannot happen."""
-    from athanor.jobs.registry import check_alias, move_alias
+    from athanor.jobs.recipe import check_alias
+    from athanor.jobs.registry import move_alias
     from athanor.jobs.tracking import Tracker
 
     problem = check_alias(alias)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,6 +78,19 @@ class TrackingSpec(Section):
     """MLflow experiment; default: the recipe name."""
 
 
+ALIAS = re.compile(r"[A-Za-z0-9_-]{1,255}")
+
+
+def check_alias(alias: str) -> str | None:
+    """Why MLflow would refuse `alias` (None when it is fine): checked at validate time and before any
+    registry call, never discovered at registration after training."""
+    if not ALIAS.fullmatch(alias or ""):
+        return "use 1-255 letters, digits, '_' or '-'"
+    if alias.lower() == "latest" or re.fullmatch(r"v\d+", alias.lower()):
+        return "'latest' and 'v<number>' are reserved by MLflow; pick another name, e.g. candidate"
+    return None
+
+
 class RegistrySpec(Section):
     """How the converted model is registered in the MLflow Model Registry."""
 
@@ -84,6 +98,13 @@ class RegistrySpec(Section):
     """Registered model name; each successful job adds a version."""
     alias: str = Field("candidate", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
     """Alias pointed at the new version (`athanor push JOB --alias champion` moves others)."""
+
+    @field_validator("alias")
+    @classmethod
+    def _alias_mlflow_accepts(cls, value: str) -> str:
+        if problem := check_alias(value):
+            raise ValueError(problem)
+        return value
     enabled: bool = True
     """Register the export (False: only log it as run artifacts)."""
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ from typing import Any
 from athanor.jobs.tracking import Tracker, comparison_markdown
 
 log = logging.getLogger("athanor.registry")
-ALIAS = re.compile(r"[A-Za-z0-9_-]{1,255}")
 
 
 def write_model_card(out_dir: Path, *, recipe: Any, job_id: str, params: dict[str, float],
@@ -161,15 +159,6 @@ def undo(tracker: Tracker, registration: Registration) -> None:
             client.set_registered_model_alias(registration.name, registration.alias, registration.previous)
     except Exception:  # noqa: BLE001
         log.exception("could not undo registry version %s of %s", registration.version, registration.name)
-
-
-def check_alias(alias: str) -> str | None:
-    """Why MLflow would refuse `alias` (None when it is fine), checked before any registry call."""
-    if not ALIAS.fullmatch(alias or ""):
-        return "use 1-255 letters, digits, '_' or '-'"
-    if alias.lower() == "latest" or re.fullmatch(r"v\d+", alias.lower()):
-        return "'latest' and 'v<number>' are reserved by MLflow"
-    return None
 
 
 def move_alias(tracker: Tracker, name: str, alias: str, version: str) -> None:

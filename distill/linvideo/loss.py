@@ -3,8 +3,9 @@ distribution matching (ADM) against the teacher.
 
     .venv/bin/python -m pytest tests/distill/linvideo/test_loss.py -q
 
-Selection (one gate r_l ∈ [0, 1] per candidate layer, `convert/linvideo.py`):
-    L_con = (Σ_l round_STE(r_l) − target)²         round_STE: rounds forward, identity backward
+Selection (one gate r_l ∈ [0, 1] per candidate layer, `convert/linvideo.py`; r = 1 keeps softmax attention,
+r = 0 is linear, `target` is how many of the L candidates become linear):
+    L_con = (Σ_l round_STE(r_l) − (L − target))²   round_STE: rounds forward, identity backward
     L_reg = Σ_l (1 − |2 r_l − 1|^α)                 α annealed 20 → 2 (flat early, binarising late)
     L = L_ADM + λ (L_con + L_reg),  λ = 0.01
 
@@ -27,11 +28,19 @@ def round_ste(r: torch.Tensor) -> torch.Tensor:
 
 
 def selection_losses(r: torch.Tensor, target: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_con, L_reg) for gates `r` [layers] (clamped to [0, 1] first, as the processors use them)."""
+    """(L_con, L_reg) for gates `r` [layers] (clamped to [0, 1] first, as the processors use them). `target` is
+    the number of layers to make linear: a gate at 1 keeps softmax, so L_con pulls the rounded count of
+    softmax gates to len(r) − target (zero exactly when `target` gates round to 0)."""
     r = r.clamp(0.0, 1.0)
-    l_con = (round_ste(r).sum() - target) ** 2
+    l_con = (round_ste(r).sum() - (r.numel() - target)) ** 2
     l_reg = (1 - (2 * r - 1).abs().clamp_min(1e-12) ** alpha).sum()
     return l_con, l_reg
+
+
+def selection_reached(r: torch.Tensor, target: int) -> bool:
+    """Whether rounding the gates already makes at least `target` layers linear (at most len(r) − target
+    softmax gates): from then on L_reg's binarisation pressure may start."""
+    return int(torch.round(r.detach().clamp(0.0, 1.0)).sum()) <= r.numel() - target
 
 
 def alpha_at(step: int, total: int, start: float = 20.0, end: float = 2.0) -> float:

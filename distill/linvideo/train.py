@@ -24,7 +24,13 @@ from torch import nn
 
 from athanor.convert import linvideo as lv
 from athanor.convert.module_utils import unwrap
-from athanor.distill.linvideo.loss import adm_surrogate, alpha_at, selection_losses, velocity_mse
+from athanor.distill.linvideo.loss import (
+    adm_surrogate,
+    alpha_at,
+    selection_losses,
+    selection_reached,
+    velocity_mse,
+)
 from athanor.distill.linvideo.sampling import velocity
 from athanor.distill.spec import TrainSpec
 
@@ -132,7 +138,7 @@ class LinVideoModule(L.LightningModule):
             # As AdaRound (where L_reg comes from): no binarisation pressure during the first part of
             # the run, and none before the rounded gates first reach the target: the steep wall of
             # |2r − 1|^20 near r = 1 would otherwise pin every gate at its start.
-            self.reached_target = self.reached_target or int(torch.round(r.detach()).sum()) <= self.target
+            self.reached_target = self.reached_target or selection_reached(r, self.target)
             reg_on = self.reached_target and self.global_step >= self.reg_warmup * self.train_spec.max_steps
             selection = terms["l_con"] + (terms["l_reg"] if reg_on else 0.0)
         else:

@@ -155,3 +155,12 @@ def test_merge_keys_may_be_overridden_but_plain_keys_not_repeated():
         load_recipe(text=TOY.replace("  hidden: 4", "  hidden: 4\n  hidden: 5"))
     (problem,) = info.value.problems
     assert problem.path == "student.hidden" and problem.line == 8 and "lines 7 and 8" in problem.message
+
+
+@pytest.mark.parametrize("alias", ["latest", "LATEST", "v1", "v12"])
+def test_an_alias_mlflow_reserves_is_refused_at_validate_time_not_after_training(alias):
+    with pytest.raises(RecipeInvalid) as info:
+        load_recipe(text=TOY, overrides=[f"registry.alias={alias}"])
+    (problem,) = info.value.problems
+    assert problem.path == "registry.alias" and "reserved by MLflow" in problem.message
+    assert load_recipe(text=TOY, overrides=["registry.alias=v1-candidate"]).recipe.registry.alias == "v1-candidate"

@@ -12,7 +12,15 @@ import math
 import pytest
 import torch
 
-from athanor.distill.linvideo.loss import adm_surrogate, alpha_at, round_ste, score_gap, selection_losses, velocity_mse
+from athanor.distill.linvideo.loss import (
+    adm_surrogate,
+    alpha_at,
+    round_ste,
+    score_gap,
+    selection_losses,
+    selection_reached,
+    velocity_mse,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SHAPE = (3, 2, 2, 4, 5)  # [B, C, F, H, W]
@@ -36,8 +44,21 @@ def test_selection_losses_match_the_hand_formulas(values, target, alpha):
     r = torch.tensor(values, dtype=torch.float64)
     l_con, l_reg = selection_losses(r, target, alpha)
     rounded = sum(math.floor(v + 0.5) if v != 0.5 else 0 for v in values)  # round half to even at 0.5
-    assert float(l_con) == pytest.approx((rounded - target) ** 2)
+    assert float(l_con) == pytest.approx((rounded - (len(values) - target)) ** 2)  # rounded = softmax gates
     assert float(l_reg) == pytest.approx(sum(1 - abs(2 * v - 1) ** alpha for v in values), rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize(("layers", "target"), [(6, 1), (4, 3), (30, 16), (4, 2)])
+def test_l_con_is_zero_exactly_when_target_layers_are_linear(layers, target):
+    """The paper's definition: r = 1 keeps softmax, r = 0 is linear, `target` layers become linear. Every
+    binary assignment: L_con is (linear count − target)², zero only at `target` linear layers."""
+    for linear in range(layers + 1):
+        r = torch.tensor([0.0] * linear + [1.0] * (layers - linear))
+        l_con, _ = selection_losses(r, target, 10.0)
+        assert float(l_con) == (linear - target) ** 2
+        assert selection_reached(r, target) == (linear >= target)
+    six = torch.tensor([0.0, 1, 1, 1, 1, 1])  # the issue's probe: one linear layer of six, target 1
+    assert float(selection_losses(six, 1, 10.0)[0]) == 0 and float(selection_losses(1 - six, 1, 10.0)[0]) == 16
 
 
 @pytest.mark.parametrize("target", [0, 2, 5])
@@ -46,7 +67,7 @@ def test_l_con_gradient_is_straight_through_for_every_gate(target):
     r = torch.tensor(values, requires_grad=True)
     l_con, _ = selection_losses(r, target, 10.0)
     l_con.backward()
-    expected = 2 * (sum(round(v) for v in values) - target)  # 0, 0, 0, 1, 1, 1 -> 3
+    expected = 2 * (sum(round(v) for v in values) - (len(values) - target))  # 0, 0, 0, 1, 1, 1 -> 3 softmax
     assert torch.allclose(r.grad, torch.full((6,), float(expected)))
 
 
