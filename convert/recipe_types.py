@@ -5,9 +5,9 @@ spine (`jobs/`). They live here, at the bottom of the import graph, so that `con
 from __future__ import annotations
 
 import reprlib
-from typing import Any
+from typing import Any, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 SHOWN_CHARS = 120
 """Longest value shown in an error line: a recipe value can be a 256 KiB string or a list that
@@ -55,6 +55,23 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True,
                               allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """A number field takes a YAML number only: `true` is not 1, and the strings YAML 1.1 would have read
+        as numbers (`010` as 8, `1:30` as 90; the recipe loader keeps them strings) are refused by name."""
+        if isinstance(value, (bool, str)) and _numeric(cls.model_fields[info.field_name].annotation):
+            kind = "true/false" if isinstance(value, bool) else f"the string {value!r}"
+            raise ValueError(f"{kind} is not a number; write a plain number such as 10 (a leading zero or "
+                             "h:mm is not one)")
+        return value
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field's type is int or float (optionally None), not bool or a union with other types."""
+    args = set(get_args(annotation)) - {type(None)} if get_args(annotation) else {annotation}
+    return bool(args) and args <= {int, float}
 
 
 RECIPE_PATH = {"recipe_path": True}

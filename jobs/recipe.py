@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import types
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -69,11 +70,25 @@ class ModelSource(Section):
         return self
 
 
+TRACKING_SCHEMES = re.compile(r"(?:https?|file|sqlite|postgresql|mysql|mssql)(?:\+[a-z0-9]+)?")
+"""URI schemes MLflow serves a tracking store on (a database scheme may name its driver: sqlite+pysqlite)."""
+
+
 class TrackingSpec(Section):
     """Where MLflow records the job."""
 
     uri: str | None = None
-    """MLflow tracking URI; default: an embedded SQLite store under the athanor home."""
+    """MLflow tracking URI: http(s)://host:port, a database store (sqlite:///path/mlflow.db, postgresql://...),
+    file:/path or a folder; default: an embedded SQLite store under the athanor home."""
+
+    @field_validator("uri")
+    @classmethod
+    def _an_mlflow_store(cls, value: str | None) -> str | None:
+        scheme = urllib.parse.urlsplit(value).scheme.lower() if value else ""
+        if scheme and not TRACKING_SCHEMES.fullmatch(scheme):
+            raise ValueError(f"'{scheme}:' is not an MLflow tracking store; use http(s)://host:port, "
+                             "sqlite:///path/mlflow.db, postgresql://..., file:/path or a folder path")
+        return value
     experiment: str | None = Field(None, pattern=NAME_PATTERN)
     """MLflow experiment; default: the recipe name."""
 

@@ -42,6 +42,7 @@ MISSING = object()
 
 _BOOL = "tag:yaml.org,2002:bool"
 _FLOAT = "tag:yaml.org,2002:float"
+_INT = "tag:yaml.org,2002:int"
 _MERGE = "tag:yaml.org,2002:merge"
 
 
@@ -56,7 +57,7 @@ class RecipeYAMLError(yaml.MarkedYAMLError):
 class RecipeLoader(yaml.SafeLoader):
     """SafeLoader with limits on aliases, size after expansion and depth, and no duplicate keys."""
 
-    yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _FLOAT)]
+    yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _FLOAT, _INT)]
                                for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
     def __init__(self, stream: str) -> None:
@@ -91,10 +92,22 @@ class RecipeLoader(yaml.SafeLoader):
         return node
 
 
+# YAML 1.2 integers: decimal without a leading zero, 0o octal, 0x hex. YAML 1.1's `010` (octal 8), `1:30`
+# (sexagesimal 90) and `0b11` stay strings, so an integer field refuses them by name instead of reading a surprise.
+RecipeLoader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                                   list("-+0123456789"))
+
+
+def _construct_int(loader: RecipeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    return int(text[2:], 8) if text.startswith("0o") else int(text[2:], 16) if text.startswith("0x") else int(text)
+
+
+RecipeLoader.add_constructor(_INT, _construct_int)
 RecipeLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 RecipeLoader.add_implicit_resolver(
     _FLOAT,
-    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+    re.compile(r"^(?![-+]?0[0-9_]+$)(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
                r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
     list("-+0123456789."),
 )
@@ -327,6 +340,10 @@ def parse(text: str, overrides: list[str], file: str) -> dict:
     if not isinstance(data, dict):
         raise RecipeInvalid([Problem("(top level)", 1, MISSING, "a recipe is a YAML mapping of sections")], file)
     problems = [p for p in (apply_override(data, o) for o in overrides) if p is not None]
+    keys = [key for key in (".".join(part.strip() for part in o.partition("=")[0].split(".")) for o in overrides
+                            if "=" in o) if all(key.split("."))]  # a malformed one is already a problem
+    problems += [Problem(key, None, MISSING, f"set {keys.count(key)} times with -o; give it once")
+                 for key in dict.fromkeys(keys) if keys.count(key) > 1]
     if problems:
         raise RecipeInvalid(problems, file)
     return data

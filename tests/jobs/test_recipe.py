@@ -164,3 +164,34 @@ def test_an_alias_mlflow_reserves_is_refused_at_validate_time_not_after_training
     (problem,) = info.value.problems
     assert problem.path == "registry.alias" and "reserved by MLflow" in problem.message
     assert load_recipe(text=TOY, overrides=["registry.alias=v1-candidate"]).recipe.registry.alias == "v1-candidate"
+
+
+@pytest.mark.parametrize(("override", "words"), [
+    ("train.max_steps=010", "is not a number"),     # YAML 1.1: octal 8
+    ("train.max_steps=1:30", "is not a number"),    # YAML 1.1: sexagesimal 90
+    ("train.max_steps=0b11", "is not a number"),    # YAML 1.1: binary 3
+    ("train.max_steps=true", "true/false is not a number"),
+    ("train.lr='0.01'", "is not a number"),
+    ("tracking.uri=javascript:alert(1)", "not an MLflow tracking store"),
+    ("tracking.uri=ftp://host/x", "not an MLflow tracking store"),
+])
+def test_yaml_1_1_surprises_and_foreign_uris_are_one_keyed_error(override, words):
+    with pytest.raises(RecipeInvalid) as info:
+        load_recipe(text=TOY, overrides=[override])
+    (problem,) = info.value.problems
+    assert problem.path == override.partition("=")[0] and words in problem.message
+
+
+def test_yaml_1_2_numbers_and_mlflow_uris_are_accepted():
+    loaded = load_recipe(text=TOY, overrides=["train.max_steps=0o17", "train.log_every_n_steps=0x10",
+                                              "tracking.uri=sqlite+pysqlite:///tmp/m.db"])
+    assert loaded.recipe.train.max_steps == 15 and loaded.recipe.train.log_every_n_steps == 16
+    described = TOY.replace("name: toy-demo", "name: toy-demo\ndescription: 010")
+    assert load_recipe(text=described).recipe.description == "010"  # a string field keeps the text
+
+
+def test_a_key_given_twice_with_o_is_refused_not_silently_the_last():
+    with pytest.raises(RecipeInvalid) as info:
+        load_recipe(text=TOY, overrides=["train.max_steps=5", "train.max_steps=6"])
+    (problem,) = info.value.problems
+    assert problem.path == "train.max_steps" and "set 2 times" in problem.message
