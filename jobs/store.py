@@ -80,6 +80,10 @@ class StoreError(RuntimeError):
     """The job store cannot be read or written (read-only home, full disk, corrupt file): one line."""
 
 
+class StoreCorrupt(StoreError):
+    """The job store's file is damaged: no command may read or add rows until it is restored or moved aside."""
+
+
 def athanor_home(explicit: str | os.PathLike | None = None) -> Path:
     home = Path(explicit or os.environ.get("ATHANOR_HOME") or ".athanor").expanduser().resolve()
     try:
@@ -89,8 +93,15 @@ def athanor_home(explicit: str | os.PathLike | None = None) -> Path:
     return home
 
 
+def _corrupt(path: Path, detail: str) -> str:
+    return (f"the job store {path} is corrupt ({detail.splitlines()[0][:200]}); restore it from a backup, or move "
+            "it aside (with its -wal and -shm files) and athanor starts an empty store; MLflow's runs are kept apart")
+
+
 def _store_error(exc: BaseException, path: Path) -> StoreError:
     reason = str(exc)
+    if isinstance(exc, sqlite3.DatabaseError) and any(w in reason for w in ("malformed", "not a database")):
+        return StoreCorrupt(_corrupt(path, reason))
     if isinstance(exc, OSError) and exc.strerror:
         reason = exc.strerror
     hint = ("free some disk space" if "full" in reason.lower() or "space" in reason.lower() else
@@ -133,11 +144,25 @@ class Job:
     """The engine's state of that job when last asked (e.g. PENDING while it waits in Slurm's queue)."""
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Job:
+    def from_row(cls, row: sqlite3.Row, home: Path) -> Job:
         data = dict(row)
         data["overrides"] = json.loads(data["overrides"] or "[]")
         data["result"] = json.loads(data["result"]) if data["result"] else None
+        data["log_path"] = _in_home(data["log_path"], home, data["id"])
         return cls(**data)
+
+
+def _in_home(stored: str | None, home: Path, job_id: str) -> str | None:
+    """A job's log path under `home`. Stored relative to the home (so a copied or restored home reads its own
+    files, never the original's); rows of older stores hold the absolute path under the home they were made in."""
+    if stored is None:
+        return None
+    path = Path(stored)
+    if not path.is_absolute():
+        return str(home / path)
+    if path.parts[-3:] == ("jobs", job_id, "job.log"):  # an older store's absolute path: re-rooted here
+        return str(home / "jobs" / job_id / "job.log")
+    return stored
 
 
 class JobStore:
@@ -147,6 +172,11 @@ class JobStore:
         self.home = athanor_home(home)
         self.path = self.home / "jobs.db"
         with self._connect() as db:
+            # Every command opens the store here, so a damaged file is refused before anything reads or adds a
+            # row (quick_check reads the whole file: milliseconds for a job store).
+            verdict = db.execute("PRAGMA quick_check").fetchone()[0]
+            if verdict != "ok":
+                raise StoreCorrupt(_corrupt(self.path, verdict))
             if not db.execute("SELECT name FROM sqlite_master WHERE name='jobs'").fetchone():
                 db.executescript(SCHEMA)
             present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
@@ -187,7 +217,7 @@ class JobStore:
         for attempt in range(3):  # an id is a second plus 24 random bits: two equal ones are drawn again
             now = time.time()
             job_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + "-" + secrets.token_hex(3)
-            log_path = str(self.job_dir(job_id) / "job.log")
+            log_path = str((self.job_dir(job_id) / "job.log").relative_to(self.home))
             try:
                 with self._connect() as db:
                     db.execute(
@@ -214,7 +244,7 @@ class JobStore:
                 row = rows[0] if len(rows) == 1 else None
         if row is None:
             raise KeyError(job_id)
-        return Job.from_row(row)
+        return Job.from_row(row, self.home)
 
     def list(self, limit: int = 50, status: str | None = None) -> list[Job]:
         query, args = "SELECT * FROM jobs", []
@@ -222,7 +252,7 @@ class JobStore:
             query, args = query + " WHERE status = ?", [status]
         with self._connect() as db:
             rows = db.execute(query + " ORDER BY created_at DESC LIMIT ?", (*args, limit)).fetchall()
-        return [Job.from_row(r) for r in rows]
+        return [Job.from_row(r, self.home) for r in rows]
 
     def claim(self, job_id: str | None = None, *, owner: str | None = None) -> Job | None:
         """Atomically move one PENDING job (the oldest, or `job_id`) to RUNNING under a lease held by

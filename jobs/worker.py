@@ -23,7 +23,7 @@ import time
 
 from athanor.jobs.launchers import launcher_for, safe_reconcile, submit
 from athanor.jobs.leases import clean_up, reap_stale
-from athanor.jobs.store import JobStore, StoreError
+from athanor.jobs.store import JobStore, StoreCorrupt, StoreError
 
 log = logging.getLogger("athanor.worker")
 
@@ -55,6 +55,9 @@ def work(store: JobStore, *, once: bool = False, poll: float = 2.0, max_jobs: in
             reap_stale(store)
             safe_reconcile(store)
             job = store.claim()
+        except StoreCorrupt as exc:  # retrying cannot help, and running on a damaged store could lose jobs
+            print(f"worker: {exc}; stopping", file=sys.stderr, flush=True)
+            break
         except StoreError as exc:
             print(f"worker: {exc}; retrying in {poll:g} s", file=sys.stderr, flush=True)
             if once:

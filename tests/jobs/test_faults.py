@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -190,6 +191,32 @@ def test_a_full_home_is_one_clear_line(tmp_path, monkeypatch):
         assert "cannot be written" in athanor("submit", str(write_toy(tmp_path))).stderr
     finally:
         subprocess.run(["umount", str(full)], check=True)
+
+
+def test_a_corrupt_store_is_refused_by_every_command_in_one_line(tmp_path, home, capsys):
+    """4 KiB of garbage in the middle of jobs.db (as a bad disk or a torn copy leaves it): no command reads or
+    adds a row, and each says the store is corrupt and how to recover, not that permissions are wrong."""
+    store = JobStore(home)
+    for _ in range(40):  # enough rows that the store spans several pages
+        store.create(name="n", method="toy", recipe_text="x" * 2000, recipe_path=None, overrides=[], recipe_hash="h")
+    with sqlite3.connect(store.path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    size = store.path.stat().st_size
+    with open(store.path, "r+b") as f:
+        f.seek(size // 2)
+        f.write(os.urandom(4096))
+    recipe = str(write_toy(tmp_path))
+    for command in (["submit", recipe], ["list"], ["worker", "--once"], ["validate", recipe]):
+        capsys.readouterr()
+        code = cli.main(["--home", str(home), *command])
+        err = capsys.readouterr().err
+        if command[0] == "validate":  # reads no store
+            assert code == cli.EXIT_OK, err
+            continue
+        assert code != cli.EXIT_OK and "is corrupt" in err and "backup" in err, (command, err)
+        assert "Traceback" not in err and "writable" not in err and len(err.strip().splitlines()) == 1, err
+    with open(store.path, "rb") as f:
+        assert len(f.read()) == size  # nothing was added
 
 
 def _healthy(uri: str) -> bool:

@@ -136,3 +136,21 @@ def test_a_dotted_pkg_source_finds_athanors_own_testbed_without_importing_it():
     assert resolve_path("pkg:athanor.distill.linvideo/testbed", "teacher.source") == Path(path)  # loaded or not
     with pytest.raises(RecipeError, match="no installed Python package 'athanor.distill.nosuch'"):
         resolve_path("pkg:athanor.distill.nosuch/testbed", "teacher.source")
+
+
+def test_a_copied_home_reads_and_writes_its_own_files_never_the_originals(tmp_path):
+    import shutil
+    import sqlite3
+
+    original = JobStore(tmp_path / "original")
+    job = original.create(name="n", method="toy", recipe_text="x", recipe_path=None, overrides=[], recipe_hash="h")
+    old = original.create(name="n", method="toy", recipe_text="x", recipe_path=None, overrides=[], recipe_hash="h")
+    with sqlite3.connect(original.path) as db:  # a row as stores before 2026-12 wrote it: absolute
+        db.execute("UPDATE jobs SET log_path=? WHERE id=?", (str(original.home / "jobs" / old.id / "job.log"), old.id))
+    shutil.copytree(original.home, tmp_path / "copy")
+    copy = JobStore(tmp_path / "copy")
+    for job_id in (job.id, old.id):
+        assert copy.get(job_id).log_path == str(copy.home / "jobs" / job_id / "job.log")
+        assert original.get(job_id).log_path == str(original.home / "jobs" / job_id / "job.log")
+    with sqlite3.connect(copy.path) as db:
+        assert db.execute("SELECT log_path FROM jobs WHERE id=?", (job.id,)).fetchone()[0] == f"jobs/{job.id}/job.log"
