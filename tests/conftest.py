@@ -19,6 +19,10 @@ for folder in ("jobs", "kernels", "recipes", ""):
 os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                   MLFLOW_ENABLE_ASYNC_LOGGING="false", USE_HUB_KERNELS="0")
 os.environ["ATHANOR_METHODS"] = "toy=toy_method:Toy,toy_pruning=toy_method:ToyPruning"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest worker per core: each worker's torch (and the jobs it starts, which inherit
+    # this) uses one thread, so two workers never put four spinning OpenMP threads on two cores.
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 # Subprocesses (workers, training ranks) must find the toy method too.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS / "jobs"), str(REPO), os.environ.get("PYTHONPATH")]))
 
