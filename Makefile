@@ -85,9 +85,10 @@ export DEMO_LOAD
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# Two pytest workers (pytest-xdist): on two cores the suite is mostly one busy process waiting on another
-# (subprocess jobs, services starting, polls). Tests that start services share one worker (tests/conftest.py).
-TEST_WORKERS ?= 2
+# pytest-xdist workers: 0 runs the suite in one process (what CI runs: two workers on this 2-core machine were
+# not measured faster and two slow tests failed under them, cause not yet found); `make test TEST_WORKERS=2`
+# runs two, with the service tests on one worker and one torch thread each (tests/conftest.py).
+TEST_WORKERS ?= 0
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=30 -n $(TEST_WORKERS) --dist loadgroup
 

@@ -141,4 +141,5 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if item.get_closest_marker("services") or item.get_closest_marker("browser"):
             item.add_marker(pytest.mark.xdist_group("services"))
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: collection order otherwise
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # stable: collection order otherwise, and always in one process
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
