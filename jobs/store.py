@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from athanor.jobs.store_errors import StoreCorrupt, StoreError, athanor_home, corrupt_message, store_error
+
 STATUSES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED")
 FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -74,39 +76,6 @@ MIGRATIONS = {"lease_owner": "TEXT", "heartbeat_at": "REAL", "cancel_requested":
 
 LEASE_SECONDS = float(os.environ.get("ATHANOR_LEASE_SECONDS", "60"))
 """A RUNNING job whose heartbeat is older than this is reaped (its process renews it every LEASE_SECONDS / 6)."""
-
-
-class StoreError(RuntimeError):
-    """The job store cannot be read or written (read-only home, full disk, corrupt file): one line."""
-
-
-class StoreCorrupt(StoreError):
-    """The job store's file is damaged: no command may read or add rows until it is restored or moved aside."""
-
-
-def athanor_home(explicit: str | os.PathLike | None = None) -> Path:
-    home = Path(explicit or os.environ.get("ATHANOR_HOME") or ".athanor").expanduser().resolve()
-    try:
-        home.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"cannot create the athanor home {home}: {exc.strerror}") from None
-    return home
-
-
-def _corrupt(path: Path, detail: str) -> str:
-    return (f"the job store {path} is corrupt ({detail.splitlines()[0][:200]}); restore it from a backup, or move "
-            "it aside (with its -wal and -shm files) and athanor starts an empty store; MLflow's runs are kept apart")
-
-
-def _store_error(exc: BaseException, path: Path) -> StoreError:
-    reason = str(exc)
-    if isinstance(exc, sqlite3.DatabaseError) and any(w in reason for w in ("malformed", "not a database")):
-        return StoreCorrupt(_corrupt(path, reason))
-    if isinstance(exc, OSError) and exc.strerror:
-        reason = exc.strerror
-    hint = ("free some disk space" if "full" in reason.lower() or "space" in reason.lower() else
-            "make it writable or choose another with --home / ATHANOR_HOME")
-    return StoreError(f"the job store {path} cannot be written ({reason}); {hint}")
 
 
 @dataclass
@@ -176,7 +145,7 @@ class JobStore:
             # row (quick_check reads the whole file: milliseconds for a job store).
             verdict = db.execute("PRAGMA quick_check").fetchone()[0]
             if verdict != "ok":
-                raise StoreCorrupt(_corrupt(self.path, verdict))
+                raise StoreCorrupt(corrupt_message(self.path, verdict))
             if not db.execute("SELECT name FROM sqlite_master WHERE name='jobs'").fetchone():
                 db.executescript(SCHEMA)
             present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
@@ -198,7 +167,7 @@ class JobStore:
         except sqlite3.Error as exc:
             if db is not None and db.in_transaction:
                 db.rollback()
-            raise _store_error(exc, self.path) from None
+            raise store_error(exc, self.path) from None
         finally:
             if db is not None:
                 db.close()
@@ -208,7 +177,7 @@ class JobStore:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise _store_error(exc, path) from None
+            raise store_error(exc, path) from None
         return path
 
     def create(self, *, name: str, method: str, recipe_text: str, recipe_path: str | None,
