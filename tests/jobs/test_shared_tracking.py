@@ -23,7 +23,7 @@ from athanor.jobs.store import JobStore
 
 TINY = RECIPES / "minilm_tiny.yaml"
 NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}  # nothing leaves 127.0.0.1
-FAST = ["-o", "train.max_steps=8", "-o", "data.max_texts=128", "-o", "eval.latency_repeats=1"]
+FAST = ["-o", "data.max_texts=128", "-o", "eval.latency_repeats=1"]  # each test sets train.max_steps once
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
@@ -55,7 +55,7 @@ def mlflow_client_on():
 def test_a_job_tracks_and_registers_on_an_mlflow_server_backed_by_postgres(home, postgres, mlflow_on_postgres,
                                                                             mlflow_client_on):
     server = mlflow_on_postgres
-    done = athanor("submit", str(TINY), "--wait", "--no-progress", "-o", f"tracking.uri={server.uri}", *FAST,
+    done = athanor("submit", str(TINY), "--wait", "--no-progress", "-o", f"tracking.uri={server.uri}", *FAST, "-o", "train.max_steps=8",
                    env=NO_TELEMETRY, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:] + "\n" + server.describe()
     assert "registered: minilm-tiny-student version 1 (alias 'candidate')" in done.stdout
