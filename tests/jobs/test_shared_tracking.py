@@ -55,8 +55,8 @@ def mlflow_client_on():
 def test_a_job_tracks_and_registers_on_an_mlflow_server_backed_by_postgres(home, postgres, mlflow_on_postgres,
                                                                             mlflow_client_on):
     server = mlflow_on_postgres
-    done = athanor("submit", str(TINY), "--wait", "--no-progress", "-o", f"tracking.uri={server.uri}", *FAST, "-o", "train.max_steps=8",
-                   env=NO_TELEMETRY, timeout=600)
+    done = athanor("submit", str(TINY), "--wait", "--no-progress", "-o", f"tracking.uri={server.uri}", *FAST,
+                   "-o", "train.max_steps=8", env=NO_TELEMETRY, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:] + "\n" + server.describe()
     assert "registered: minilm-tiny-student version 1 (alias 'candidate')" in done.stdout
     (job,) = JobStore(home).list()

@@ -43,18 +43,21 @@ def test_tiny_recipe_end_to_end(tmp_path):
 
     from athanor.jobs.store import JobStore
 
-    done = athanor("submit", str(RECIPES / "koala_tiny.yaml"), "--wait", "--no-progress", home=tmp_path,
-                   timeout=900)
+    # The shipped recipe draws 52 teacher samples, trains 200 steps and samples 16 canvases per side (5 minutes
+    # here; its figures are in its header). CI runs it smaller, with every check below.
+    shorter = ["koala.data_free_samples=2", "train.max_steps=80", "koala.eval_seeds=[0]", "eval.latency_repeats=1"]
+    done = athanor("submit", str(RECIPES / "koala_tiny.yaml"), "--wait", "--no-progress",
+                   *[a for o in shorter for a in ("-o", o)], home=tmp_path, timeout=900)
     (job,) = JobStore(tmp_path).list()
     assert job.status == "SUCCEEDED", f"{job.error}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     before, after, untrained = job.result["before"], job.result["after"], job.result["untrained"]
     assert set(before) == set(after) == set(untrained) and "latency_ms" in after  # latency: the spine's
     # Distillation brought the student's predictions on the teacher's trajectories closer to the teacher's than
-    # the copied initialisation was (0.53x in a CPU run). Its sampled canvases did not follow: with the testbed's
-    # unclipped DDIM sampler (guidance 5, 10 steps) latent_mse went 0.380 -> 0.417 (0.283 -> 0.322 at guidance
+    # the copied initialisation was (0.53x in a 200-step CPU run). Its sampled canvases did not follow: with the
+    # testbed's unclipped DDIM sampler (guidance 5, 10 steps) latent_mse went 0.380 -> 0.417 (0.283 -> 0.322 at guidance
     # 3; more steps or a larger lr made it worse), because a student's sample often settles on another canvas
     # and such samples dominate the mean (recipes/koala_tiny.yaml). Only that it is measured is asserted here.
-    assert after["noise_mse"] < 0.7 * untrained["noise_mse"]
+    assert after["noise_mse"] < 0.8 * untrained["noise_mse"]  # 0.65x after these 80 steps, 0.53x after 200
     assert 0 < after["latent_mse"] < float("inf") and 0 < untrained["latent_mse"] < float("inf")
     teacher = UNet2DConditionModel.from_pretrained(TESTBED / "unet")
     assert before["noise_mse"] == 0 and before["params"] == count_params(teacher)
