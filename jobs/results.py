@@ -7,10 +7,14 @@ status and one-line error of a job that ended by an exception.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import shutil
+import sqlite3
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("athanor.job")
@@ -50,6 +54,42 @@ def check_same_keys(method: str, results: Results) -> None:
                                f"{sorted(set(results.before) ^ set(metrics))}")
 
 
+def disk_full(exc: BaseException) -> OSError | sqlite3.OperationalError | None:
+    """The out-of-space error behind an exception (its cause and context chain followed), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return current
+        if isinstance(current, sqlite3.OperationalError) and "full" in str(current):
+            return current
+        if "No space left on device" in str(current):  # also as wrapped by torch or a library
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def disk_full_line(error: BaseException, job_dir: Path) -> str:
+    """One line for a job that ran out of disk: the path written and the space left there."""
+    where = Path(getattr(error, "filename", None) or job_dir)
+    probe = next((p for p in (where, *where.parents) if p.exists()), job_dir)
+    free = shutil.disk_usage(probe).free / 2**20
+    return (f"disk full: no space left writing {where} ({free:.1f} MiB free on that disk); partial files were "
+            "removed; free disk space (or lower train.keep_checkpoints) and submit the job again")
+
+
+def remove_partial_writes(job_dir: Path) -> None:
+    """Free what interrupted writes hold in a job folder (the export being written, `*.tmp` checkpoints and
+    manifests): a job that ran out of disk must still be able to write its final status."""
+    shutil.rmtree(job_dir / "export.partial", ignore_errors=True)
+    for partial in sorted(job_dir.rglob("*.tmp")):
+        if partial.is_dir() and not partial.is_symlink():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+
+
 def outcome(exc: BaseException, job: Any, tracker: Any) -> tuple[str, str]:
     """The final status and one-line error for an exception that ended the job (its traceback goes to the log)."""
     from athanor.distill.spec import RecipeError
@@ -67,6 +107,8 @@ def outcome(exc: BaseException, job: Any, tracker: Any) -> tuple[str, str]:
         log.error("%s", exc)
         return "FAILED", str(exc)
     log.error("job failed:\n%s", traceback.format_exc())
+    if (full := disk_full(exc)) is not None:
+        return "FAILED", disk_full_line(full, Path(job.log_path).parent)
     first = (str(exc).strip().splitlines() or [""])[0][:500]
     uri = getattr(tracker, "uri", "") or ""
     if uri.startswith("http") and type(exc).__module__.split(".")[0] in ("mlflow", "requests", "urllib3"):

@@ -23,7 +23,7 @@ from typing import Any
 from athanor.convert.module_utils import count_params
 from athanor.jobs.leases import JobLease, JobStopped, signals_deferred, sigterm_cancels
 from athanor.jobs.recipe import LoadedRecipe, load_recipe, resolve_recipe_paths
-from athanor.jobs.results import Results, check_finite, check_same_keys, outcome
+from athanor.jobs.results import Results, check_finite, check_same_keys, disk_full, outcome, remove_partial_writes
 from athanor.jobs.store import Job, JobStore
 
 TEST_HOOK = "ATHANOR_TEST_HOOK"
@@ -347,6 +347,8 @@ def execute(job_id: str, store: JobStore, *, progress: bool = True, engine: bool
             if engine and _terminated(exc):
                 log.warning("the engine stopped this attempt (SIGTERM); its job state decides what comes next")
                 raise SystemExit(143) from None
+            if disk_full(exc) is not None:  # space first: the final status must still be written
+                remove_partial_writes(run.job_dir)
             status, error = outcome(exc, job, run.tracker)
             if run.tracker is not None and run.tracker.lost and job.attempts < job.max_attempts:
                 # The tracking server went away mid-job: the kept checkpoint resumes in the next attempt.

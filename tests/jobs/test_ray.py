@@ -139,10 +139,11 @@ def test_a_job_the_cluster_no_longer_knows_has_ended(tmp_path, monkeypatch, fake
     assert fake_ray.made == [("http://from-env:8265", None)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_scenario():
     """Start a Ray head and run every Ray job below in a fresh network namespace with only `lo` (the scenario in
-    tests/jobs/ray_cluster.py); its JSON result."""
+    tests/jobs/ray_cluster.py); its JSON result. Session-scoped: under pytest-xdist a worker may run other modules'
+    tests between these three, which would tear a module fixture down and run the 2-minute scenario again."""
     problem = missing()
     if problem:
         pytest.fail(f"{problem} (CI installs them: see .ci/run)")

@@ -140,7 +140,7 @@ def test_with_attempts_left_a_lost_tracking_server_requeues_the_job_and_it_resum
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "athanor.jobs.cli", "submit", str(TINY), "--wait", "--no-progress",
-         "-o", f"tracking.uri={server.uri}", "-o", "registry.name=minilm-tiny-back", *FAST, "-o", "train.max_steps=40",
+         "-o", f"tracking.uri={server.uri}", "-o", "registry.name=minilm-tiny-back", *FAST, "-o", "train.max_steps=16",
          "-o", "train.checkpoint_every_n_steps=2", "-o", "train.log_every_n_steps=1", "-o", "train.max_attempts=2"],
         cwd=REPO, env={**env, **NO_TELEMETRY}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
