@@ -5,9 +5,12 @@ spine (`jobs/`). They live here, at the bottom of the import graph, so that `con
 from __future__ import annotations
 
 import reprlib
-from typing import Any, get_args
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic.fields import FieldInfo
 
 SHOWN_CHARS = 120
 """Longest value shown in an error line: a recipe value can be a 256 KiB string or a list that
@@ -74,9 +77,85 @@ def _numeric(annotation: Any) -> bool:
     return bool(args) and args <= {int, float}
 
 
-RECIPE_PATH = {"recipe_path": True}
-"""Mark a recipe field that holds a file path (`Field(None, json_schema_extra=RECIPE_PATH)`): the spine
-resolves it relative to the working directory, then beside the recipe, and `validate` checks it exists."""
+@dataclass(frozen=True)
+class PathRole:
+    """What a recipe string names on disk. Confinement is a property of the type: the spine resolves, checks
+    and (for a recipe sent over HTTP) confines every field whose type carries a PathRole, in every section and
+    every method, by walking the schema (`path_fields`); no list of keys to forget."""
+
+    kind: str
+    """'file' (a file or folder), 'glob' (a file, folder or glob pattern), 'source' (a model: folder, `.gguf`,
+    `pkg:` or hub id), 'loader' (a `datasets` builder name, or a local script or folder) or 'store' (an MLflow
+    tracking URI: a local store is a path)."""
+    must_exist: bool = True
+    """`validate` checks it exists (False: a folder the job creates, such as a cache)."""
+    base: str = "recipe"
+    """Where a relative path is read from: 'recipe' (the working directory, then beside the recipe; the home
+    over HTTP) or 'teacher' (inside the teacher's folder, which it may not leave)."""
+
+
+@dataclass(frozen=True)
+class NotAPath:
+    """Marks a string field that is never read as a path (names, prompts, column names, Slurm options)."""
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("a NUL byte cannot be part of a path; remove it")
+    return value
+
+
+_NO_NUL = AfterValidator(_no_nul)
+RecipePath = Annotated[str, PathRole("file"), _NO_NUL]
+"""A file or folder the job reads; relative: from the working directory, then beside the recipe."""
+RecipeGlob = Annotated[str, PathRole("glob"), _NO_NUL]
+"""A file, folder or glob pattern (`**` recursive) the job reads."""
+RecipeCacheDir = Annotated[str, PathRole("file", must_exist=False), _NO_NUL]
+"""A folder the job writes (created when missing)."""
+TeacherFile = Annotated[str, PathRole("file", base="teacher"), _NO_NUL]
+"""A file or folder read inside the teacher's folder when relative (an absolute one is read where it is)."""
+ModelRef = Annotated[str, PathRole("source"), _NO_NUL]
+"""A model: a local folder, a `.gguf` file, `pkg:<package>/<subdir>` or a hub id."""
+DataLoader = Annotated[str, PathRole("loader"), _NO_NUL]
+"""A `datasets` builder ('json', 'imagefolder', 'disk', a hub dataset) or a local loading script or folder."""
+TrackingURI = Annotated[str, PathRole("store"), _NO_NUL]
+"""An MLflow tracking URI; a local store (a folder, file:, sqlite:) is a path."""
+Text = Annotated[str, NotAPath()]
+"""Free text or a name, never opened as a path."""
+
+
+def _markers(annotation: Any) -> Iterator[Any]:
+    """Every Annotated metadata item inside a type (Optional, list and tuple arguments included)."""
+    if get_origin(annotation) is Annotated:
+        yield from annotation.__metadata__
+        annotation = get_args(annotation)[0]
+    for arg in get_args(annotation):
+        if get_origin(arg) is not Literal:
+            yield from _markers(arg)
+
+
+def path_role(info: FieldInfo) -> PathRole | None:
+    """The PathRole of a field (pydantic keeps a top-level Annotated's metadata on the FieldInfo)."""
+    return next((m for m in [*info.metadata, *_markers(info.annotation)] if isinstance(m, PathRole)), None)
+
+
+def is_text(info: FieldInfo) -> bool:
+    """Whether a field is declared free text (`Text`)."""
+    return any(isinstance(m, NotAPath) for m in [*info.metadata, *_markers(info.annotation)])
+
+
+def path_fields(section: BaseModel, prefix: str = "") -> Iterator[tuple[str, BaseModel, str, PathRole]]:
+    """(key path, owning section, field name, role) of every path-typed field set in a recipe, nested sections
+    included (also inside lists and dicts of sections, e.g. `lora_composer.concepts.bag.path`)."""
+    for name, info in type(section).model_fields.items():
+        value = getattr(section, name)
+        if (role := path_role(info)) is not None:
+            yield f"{prefix}{name}", section, name, role
+            continue
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in [("", value)] if isinstance(value, BaseModel) else items:
+            if isinstance(item, BaseModel):
+                yield from path_fields(item, f"{prefix}{name}.{key}." if key != "" else f"{prefix}{name}.")
 
 LIMIT_REASON = "limit_reason"
 """`json_schema_extra` key holding why a field has an upper bound; error messages quote it."""

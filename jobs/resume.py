@@ -10,9 +10,10 @@
   global RNG states (dropout). Restored from the checkpoint, the loader replays that epoch's order and skips the
   batches done, and the RNG states are put back just before the first resumed step; the resumed run then computes
   what the uninterrupted one computes (bit-identical on CPU, tested).
-- `resume_checkpoint`: the newest complete checkpoint of a job directory (leftover `*.tmp` and surplus
-  checkpoints are removed first), which `trainer.fit(ckpt_path=...)` restores: weights, optimizer, LR schedule,
-  step counter, loops.
+- `resume_checkpoint`: the newest intact checkpoint of a job directory (leftover `*.tmp`, damaged and surplus
+  checkpoints are removed first; every checkpoint is published with a manifest of its files' sizes and SHA-256,
+  jobs/checkpoint_manifest.py, and one that no longer matches it is passed over, naming it), which
+  `trainer.fit(ckpt_path=...)` restores: weights, optimizer, LR schedule, step counter, loops.
 - `KillAtStep`: the test fault `kill:step:N` (SIGKILL at optimizer step N, once per job).
 
 Tests: `.venv/bin/python -m pytest tests/jobs/test_resume.py -q`.
@@ -35,6 +36,8 @@ from weakref import proxy
 
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from athanor.jobs import checkpoint_manifest as manifest
 
 log = logging.getLogger("athanor.resume")
 
@@ -64,17 +67,40 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _remove_checkpoint(path: Path) -> None:
+    _remove(path)
+    manifest.manifest_path(path).unlink(missing_ok=True)
+
+
+def intact_checkpoints(ckpt_dir: Path) -> tuple[list[Path], dict[Path, str]]:
+    """(the complete checkpoints whose files match their manifest, oldest first; the damaged ones and why)."""
+    intact, damaged = [], {}
+    for path in complete_checkpoints(ckpt_dir):
+        if (reason := manifest.damage(path)) is None:
+            intact.append(path)
+        else:
+            damaged[path] = reason
+    return intact, damaged
+
+
 def resume_checkpoint(ckpt_dir: Path, keep: int) -> Path | None:
-    """The newest complete checkpoint in `ckpt_dir` (None: none, train from step 0), after removing partial
-    `*.tmp` writes a killed attempt left and all but the newest `keep` complete ones."""
+    """The newest intact checkpoint in `ckpt_dir` (None: none, train from step 0), after removing partial `*.tmp`
+    writes a killed attempt left, damaged checkpoints (each named in the log with what was wrong) and all but the
+    newest `keep` intact ones."""
     if ckpt_dir.is_dir():
         for partial in ckpt_dir.glob("*.tmp"):
             log.info("removing the partial checkpoint %s", partial.name)
             _remove(partial)
-    complete = complete_checkpoints(ckpt_dir)
-    for old in complete[:-keep]:
-        _remove(old)
-    return complete[-1] if complete else None
+    intact, damaged = intact_checkpoints(ckpt_dir)
+    for path, reason in damaged.items():
+        log.warning("checkpoint %s is damaged (%s): not resuming from it, removed", path.name, reason)
+        _remove_checkpoint(path)
+    for old in intact[:-keep]:
+        _remove_checkpoint(old)
+    if damaged:
+        log.warning("falling back to %s", f"the newest intact checkpoint {intact[-1].name}" if intact
+                    else "step 0: no intact checkpoint is left")
+    return intact[-1] if intact else None
 
 
 def _fsync(path: Path) -> None:
@@ -96,6 +122,7 @@ def commit(partial: Path, final: Path, fence: Callable[[], bool] | None = None) 
         _remove(partial)
         return False
     _fsync(partial)
+    manifest.write(partial, final)  # sizes and checksums, published before the checkpoint they describe
     if final.exists():
         _remove(final)
     os.replace(partial, final)
@@ -146,6 +173,8 @@ class AtomicCheckpoint(ModelCheckpoint):
     def _remove_checkpoint(self, trainer: Any, filepath: str) -> None:
         if not self.fenced_out:  # an attempt that lost its job deletes nothing the next attempt may resume from
             super()._remove_checkpoint(trainer, filepath)
+            if trainer.is_global_zero:
+                manifest.manifest_path(Path(filepath)).unlink(missing_ok=True)
 
 
 @dataclass
@@ -324,6 +353,6 @@ def resume_from(ckpt_dir: Path, keep: int, attempt: int, *, rank0: bool) -> Path
     if rank0:
         found = resume_checkpoint(ckpt_dir, keep)
     else:
-        found = (complete_checkpoints(ckpt_dir) or [None])[-1]
+        found = (intact_checkpoints(ckpt_dir)[0] or [None])[-1]
     log.info("attempt %d: %s", attempt, f"resuming from {found}" if found else "no checkpoint; training from step 0")
     return found

@@ -24,7 +24,7 @@ from typing import Any
 
 from athanor.convert.module_utils import count_params
 from athanor.convert.recipe_types import one_line
-from athanor.distill.spec import RecipeError, ResolvedSource
+from athanor.distill.spec import DataSpec, RecipeError, ResolvedSource
 from athanor.jobs.recipe import (
     MISSING,
     LoadedRecipe,
@@ -112,21 +112,26 @@ def check(path: str | Path | None, *, text: str | None = None, overrides: list[s
 
 
 def _path_problems(recipe: Any, recipe_path: Path | None) -> list[Problem]:
-    """Data paths (globs) and every RECIPE_PATH field must name something that exists."""
+    """Every file and glob field read beside the recipe (found by type, in every section) names something."""
     problems = []
-    if recipe.data.kind in ("files", "datasets"):
-        if not recipe.data.paths and recipe.data.loader != "disk":
-            problems.append(Problem("data.paths", None, [], f"kind '{recipe.data.kind}' needs at least one path"))
-        for i, entry in enumerate(recipe.data.paths):
-            # iglob: the first match settles it; glob() would list a whole tree for `/*/*/*`.
-            if next(glob.iglob(resolve_relative(entry, recipe_path)), None) is None:
-                problems.append(Problem(f"data.paths.{i}", None, entry, "no file or directory matches"))
-    for key, section, name in path_fields(recipe):
+    for key, section, name, role in path_fields(recipe):
         value = getattr(section, name)
-        for entry in [value] if isinstance(value, str) else value or []:
-            if not Path(resolve_relative(entry, recipe_path)).exists():
-                problems.append(Problem(key, None, entry, "no such file (paths are tried from the working "
-                                                          "directory, then beside the recipe)"))
+        if role.base != "recipe" or not role.must_exist or role.kind not in ("file", "glob"):
+            continue
+        if isinstance(section, DataSpec):
+            if section.kind == "builtin":
+                continue  # the built-in corpus reads no files
+            if not value and section.loader != "disk":
+                problems.append(Problem(key, None, [], f"kind '{section.kind}' needs at least one path"))
+        entries = [value] if isinstance(value, str) else value or []
+        for i, entry in enumerate(entries):
+            where = f"{key}.{i}" if isinstance(value, list) else key
+            # iglob: the first match settles it; glob() would list a whole tree for `/*/*/*`.
+            if role.kind == "glob" and next(glob.iglob(resolve_relative(entry, recipe_path)), None) is None:
+                problems.append(Problem(where, None, entry, "no file or directory matches"))
+            elif role.kind == "file" and not Path(resolve_relative(entry, recipe_path)).exists():
+                problems.append(Problem(where, None, entry, "no such file (paths are tried from the working "
+                                                            "directory, then beside the recipe)"))
     return problems
 
 

@@ -38,6 +38,10 @@ def spawn(job_id: str, store: JobStore) -> subprocess.Popen:
     return proc
 
 
+BACKOFF_MAX_S = 60.0
+"""Longest wait between tries of a store that cannot be written (a full or read-only home)."""
+
+
 def work(store: JobStore, *, once: bool = False, poll: float = 2.0, max_jobs: int | None = None) -> int:
     """Run pending jobs one after another; return how many ran. Store failures (read-only home, full
     disk) are reported in one line and retried: the worker stays up."""
@@ -50,19 +54,23 @@ def work(store: JobStore, *, once: bool = False, poll: float = 2.0, max_jobs: in
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    failures = 0
     while not stopping and (max_jobs is None or ran < max_jobs):
         try:
             reap_stale(store)
             safe_reconcile(store)
             job = store.claim()
+            failures = 0
         except StoreCorrupt as exc:  # retrying cannot help, and running on a damaged store could lose jobs
             print(f"worker: {exc}; stopping", file=sys.stderr, flush=True)
             break
-        except StoreError as exc:
-            print(f"worker: {exc}; retrying in {poll:g} s", file=sys.stderr, flush=True)
+        except StoreError as exc:  # a full or read-only home: back off (doubling, up to a minute), never spin
+            wait = min(poll * 2 ** failures, BACKOFF_MAX_S)
+            failures += 1
+            print(f"worker: {exc}; retrying in {wait:g} s", file=sys.stderr, flush=True)
             if once:
                 break
-            time.sleep(poll)
+            time.sleep(wait)
             continue
         if job is None:
             if once:

@@ -26,6 +26,7 @@ from pydantic import Field
 
 from athanor.convert.koala import block_map, build_student
 from athanor.convert.module_utils import count_params
+from athanor.convert.recipe_types import RecipeCacheDir, Text
 from athanor.distill.koala import evaluation as koala_eval
 from athanor.distill.koala.data import (
     KoalaTeacher,
@@ -87,7 +88,7 @@ class KoalaArgs(Section):
     """Train on `prompts` instead of `data:` images: the teacher samples latents for them (once per
     job, `data_free_steps` sampler steps), the training step noises those at a random t, and only the
     teacher's predictions supervise (no task loss)."""
-    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    prompts: list[Text] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
     """Training prompts for data-free mode."""
     data_free_examples: int = Field(256, ge=1)
     """Examples per data-free epoch (teacher samples repeat; noise and t are fresh every step)."""
@@ -100,12 +101,12 @@ class KoalaArgs(Section):
     """Share of training rows conditioned on the empty prompt instead of their caption (teacher and
     student alike). Guided sampling (`guidance_scale` > 1) also runs the unconditional prediction, which
     data-free prompts alone never train; 0.1-0.2 teaches it."""
-    image_column: str = "image"
+    image_column: Text = "image"
     """Image column of the image-caption dataset (captions: `data.text_column`)."""
     resolution: int | None = Field(None, ge=8)
     """Training/eval resolution in pixels, square (default: the U-Net's sample_size × the VAE factor,
     which may be non-square: sample_size [32, 64] of a pixel-space U-Net gives 32×64 images)."""
-    cache_dir: str | None = None
+    cache_dir: RecipeCacheDir | None = None
     """Directory caching encoded latents and text embeddings of the image-caption dataset."""
     gradient_checkpointing: bool = False
     """Recompute student activations in backward (less memory, ~30% slower)."""
@@ -114,7 +115,7 @@ class KoalaArgs(Section):
     ema_decay: float = Field(0.999, gt=0, lt=1)
     """EMA decay per optimizer step (not per micro-batch); the EMA is kept in fp32 whatever the
     training precision."""
-    eval_prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    eval_prompts: list[Text] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
     """Fixed prompts for fidelity metrics and sample grids."""
     eval_seeds: list[int] = Field(default_factory=lambda: [0, 1])
     """Fixed seeds (one initial noise each, shared by teacher and student)."""

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from athanor.convert import linvideo as lv
 from athanor.convert.module_utils import count_params
+from athanor.convert.recipe_types import RecipeCacheDir, Text
 from athanor.distill.fashion_mnist import CLASSES
 from athanor.distill.linvideo import evaluation as ev
 from athanor.distill.linvideo.data import (
@@ -55,7 +56,7 @@ class LinVideoArgs(Section):
     """How many candidate layers become linear attention (give this or `target_fraction`)."""
     target_fraction: float | None = Field(None, ge=0, le=1)
     """The target as a fraction of the candidates (rounded); default 0.5 when neither is given."""
-    candidate_layers: list[str] | None = None
+    candidate_layers: list[Text] | None = None
     """Self-attention module names that may become linear (default: every `attn1` of Wan/CogVideoX)."""
     feature_map: Literal["hedgehog", "elu+1", "relu"] = "hedgehog"
     """Linear-attention feature map; Hedgehog learns separate query and key maps."""
@@ -91,7 +92,7 @@ class LinVideoArgs(Section):
     """Also fine-tune every other student weight (at train.lr); off: only gates and feature maps."""
     uncond_fraction: float = Field(0.1, ge=0, le=1)
     """Share of training conditions replaced by the unconditional (zero) embedding."""
-    prompts: list[str] | None = None
+    prompts: list[Text] | None = None
     """Training prompts (default: every caption the teacher ships)."""
     samples_per_prompt: int = Field(2, ge=1, le=10_000)
     """Teacher trajectories per prompt in the data-free cache."""
@@ -101,13 +102,13 @@ class LinVideoArgs(Section):
     """Classifier-free guidance for trajectories and evaluation sampling."""
     shift: float = Field(1.0, gt=0, le=100)
     """Flow shift of the sampling time grid (Wan uses 3–5 at 480p+; 1 is uniform)."""
-    cache_dir: str | None = None
+    cache_dir: RecipeCacheDir | None = None
     """Where trajectory caches are kept between runs (default: not kept)."""
     frames: int | None = Field(None, ge=1, le=1024)
     height: int | None = Field(None, ge=1, le=4096)
     width: int | None = Field(None, ge=1, le=4096)
     """Latent clip size (default: the teacher's training clips from captions.json)."""
-    eval_prompts: list[str] | None = None
+    eval_prompts: list[Text] | None = None
     """Prompts for the before/after clips (default: the first four training prompts)."""
     eval_seeds: list[int] = Field(default_factory=lambda: [0, 1])
     eval_steps: int = Field(20, ge=1, le=1000)

@@ -25,6 +25,7 @@ import torch
 from pydantic import Field
 
 from athanor.convert.lora_composer import adapter_bytes, load_concept_adapters
+from athanor.convert.recipe_types import TeacherFile, Text
 from athanor.distill.lora_composer import evaluation as ev
 from athanor.distill.lora_composer.pipeline import Composer, ComposerTeacher, Mixer, Scene, load_teacher
 from athanor.distill.lora_composer.sampling import ComposerSettings, ConceptRegion, word_positions
@@ -38,29 +39,29 @@ KEY = "lora_composer"
 class ConceptSpec(Section):
     """One concept LoRA and how prompts name it."""
 
-    path: str
+    path: TeacherFile
     """The LoRA: a diffusers-format file (`pytorch_lora_weights.safetensors`) or the directory holding it;
     relative paths are read inside the teacher's directory."""
-    prompt: str
+    prompt: Text
     """The concept's own prompt, used inside its box (e.g. 'a sks sneaker')."""
-    word: str
+    word: Text
     """The word naming the concept in its prompt and in scene prompts (e.g. 'sks'): its cross-attention
     map is what guidance and re-initialisation move into the box."""
-    judge_class: str | None = None
+    judge_class: Text | None = None
     """The judge's class name for this concept (presence metrics need it and a teacher judge)."""
     weight: float = Field(1.0, ge=0, le=10)
     """The baseline's `set_adapters` weight for this adapter."""
 
 
 class RegionSpec(Section):
-    concept: str
+    concept: Text
     """A key of `concepts`."""
     box: tuple[float, float, float, float]
     """(x0, y0, x1, y1) as fractions of the image width and height, 0 ≤ x0 < x1 ≤ 1, 0 ≤ y0 < y1 ≤ 1."""
 
 
 class SceneSpec(Section):
-    prompt: str
+    prompt: Text
     """The global prompt (the baseline's whole prompt; LoRA-Composer's prompt outside every box)."""
     regions: list[RegionSpec] = Field(min_length=1)
 

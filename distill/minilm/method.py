@@ -33,7 +33,7 @@ from pydantic import Field
 from transformers import AutoModel, PreTrainedModel
 
 from athanor.convert.minilm import MiniLMStudent, arch_for, build_student
-from athanor.convert.recipe_types import RECIPE_PATH
+from athanor.convert.recipe_types import RecipePath
 from athanor.distill.encoder_eval import STS_KEY, evaluate_encoder
 from athanor.distill.hf import build_hf_model, load_config, load_tokenizer
 from athanor.distill.loaders import SeededLoader
@@ -95,7 +95,7 @@ class MiniLMArgs(Section):
     output_loss_weight: float = Field(1.0, gt=0)
     """Weight of the output term against the relation losses (the terms' scales differ: cosine and
     similarity are small once the student is close)."""
-    sts_file: str | None = Field(None, json_schema_extra=RECIPE_PATH)
+    sts_file: RecipePath | None = None
     """Optional STS-format TSV (score in column 5, sentences in 6 and 7) for `eval/sts_spearman`;
     a relative path is tried from the working directory, then beside the recipe."""
 
@@ -114,7 +114,7 @@ class TextTeacher:
 
 def sts_path(args: MiniLMArgs) -> str | None:
     """`minilm.sts_file` as an absolute path. The spine has already made a path beside the recipe
-    absolute (RECIPE_PATH) and `validate` checked it; what is left relative is read from the working
+    absolute (a RecipePath) and `validate` checked it; what is left relative is read from the working
     directory (direct API use)."""
     if args.sts_file is None:
         return None

@@ -26,6 +26,7 @@ import torch
 from pydantic import Field
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from athanor.convert.recipe_types import Text
 from athanor.convert.sentencevae.segment import DEFAULT_ABBREVIATIONS, SegmentRules, segment_ids
 from athanor.convert.sentencevae.sllm import SentenceVAEModel
 from athanor.convert.sentencevae.vae import VAEConfig
@@ -63,7 +64,7 @@ class SentenceVAEArgs(Section):
     """Sentences kept per passage."""
     split_on_newline: bool = True
     """Also end a sentence at every newline (besides . ! ? ; : and CJK punctuation)."""
-    extra_abbreviations: list[str] = Field(default_factory=list)
+    extra_abbreviations: list[Text] = Field(default_factory=list)
     """Words ending in '.' that must not end a sentence, added to the built-in list (e.g. 'approx.')."""
     stage1_steps: int = Field(100, ge=1)
     """Optimizer steps of stage 1 (reconstruction); the rest of train.max_steps is stage 2 (SLLM)."""
@@ -81,7 +82,7 @@ class SentenceVAEArgs(Section):
     """0: fine-tune the LM layers fully in stage 2; > 0: train LoRA adapters (peft) of this rank."""
     lora_alpha: float = Field(16.0, gt=0)
     """LoRA scaling numerator (scale = alpha / rank)."""
-    lora_targets: list[str] | Literal["all-linear"] = "all-linear"
+    lora_targets: list[Text] | Literal["all-linear"] = "all-linear"
     """LoRA target modules: 'all-linear' or module names such as [q_proj, v_proj]."""
     pretrain_steps: int = Field(0, ge=0)
     """Steps of next-token training of a randomly initialised (inline-config) teacher before the

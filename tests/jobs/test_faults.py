@@ -193,6 +193,58 @@ def test_a_full_home_is_one_clear_line(tmp_path, monkeypatch):
         subprocess.run(["umount", str(full)], check=True)
 
 
+def test_a_disk_that_fills_during_a_checkpoint_fails_the_job_in_one_line_and_frees_the_partial(tmp_path):
+    """The home fills up while a ~8 MB checkpoint is written: the job FAILS (no retry: a full disk is not a killed
+    process) with one line naming the path and the free space, the partial checkpoint is removed (which lets the
+    final status be written), and the worker ends without a traceback."""
+    full = tmp_path / "full"
+    full.mkdir()
+    _mount("-t", "tmpfs", "-o", "size=48m", "tmpfs", str(full))
+    env = {"ATHANOR_HOME": str(full)}
+    try:
+        big = TOY.replace("width: 8, hidden: 16", "width: 64, hidden: 4096").replace("hidden: 4\n", "hidden: 4096\n")
+        big = big.replace("lr: 0.01", "lr: 0.01\n  checkpoint_every_n_steps: 6\n  max_attempts: 3")
+        job_id = athanor("submit", str(write_toy(tmp_path, big + "toy:\n  sleep_s: 0.2\n")), env=env,
+                         check=True).stdout.split()[2]
+        worker = subprocess.Popen([*CLI, "worker", "--once"], env={**os.environ, **env}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        log = full / "jobs" / job_id / "job.log"
+        _wait_for(lambda: log.exists() and "training for" in log.read_text(), 180, "training to start")
+        free = os.statvfs(full).f_bavail * os.statvfs(full).f_frsize
+        (full / "filler").write_bytes(b"\0" * (free - 3 * 2**20))  # 3 MiB left: the checkpoint cannot fit
+        out, err = worker.communicate(timeout=300)
+        job = JobStore(full).get(job_id)
+        assert (job.status, job.attempts) == ("FAILED", 1), (job, out, err[-3000:])
+        assert job.error.startswith("disk full: no space left writing ") and "MiB free" in job.error, job.error
+        assert "\n" not in job.error and "Traceback" not in err, err[-3000:]
+        assert not list((full / "jobs").rglob("*.tmp")), "a partial checkpoint was left on the full disk"
+    finally:
+        subprocess.run(["umount", "-l", str(full)], check=True)
+
+
+def test_a_store_that_cannot_be_written_makes_the_worker_back_off_not_spin(home, monkeypatch, capsys):
+    from athanor.jobs import worker
+    from athanor.jobs.store_errors import StoreError
+
+    def claim():
+        raise StoreError(f"the job store {home}/jobs.db cannot be written (disk I/O error)")
+
+    waits = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 9:
+            raise KeyboardInterrupt
+
+    store = JobStore(home)
+    monkeypatch.setattr(store, "claim", claim)
+    monkeypatch.setattr(worker.time, "sleep", sleep)
+    with pytest.raises(KeyboardInterrupt):
+        worker.work(store, poll=1.0)
+    assert waits == [1, 2, 4, 8, 16, 32, 60, 60, 60]  # doubling up to a minute, not once a second
+    assert capsys.readouterr().err.count("disk I/O error") == 9
+
+
 def test_a_corrupt_store_is_refused_by_every_command_in_one_line(tmp_path, home, capsys):
     """4 KiB of garbage in the middle of jobs.db (as a bad disk or a torn copy leaves it): no command reads or
     adds a row, and each says the store is corrupt and how to recover, not that permissions are wrong."""

@@ -17,7 +17,7 @@ from pydantic import Field
 from safetensors.torch import save_file
 
 from athanor.convert.module_utils import count_params
-from athanor.convert.recipe_types import RECIPE_PATH
+from athanor.convert.recipe_types import RecipePath, Text
 from athanor.distill.loaders import SeededLoader
 from athanor.distill.optim import adamw_with_schedule
 from athanor.distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
@@ -33,7 +33,7 @@ class ToyStudent(Section):
 
 
 class ToyArgs(Section):
-    fail_at: str | None = None
+    fail_at: Text | None = None
     """Raise inside this protocol call (tests of failure handling)."""
     nan_loss_at_step: int | None = None
     """Make the training loss NaN from this step on (tests of divergence handling)."""
@@ -41,7 +41,7 @@ class ToyArgs(Section):
     """Report a NaN `mse_to_teacher` after training (tests of non-finite metrics)."""
     sleep_s: float = 0.0
     """Sleep this long per training step (tests of cancellation)."""
-    notes_file: str | None = Field(None, json_schema_extra=RECIPE_PATH)
+    notes_file: RecipePath | None = None
     """A file path (tests of recipe-relative path resolution); unused otherwise."""
     compare: list[int] = Field(default_factory=list)
     """Comparison arms: one more student per hidden width listed (tests of the optional arms calls)."""
