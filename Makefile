@@ -85,10 +85,10 @@ export DEMO_LOAD
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# pytest-xdist workers: 0 runs the suite in one process (what CI runs: two workers on this 2-core machine were
-# not measured faster and two slow tests failed under them, cause not yet found); `make test TEST_WORKERS=2`
-# runs two, with the service tests on one worker and one torch thread each (tests/conftest.py).
-TEST_WORKERS ?= 0
+# pytest-xdist workers, one per core: the service tests (Slurm, Ray, PostgreSQL, Chromium) share one worker, the
+# slow tests are handed out first, and each worker's torch (and the jobs it starts) uses one thread
+# (tests/conftest.py). `make test TEST_WORKERS=0` runs the suite in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=30 -n $(TEST_WORKERS) --dist loadgroup
 
