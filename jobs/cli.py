@@ -45,7 +45,7 @@ def _print_problems(problems: list, recipe: str, outcome: str = "") -> None:
 def cmd_validate(args) -> int:
     from athanor.jobs.validate import check, render_estimate
 
-    report = check(args.recipe, overrides=args.override)
+    report = check(args.recipe, overrides=args.override, force=args.force)
     if report.problems:
         _print_problems(report.problems, args.recipe)
         return EXIT_BAD_INPUT
@@ -101,7 +101,7 @@ def cmd_submit(args) -> int:
     stored nowhere: no FAILED rows holding megabytes of someone's broken file)."""
     from athanor.jobs.validate import check
 
-    report = check(args.recipe, overrides=args.override)
+    report = check(args.recipe, overrides=args.override, force=args.force)
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if report.problems:
@@ -336,12 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe key, e.g. -o train.max_steps=50 (repeatable)")
 
+    def with_force(p):
+        p.add_argument("--force", action="store_true", help="accept a size estimate beyond this machine's memory")
+
     p = sub.add_parser("validate", help="check a recipe: every problem at once, plus a size estimate")
-    p.add_argument("recipe"), with_overrides(p), p.set_defaults(fn=cmd_validate)
+    p.add_argument("recipe"), with_overrides(p), with_force(p), p.set_defaults(fn=cmd_validate)
     p = sub.add_parser("schema", help="print the recipe JSON Schema (for editors)")
     p.add_argument("--method", default=None, help="only this method's recipe"), p.set_defaults(fn=cmd_schema)
     p = sub.add_parser("submit", help="queue a job (or run it now with --wait)")
-    p.add_argument("recipe"), with_overrides(p)
+    p.add_argument("recipe"), with_overrides(p), with_force(p)
     p.add_argument("--wait", action="store_true", help="run in the foreground with progress; print before/after")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.set_defaults(fn=cmd_submit)

@@ -25,6 +25,7 @@ from typing import Any
 from athanor.convert.module_utils import count_params
 from athanor.convert.recipe_types import one_line
 from athanor.distill.spec import DataSpec, RecipeError, ResolvedSource
+from athanor.jobs.machine_fit import memory_problem, placement_problems
 from athanor.jobs.recipe import (
     MISSING,
     LoadedRecipe,
@@ -90,8 +91,10 @@ def _bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def check(path: str | Path | None, *, text: str | None = None, overrides: list[str] = ()) -> Report:
-    """Validate a recipe completely; never raises for recipe problems."""
+def check(path: str | Path | None, *, text: str | None = None, overrides: list[str] = (), force: bool = False
+          ) -> Report:
+    """Validate a recipe completely; never raises for recipe problems. `force`: a size estimate beyond this
+    machine's memory is a warning, not a problem (the job will train on a larger machine)."""
     report = Report()
     try:
         loaded = load_recipe(path, text=text, overrides=list(overrides))
@@ -104,6 +107,10 @@ def check(path: str | Path | None, *, text: str | None = None, overrides: list[s
         with deadline(DEADLINE_S):
             report.problems += _path_problems(loaded.recipe, recipe_path)
             _check_model(report, loaded, recipe_path)
+            for problems, warnings in (placement_problems(loaded.recipe.train),
+                                       memory_problem(loaded.recipe.train, report.estimate, force=force)):
+                report.problems += problems
+                report.warnings += warnings
     except _Overtime:
         report.problems.append(Problem("teacher", None, loaded.recipe.teacher.source or "(inline config)",
                                        f"checking the sources and building the models on the meta device took over "
