@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args, get_origin
 
+import annotated_types
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 
@@ -70,6 +71,35 @@ class Section(BaseModel):
                              "h:mm is not one)")
         return value
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _numbers_within_reason(cls, value: Any, info: ValidationInfo) -> Any:
+        """A number field without an upper bound of its own gets one: seeds fit numpy and Lightning (0..2**32-1),
+        counts stay below a billion and weights, scales and rates below a million, so a typo such as 1e308 or
+        2**63 is one keyed error at validate time instead of an overflow or a diverged loss hours later."""
+        field = cls.model_fields[info.field_name]
+        if any(isinstance(m, (annotated_types.Le, annotated_types.Lt)) for m in field.metadata):
+            return value
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        if "seed" in info.field_name:
+            if any(isinstance(n, int) and not 0 <= n <= SEED_CEILING for n in numbers):
+                raise ValueError(f"a seed is a whole number from 0 to {SEED_CEILING:,} (numpy and Lightning take "
+                                 "no other)")
+            return value
+        for number in numbers:
+            if isinstance(number, int) and not isinstance(number, bool) and abs(number) > COUNT_CEILING:
+                raise ValueError(f"must be at most {COUNT_CEILING:,} in size: no count or size in a recipe is "
+                                 "larger (a typo?)")
+            if isinstance(number, float) and abs(number) > SCALE_CEILING:
+                raise ValueError(f"must be at most {SCALE_CEILING:,.0f} in size: no weight, scale or rate in a "
+                                 "recipe is larger (a typo such as 1e308?)")
+        return value
+
+
+SEED_CEILING = 2**32 - 1
+COUNT_CEILING = 10**9
+SCALE_CEILING = 1e6
+
 
 def _numeric(annotation: Any) -> bool:
     """Whether a field's type is int or float (optionally None), not bool or a union with other types."""
@@ -99,10 +129,21 @@ class NotAPath:
     """Marks a string field that is never read as a path (names, prompts, column names, Slurm options)."""
 
 
+def _encodable(value: str) -> str:
+    """Text that UTF-8 can hold: a lone surrogate (YAML's "\\ud800") would fail later, when the job store, MLflow
+    or a model card writes the recipe out."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{exc.object[exc.start:exc.end]!r} at character {exc.start} is a lone surrogate, not "
+                         "text; remove it") from None
+    return value
+
+
 def _no_nul(value: str) -> str:
     if "\x00" in value:
         raise ValueError("a NUL byte cannot be part of a path; remove it")
-    return value
+    return _encodable(value)
 
 
 _NO_NUL = AfterValidator(_no_nul)
@@ -120,7 +161,7 @@ DataLoader = Annotated[str, PathRole("loader"), _NO_NUL]
 """A `datasets` builder ('json', 'imagefolder', 'disk', a hub dataset) or a local loading script or folder."""
 TrackingURI = Annotated[str, PathRole("store"), _NO_NUL]
 """An MLflow tracking URI; a local store (a folder, file:, sqlite:) is a path."""
-Text = Annotated[str, NotAPath()]
+Text = Annotated[str, NotAPath(), AfterValidator(_encodable)]
 """Free text or a name, never opened as a path."""
 
 

@@ -75,7 +75,8 @@ def test_shipped_recipe_is_valid(path: Path, home, tmp_path, minilm_tokenizer_di
         overrides.append(f"data.paths=[{tmp_path / 'data'}]")
         report = check(path, overrides=overrides)
     assert report.problems == [], "\n".join(p.render(str(path)) for p in report.problems)
-    assert report.warnings == []
+    # A GPU recipe validated on a machine without a GPU is checked as written for another machine, and says so.
+    assert [w for w in report.warnings if not w.startswith("train.accelerator: this machine has no visible GPU")] == []
     teacher, student = report.estimate["teacher_params"], report.estimate["student_params"]
     assert student > 0 and teacher > 0
     if expected_teacher_m is not None:
