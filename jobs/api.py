@@ -70,6 +70,9 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        if sum(name == b"authorization" for name, _ in scope["headers"]) > 1:  # which one would count?
+            await error_response(400, "send one Authorization header, not several")(scope, receive, send)
+            return
         if self.token and scope["path"] not in PUBLIC and not self._authorized(headers):
             response = error_response(401, "missing or wrong bearer token: send 'Authorization: Bearer "
                                            "$ATHANOR_TOKEN'", headers={"WWW-Authenticate": "Bearer"})
@@ -169,9 +172,35 @@ def create_app(home: Path, token: str | None, *, mlflow_ui: str = "http://127.0.
     return app
 
 
+def _json_framing_errors() -> type:
+    """uvicorn's h11 protocol, answering a request it cannot parse (a bad Content-Length, a NUL in a header) with
+    a JSON error like every other answer of the API, instead of uvicorn's plain-text 400."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class JsonFramingErrors(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps({"detail": f"malformed HTTP request ({msg}); nothing was read",
+                               "problems": []}).encode("ascii")
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return JsonFramingErrors
+
+
+def server_config(app: ASGIApp, **options: Any) -> Any:
+    """The uvicorn configuration `athanor serve` runs (and the tests serve with): h11 with JSON framing errors."""
+    import uvicorn
+
+    return uvicorn.Config(app, http=_json_framing_errors(), timeout_keep_alive=5, server_header=False, **options)
+
+
 def serve(home: Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None) -> None:
     """Run the API with uvicorn until interrupted (the caller checked `token_problem`)."""
     import uvicorn
 
-    uvicorn.run(create_app(home, token), host=host, port=port, log_level="info", timeout_keep_alive=5,
-                server_header=False)
+    uvicorn.Server(server_config(create_app(home, token), host=host, port=port, log_level="info")).run()

@@ -25,9 +25,11 @@ def served(app: Any) -> Iterator[str]:
     """`app` under uvicorn on a socket bound to 127.0.0.1:0; yields its base URL."""
     import uvicorn
 
+    from athanor.jobs.api import server_config
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", backlog=1024))
+    server = uvicorn.Server(server_config(app, log_level="warning", backlog=1024))  # as `athanor serve` runs
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 30

@@ -149,3 +149,37 @@ def test_a_nul_byte_in_a_path_is_one_keyed_error(client, home, tmp_path):
     done = athanor("validate", str(path), "-o", 'teacher.source="pkg:x\\0y"')
     assert done.returncode != 0 and "Traceback" not in done.stderr + done.stdout
     assert "teacher.source" in done.stdout + done.stderr and "NUL byte" in done.stdout + done.stderr
+
+
+def _raw(url: str, request: bytes) -> tuple[int, dict]:
+    """Send raw bytes (framing no client library would produce); (status, JSON body)."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(request)
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), reply[:500]
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_malformed_framing_and_duplicate_authorization_answer_json(home):
+    from api_server import served
+
+    token = "s3cret-token-of-32-characters-xx"
+    with served(create_app(home, token)) as url:
+        for request in (b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+                        b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 1, 2\r\n\r\n",
+                        b"GET /jobs HTTP/1.1\r\nHost: x\r\nX-Note: a\x00b\r\n\r\n"):
+            status, body = _raw(url, request)
+            assert status == 400 and body["detail"].startswith("malformed HTTP request"), body
+        twice = (f"GET /jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                 f"Authorization: Bearer wrong\r\nConnection: close\r\n\r\n").encode()
+        status, body = _raw(url, twice)
+        assert status == 400 and "one Authorization header" in body["detail"], body
+        once = f"GET /jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        assert _raw(url, once.encode())[0] == 200
+    assert JobStore(home).list() == []
