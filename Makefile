@@ -87,10 +87,11 @@ lint: $(STAMP)
 
 # pytest-xdist workers, one per core: each test module runs whole on one worker and the modules that start
 # services (Slurm, Ray, PostgreSQL, Chromium) share one (tests/conftest.py's scheduler), the slow tests are handed
-# out first, and each worker's torch (and the jobs it starts) uses one thread. `TEST_WORKERS=0`: one process.
+# out first (modules are not reordered by test count), and each worker uses one torch thread.
+# `make test TEST_WORKERS=0` runs the suite in one process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=30 -n $(TEST_WORKERS) --dist loadscope
+	$(PY) -m pytest -q --durations=30 -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not distributed and not browser and not services"
