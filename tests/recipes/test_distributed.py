@@ -33,9 +33,9 @@ def test_ddp_and_deepspeed_zero2_train_the_same_student(home):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_linvideo_trains_under_ddp_and_deepspeed_zero2(home):
-    """The gates, feature maps and weights train on two ranks; each strategy ends with the target count of
-    linear layers (the selection is committed identically on every rank) and an export that reloads."""
+def test_linvideo_trains_on_two_ranks_under_deepspeed_zero2(home):
+    """The gates, feature maps and weights train on two ranks; the job ends with the target count of linear
+    layers (the selection is committed identically on every rank) and an export that reloads."""
     from athanor.convert.linvideo import linear_layers, load_student
 
     small = ["linvideo.prompts=[a sneaker moving left, a trouser moving up, a bag moving right, a dress moving down]",
