@@ -290,6 +290,13 @@ def _teacher_config_problems(data: dict, lines: dict) -> list[Problem]:
             for loc, value, message in inline_config_problems(config, ("teacher", "config"))]
 
 
+def train_section(text: str, overrides: list[str] = ()) -> TrainSpec:
+    """The `train:` section alone, with the overrides applied (what a worker needs to place a job), without
+    importing the recipe's method; the whole recipe was validated when the job was submitted."""
+    data = parse(text, list(overrides), "recipe")
+    return TrainSpec.model_validate(data.get("train") or {})
+
+
 def load_recipe(path: str | Path | None = None, *, text: str | None = None, overrides: list[str] = ()) -> LoadedRecipe:
     """Read, override and validate a recipe; raise RecipeInvalid listing every problem."""
     file = str(path) if path is not None else "recipe"

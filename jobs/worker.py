@@ -113,11 +113,12 @@ def _run_one(store: JobStore, job) -> None:
 
 def _train_section(job):
     """The recipe's `train:` section (validated at submission), or None when it cannot be read here: the job then
-    runs locally and fails in its own process with the recipe's own error."""
-    from athanor.jobs.recipe import load_recipe
+    runs locally and fails in its own process with the recipe's own error. Only this section is read, so the
+    worker never imports a method (seconds of torch/Lightning imports per job) to learn its launcher."""
+    from athanor.jobs.recipe import train_section
 
     try:
-        return load_recipe(None, text=job.recipe_text, overrides=job.overrides).recipe.train
+        return train_section(job.recipe_text, job.overrides)
     except Exception:  # noqa: BLE001
         return None
 

@@ -27,10 +27,33 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS / "jobs"), str(REPO), os.environ.get("PYTHONPATH")]))
 
 
+@pytest.fixture(scope="session")
+def migrated_mlflow_store(tmp_path_factory) -> Path:
+    """A home holding only an empty embedded MLflow store, created and migrated once per test process by the
+    code every job runs (`init_embedded_store`): the migration costs ~2.5 s of CPU, and ~100 tests start on a
+    fresh home. Tests marked `bare_home` (and every job on a home a test makes itself) still migrate their own."""
+    from athanor.jobs.tracking import init_embedded_store
+
+    template = tmp_path_factory.mktemp("mlflow-template")
+    init_embedded_store(template)
+    return template
+
+
 @pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    """A fresh athanor home (job store + MLflow store) for one test."""
+def home(tmp_path, monkeypatch, request, migrated_mlflow_store) -> Path:
+    """A fresh athanor home (job store + MLflow store) for one test; its MLflow store starts migrated and empty
+    (a copy of `migrated_mlflow_store`, its default experiment pointed at this home) unless marked `bare_home`."""
+    import shutil
+    import sqlite3
+
     path = tmp_path / "home"
+    if request.node.get_closest_marker("bare_home") is None:
+        path.mkdir()
+        for name in ("mlflow.db", "mlflow.db.ready"):
+            shutil.copy2(migrated_mlflow_store / name, path / name)
+        with sqlite3.connect(path / "mlflow.db") as db:
+            db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                       ((path / "mlartifacts" / "0").as_uri(),))
     monkeypatch.setenv("ATHANOR_HOME", str(path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return path

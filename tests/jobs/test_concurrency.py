@@ -25,6 +25,7 @@ claims, and four jobs per worker still makes each worker claim again while the o
 
 
 @pytest.mark.slow
+@pytest.mark.bare_home  # the MLflow store is created by the racing jobs themselves
 def test_concurrent_submits_on_a_fresh_home_all_succeed_once(tmp_path, home):
     path = write_toy(tmp_path, TOY.replace("max_steps: 30", "max_steps: 3"))
     workers = [subprocess.Popen([*CLI, "worker", "--poll", "0.2"],

@@ -52,6 +52,7 @@ def mlflow_client_on():
             os.environ[key] = value
 
 
+@pytest.mark.bare_home  # asserts that nothing is written to an embedded store
 def test_a_job_tracks_and_registers_on_an_mlflow_server_backed_by_postgres(home, postgres, mlflow_on_postgres,
                                                                             mlflow_client_on):
     server = mlflow_on_postgres

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import torch
 from pydantic import Field
 from safetensors.torch import save_file
@@ -19,7 +18,6 @@ from safetensors.torch import save_file
 from athanor.convert.module_utils import count_params
 from athanor.convert.recipe_types import RecipePath, Text
 from athanor.distill.loaders import SeededLoader
-from athanor.distill.optim import adamw_with_schedule
 from athanor.distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
 
 
@@ -47,29 +45,6 @@ class ToyArgs(Section):
     """Comparison arms: one more student per hidden width listed (tests of the optional arms calls)."""
     hidden_override: int | None = None
     """The hidden width an arm's student gets instead of `student.hidden`."""
-
-
-class ToyModule(L.LightningModule):
-    def __init__(self, teacher, student, train: TrainSpec, sleep_s: float, nan_at: int | None = None) -> None:
-        super().__init__()
-        self.teacher, self.student, self.train_spec, self.sleep_s = teacher, student, train, sleep_s
-        self.nan_at = nan_at
-        self.teacher.requires_grad_(False)
-
-    def training_step(self, batch, batch_idx):
-        import time
-
-        if self.sleep_s:
-            time.sleep(self.sleep_s)
-        (x,) = batch
-        loss = torch.nn.functional.mse_loss(self.student(x), self.teacher(x))
-        if self.nan_at is not None and self.global_step >= self.nan_at:
-            loss = loss * float("nan")
-        self.log("train/loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        return adamw_with_schedule(self.student.parameters(), self.train_spec)
 
 
 class Toy:
@@ -112,6 +87,8 @@ class Toy:
 
     def lightning_module(self, teacher, student, data, args: ToyArgs, train: TrainSpec):
         self._maybe_fail(args, "train")
+        from toy_module import ToyModule  # Lightning is imported where a job trains, not when a recipe validates
+
         return ToyModule(teacher, student, train, args.sleep_s, args.nan_loss_at_step)
 
     def trained_student(self, module):
