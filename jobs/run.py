@@ -13,7 +13,6 @@ import copy
 import logging
 import os
 import shutil
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,17 +20,22 @@ from pathlib import Path
 from typing import Any
 
 from athanor.convert.module_utils import count_params
+from athanor.distill.intervals import split
+from athanor.jobs.fault_hooks import TEST_HOOK, fault_hook
 from athanor.jobs.leases import JobLease, JobStopped, signals_deferred, sigterm_cancels
 from athanor.jobs.recipe import LoadedRecipe, load_recipe, resolve_recipe_paths
-from athanor.jobs.results import Results, check_finite, check_same_keys, disk_full, outcome, remove_partial_writes
+from athanor.jobs.results import (
+    Results,
+    check_declared,
+    check_finite,
+    check_same_keys,
+    disk_full,
+    interval_table,
+    job_result,
+    outcome,
+    remove_partial_writes,
+)
 from athanor.jobs.store import Job, JobStore
-
-TEST_HOOK = "ATHANOR_TEST_HOOK"
-"""Fault injection for tests: 'cancel:STAGE', 'fail:STAGE' or 'kill:STAGE' (comma-separated) acts when the
-job reaches STAGE (prepare, tracking, before, train, after, arms, timing, track, export, register,
-registered, finish); 'kill:step:N' kills the job's processes at optimizer step N (once per job, see
-jobs/resume.py). Unset in normal use."""
-
 
 log = logging.getLogger("athanor.job")
 
@@ -140,6 +144,7 @@ class JobRun:
         self.threads = _torch_threads()  # before Lightning's launcher changes it; timings use this count
         self.tracker: Any = None
         self.lease: JobLease | None = None
+        self.samples: dict[str, dict[str, Any]] = {}  # side -> its per-sample metrics (for the intervals)
         self.started = time.time()
 
     def run(self) -> None:
@@ -165,6 +170,7 @@ class JobRun:
         self.train_arms(p, results)
         self.stage("timing")
         self.time_side_by_side(p, student, untrained, results)
+        results.intervals = interval_table(self.samples, seed=recipe.train.seed)
         self.stage("track")
         self.track_results(p, results)
         self.stage("export")
@@ -184,17 +190,7 @@ class JobRun:
         return self.lease is None or not self.lease.lost
 
     def hook(self, stage: str) -> None:
-        for entry in filter(None, os.environ.get(TEST_HOOK, "").split(",")):
-            action, _, where = entry.partition(":")
-            if where != stage:
-                continue
-            log.warning("test hook: %s at %s", action, stage)
-            if action == "cancel" and self.lease is not None:
-                self.lease.request_cancel()
-            elif action == "fail":
-                raise RuntimeError(f"test hook failure at {stage}")
-            elif action == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
+        fault_hook(stage, self.lease)
 
     def start_tracking(self, p: Prepared) -> None:
         from athanor.jobs.tracking import Tracker
@@ -217,7 +213,9 @@ class JobRun:
         artifact_dir.mkdir(parents=True, exist_ok=True)
         metrics = p.method.evaluate(model, p.teacher, p.data, p.loaded.recipe.eval, args or p.loaded.args,
                                     artifact_dir)
-        return {k: float(v) for k, v in metrics.items()}
+        check_declared(p.method, metrics)
+        values, self.samples[side] = split(metrics)
+        return values
 
     def train_arms(self, p: Prepared, results: Results) -> None:
         """Each comparison arm: a fresh student trained with the same steps and data, evaluated, logged as a
@@ -273,7 +271,8 @@ class JobRun:
         if results.untrained is not None:
             self.tracker.log_child("untrained", results.untrained)
         self.tracker.log_metrics({f"compare/{k}": v for k, v in results.comparison.items()})
-        self.tracker.log_comparison(results.before, results.after, speedup=results.speedup)
+        self.tracker.log_comparison(results.before, results.after, speedup=results.speedup,
+                                    intervals=results.intervals)
         artifacts = self.job_dir / "artifacts"
         if any(f.is_file() for f in artifacts.rglob("*")):
             self.tracker.log_artifact(artifacts, "samples")
@@ -286,32 +285,36 @@ class JobRun:
         shutil.rmtree(self.partial, ignore_errors=True)
         self.partial.mkdir(parents=True)
         p.method.export(student, p.teacher, self.partial, p.loaded.args)
-        card = write_model_card(self.partial, recipe=p.loaded.recipe, job_id=self.job.id, params=results.params,
-                                before=results.before, after=results.after, speedup=results.speedup,
-                                trains=p.method.trains, comparison=results.comparison)
+        card = write_model_card(self.partial, recipe=p.loaded.recipe, job_id=self.job.id, results=results,
+                                trains=p.method.trains)
         self.tracker.log_artifact(card, "model_card")
         shutil.rmtree(self.export_dir, ignore_errors=True)
         self.partial.rename(self.export_dir)
 
     def register_and_finish(self, p: Prepared, results: Results) -> None:
         """Register, close the run, write SUCCEEDED; if anything after the new version fails, undo it."""
-        from athanor.jobs.registry import drop_job_versions, register, undo
+        from athanor.jobs.gate import judge
+        from athanor.jobs.registry import drop_job_versions, register, undo, version_tags
 
         recipe = p.loaded.recipe
         registration = None
+        verdict = judge(recipe.gate, p.method.metrics, results.before, results.after, results.speedup)
+        results.gate = verdict.as_result()
+        log.info("%s", verdict.line())
         if recipe.registry.enabled:
             log.info("registering %s", recipe.registry.name)
             if self.job.attempts > 1:  # a version an earlier attempt created before it died is not this job's result
                 drop_job_versions(self.tracker, recipe.registry.name, self.job.id)
-            headline = {f"after.{k}": f"{v:.6g}" for k, v in list(results.after.items())[:8]}
             registration = register(self.tracker, export_dir=self.export_dir, method=p.method,
-                                    name=recipe.registry.name, alias=recipe.registry.alias,
-                                    tags={**lineage_tags(self.job, recipe), **headline}, hook=self.hook)
+                                    name=recipe.registry.name, alias=recipe.registry.alias if verdict.passed else None,
+                                    tags={**lineage_tags(self.job, recipe), **version_tags(results, verdict)},
+                                    hook=self.hook)
         else:
             self.tracker.log_artifact(self.export_dir, "export")
         try:
             self.hook("finish")
-            result = self.result(recipe, results, registration.version if registration else None)
+            result = job_result(results, registry=recipe.registry, version=registration.version if registration
+                                else None, export=self.export_dir, attempts=self.job.attempts, started=self.started)
             if not self.store.finish(self.job.id, "SUCCEEDED", result=result, attempt=self.job.attempts,
                                      model_version=registration.version if registration else None):
                 raise RuntimeError("the job row was finished elsewhere (its lease was reaped); result discarded")
@@ -320,15 +323,6 @@ class JobRun:
                 undo(self.tracker, registration)
             raise
         self.tracker.finish("SUCCEEDED")
-
-    def result(self, recipe: Any, results: Results, version: str | None) -> dict[str, Any]:
-        """The job row's result: what `athanor status` and `submit --wait` print."""
-        registered = ({"name": recipe.registry.name, "version": version, "alias": recipe.registry.alias}
-                      if version else None)
-        return {"before": results.before, "after": results.after, "untrained": results.untrained,
-                "arms": results.arms or None, "comparison": results.comparison or None, "speedup": results.speedup,
-                "params": results.params, "export": str(self.export_dir), "attempts": self.job.attempts,
-                "registered": registered, "seconds": round(time.time() - self.started, 1)}
 
 
 def execute(job_id: str, store: JobStore, *, progress: bool = True, engine: bool = False) -> Job:

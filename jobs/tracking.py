@@ -192,17 +192,22 @@ class Tracker:
             inputs.append(DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)]))
         self.client.log_inputs(self.parent_id, datasets=inputs)
 
-    def log_comparison(self, before: dict[str, float], after: dict[str, float], *, speedup: float | None) -> None:
-        """Metrics of both sides on the parent, a JSON table, a plot, and the markdown table as the run's
-        description (shown at the top of the run page)."""
+    def log_comparison(self, before: dict[str, float], after: dict[str, float], *, speedup: float | None,
+                       intervals: dict[str, Any] | None = None) -> None:
+        """Metrics of both sides on the parent, a JSON table (with the 95% intervals), a plot, and the markdown
+        table as the run's description (shown at the top of the run page)."""
+        from athanor.jobs.report import comparison_markdown
+
         table = {k: {"before": before[k], "after": after[k]} for k in before}
-        self.client.log_dict(self.parent_id, {"metrics": table, "speedup": speedup}, "eval/before_after.json")
+        self.client.log_dict(self.parent_id, {"metrics": table, "speedup": speedup, "intervals": intervals or None},
+                             "eval/before_after.json")
         for key in before:
             self.client.log_metric(self.parent_id, f"{EVAL_PREFIX}{key}/before", float(before[key]))
             self.client.log_metric(self.parent_id, f"{EVAL_PREFIX}{key}/after", float(after[key]))
         if speedup is not None:
             self.client.log_metric(self.parent_id, f"{EVAL_PREFIX}speedup", float(speedup))
-        self.client.set_tag(self.parent_id, "mlflow.note.content", comparison_markdown(before, after, speedup))
+        self.client.set_tag(self.parent_id, "mlflow.note.content",
+                            comparison_markdown(before, after, speedup, intervals))
         self.client.log_figure(self.parent_id, comparison_figure(before, after), "plots/before_after.png")
 
     def log_training_curves(self) -> None:
@@ -304,14 +309,6 @@ def init_embedded_store(home: Path) -> None:
         SqlAlchemyStore(uri, (home / "mlartifacts").as_uri())
         RegistryStore(uri)
         marker.write_text(VERSION + "\n")
-
-
-def comparison_markdown(before: dict[str, float], after: dict[str, float], speedup: float | None) -> str:
-    """The before/after table in markdown (model card and MLflow run description)."""
-    rows = "\n".join(f"| {k} | {before[k]:.6g} | {after[k]:.6g} |" for k in before)
-    speed = (f"\n\nSpeed-up (teacher latency / converted latency, timed interleaved in one measurement): "
-             f"**{speedup:.2f}×**" if speedup is not None else "")
-    return f"| metric | before (teacher) | after (converted) |\n|---|---|---|\n{rows}{speed}\n"
 
 
 def comparison_figure(before: dict[str, float], after: dict[str, float]):

@@ -14,7 +14,8 @@ from athanor.distill.spec import Method, Section
 from athanor.jobs.methods import METHODS, get_method
 
 CALLS = [name for name, member in vars(Method).items() if inspect.isfunction(member) and not name.startswith("_")]
-CLASS_VARS = ["name", "Args", "Student", "trains", "mlflow_flavor", "mlflow_task", "auto_class", "nan_metrics"]
+CLASS_VARS = ["name", "Args", "Student", "trains", "mlflow_flavor", "mlflow_task", "auto_class", "nan_metrics",
+              "metrics"]
 
 
 def test_the_protocol_documents_every_call():
@@ -32,6 +33,8 @@ def test_method_answers_the_protocol(name):
     assert method.name == name
     assert issubclass(method.Args, Section) and issubclass(method.Student, Section)
     assert method.mlflow_flavor in ("transformers", "artifacts")
+    assert method.metrics and set(method.metrics.values()) <= {"higher", "lower", "neutral"}, method.metrics
+    assert method.nan_metrics <= set(method.metrics), "a metric that may be NaN is a declared metric"
     if method.mlflow_flavor == "transformers":
         assert method.auto_class, "the registry loads transformers exports with the method's auto_class"
     for call in CALLS:
