@@ -32,7 +32,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -207,6 +207,9 @@ class TrainSpec(Section):
     """Optimizer steps between logged training metrics."""
     seed: int = bounded(0, ge=0, le=SEED_MAX, reason=_SEED)
     """Global seed."""
+    seeds: list[Annotated[int, Field(ge=0, le=SEED_MAX)]] = Field(default_factory=list, max_length=64)
+    """Repeat every comparison arm once per seed, e.g. [0, 1, 2]: an arm's figures are then the mean over the
+    seeds with their standard deviation (child runs `arm_<name>_seed<k>`). Empty: each arm runs once, at `seed`."""
     launcher: Literal["local", "slurm", "ray"] = "local"
     """Where the ranks run: 'local' (processes on the worker's machine), 'slurm' (an `sbatch` job) or 'ray' (a
     Ray job). Every launcher runs the same entry point (`python -m athanor.jobs.worker --job ID --engine-task`)."""

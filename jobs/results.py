@@ -36,6 +36,8 @@ class Results:
     speedup: float | None = None
     arms: dict[str, dict[str, float]] = field(default_factory=dict)
     """Comparison arms (optional protocol call `comparison_arms`): arm name -> its evaluation."""
+    arms_sd: dict[str, dict[str, float]] = field(default_factory=dict)
+    """With `train.seeds`: each arm's standard deviation over the seeds (its `arms` entry is the mean)."""
     comparison: dict[str, float] = field(default_factory=dict)
     """The method's summary over the arms (`compare_arms`), logged on the parent run."""
     samples: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -74,7 +76,8 @@ def job_result(results: Results, *, registry: Any, version: str | None, export: 
     alias = registry.alias if (results.gate or {}).get("passed", True) else None  # a failed gate: no alias
     registered = {"name": registry.name, "version": version, "alias": alias} if version else None
     return {"before": results.before, "after": results.after, "untrained": results.untrained,
-            "arms": results.arms or None, "comparison": results.comparison or None, "speedup": results.speedup,
+            "arms": results.arms or None, "arms_sd": results.arms_sd or None,
+            "comparison": results.comparison or None, "speedup": results.speedup,
             "intervals": results.intervals or None, "gate": results.gate, "params": results.params,
             "export": str(export), "attempts": attempts, "registered": registered,
             "seconds": round(time.time() - started, 1)}

@@ -22,6 +22,7 @@ from typing import Any
 from athanor.convert.module_utils import count_params
 from athanor.distill.intervals import split
 from athanor.jobs.fault_hooks import TEST_HOOK, fault_hook
+from athanor.jobs.gate import judge
 from athanor.jobs.leases import JobLease, JobStopped, signals_deferred, sigterm_cancels
 from athanor.jobs.recipe import LoadedRecipe, load_recipe, resolve_recipe_paths
 from athanor.jobs.results import (
@@ -49,6 +50,8 @@ class Prepared:
     teacher: Any
     student: Any
     data: Any
+    init_rng: dict[str, Any] | None = None
+    """The RNG states the student was initialised from: an arm at the job's seed starts from the same ones."""
 
 
 def lineage_tags(job: Job, recipe: Any) -> dict[str, str]:
@@ -69,6 +72,7 @@ def prepare(job: Job) -> Prepared:
     import lightning as L
 
     from athanor.jobs.methods import get_method
+    from athanor.jobs.resume import rng_states
     from athanor.jobs.sources import resolve_source
 
     loaded = _loaded_for(job)
@@ -79,14 +83,15 @@ def prepare(job: Job) -> Prepared:
     log.info("loading teacher %s", recipe.teacher.source or "from inline config")
     teacher = method.load_teacher(resolve_source(recipe.teacher, "teacher", base=base))
     log.info("building student")
+    init_rng = rng_states()
     student = method.convert(teacher, loaded.student, loaded.args)
     log.info("preparing data")
     data = method.data(teacher, recipe.data, loaded.args)
-    return Prepared(loaded, method, teacher, student, data)
+    return Prepared(loaded, method, teacher, student, data, init_rng)
 
 
 ARM_ENV = "ATHANOR_ARM"
-"""Set for the ranks rank 0 launches to train one comparison arm (empty: the main student)."""
+"""Set for the ranks rank 0 launches to train one comparison arm, as NAME or NAME@SEED (empty: the main student)."""
 
 
 def comparison_arms(p: Prepared) -> dict[str, Any]:
@@ -97,24 +102,32 @@ def comparison_arms(p: Prepared) -> dict[str, Any]:
 
 def _train(p: Prepared, job: Job, store: JobStore, *, logger: Any, progress: bool, launch: bool = True,
            arm: str = "", lease: JobLease | None = None) -> Any:
-    """Train the student (or, with `arm`, a fresh student of that comparison arm); rank 0 (`launch`) starts
-    the other ranks of this node, which call this with launch=False. A later attempt resumes from the newest
-    checkpoint. Every rank stops at the step after a cancel request (or a lost lease) and fails on a non-finite
-    loss."""
+    """Train the student (or, with `arm` = NAME or NAME@SEED, a fresh student of that comparison arm, initialised
+    as the main student was, or from SEED); rank 0 (`launch`) starts the other ranks of this node, which call this
+    with launch=False. A later attempt resumes from the newest checkpoint. Every rank stops at the step after a
+    cancel request (or a lost lease) and fails on a non-finite loss."""
     from athanor.jobs.launchers import interrupt_hooks
-    from athanor.jobs.resume import RESUME_ENV, KillAtStep, kill_steps, resume_from
+    from athanor.jobs.resume import RESUME_ENV, KillAtStep, kill_steps, resume_from, set_rng_states
     from athanor.jobs.trainer import CHECKPOINTS, fit, guard_callback, launched_ranks
 
-    recipe = p.loaded.recipe
+    recipe, train = p.loaded.recipe, p.loaded.recipe.train
     args, student = p.loaded.args, p.student
     if arm:
-        args = comparison_arms(p)[arm]
+        name, _, seed = arm.partition("@")
+        args = comparison_arms(p)[name]
+        if seed and int(seed) != train.seed:
+            import lightning as L
+
+            train = train.model_copy(update={"seed": int(seed)})
+            L.seed_everything(train.seed, verbose=False)
+        elif p.init_rng is not None:
+            set_rng_states(p.init_rng)  # the same initial weights as the main student, where the shapes agree
         student = p.method.convert(p.teacher, p.loaded.student, args)
-    module = p.method.lightning_module(p.teacher, student, p.data, args, recipe.train)
-    job_dir = store.job_dir(job.id) / ("arms" if arm else "") / arm
+    module = p.method.lightning_module(p.teacher, student, p.data, args, train)
+    job_dir = store.job_dir(job.id) / ("arms" if arm else "") / arm.replace("@", "_seed")
     job_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = resume_from(job_dir / CHECKPOINTS, recipe.train.keep_checkpoints, job.attempts, rank0=launch)
-    ranks = (launched_ranks(recipe.train, job.id, store.home, job_dir,
+    ckpt = resume_from(job_dir / CHECKPOINTS, train.keep_checkpoints, job.attempts, rank0=launch)
+    ranks = (launched_ranks(train, job.id, store.home, job_dir,
                             extra_env={ARM_ENV: arm, RESUME_ENV: str(ckpt or "")}) if launch
              else contextlib.nullcontext())
     callbacks = [guard_callback(lambda: bool(lease and lease.cancelled) or store.cancel_requested(job.id),
@@ -122,7 +135,7 @@ def _train(p: Prepared, job: Job, store: JobStore, *, logger: Any, progress: boo
     if launch and (steps := kill_steps(os.environ.get(TEST_HOOK, ""))):
         callbacks.append(KillAtStep(steps, store.job_dir(job.id) / "test_hook_kills"))
     with ranks:
-        return fit(p.method, module, student, p.data, recipe.train, recipe.data.batch_size, job_dir=job_dir,
+        return fit(p.method, module, student, p.data, train, recipe.data.batch_size, job_dir=job_dir,
                    logger=logger, progress=progress, callbacks=callbacks, ckpt_path=ckpt,
                    fence=lease.holds if lease else None)
 
@@ -145,6 +158,7 @@ class JobRun:
         self.tracker: Any = None
         self.lease: JobLease | None = None
         self.samples: dict[str, dict[str, Any]] = {}  # side -> its per-sample metrics (for the intervals)
+        self.verdict: Any = None  # the promotion gate's, once before and after are measured
         self.started = time.time()
 
     def run(self) -> None:
@@ -171,6 +185,9 @@ class JobRun:
         self.stage("timing")
         self.time_side_by_side(p, student, untrained, results)
         results.intervals = interval_table(self.samples, seed=recipe.train.seed)
+        self.verdict = judge(recipe.gate, p.method.metrics, results.before, results.after, results.speedup)
+        results.gate = self.verdict.as_result()
+        log.info("%s", self.verdict.line())
         self.stage("track")
         self.track_results(p, results)
         self.stage("export")
@@ -218,22 +235,9 @@ class JobRun:
         return values
 
     def train_arms(self, p: Prepared, results: Results) -> None:
-        """Each comparison arm: a fresh student trained with the same steps and data, evaluated, logged as a
-        child run `arm_<name>` (its training curves in it); then the method's summary over the arms."""
-        arms = comparison_arms(p)
-        for name, args in arms.items():
-            self.stage("arms")
-            log.info("comparison arm %s: training %d steps", name, p.loaded.recipe.train.max_steps)
-            run_id = self.tracker.start_child(f"arm_{name}", {"athanor.arm": name})
-            model = _train(p, self.job, self.store, logger=self.tracker.lightning_logger(run_id, self.holds),
-                           progress=self.progress, arm=name, lease=self.lease)
-            results.arms[name] = self.evaluate(p, model, f"arm_{name}", args)
-            self.tracker.log_child(f"arm_{name}", results.arms[name], run_id=run_id)
-            del model
-        if arms:
-            results.comparison = {k: float(v) for k, v in p.method.compare_arms(
-                p.loaded.args, results.before, results.untrained, results.after, results.arms).items()}
-            log.info("comparison: %s", ", ".join(f"{k} {v:.4g}" for k, v in results.comparison.items()))
+        from athanor.jobs.arms import train_arms
+
+        train_arms(self, p, results)
 
     def train(self, p: Prepared) -> Any:
         recipe = p.loaded.recipe
@@ -293,14 +297,11 @@ class JobRun:
 
     def register_and_finish(self, p: Prepared, results: Results) -> None:
         """Register, close the run, write SUCCEEDED; if anything after the new version fails, undo it."""
-        from athanor.jobs.gate import judge
         from athanor.jobs.registry import drop_job_versions, register, undo, version_tags
 
         recipe = p.loaded.recipe
         registration = None
-        verdict = judge(recipe.gate, p.method.metrics, results.before, results.after, results.speedup)
-        results.gate = verdict.as_result()
-        log.info("%s", verdict.line())
+        verdict = self.verdict
         if recipe.registry.enabled:
             log.info("registering %s", recipe.registry.name)
             if self.job.attempts > 1:  # a version an earlier attempt created before it died is not this job's result

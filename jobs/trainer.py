@@ -45,10 +45,18 @@ def _cpu_deepspeed_strategy_cls():
             DDPStrategy.setup_environment(self)
 
         def setup_distributed(self) -> None:
+            import importlib
+
             from lightning.fabric.utilities.seed import reset_seed
 
             reset_seed()
             self.set_world_ranks()
+            # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU ranks on first use: ~40 s of C++ on 2 cores,
+            # a compiler at run time, and again for every new install path. CPU ranks serve tests and small runs,
+            # where gloo's all-reduce (what DeepSpeed falls back to without the op) is enough.
+            # (`import deepspeed.comm.torch as m` would bind PyTorch itself: the package has a `torch` attribute.)
+            for module, builder in (("deepspeed.comm.torch", "build_shm_op"), ("deepspeed.comm.ccl", "build_ccl_op")):
+                setattr(importlib.import_module(module), builder, lambda: None)
             self._init_deepspeed_distributed()
 
         def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):

@@ -119,6 +119,23 @@ def test_comparison_arms_train_fresh_students_and_log_child_runs(tmp_path, home,
     assert (job.result["params"]["student"] == 8 * 4 + 4 + 4 * 8 + 8)  # the exported student is the recipe's
 
 
+def test_arms_repeat_over_train_seeds_and_an_arm_at_the_jobs_seed_starts_where_the_student_started(tmp_path, home):
+    """An arm identical to the converted student (same width) at the job's seed trains from the same initial
+    weights on the same data, so it ends with the same figures; at another seed it differs. With train.seeds the
+    arm's figure is the mean over seeds, with its standard deviation and one child run per seed."""
+    path = write_toy(tmp_path, TOY.replace("max_steps: 30", "max_steps: 6") + "toy:\n  compare: [4]\n")
+    assert cli.main(["submit", str(path), "-o", "train.seeds=[0, 1]", "--wait", "--no-progress"]) == 0
+    (job,) = JobStore(home).list()
+    runs = child_runs(mlflow_client(home), job.mlflow_run_id)
+    assert {"arm_h4_seed0", "arm_h4_seed1", "arm_h4"} <= set(runs)
+    seed0, seed1 = (eval_metrics(runs[f"arm_h4_seed{s}"])["mse_to_teacher"] for s in (0, 1))
+    assert seed0 == pytest.approx(job.result["after"]["mse_to_teacher"], rel=1e-6) and seed1 != seed0
+    assert job.result["arms"]["h4"]["mse_to_teacher"] == pytest.approx((seed0 + seed1) / 2)
+    assert job.result["arms_sd"]["h4"]["mse_to_teacher"] == pytest.approx(abs(seed0 - seed1) / 2 ** 0.5)
+    paired = job.result["intervals"]["differences"]["after - arm_h4"]["mse_to_teacher"]
+    assert paired["estimate"] == pytest.approx(0, abs=1e-6) and not paired["significant"]
+
+
 def test_a_failing_job_registers_nothing_and_says_why(tmp_path, home, capsys):
     path = write_toy(tmp_path, TOY + "toy:\n  fail_at: export\n")
     assert cli.main(["submit", str(path), "--wait", "--no-progress"]) == cli.EXIT_JOB_FAILED
