@@ -182,6 +182,7 @@ def _check_model(report: Report, loaded: LoadedRecipe, recipe_path: Path | None)
         report.problems.append(Problem(key, None, MISSING,
                                        f"could not {stage} on the meta device: {type(exc).__name__}: {detail}"))
         return
+    report.problems += _context_problems(recipe, method.teacher_model(teacher))
     weight_bytes = 2 if recipe.train.precision == "bf16-true" else 4
     report.estimate = {
         "teacher_params": n_teacher,
@@ -191,6 +192,26 @@ def _check_model(report: Report, loaded: LoadedRecipe, recipe_path: Path | None)
         "student_train_memory_bytes": n_student * (weight_bytes + 4 + 8),
         **_placement(recipe.train, n_student, weight_bytes),
     }
+
+
+ABSOLUTE_POSITIONS = {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert", "mpnet", "gpt2",
+                      "opt", "bart"}
+"""Model types whose positions are learned embeddings (a table of max_position_embeddings rows)."""
+
+
+def _context_problems(recipe: Any, teacher: Any) -> list[Problem]:
+    """`data.max_length` beyond a teacher whose positions are learned absolute embeddings (BERT, GPT-2): every
+    longer input would fail at run time with an index error. Rotary models extrapolate (worse, but they run)."""
+    config = getattr(teacher, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    absolute = (getattr(config, "model_type", None) in ABSOLUTE_POSITIONS
+                and getattr(config, "position_embedding_type", None) in (None, "absolute"))
+    if not (isinstance(limit, int) and absolute and recipe.data.max_length > limit):
+        return []
+    return [Problem("data.max_length", None, recipe.data.max_length,
+                    f"the teacher has {limit:,} learned positions (its max_position_embeddings); inputs this long "
+                    f"cannot be embedded: set data.max_length ≤ {limit:,} or raise the teacher's "
+                    "max_position_embeddings")]
 
 
 def _placement(train: Any, n_student: int, weight_bytes: int) -> dict[str, Any]:

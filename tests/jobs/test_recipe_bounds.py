@@ -67,3 +67,14 @@ def test_seeds_fit_numpy_and_text_is_text():
         with pytest.raises(RecipeInvalid) as refused:
             load_recipe(None, text=text, overrides=[override])
         assert [p.path for p in refused.value.problems] == [key], refused.value.problems
+
+
+def test_inputs_longer_than_a_teachers_learned_positions_are_refused_at_validate_naming_data_max_length():
+    from athanor.jobs.validate import check
+
+    short = check(RECIPES / "minilm_tiny.yaml", overrides=["teacher.config.max_position_embeddings=16"])
+    assert [(p.path, p.value) for p in short.problems] == [("data.max_length", 32)]
+    assert "16 learned positions" in short.problems[0].message and "data.max_length ≤ 16" in short.problems[0].message
+    assert check(RECIPES / "minilm_tiny.yaml", overrides=["teacher.config.max_position_embeddings=32"]).problems == []
+    # A rotary teacher (Llama) runs past its trained context: longer inputs are not refused.
+    assert check(RECIPES / "sinklora_tiny.yaml", overrides=["data.max_length=1024"]).problems == []
