@@ -45,6 +45,9 @@ class KoalaTeacher:
     pixel_space: bool = False
     """The pipeline has no VAE: the U-Net denoises images themselves (e.g. the Fashion-canvas testbed,
     distill/lora_composer/testbed/), so its samples are pixels in [-1, 1] and `vae_scale` is 1."""
+    judge: torch.nn.Module | None = None
+    """The Fashion-canvas testbed's box classifier (`judge.safetensors` beside `unet/`), when the pipeline
+    ships one: evaluation then scores whether each prompted item is drawn (`box_accuracy`)."""
 
     @property
     def sdxl_conditioning(self) -> bool:
@@ -131,7 +134,21 @@ def load_teacher(source: ResolvedSource, *, meta: bool = False) -> KoalaTeacher:
     vae = None if pixel_space else AutoencoderKL.from_pretrained(path / "vae").eval()
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else dict(DEFAULT_SCHEDULER)
-    return KoalaTeacher(unet, encoders, tokenizers, vae, scheduler, source.description, pixel_space)
+    return KoalaTeacher(unet, encoders, tokenizers, vae, scheduler, source.description, pixel_space,
+                        _judge(path / "judge.safetensors"))
+
+
+def _judge(path: Path) -> torch.nn.Module | None:
+    """The testbed's box classifier (distill/lora_composer/testbed/README.md), if the pipeline ships one."""
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    from athanor.distill.fashion_mnist import FashionClassifier
+
+    judge = FashionClassifier()
+    judge.load_state_dict(load_file(path))
+    return judge.eval().requires_grad_(False)
 
 
 def tokenize(teacher: KoalaTeacher, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -6,7 +6,10 @@ task + output + self-attention feature knowledge distillation.
 
 Evaluation logs the same keys for the teacher, the trained student and (with `eval.include_untrained`)
 the untrained student: `params`, `peak_mem_mb` (one U-Net step of that model alone), `noise_mse` /
-`latent_mse` (fidelity to the teacher; 0 for the teacher itself). The spine adds `latency_ms` from
+`latent_mse` (fidelity to the teacher; 0 for the teacher itself) and, when the teacher ships the
+Fashion-canvas testbed's judge and the eval prompts are canvas captions, `box_accuracy` (prompted items
+the judge finds in their boxes); the last three per generated image (`PerSample`, seed-major rows).
+The spine adds `latency_ms` from
 `speed_probe` (one U-Net step on `koala.latency_device`), timed interleaved with the teacher's.
 Sample grids (teacher row, model row; same seeds) are written as PNGs into the `artifact_dir` the spine
 passes to `evaluate`. The method object holds no per-job state: every call is a function of its inputs.
@@ -20,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 from pydantic import Field
@@ -27,6 +31,7 @@ from pydantic import Field
 from athanor.convert.koala import block_map, build_student
 from athanor.convert.module_utils import count_params
 from athanor.convert.recipe_types import RecipeCacheDir, Text
+from athanor.distill.intervals import PerSample
 from athanor.distill.koala import evaluation as koala_eval
 from athanor.distill.koala.data import (
     KoalaTeacher,
@@ -39,7 +44,16 @@ from athanor.distill.koala.data import (
 from athanor.distill.koala.sampling import teacher_latents
 from athanor.distill.koala.train import KoalaModule, feature_pairs
 from athanor.distill.loaders import SeededLoader
-from athanor.distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
+from athanor.distill.spec import (
+    DataSpec,
+    Direction,
+    EvalSpec,
+    MethodData,
+    RecipeError,
+    ResolvedSource,
+    Section,
+    TrainSpec,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +172,11 @@ class Koala:
     """The export is a diffusers U-Net directory, not a transformers model."""
     nan_metrics: ClassVar[frozenset[str]] = frozenset()
     """Every KOALA metric is finite for teacher and student alike."""
+    metrics: ClassVar[dict[str, Direction]] = {
+        "params": "neutral", "peak_mem_mb": "neutral", "noise_mse": "lower", "latent_mse": "lower",
+        "box_accuracy": "higher"}
+    """noise_mse / latent_mse are 0 for the teacher, so a gate cannot retain them; box_accuracy (only with a
+    teacher that ships the testbed's judge) and the speed-up can be gated."""
 
     def load_teacher(self, source: ResolvedSource, *, meta: bool = False) -> KoalaTeacher:
         return load_teacher(source, meta=meta)
@@ -253,22 +272,26 @@ class Koala:
         return model
 
     def evaluate(self, model: UNet2DConditionModel, teacher: KoalaTeacher, data: MethodData, eval: EvalSpec,
-                 args: KoalaArgs, artifact_dir: Path) -> dict[str, float]:
+                 args: KoalaArgs, artifact_dir: Path) -> dict[str, float | PerSample]:
         _threads(args)  # again: Lightning's DDP/DeepSpeed launchers reset the thread count
         _to_accelerator(model, teacher.unet, teacher.vae)
         payload = data.eval
         sampling = (payload, self._scheduler_config(teacher, args), args.eval_steps, args.guidance_scale)
-        metrics = {"params": float(count_params(model)),
-                   "peak_mem_mb": koala_eval.step_peak_memory_mb(model, payload, args.latency_batch,
-                                                                 args.latency_device)}
+        metrics: dict[str, float | PerSample] = {
+            "params": float(count_params(model)),
+            "peak_mem_mb": koala_eval.step_peak_memory_mb(model, payload, args.latency_batch, args.latency_device)}
         teacher_finals = [run["final"] for run in koala_eval.teacher_samples(teacher, *sampling)]
         if model is teacher.unet:  # the teacher vs itself is 0 by definition; skip a second sampling pass
-            metrics.update(noise_mse=0.0, latent_mse=0.0)
-            rows = [[finals] for finals in teacher_finals]
+            zeros = np.zeros(len(args.eval_prompts) * len(args.eval_seeds))  # a student's rows, all 0
+            metrics.update(noise_mse=PerSample.mean(zeros), latent_mse=PerSample.mean(zeros))
+            finals, rows = teacher_finals, [[f] for f in teacher_finals]
         else:
             scores, finals = koala_eval.fidelity(model, teacher, *sampling)
             metrics.update(scores)
             rows = [[t, m] for t, m in zip(teacher_finals, finals)]
+        scenes = koala_eval.judged_scenes(teacher, list(args.eval_prompts), payload["resolution"])
+        if scenes is not None:
+            metrics["box_accuracy"] = koala_eval.box_accuracy(teacher.judge, finals, scenes)
         _write_grids(rows, teacher, Path(artifact_dir), "teacher" if model is teacher.unet else "teacher_vs_student")
         return metrics
 

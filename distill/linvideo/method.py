@@ -30,6 +30,7 @@ from athanor.convert import linvideo as lv
 from athanor.convert.module_utils import count_params
 from athanor.convert.recipe_types import RecipeCacheDir, Text
 from athanor.distill.fashion_mnist import CLASSES
+from athanor.distill.intervals import PerSample
 from athanor.distill.linvideo import evaluation as ev
 from athanor.distill.linvideo.data import (
     LinVideoTeacher,
@@ -40,7 +41,16 @@ from athanor.distill.linvideo.data import (
 )
 from athanor.distill.linvideo.train import LinVideoModule
 from athanor.distill.loaders import SeededLoader
-from athanor.distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
+from athanor.distill.spec import (
+    DataSpec,
+    Direction,
+    EvalSpec,
+    MethodData,
+    RecipeError,
+    ResolvedSource,
+    Section,
+    TrainSpec,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +174,13 @@ class LinVideo:
     """The export is a diffusers transformer directory plus linvideo.json (convert.linvideo.load_student)."""
     nan_metrics: ClassVar[frozenset[str]] = frozenset({"psnr_db", "class_accuracy"})
     """psnr_db is NaN for the teacher (identical clips); class_accuracy without a classifier."""
+    metrics: ClassVar[dict[str, Direction]] = {
+        "params": "neutral", "velocity_mse": "lower", "psnr_db": "higher", "frame_mmd": "lower",
+        "temporal_jitter": "neutral", "jitter_ratio": "neutral", "class_accuracy": "higher",
+        "linear_layers": "neutral", "attention_gmacs": "neutral"}
+    """Jitter is neither better low nor high (a still clip has none): it should match the teacher's.
+    attention_gmacs is a cost, like params. The teacher's velocity_mse and frame_mmd are 0 and its psnr_db
+    NaN, so a gate can retain none of them: it retains class_accuracy and sets a minimum speed-up."""
 
     def load_teacher(self, source: ResolvedSource, *, meta: bool = False) -> LinVideoTeacher:
         return load_teacher(source, meta=meta)
@@ -211,7 +228,8 @@ class LinVideo:
                                           seed=data.seed, **sampling)
         held = cached_trajectories(model, cond, shape, cache_dir, samples=1, seed=data.seed + 1_000_003, **sampling)
         pick = torch.linspace(0, len(held) - 1, min(args.heldout_points, len(held))).round().long()
-        points = {"x": held.x[pick], "t": held.t[pick], "cond": cond[held.cond[pick]]}
+        # one held-out trajectory per prompt (samples=1): the prompt index names a point's trajectory
+        points = {"x": held.x[pick], "t": held.t[pick], "cond": cond[held.cond[pick]], "trajectory": held.cond[pick]}
         logger.info("data-free: %d trajectory points from %d prompts x %d samples", len(train_cache), len(prompts),
                     args.samples_per_prompt)
         eval_cond = conditions_for(teacher, eval_prompts, "linvideo.eval_prompts")
@@ -246,15 +264,16 @@ class LinVideo:
         return model
 
     def evaluate(self, model: torch.nn.Module, teacher: LinVideoTeacher, data: MethodData, eval: EvalSpec,
-                 args: LinVideoArgs, artifact_dir: Path) -> dict[str, float]:
+                 args: LinVideoArgs, artifact_dir: Path) -> dict[str, float | PerSample]:
         is_teacher = model is teacher.transformer
         payload = data.eval
         teacher_clips = _teacher_clips(teacher, payload, args)
         clips = teacher_clips if is_teacher else ev.generate(_finalize(model, args).eval(), payload, args.eval_steps,
                                                              args.guidance_scale, args.shift)
-        metrics = {"params": float(count_params(model)),
-                   "velocity_mse": ev.heldout_velocity_mse(model, teacher.transformer, payload["heldout"]),
-                   **ev.clip_metrics(clips, teacher_clips, payload["labels"], teacher.classifier, is_teacher)}
+        metrics: dict[str, float | PerSample] = {
+            "params": float(count_params(model)),
+            "velocity_mse": ev.heldout_velocity_mse(model, teacher.transformer, payload["heldout"]),
+            **ev.clip_metrics(clips, teacher_clips, payload["labels"], teacher.classifier, is_teacher)}
         linear = [] if is_teacher else lv.linear_layers(model)
         metrics["linear_layers"] = float(len(linear))
         metrics["attention_gmacs"] = self._attention_gmacs(model, teacher, payload["shape"], len(linear), args) / 1e9

@@ -64,6 +64,15 @@ def test_tiny_recipe_end_to_end(tmp_path):
     # The one cut available at depth 1 everywhere: the mid block.
     assert after["params"] == untrained["params"] == count_params(teacher) - count_params(teacher.mid_block)
     assert after["peak_mem_mb"] < before["peak_mem_mb"]
+    # The testbed ships its judge: the share of prompted items found in their boxes, per generated canvas.
+    assert 0 < before["box_accuracy"] <= 1 and 0 <= after["box_accuracy"] <= 1
+    # Fidelity and box accuracy are per canvas (4 prompts x 1 seed), with paired 95% intervals.
+    intervals = job.result["intervals"]
+    assert {k: v["n"] for k, v in intervals["sides"]["after"].items()} == {
+        "noise_mse": 4, "latent_mse": 4, "box_accuracy": 4}
+    assert {"noise_mse", "latent_mse", "box_accuracy"} <= set(intervals["differences"]["after - untrained"])
+    # The recipe's gate (retain box_accuracy) was judged; this shorter run's figures decide whether it passed.
+    assert [c["text"].split(" ")[0] for c in job.result["gate"]["conditions"]] == ["box_accuracy"]
 
     client = mlflow_client(tmp_path)
     (version,) = client.search_model_versions("name='koala-tiny'")

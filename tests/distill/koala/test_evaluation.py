@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from athanor.convert.module_utils import count_params
+from athanor.distill.intervals import split
 from athanor.distill.koala import evaluation as koala_eval
+from athanor.distill.koala.sampling import sample
 from athanor.distill.memory import LiveBytes
 from athanor.distill.spec import EvalSpec
 from athanor.distill.timing import interleaved_latency
@@ -80,9 +83,14 @@ def test_evaluate_is_pure_with_the_same_keys_for_teacher_and_student(tiny, make_
     first = method.evaluate(student, teacher, data, spec, loaded.args, tmp_path / "untrained")  # no 'before' first
     before = method.evaluate(teacher.unet, teacher, data, spec, loaded.args, tmp_path / "before")
     again = method.evaluate(student, teacher, data, spec, loaded.args, tmp_path / "after")
-    assert set(before) == set(first) == KEYS  # latency_ms and speedup are the spine's
-    assert first == again and vars(method) == {}  # nothing carried from one call to the next
-    assert before["noise_mse"] == 0 and first["noise_mse"] > 0 and first["latent_mse"] > 0
+    assert set(before) == set(first) == KEYS <= set(method.metrics)  # latency_ms and speedup are the spine's
+    (first_values, first_rows), (again_values, again_rows) = split(first), split(again)
+    assert first_values == again_values and vars(method) == {}  # nothing carried from one call to the next
+    assert all(np.array_equal(first_rows[k].rows, again_rows[k].rows) for k in first_rows)
+    # fidelity is per generated image (2 prompts x 1 seed), the teacher's rows are its zeros against itself
+    assert set(first_rows) == set(split(before)[1]) == {"noise_mse", "latent_mse"}
+    assert first_rows["noise_mse"].n == before["noise_mse"].n == 2
+    assert before["noise_mse"].value == 0 and first["noise_mse"].value > 0 and first["latent_mse"].value > 0
     assert before["params"] == count_params(teacher.unet) and first["params"] == count_params(student)
     assert first["peak_mem_mb"] < before["peak_mem_mb"]
     (teacher_grid,) = (tmp_path / "before").glob("*.png")
@@ -116,3 +124,30 @@ def test_export_reloads_with_diffusers(tiny, make_student, tmp_path):
     entries = json.loads((path / "koala_block_map.json").read_text())["entries"]
     assert entries["up_blocks.0.resnets.1"] == "up_blocks.0.resnets.2"
     assert method.auto_class is None and method.mlflow_flavor == "artifacts"
+
+
+def test_fidelity_rows_are_images_whose_mean_is_the_metric(tiny, make_student):
+    """noise_mse / latent_mse as PerSample (one row per prompt and seed) equal the means over every
+    prediction and every sampled latent, computed here from the teacher's trajectories directly."""
+    method, loaded, teacher = tiny
+    student = make_student("koala-700m").eval()
+    args = loaded.args.model_copy(update={"eval_seeds": [0, 1]})
+    data = method.data(teacher, loaded.recipe.data, args)
+    scheduler = method._scheduler_config(teacher, args)
+    sampling = (data.eval, scheduler, args.eval_steps, args.guidance_scale)
+    scores, _ = koala_eval.fidelity(student, teacher, *sampling)
+    from athanor.distill.koala.data import unet_kwargs
+    from athanor.distill.koala.sampling import guided_conditioning
+
+    cond, uncond = data.eval["cond"], data.eval["uncond"]
+    kwargs = unet_kwargs(guided_conditioning(cond, uncond, args.guidance_scale), torch.device("cpu"), torch.float32)
+    squared, latents = [], []
+    with torch.no_grad():
+        for run, noise in zip(koala_eval.teacher_samples(teacher, *sampling), data.eval["noises"]):
+            for (x, t), teacher_pred in zip(run["inputs"], run["preds"]):
+                squared.append(((student(x, t, **kwargs).sample - teacher_pred) ** 2).numpy().astype(np.float64))
+            final, _, _ = sample(student, scheduler, cond, uncond, noise, args.eval_steps, args.guidance_scale)
+            latents.append(((final - run["final"]) ** 2).numpy().astype(np.float64))
+    assert scores["noise_mse"].n == scores["latent_mse"].n == 2 * 2  # prompts x seeds
+    assert scores["noise_mse"].value == pytest.approx(float(np.mean(squared)), rel=1e-6)
+    assert scores["latent_mse"].value == pytest.approx(float(np.mean(latents)), rel=1e-6)

@@ -90,8 +90,11 @@ def test_evaluation_grids_probe_and_export(fashion, tmp_path):
     spec = EvalSpec(latency_repeats=1)
     before = method.evaluate(teacher.unet, teacher, data, spec, loaded.args, tmp_path / "before")
     after = method.evaluate(student, teacher, data, spec, loaded.args, tmp_path / "after")
-    assert set(before) == set(after) == {"params", "peak_mem_mb", "noise_mse", "latent_mse"}
-    assert before["noise_mse"] == 0 and after["noise_mse"] > 0 and after["latent_mse"] > 0
+    assert set(before) == set(after) == {"params", "peak_mem_mb", "noise_mse", "latent_mse", "box_accuracy"}
+    assert before["noise_mse"].value == 0 and after["noise_mse"].value > 0 and after["latent_mse"].value > 0
+    # the testbed ships its judge: 3 prompted boxes (1 + 2) of 2 canvases per side, one row per canvas
+    assert [b for _, b in before["box_accuracy"].rows.tolist()] == [b for _, b in after["box_accuracy"].rows] == [1, 2]
+    assert all(0 <= side["box_accuracy"].value <= 1 for side in (before, after))  # 2-step canvases: often 0
     (teacher_grid,) = (tmp_path / "before").glob("*.png")
     (student_grid,) = (tmp_path / "after").glob("*.png")
     assert Image.open(teacher_grid).size == (2 * 64, 32)  # 2 eval prompts of 64x32 canvases
@@ -109,3 +112,27 @@ def test_evaluation_grids_probe_and_export(fashion, tmp_path):
     (x, t), kwargs = koala_eval.step_inputs(student, data.eval, 2, torch.device("cpu"))
     with torch.no_grad():
         assert torch.allclose(reloaded(x, t, **kwargs).sample, student(x, t, **kwargs).sample, atol=1e-6)
+
+
+@pytest.mark.parametrize("prompt, scene", [
+    ("a coat on the left", ((4,), ((2, 2, 30, 30),))),
+    ("a sneaker on the left and an ankle boot on the right", ((7, 9), ((2, 2, 30, 30), (34, 2, 62, 30)))),
+    ("a dress on the left, a t-shirt in the middle and a bag on the right",
+     ((3, 0, 8), ((1, 6, 21, 26), (22, 6, 42, 26), (43, 6, 63, 26)))),
+    ("a bag on the right and a coat on the left", None),  # the testbed never draws this layout
+    ("a photo of a red fox", None),
+])
+def test_canvas_captions_give_the_classes_and_boxes_they_ask_for(prompt, scene):
+    assert koala_eval.canvas_scene(prompt) == scene
+
+
+def test_box_accuracy_is_the_share_of_prompted_boxes_the_judge_finds(constant_classifier):
+    """Per image (hits, boxes) rows; the metric is all hits over all boxes, counted here by hand."""
+    prompts = ["a sneaker on the left", "a bag on the left and a sneaker on the right",
+               "a sneaker on the left, a bag in the middle and a coat on the right"]
+    scenes = [koala_eval.canvas_scene(p) for p in prompts]
+    finals = [torch.zeros(3, 1, 32, 64), torch.ones(3, 1, 32, 64)]  # two seeds
+    accuracy = koala_eval.box_accuracy(constant_classifier(7), finals, scenes)  # always "sneaker"
+    # sneaker boxes: 1 of 1, 1 of 2, 1 of 3, on both seeds -> 6 of 12
+    assert accuracy.rows.tolist() == [[1, 1], [1, 2], [1, 3]] * 2 and accuracy.value == pytest.approx(6 / 12)
+    assert koala_eval.box_accuracy(constant_classifier(4), finals, scenes).value == pytest.approx(2 / 12)

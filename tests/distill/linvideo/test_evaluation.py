@@ -15,7 +15,16 @@ import torch
 from PIL import Image
 
 from athanor.distill.fashion_mnist import FashionClassifier
-from athanor.distill.linvideo.evaluation import clip_metrics, jitter, mmd_rbf, plot_gates, psnr_db, save_gif
+from athanor.distill.intervals import PerSample
+from athanor.distill.linvideo.evaluation import (
+    clip_metrics,
+    heldout_velocity_mse,
+    jitter,
+    mmd_rbf,
+    plot_gates,
+    psnr_db,
+    save_gif,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -89,16 +98,19 @@ def test_clip_metrics_of_the_teacher_itself():
     metrics = clip_metrics(teacher, teacher, labels=None, classifier=None, is_teacher=True)
     assert set(metrics) == {"psnr_db", "frame_mmd", "temporal_jitter", "jitter_ratio", "class_accuracy"}
     assert math.isnan(metrics["psnr_db"]) and metrics["frame_mmd"] == 0.0
-    assert metrics["jitter_ratio"] == pytest.approx(1.0) and math.isnan(metrics["class_accuracy"])
-    assert metrics["temporal_jitter"] == pytest.approx(float(np.abs(np.diff(teacher.numpy(), axis=2)).mean()))
+    assert metrics["jitter_ratio"].value == pytest.approx(1.0) and math.isnan(metrics["class_accuracy"])
+    assert metrics["temporal_jitter"].value == pytest.approx(float(np.abs(np.diff(teacher.numpy(), axis=2)).mean()))
 
 
 def test_clip_metrics_of_a_student_against_hand_values():
     teacher, student = clips(4, scale=1.0), clips(5, scale=1.0)
     metrics = clip_metrics(student, teacher, labels=None, classifier=None, is_teacher=False)
-    assert metrics["psnr_db"] == pytest.approx(psnr_numpy(student.numpy(), teacher.numpy()), rel=1e-5)
+    assert metrics["psnr_db"].value == pytest.approx(psnr_numpy(student.numpy(), teacher.numpy()), rel=1e-5)
     ratio = np.abs(np.diff(student.numpy(), axis=2)).mean() / np.abs(np.diff(teacher.numpy(), axis=2)).mean()
-    assert metrics["jitter_ratio"] == pytest.approx(float(ratio), rel=1e-5)
+    assert metrics["jitter_ratio"].value == pytest.approx(float(ratio), rel=1e-5)
+    assert {k for k, v in metrics.items() if isinstance(v, PerSample)} == {"psnr_db", "temporal_jitter",
+                                                                         "jitter_ratio"}
+    assert metrics["psnr_db"].n == metrics["jitter_ratio"].n == 2  # a row per clip
     assert metrics["frame_mmd"] > 0 and math.isnan(metrics["class_accuracy"])
 
 
@@ -107,8 +119,9 @@ def test_class_accuracy_counts_every_frame_against_its_prompts_class(constant_cl
     teacher, student = clips(6, shape=(4, 1, 3, 8, 8)), clips(7, shape=(4, 1, 3, 8, 8))
     labels = torch.tensor([3, 5, 3, 1])
     metrics = clip_metrics(student, teacher, labels, always(3), is_teacher=False)
-    assert metrics["class_accuracy"] == pytest.approx(0.5)
-    assert clip_metrics(student, teacher, labels, always(2), is_teacher=False)["class_accuracy"] == 0.0
+    assert metrics["class_accuracy"].value == pytest.approx(0.5)
+    assert metrics["class_accuracy"].rows.tolist() == [1.0, 0.0, 1.0, 0.0]  # a row per clip
+    assert clip_metrics(student, teacher, labels, always(2), is_teacher=False)["class_accuracy"].value == 0.0
     # a head that reads the pooled features: class 1 when feature 0 is above its threshold, else class 0
     model = FashionClassifier(width=4).eval()
     feats = model.features(student.clamp(-1, 1).transpose(1, 2).reshape(-1, 1, 8, 8)).detach()  # [B·F] b-major
@@ -121,7 +134,39 @@ def test_class_accuracy_counts_every_frame_against_its_prompts_class(constant_cl
     per_frame = labels.remainder(2).repeat_interleave(3)
     expected = float((predicted == per_frame).float().mean())
     metrics = clip_metrics(student, teacher, labels.remainder(2), model, is_teacher=False)
-    assert metrics["class_accuracy"] == pytest.approx(expected)
+    assert metrics["class_accuracy"].value == pytest.approx(expected)
+    # per clip: the share of its 3 frames read as its class; their mean is the frame accuracy
+    per_clip = (predicted == per_frame).float().view(4, 3).mean(1).double().numpy()
+    np.testing.assert_allclose(metrics["class_accuracy"].rows, per_clip)
+
+
+class Affine(torch.nn.Module):
+    """A stand-in transformer: sample = scale·x + t/1000 (its velocity is known in closed form)."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(scale))
+
+    def forward(self, x, t, cond):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sample=self.scale * x + (t / 1000).view(-1, *[1] * (x.dim() - 1)))
+
+
+def test_heldout_velocity_mse_is_the_mean_over_points_with_trajectories_as_rows():
+    x = torch.randn(5, 1, 2, 3, 3, generator=torch.Generator().manual_seed(10))
+    points = {"x": x, "t": torch.tensor([0.9, 0.5, 0.8, 0.3, 0.1]), "cond": torch.zeros(5, 2, 4),
+              "trajectory": torch.tensor([2, 0, 2, 0, 1])}
+    teacher, student = Affine(1.0), Affine(0.5)
+    # the velocity gap is (0.5 − 1)·x everywhere: each point's squared error is 0.25·mean(x²)
+    per_point = 0.25 * (x.double() ** 2).flatten(1).mean(1).numpy()
+    metric = heldout_velocity_mse(student, teacher, points, batch=2)
+    assert metric.value == pytest.approx(float(per_point.mean()), rel=1e-6)
+    # rows: trajectories 0, 1, 2 with (Σ errors, points)
+    expected = [[per_point[1] + per_point[3], 2], [per_point[4], 1], [per_point[0] + per_point[2], 2]]
+    np.testing.assert_allclose(metric.rows, expected, rtol=1e-6)
+    assert heldout_velocity_mse(teacher, teacher, points).rows.tolist() == [[0, 2], [0, 1], [0, 2]]
+    assert heldout_velocity_mse(student, teacher, {k: v for k, v in points.items() if k != "trajectory"}).n == 5
 
 
 def test_save_gif_writes_every_frame_side_by_side(tmp_path):
