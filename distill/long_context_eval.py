@@ -2,9 +2,10 @@
 
 - `sliding_window_perplexity`: the standard strided perplexity over one long token stream; every token
   after the first is scored exactly once, each with at most `window` tokens of context.
-- `passkey_prompt` / `passkey_accuracy`: passkey retrieval as in Landmark Attention (Mohtashami & Jaggi,
-  2023) and LongLoRA: a five-digit key hidden at a relative depth inside repeated filler text, retrieved
-  by greedy generation and scored by exact match of its digits.
+- `sliding_window_nlls`: the same windows' NLL sums and token counts, one per window (the samples).
+- `passkey_prompt` / `passkey_accuracy` / `passkey_hits` (0/1 per trial): passkey retrieval as in Landmark
+  Attention (Mohtashami & Jaggi, 2023) and LongLoRA: a five-digit key hidden at a relative depth inside
+  repeated filler text, retrieved by greedy generation and scored by exact match of its digits.
 - `fraction_of_gain`: the SinkLoRA figure, (PPL_base - PPL_m) / (PPL_base - PPL_full).
 
 Plain torch + transformers-compatible models and tokenizers; no jobs/, MLflow or SQLite.
@@ -66,6 +67,42 @@ def _batches(spans: list[tuple[int, int, int]], batch_size: int) -> list[list[tu
 
 
 @torch.no_grad()
+def sliding_window_nlls(model: nn.Module, input_ids: torch.Tensor, window: int, stride: int,
+                        batch_size: int = 1) -> tuple[list[float], list[int]]:
+    """Per window of `sliding_window_perplexity` (same windows, same order): the summed negative log-likelihood
+    (nats, float64) of the tokens that window scores, and how many it scores. The windows score disjoint tokens,
+    so they are the samples of a token-weighted perplexity (`PerSample.perplexity(nlls, tokens)`)."""
+    ids = input_ids.reshape(-1) if input_ids.dim() == 2 and input_ids.shape[0] == 1 else input_ids
+    if ids.dim() != 1:
+        raise ValueError(f"input_ids must be [T] or [1, T], got shape {tuple(input_ids.shape)}")
+    if window < 2 or not 1 <= stride <= window or batch_size < 1:
+        raise ValueError(f"need window >= 2, 1 <= stride <= window and batch_size >= 1; "
+                         f"got window={window}, stride={stride}, batch_size={batch_size}")
+    if ids.numel() < 2:
+        raise ValueError(f"need at least 2 tokens to score, got {ids.numel()}")
+    ids = ids.to(_model_device(model), dtype=torch.long)
+    keep_kw = "logits_to_keep" in inspect.signature(model.forward).parameters
+    was_training = model.training
+    model.eval()
+    nlls: list[float] = []
+    tokens: list[int] = []
+    try:
+        for batch in _batches(_windows(ids.numel() - 1, window, stride), batch_size):
+            x = torch.stack([ids[b:e] for b, e, _ in batch])
+            n = batch[0][1] - batch[0][2]  # scored tokens per window: the last n predictions
+            logits = model(x, logits_to_keep=n).logits if keep_kw else model(x).logits
+            logits = logits[:, -n:]
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp16/bf16 -> fp32
+            targets = torch.stack([ids[lo + 1:e + 1] for _, e, lo in batch])
+            nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                              reduction="none").view(len(batch), n)
+            nlls += nll.double().sum(-1).tolist()
+            tokens += [n] * len(batch)
+    finally:
+        model.train(was_training)
+    return nlls, tokens
+
+
 def sliding_window_perplexity(model: nn.Module, input_ids: torch.Tensor, window: int, stride: int,
                               batch_size: int = 1) -> dict[str, float | int]:
     """Strided perplexity of a causal LM over one token stream `input_ids` ([T] or [1, T]).
@@ -81,38 +118,12 @@ def sliding_window_perplexity(model: nn.Module, input_ids: torch.Tensor, window:
 
     The model is put in eval mode for the call (its training flag is restored) and called as
     `model(ids).logits`; where its forward accepts `logits_to_keep` only the scored positions' logits are
-    computed. Log-softmax in at least float32; NLLs summed in float64.
+    computed. Log-softmax in at least float32; NLLs summed in float64 (`sliding_window_nlls`: per window).
     Returns {"ppl": exp(mean NLL), "nll": mean NLL, "tokens": number of scored tokens}.
     """
-    ids = input_ids.reshape(-1) if input_ids.dim() == 2 and input_ids.shape[0] == 1 else input_ids
-    if ids.dim() != 1:
-        raise ValueError(f"input_ids must be [T] or [1, T], got shape {tuple(input_ids.shape)}")
-    if window < 2 or not 1 <= stride <= window or batch_size < 1:
-        raise ValueError(f"need window >= 2, 1 <= stride <= window and batch_size >= 1; "
-                         f"got window={window}, stride={stride}, batch_size={batch_size}")
-    if ids.numel() < 2:
-        raise ValueError(f"need at least 2 tokens to score, got {ids.numel()}")
-    ids = ids.to(_model_device(model), dtype=torch.long)
-    keep_kw = "logits_to_keep" in inspect.signature(model.forward).parameters
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for batch in _batches(_windows(ids.numel() - 1, window, stride), batch_size):
-            x = torch.stack([ids[b:e] for b, e, _ in batch])
-            n = batch[0][1] - batch[0][2]  # scored tokens per window: the last n predictions
-            logits = model(x, logits_to_keep=n).logits if keep_kw else model(x).logits
-            logits = logits[:, -n:]
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp16/bf16 -> fp32
-            targets = torch.stack([ids[lo + 1:e + 1] for _, e, lo in batch])
-            nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                              reduction="sum")
-            total += float(nll.double())
-            count += targets.numel()
-    finally:
-        model.train(was_training)
-    mean = total / count
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": count}
+    nlls, tokens = sliding_window_nlls(model, input_ids, window, stride, batch_size)
+    mean = math.fsum(nlls) / sum(tokens)
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": sum(tokens)}
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -182,41 +193,51 @@ def greedy_generate_fn(model: nn.Module, tokenizer: Any = None) -> GenerateFn:
     return generate
 
 
-def passkey_accuracy(model: nn.Module | None, tokenizer: Any, lengths: Sequence[int], depths: Sequence[float],
-                     trials: int, seed: int = 0,
-                     generate_fn: GenerateFn | None = None) -> dict[tuple[int, float], float]:
-    """Passkey retrieval accuracy per (length, depth): the fraction of `trials` prompts whose answer is right.
+def passkey_hits(model: nn.Module | None, tokenizer: Any, lengths: Sequence[int], depths: Sequence[float],
+                 trials: int, seed: int = 0,
+                 generate_fn: GenerateFn | None = None) -> dict[tuple[int, float], list[int]]:
+    """Passkey retrieval per (length, depth): one 0/1 per trial (1: the answer is right), in trial order.
 
-    Each trial draws a five-digit passkey (deterministic in `seed`), builds `passkey_prompt`, generates
-    len(answer ids) new tokens with `generate_fn(input_ids [1, T], max_new_tokens) -> new ids` (default:
-    greedy `model.generate`), decodes them and counts a hit when the first run of digits equals the key.
+    Each trial draws a five-digit passkey (deterministic in `seed`, not in the model: every model gets the same
+    prompts in the same order), builds `passkey_prompt`, generates len(answer ids) new tokens with
+    `generate_fn(input_ids [1, T], max_new_tokens) -> new ids` (default: greedy `model.generate`), decodes them
+    and counts a hit when the first run of digits equals the key.
     """
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
     if generate_fn is None:
         if model is None:
-            raise ValueError("passkey_accuracy needs a model or a generate_fn")
+            raise ValueError("passkey retrieval needs a model or a generate_fn")
         generate_fn = greedy_generate_fn(model, tokenizer)
     was_training = model.training if model is not None else False
     if model is not None:
         model.eval()
     rng = random.Random(seed)
-    results: dict[tuple[int, float], float] = {}
+    results: dict[tuple[int, float], list[int]] = {}
     try:
         for length in lengths:
             for depth in depths:
-                hits = 0
+                hits = []
                 for _ in range(trials):
                     passkey = rng.randint(10000, 99999)
                     ids, answer = passkey_prompt(tokenizer, length, depth, passkey, seed=rng.randrange(2**31))
                     new = generate_fn(ids.reshape(1, -1), answer.numel())
                     digits = re.search(r"\d+", tokenizer.decode(new.reshape(-1).tolist(), skip_special_tokens=True))
-                    hits += digits is not None and digits.group() == str(passkey)
-                results[(length, depth)] = hits / trials
+                    hits.append(int(digits is not None and digits.group() == str(passkey)))
+                results[(length, depth)] = hits
     finally:
         if model is not None:
             model.train(was_training)
     return results
+
+
+def passkey_accuracy(model: nn.Module | None, tokenizer: Any, lengths: Sequence[int], depths: Sequence[float],
+                     trials: int, seed: int = 0,
+                     generate_fn: GenerateFn | None = None) -> dict[tuple[int, float], float]:
+    """Passkey retrieval accuracy per (length, depth): the fraction of `trials` prompts whose answer is right
+    (`passkey_hits` averaged)."""
+    hits = passkey_hits(model, tokenizer, lengths, depths, trials, seed, generate_fn)
+    return {key: sum(h) / len(h) for key, h in hits.items()}
 
 
 def fraction_of_gain(ppl_base: float, ppl_method: float, ppl_full: float) -> float:

@@ -7,11 +7,15 @@ Keys (identical for both sides), with n the number of concepts in a scene (2 or 
 - `presence_n`: share of boxes where the judge finds the concept asked for in that box;
 - `confusion_n`: share of boxes where it finds another concept of the same scene instead;
 - `vanishing_n`: share of (image, concept) pairs where the concept is found in none of the scene's boxes;
-- `presence_<concept>`: presence per concept over every scene it appears in;
+- `presence_<class>`: presence per judged class (the concepts' `judge_class`, e.g. `presence_sneaker`) over
+  every box asking for it;
 - `leakage`: share of each concept's cross-attention mass (its word's tokens, mid-way through sampling)
   that falls outside its box: the baseline's under the global prompt, LoRA-Composer's under the concept's
-  own prompt;
+  own prompt; the mean over scenes of each scene's mean over its boxes;
 - `peak_mem_mb`: weights plus the most memory one sampling of the first scene holds at once.
+Every key but `peak_mem_mb` is a `PerSample` over boxes (0/1 per box or per (image, concept) pair; a share per
+box for leakage, weighted so each scene counts once), in the same order for both sides: scenes, then seeds,
+then the scene's boxes.
 Sample grids (one row per scene, one image per seed, boxes drawn), LoRA-Composer's per-concept
 attention maps (PNG) and the sampled images themselves (`samples.safetensors`, `scene_<k>`: [seeds, C, H, W],
 what an export must reproduce) are written into the artifact directory.
@@ -19,7 +23,9 @@ what an export must reproduce) are written into the artifact directory.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -27,6 +33,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
+from athanor.distill.fashion_mnist import CLASSES
+from athanor.distill.intervals import PerSample
 from athanor.distill.lora_composer.canvas import crop_boxes
 from athanor.distill.lora_composer.guidance import box_mask
 from athanor.distill.lora_composer.pipeline import Composer, Mixer, Scene
@@ -61,16 +69,27 @@ def box_outcomes(predicted: torch.Tensor, labels: list[int]) -> dict[str, torch.
     return {"presence": present, "confusion": confused, "vanishing": vanished}
 
 
-def leakage(maps: list[torch.Tensor], boxes: list[Box]) -> float:
-    """Mean over calls, regions and images of the attention mass outside the region's box ([R, B, h, w] maps)."""
-    shares = []
+def class_key(name: str) -> str:
+    """A judge class as a metric-key suffix: 'ankle boot' -> 'ankle_boot'."""
+    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
+
+
+def box_leakage(maps: list[torch.Tensor], boxes: list[Box]) -> torch.Tensor:
+    """[R, B]: per region and image, the mean over calls of the attention mass outside the region's box
+    ([R, B, h, w] maps, one per call, at any resolution)."""
+    per_call = []
     for m in maps:
         h, w = m.shape[-2:]
-        for i, box in enumerate(boxes):
-            mass = m[i].flatten(1).sum(-1).clamp_min(1e-12)
-            outside = (m[i] * (1 - box_mask(box, h, w).to(m))).flatten(1).sum(-1)
-            shares.append((outside / mass).mean())
-    return float(torch.stack(shares).mean()) if shares else float("nan")
+        mass = m.flatten(2).sum(-1).clamp_min(1e-12)  # [R, B]
+        outside = torch.stack([(m[i] * (1 - box_mask(box, h, w).to(m))).flatten(1).sum(-1)
+                               for i, box in enumerate(boxes)])
+        per_call.append(outside / mass)
+    return torch.stack(per_call).mean(0)
+
+
+def leakage(maps: list[torch.Tensor], boxes: list[Box]) -> float:
+    """Mean over calls, regions and images of the attention mass outside the region's box ([R, B, h, w] maps)."""
+    return float(box_leakage(maps, boxes).mean()) if maps and boxes else float("nan")
 
 
 class MapRecorder(AttnProcessor):
@@ -127,16 +146,19 @@ def sample_scene(model: Mixer | Composer, scene: Scene, noise: torch.Tensor) -> 
 
 
 def evaluate(model: Mixer | Composer, scenes: list[Scene], noise: torch.Tensor, labels: dict[str, int] | None,
-             judge, artifact_dir: Path) -> dict[str, float]:
-    """Every key of the module docstring for `model` over `scenes` × the seeds' `noise` [S, C, H, W]."""
+             judge, artifact_dir: Path, classes: Sequence[str] = CLASSES) -> dict[str, float | PerSample]:
+    """Every key of the module docstring for `model` over `scenes` × the seeds' `noise` [S, C, H, W]; `labels`
+    maps each adapter to its judge class, an index into `classes`."""
     tally: dict[str, list[torch.Tensor]] = defaultdict(list)
-    leaks, rows, attention_rows, samples = [], [], [], {}
+    leaks, weights, rows, attention_rows, samples = [], [], [], [], {}
     for k, scene in enumerate(scenes):
         images, info = sample_scene(model, scene, noise)
         samples[f"scene_{k}"] = images.contiguous()
         rows.append(_draw_row(images, scene))
         if info.get("maps"):
-            leaks.append(leakage(info["maps"], [r.box for r in scene.regions]))
+            shares = box_leakage(info["maps"], [r.box for r in scene.regions]).double().T.flatten()  # [B*R]
+            leaks.append(shares)
+            weights.append(torch.full_like(shares, 1 / len(shares)))  # each scene counts once, as its mean
             if isinstance(model, Composer):
                 attention_rows.append(_attention_row(info["maps"], scene, images.shape[-2:]))
         if judge is None or labels is None:
@@ -144,11 +166,14 @@ def evaluate(model: Mixer | Composer, scenes: list[Scene], noise: torch.Tensor, 
         outcome = box_outcomes(judge_scene(judge, images, scene), [labels[r.adapter] for r in scene.regions])
         n = len(scene.regions)
         for key, value in outcome.items():
-            tally[f"{key}_{n}"].append(value.float().flatten())
+            tally[f"{key}_{n}"].append(value.float().flatten())  # [B, R] -> image-major
         for i, region in enumerate(scene.regions):
-            tally[f"presence_{region.adapter}"].append(outcome["presence"][:, i].float())
-    metrics = {key: float(torch.cat(values).mean()) for key, values in sorted(tally.items())}
-    metrics["leakage"] = sum(leaks) / len(leaks) if leaks else float("nan")
+            tally[f"presence_{class_key(classes[labels[region.adapter]])}"].append(outcome["presence"][:, i].float())
+    metrics: dict[str, float | PerSample] = {key: PerSample.mean(torch.cat(values).double().numpy())
+                                             for key, values in sorted(tally.items())}
+    # Σ (share / k_s) / Σ (1 / k_s) over boxes: the mean over scenes of each scene's mean over its k_s boxes.
+    metrics["leakage"] = (PerSample.ratio((torch.cat(leaks) * torch.cat(weights)).numpy(),
+                                          torch.cat(weights).numpy()) if leaks else float("nan"))
     metrics["peak_mem_mb"] = peak_memory_mb(model, lambda: model.sample(scenes[0], noise[:1]))
     _save_grid(rows, artifact_dir / "samples.png")
     save_file(samples, artifact_dir / "samples.safetensors")

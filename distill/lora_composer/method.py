@@ -26,14 +26,39 @@ from pydantic import Field
 
 from athanor.convert.lora_composer import adapter_bytes, load_concept_adapters
 from athanor.convert.recipe_types import TeacherFile, Text
+from athanor.distill.fashion_mnist import CLASSES
+from athanor.distill.intervals import PerSample
 from athanor.distill.lora_composer import evaluation as ev
 from athanor.distill.lora_composer.pipeline import Composer, ComposerTeacher, Mixer, Scene, load_teacher
 from athanor.distill.lora_composer.sampling import ComposerSettings, ConceptRegion, word_positions
 from athanor.distill.memory import model_bytes
-from athanor.distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
+from athanor.distill.spec import (
+    DataSpec,
+    Direction,
+    EvalSpec,
+    MethodData,
+    RecipeError,
+    ResolvedSource,
+    Section,
+    TrainSpec,
+)
 
 logger = logging.getLogger(__name__)
 KEY = "lora_composer"
+MAX_REGIONS = 8
+"""Concepts per scene: the per-count keys (`presence_<n>`, ...) are declared for 1..MAX_REGIONS."""
+
+
+def declared_metrics() -> dict[str, Direction]:
+    """Every key `evaluate` can return with its direction. Per-class presence is declared for the judge's
+    classes (the only judge is the testbed's Fashion-MNIST classifier, `ComposerTeacher.judge_classes`)."""
+    metrics: dict[str, Direction] = {}
+    for n in range(1, MAX_REGIONS + 1):
+        metrics.update({f"presence_{n}": "higher", f"confusion_{n}": "lower", f"vanishing_{n}": "lower"})
+    metrics.update({f"presence_{ev.class_key(c)}": "higher" for c in CLASSES})
+    metrics.update(leakage="lower", peak_mem_mb="neutral", params="neutral", weights_mb="neutral",
+                   base_weights_mb="neutral", copies_weights_mb="neutral")
+    return metrics
 
 
 class ConceptSpec(Section):
@@ -63,7 +88,8 @@ class RegionSpec(Section):
 class SceneSpec(Section):
     prompt: Text
     """The global prompt (the baseline's whole prompt; LoRA-Composer's prompt outside every box)."""
-    regions: list[RegionSpec] = Field(min_length=1)
+    regions: list[RegionSpec] = Field(min_length=1, max_length=MAX_REGIONS)
+    """The scene's concepts, one box each (at most 8: each count has its own metric keys)."""
 
 
 class LoraComposerStudent(Section):
@@ -169,6 +195,7 @@ class LoraComposer:
     auto_class: ClassVar[str | None] = None
     """The export is diffusers components plus adapters and a composition config, not a transformers model."""
     nan_metrics: ClassVar[frozenset[str]] = frozenset()
+    metrics: ClassVar[dict[str, Direction]] = declared_metrics()
 
     def load_teacher(self, source: ResolvedSource, *, meta: bool = False) -> ComposerTeacher:
         return load_teacher(source, meta=meta)
@@ -207,10 +234,12 @@ class LoraComposer:
         return MethodData(train_dataloader=lambda: [], eval={"scenes": scenes, "labels": labels, "noise": noise})
 
     def evaluate(self, model: Mixer | Composer, teacher: ComposerTeacher, data: MethodData, eval: EvalSpec,
-                 args: LoraComposerArgs, artifact_dir: Path) -> dict[str, float]:
+                 args: LoraComposerArgs, artifact_dir: Path) -> dict[str, float | PerSample]:
+        """The judge's per-box scores and the attention leakage (`PerSample` over boxes, the same scenes, seeds,
+        noise and box order for the baseline and LoRA-Composer), peak memory and weight sizes."""
         payload = data.eval
         metrics = ev.evaluate(model, payload["scenes"], payload["noise"], payload["labels"], teacher.judge,
-                              artifact_dir)
+                              artifact_dir, teacher.judge_classes)
         base = model_bytes(teacher.unet) + model_bytes(teacher.text_encoder) - adapter_bytes(teacher.unet)
         n = len(args.concepts)
         metrics.update(params=float(sum(p.numel() for p in model.parameters())),

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from athanor.convert.module_utils import count_params
@@ -27,15 +27,45 @@ from athanor.convert.recipe_types import Text
 from athanor.convert.sinklora import build_student, check_model, export_ready, original_context
 from athanor.convert.sinklora.lora import ATTENTION_PROJECTIONS
 from athanor.distill.hf import build_hf_model, load_config, load_tokenizer
+from athanor.distill.intervals import PerSample
 from athanor.distill.lm_pretrain import pretrain_lm
 from athanor.distill.loaders import SeededLoader
 from athanor.distill.long_context_eval import fraction_of_gain
 from athanor.distill.sinklora.data import BookTokens, chunks, heldout_stream, tokenize_books
-from athanor.distill.sinklora.evaluation import evaluate_lm, forward_probe
+from athanor.distill.sinklora.evaluation import budget_label, evaluate_lm, forward_probe
 from athanor.distill.sinklora.train import SinkLoRAModule, stack_chunks
-from athanor.distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
+from athanor.distill.spec import (
+    DataSpec,
+    Direction,
+    EvalSpec,
+    MethodData,
+    RecipeError,
+    ResolvedSource,
+    Section,
+    TrainSpec,
+)
 
 log = logging.getLogger(__name__)
+
+# Metric keys carry the recipe's passkey lengths and cache budgets; the method declares every key it can return
+# (`metrics`), so those values come from a finite set: powers of two, and whole multiples of 5%.
+PASSKEY_LENGTHS = tuple(2**k for k in range(4, 21))
+"""Passkey prompt lengths a recipe may ask for: 16, 32, ..., 1,048,576 tokens."""
+BUDGET_LABELS = tuple(budget_label(percent / 100) for percent in range(5, 101, 5))
+"""Cache budgets a recipe may ask for, as key suffixes: 5%, 10%, ..., 100% of the tokens seen."""
+
+
+def declared_metrics() -> dict[str, Direction]:
+    """Every key `evaluate` can return with its direction: perplexities lower, passkey accuracies higher,
+    sizes (parameters, KV-cache megabytes) neutral."""
+    metrics: dict[str, Direction] = {"params": "neutral", "ppl_original_length": "lower", "ppl_target_length": "lower",
+                                     "passkey_acc": "higher", "cache_ppl_full": "lower", "cache_kv_mb_full": "neutral"}
+    metrics.update({f"passkey_acc_{n}": "higher" for n in PASSKEY_LENGTHS})
+    for label in BUDGET_LABELS:
+        for kind in ("h2o", "local"):
+            metrics.update({f"{kind}_ppl_{label}": "lower", f"{kind}_kv_mb_{label}": "neutral",
+                            f"passkey_acc_{kind}_{label}": "higher"})
+    return metrics
 
 
 class SinkLoRAStudent(Section):
@@ -99,6 +129,24 @@ class SinkLoRAArgs(Section):
     pretrain_lr: float = Field(1e-3, gt=0)
     pretrain_batch_size: int = Field(16, ge=1)
 
+    @field_validator("passkey_lengths")
+    @classmethod
+    def _declared_lengths(cls, lengths: list[int]) -> list[int]:
+        bad = [n for n in lengths if n not in PASSKEY_LENGTHS]
+        if bad:
+            raise ValueError(f"passkey lengths are powers of two from {PASSKEY_LENGTHS[0]} to {PASSKEY_LENGTHS[-1]:,} "
+                             f"tokens (each is a metric key, passkey_acc_<length>, the method declares); got {bad}")
+        return lengths
+
+    @field_validator("cache_budgets")
+    @classmethod
+    def _declared_budgets(cls, budgets: list[float]) -> list[float]:
+        bad = [b for b in budgets if budget_label(b) not in BUDGET_LABELS]
+        if bad:
+            raise ValueError(f"cache budgets are whole multiples of 5% from 0.05 to 1.0 (each is a metric key, "
+                             f"h2o_ppl_<percent>, the method declares); got {bad}")
+        return budgets
+
 
 @dataclass
 class CausalTeacher:
@@ -130,6 +178,7 @@ class SinkLoRA:
     mlflow_task: ClassVar[str | None] = "text-generation"
     auto_class: ClassVar[str | None] = "AutoModelForCausalLM"
     nan_metrics: ClassVar[frozenset[str]] = frozenset()
+    metrics: ClassVar[dict[str, Direction]] = declared_metrics()
 
     def load_teacher(self, source: ResolvedSource, *, meta: bool = False) -> CausalTeacher:
         """The causal LM (weights, GGUF-dequantised directory or inline config) and its tokenizer."""
@@ -199,8 +248,9 @@ class SinkLoRA:
         return export_ready(module.model).eval()
 
     def evaluate(self, model: Any, teacher: CausalTeacher, data: MethodData, eval: EvalSpec, args: SinkLoRAArgs,
-                 artifact_dir: Path) -> dict[str, float]:
-        """Perplexity at both lengths, passkey retrieval, H2O vs local-window caches (evaluation.py)."""
+                 artifact_dir: Path) -> dict[str, float | PerSample]:
+        """Perplexity at both lengths, passkey retrieval, H2O vs local-window caches (evaluation.py); the
+        quality metrics per window, sequence or prompt (`PerSample`), the same samples for every model."""
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")
         metrics = evaluate_lm(model, teacher.tokenizer, data.eval["heldout"], args,
                               original_length=self._original(teacher, args), batch_size=eval.batch_size,

@@ -16,11 +16,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from athanor.distill.intervals import PerSample
 from athanor.distill.long_context_eval import (
     FILLER_SENTENCES,
     fraction_of_gain,
     passkey_accuracy,
+    passkey_hits,
     passkey_prompt,
+    sliding_window_nlls,
     sliding_window_perplexity,
 )
 
@@ -69,6 +72,28 @@ def test_sliding_window_matches_hand_computation(llama, n_tokens, window, stride
     batched = sliding_window_perplexity(llama, ids[None], window, stride, batch_size=3)
     assert batched["tokens"] == n_tokens - 1
     assert batched["ppl"] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize(("n_tokens", "window", "stride", "batch_size"),
+                         [(40, 8, 3, 1), (41, 10, 4, 3), (20, 32, 16, 2)])
+def test_sliding_window_nlls_are_the_windows_of_the_perplexity(llama, n_tokens, window, stride, batch_size):
+    """Per window, in order: the tokens it scores (window k scores the tokens t whose first window is k, as in
+    `_hand_ppl`) and their summed NLL; pooled by tokens they give the perplexity."""
+    ids = torch.randint(0, 50, (n_tokens,), generator=torch.Generator().manual_seed(n_tokens))
+    nlls, tokens = sliding_window_nlls(llama, ids, window, stride, batch_size=batch_size)
+    expected_nll: dict[int, float] = {}
+    expected_tokens: dict[int, int] = {}
+    for t in range(1, n_tokens):
+        k = max(0, math.ceil((t - window) / stride))
+        with torch.no_grad():
+            logits = llama(ids[k * stride:t][None]).logits[0, -1]
+        expected_nll[k] = expected_nll.get(k, 0.0) - torch.log_softmax(logits.double(), -1)[ids[t]].item()
+        expected_tokens[k] = expected_tokens.get(k, 0) + 1
+    assert tokens == [expected_tokens[k] for k in sorted(expected_tokens)]
+    assert nlls == pytest.approx([expected_nll[k] for k in sorted(expected_nll)], rel=1e-9)
+    ppl = sliding_window_perplexity(llama, ids, window, stride)["ppl"]
+    assert PerSample.perplexity(nlls, tokens).value == pytest.approx(ppl, rel=1e-12)
+    assert ppl == pytest.approx(math.exp(sum(expected_nll.values()) / (n_tokens - 1)), rel=1e-9)
 
 
 def test_sliding_window_restores_training_flag_and_rejects_bad_input(llama):
@@ -135,6 +160,25 @@ def test_passkey_accuracy_with_oracle_and_wrong_answers(tokenizer):
     assert wrong == {(n, d): 0.0 for n in lengths for d in depths}
     with pytest.raises(ValueError, match="generate_fn"):
         passkey_accuracy(None, tokenizer, lengths, depths, trials=1)
+
+
+def test_passkey_hits_are_one_zero_or_one_per_trial(tokenizer):
+    """An oracle that answers only the prompts whose key is even: each trial's 0/1 is that key's parity."""
+    oracle = _oracle(tokenizer)
+    keys = []
+
+    def even_only(input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        key = int(re.search(r"pass key is (\d+)", tokenizer.decode(input_ids[0].tolist())).group(1))
+        keys.append(key)
+        return oracle(input_ids, max_new_tokens) if key % 2 == 0 else torch.tensor([0])
+
+    lengths, depths = [200, 300], [0.0, 1.0]
+    hits = passkey_hits(None, tokenizer, lengths, depths, trials=4, seed=5, generate_fn=even_only)
+    assert list(hits) == [(n, d) for n in lengths for d in depths]
+    flat = [h for trial in hits.values() for h in trial]
+    assert flat == [int(k % 2 == 0) for k in keys] and len(flat) == 16 and 0 < sum(flat) < 16
+    accuracy = passkey_accuracy(None, tokenizer, lengths, depths, trials=4, seed=5, generate_fn=even_only)
+    assert accuracy == {key: sum(h) / 4 for key, h in hits.items()}  # the same prompts again
 
 
 def test_passkey_accuracy_default_greedy_generate(tokenizer):

@@ -107,6 +107,10 @@ def test_fashion_recipe_end_to_end(tmp_path):
     # One U-Net holds the four adapters: under 1.2x the base weights, far below four pipeline copies.
     assert after["weights_mb"] < 1.2 * after["base_weights_mb"] < after["copies_weights_mb"] / 3
     assert before["params"] == after["params"]
+    # per-box samples: paired intervals of after - before; the shipped gate holds on this one-seed run too
+    differences = job.result["intervals"]["differences"]["after - before"]
+    assert {"presence_2", "presence_sneaker", "leakage"} <= set(differences)
+    assert job.result["gate"]["passed"], job.result["gate"]
 
     client = mlflow_client(tmp_path)
     assert {"baseline", "converted"} <= set(child_runs(client, job.mlflow_run_id))

@@ -37,6 +37,10 @@ def test_tiny_recipe_extends_the_context_and_compares_the_attentions(tmp_path: P
     assert after["ppl_target_length"] < untrained["ppl_target_length"]
     # the 20% caches hold about a fifth of the full cache (the first tokens are all kept)
     assert after["h2o_kv_mb_20"] < 0.3 * after["cache_kv_mb_full"]
+    # per-window / per-prompt samples: paired intervals of after - before; the shipped gate holds here too
+    differences = result["intervals"]["differences"]["after - before"]
+    assert {"ppl_original_length", "ppl_target_length", "passkey_acc", "h2o_ppl_20"} <= set(differences)
+    assert result["gate"]["passed"], result["gate"]
 
     comparison = result["comparison"]
     assert set(result["arms"]) == {"full", "s2"}

@@ -13,7 +13,15 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
-from athanor.distill.lora_composer.evaluation import MapRecorder, box_outcomes, judge_scene, leakage, pixel_box
+from athanor.distill.lora_composer.evaluation import (
+    MapRecorder,
+    box_leakage,
+    box_outcomes,
+    judge_scene,
+    leakage,
+    pixel_box,
+)
+from athanor.distill.lora_composer.method import LoraComposer
 from athanor.distill.lora_composer.pipeline import Scene
 from athanor.distill.lora_composer.sampling import ConceptRegion
 
@@ -143,3 +151,86 @@ def test_map_recorder_matches_hand_computed_attention(attn):
     with torch.no_grad():
         attn(hidden, encoder_hidden_states=context)
     torch.testing.assert_close(everything.maps[0], torch.ones(1, 3, 4, 8))  # probabilities sum to 1
+
+
+def _inside(box, h: int, w: int) -> torch.Tensor:
+    """Independent of `box_mask`: a cell is inside when its centre ((c + ½)/w, (r + ½)/h) lies in the box."""
+    x0, y0, x1, y1 = box
+    rows, cols = (torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w
+    return ((rows[:, None] >= y0) & (rows[:, None] < y1) & (cols >= x0) & (cols < x1)).float()
+
+
+def test_box_leakage_per_region_and_image():
+    gen = torch.Generator().manual_seed(0)
+    maps = [torch.rand(2, 3, 4, 8, generator=gen), torch.rand(2, 3, 8, 16, generator=gen)]
+    boxes = [BOX, (0.5, 0.5, 1.0, 1.0)]
+    expected = torch.zeros(2, 3)
+    for m in maps:
+        for i, box in enumerate(boxes):
+            inside = _inside(box, *m.shape[-2:])
+            expected[i] += (m[i] * (1 - inside)).sum((-1, -2)) / m[i].sum((-1, -2)) / len(maps)
+    torch.testing.assert_close(box_leakage(maps, boxes), expected)
+    assert leakage(maps, boxes) == pytest.approx(float(expected.mean()))
+
+
+TWO = ((0.03125, 0.0625, 0.46875, 0.9375), (0.53125, 0.0625, 0.96875, 0.9375))
+THREE = ((0.015625, 0.1875, 0.328125, 0.8125), (0.34375, 0.1875, 0.65625, 0.8125),
+         (0.671875, 0.1875, 0.984375, 0.8125))
+LEVELS = torch.linspace(-1, 1, 10)
+
+
+class ScriptedSampler(torch.nn.Module):
+    """Stands in for a sampler: per scene prompt, images whose boxes hold given judge levels, and given maps."""
+
+    def __init__(self, scripts: dict[str, tuple[list[list[int]], list[torch.Tensor]]]) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(4))
+        self.scripts = scripts
+
+    def sample(self, scene: Scene, noise: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        classes, maps = self.scripts[scene.prompt]
+        images = torch.full((len(classes), 1, 32, 64), -1.0)
+        for b, row in enumerate(classes):
+            for region, c in zip(scene.regions, row):
+                x0, y0, x1, y1 = pixel_box(region.box, 32, 64)
+                images[b, :, y0:y1, x0:x1] = LEVELS[c]
+        return images[:len(noise)], {"maps": maps}
+
+
+def test_evaluate_returns_per_box_samples_equal_to_hand_counts(tmp_path):
+    """Two scenes × two seeds judged by a stand-in judge (a box's mean level binned into the 10 classes)."""
+    from athanor.distill.intervals import PerSample
+    from athanor.distill.lora_composer.evaluation import evaluate
+
+    def judge(crops: torch.Tensor) -> torch.Tensor:
+        return -(crops.mean((1, 2, 3))[:, None] - LEVELS).abs()
+
+    labels = {"a": 3, "b": 8, "c": 5}  # dress, bag, sandal
+    scenes = [Scene("two", tuple(ConceptRegion(n, box, n, n) for n, box in zip("ab", TWO))),
+              Scene("three", tuple(ConceptRegion(n, box, n, n) for n, box in zip("abc", THREE)))]
+    gen = torch.Generator().manual_seed(1)
+    maps = {"two": [torch.rand(2, 2, 4, 8, generator=gen)], "three": [torch.rand(3, 2, 4, 8, generator=gen)]}
+    # seed 0 as asked; seed 1 swapped (two) / the bag's box shows a dress, the sandal's a sandal (three)
+    model = ScriptedSampler({"two": ([[3, 8], [8, 3]], maps["two"]),
+                             "three": ([[3, 8, 0], [3, 3, 5]], maps["three"])})
+    out = evaluate(model, scenes, torch.zeros(2, 1, 32, 64), labels, judge, tmp_path)
+
+    assert all(isinstance(out[k], PerSample) for k in out if k != "peak_mem_mb")
+    assert out["presence_2"].rows.tolist() == [1, 1, 0, 0]  # image-major: seed 0's boxes, then seed 1's
+    assert out["confusion_2"].rows.tolist() == [0, 0, 1, 1]
+    assert out["presence_3"].rows.tolist() == [1, 1, 0, 1, 0, 1]
+    assert out["presence_3"].value == pytest.approx(4 / 6)
+    assert out["confusion_3"].value == pytest.approx(1 / 6)  # seed 1: the bag's box shows the scene's dress
+    assert out["vanishing_3"].value == pytest.approx(2 / 6)  # seed 0: no sandal; seed 1: no bag
+    assert out["presence_dress"].value == pytest.approx(3 / 4)
+    assert out["presence_bag"].value == out["presence_sandal"].value == pytest.approx(1 / 2)
+    # leakage: the mean over the two scenes of each scene's mean outside-share over its boxes and seeds
+    per_scene = []
+    for scene in scenes:
+        (m,) = maps[scene.prompt]
+        shares = [float((m[i, b] * (1 - _inside(r.box, 4, 8))).sum() / m[i, b].sum())
+                  for i, r in enumerate(scene.regions) for b in range(2)]
+        per_scene.append(sum(shares) / len(shares))
+    assert out["leakage"].value == pytest.approx(sum(per_scene) / 2)
+    assert out["leakage"].n == 4 + 6
+    assert set(out) <= set(LoraComposer.metrics)

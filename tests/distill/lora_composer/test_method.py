@@ -192,3 +192,18 @@ def test_export_round_trip_reproduces_the_images(loras, tmp_path):
     assert set(restored.unet.peft_config) == set(WORDS)
     again, _ = restored.sample(scenes[0], restored_noise)
     assert torch.equal(again, images)
+
+
+def test_declared_metrics_cover_every_scene_size_and_judge_class(loras):
+    from athanor.distill.fashion_mnist import CLASSES
+
+    metrics = LoraComposer.metrics
+    for n in range(1, 9):
+        assert (metrics[f"presence_{n}"], metrics[f"confusion_{n}"], metrics[f"vanishing_{n}"]) == \
+            ("higher", "lower", "lower")
+    assert {metrics[f"presence_{c}"] for c in ("sneaker", "bag", "t_shirt", "ankle_boot")} == {"higher"}
+    assert len([k for k in metrics if k.startswith("presence_") and not k[-1].isdigit()]) == len(CLASSES)
+    assert metrics["leakage"] == "lower" and metrics["peak_mem_mb"] == metrics["weights_mb"] == "neutral"
+    nine = [{"concept": "sneaker", "box": [i / 9, 0.0, (i + 1) / 9, 1.0]} for i in range(9)]
+    with pytest.raises(ValueError, match="at most 8"):  # a ninth concept would have no declared keys
+        make_args(loras, scenes=[{"prompt": PROMPT, "regions": nine}])

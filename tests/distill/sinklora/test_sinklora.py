@@ -64,16 +64,22 @@ def test_data_errors_name_their_keys():
 
 # --- evaluation ---------------------------------------------------------------------------------------------
 
-def disjoint_window_ppl(model, ids: torch.Tensor, window: int) -> float:
-    """Independent reference: every window of `window` + 1 tokens scored on its own (stride == window)."""
-    total, count = 0.0, 0
+def disjoint_windows(model, ids: torch.Tensor, window: int) -> tuple[list[float], list[int]]:
+    """Independent reference: every window of `window` + 1 tokens scored on its own (stride == window): its
+    summed NLL and its token count."""
+    nlls, counts = [], []
     with torch.no_grad():
         for start in range(0, ids.numel() - 1, window):
             x = ids[start:start + window + 1]
             logits = model(x[None, :-1]).logits[0]
-            total += F.cross_entropy(logits, x[1:], reduction="sum").item()
-            count += x.numel() - 1
-    return math.exp(total / count)
+            nlls.append(F.cross_entropy(logits, x[1:], reduction="sum").item())
+            counts.append(x.numel() - 1)
+    return nlls, counts
+
+
+def disjoint_window_ppl(model, ids: torch.Tensor, window: int) -> float:
+    nlls, counts = disjoint_windows(model, ids, window)
+    return math.exp(sum(nlls) / sum(counts))
 
 
 def test_perplexities_equal_an_independent_computation_under_full_attention():
@@ -85,8 +91,13 @@ def test_perplexities_equal_an_independent_computation_under_full_attention():
     from athanor.convert.sinklora import attention_implementation
 
     with attention_implementation(student, "sdpa"):
-        assert out["ppl_original_length"] == pytest.approx(disjoint_window_ppl(student, ids, CONTEXT), rel=1e-4)
-        assert out["ppl_target_length"] == pytest.approx(disjoint_window_ppl(student, ids, 4 * CONTEXT), rel=1e-4)
+        for key, window in (("ppl_original_length", CONTEXT), ("ppl_target_length", 4 * CONTEXT)):
+            assert out[key].value == pytest.approx(disjoint_window_ppl(student, ids, window), rel=1e-4)
+            # one sample per window: its summed NLL and its tokens, in the stream's order
+            nlls, counts = disjoint_windows(student, ids, window)
+            assert out[key].n == len(nlls) == 4 * CONTEXT * 3 // window
+            assert out[key].rows[:, 1].tolist() == counts
+            assert out[key].rows[:, 0] == pytest.approx(nlls, rel=1e-4)
     assert student.get_base_model().config._attn_implementation == "sf_attention"  # restored
 
 
@@ -94,12 +105,26 @@ def test_caches_at_a_full_budget_equal_the_full_cache_and_smaller_budgets_hold_l
     model = tiny_llama()
     sequences = [stream(48, seed=s) for s in (1, 2)]
     out = cache_comparison(model, sequences, [1.0, 0.25])
-    assert out["h2o_ppl_100"] == pytest.approx(out["cache_ppl_full"], rel=1e-4)
-    assert out["local_ppl_100"] == pytest.approx(out["cache_ppl_full"], rel=1e-4)
+    full = out["cache_ppl_full"].value
+    assert out["h2o_ppl_100"].value == pytest.approx(full, rel=1e-4)
+    assert out["local_ppl_100"].value == pytest.approx(full, rel=1e-4)
     assert out["h2o_kv_mb_100"] == pytest.approx(out["cache_kv_mb_full"], rel=0.05)
     for kind in ("h2o", "local"):
         assert out[f"{kind}_kv_mb_25"] < 0.3 * out["cache_kv_mb_full"]
-        assert out[f"{kind}_ppl_25"] != pytest.approx(out["cache_ppl_full"], rel=1e-6)  # evicting changes the NLL
+        assert out[f"{kind}_ppl_25"].value != pytest.approx(full, rel=1e-6)  # evicting changes the NLL
+        assert out[f"{kind}_ppl_25"].n == 2  # one sample per sequence
+
+
+def test_cache_perplexity_is_token_weighted_over_the_sequences():
+    """The full-cache perplexity against each sequence scored by its own forward, pooled by tokens."""
+    model = tiny_llama()
+    sequences = [stream(40, seed=3), stream(40, seed=4)]
+    out = cache_comparison(model, sequences, [])
+    with torch.no_grad():
+        sums = [F.cross_entropy(model(s[None, :-1]).logits[0], s[1:], reduction="sum").item() for s in sequences]
+    assert out["cache_ppl_full"].value == pytest.approx(math.exp(sum(sums) / 78), rel=1e-5)
+    assert out["cache_ppl_full"].rows[:, 0] == pytest.approx(sums, rel=1e-5)
+    assert out["cache_ppl_full"].rows[:, 1].tolist() == [39, 39]
 
 
 def test_passkey_metrics_have_a_key_per_length(minilm_tokenizer_dir):
@@ -114,9 +139,24 @@ def test_passkey_metrics_have_a_key_per_length(minilm_tokenizer_dir):
                                                           passkey_trials=1, cache_budgets=[0.5]),
                       original_length=64, batch_size=2, cache_length=64)
     keys = {"passkey_acc", "passkey_acc_64", "passkey_acc_128", "passkey_acc_h2o_50", "passkey_acc_local_50"}
-    assert keys <= set(out)
-    assert out["passkey_acc"] == out["passkey_acc_h2o_50"] == 0.0  # a random model never retrieves a five-digit key
+    assert keys <= set(out) <= set(SinkLoRA.metrics)
+    # a random model never retrieves a five-digit key: one 0 per prompt (2 lengths x 3 depths x 1 trial)
+    assert out["passkey_acc"].rows.tolist() == out["passkey_acc_h2o_50"].rows.tolist() == [0.0] * 6
+    assert out["passkey_acc_64"].n == 3 and out["passkey_acc_64"].value == 0.0
     assert model.config._attn_implementation == "sdpa"  # the h2o attention was switched off again
+
+
+def test_declared_metrics_and_the_recipe_values_their_keys_come_from():
+    metrics = SinkLoRA.metrics
+    assert metrics["ppl_target_length"] == metrics["h2o_ppl_20"] == metrics["cache_ppl_full"] == "lower"
+    assert metrics["passkey_acc"] == metrics["passkey_acc_32768"] == metrics["passkey_acc_local_5"] == "higher"
+    assert metrics["params"] == metrics["h2o_kv_mb_100"] == metrics["cache_kv_mb_full"] == "neutral"
+    assert "latency_ms" not in metrics  # the spine's
+    assert args(passkey_lengths=[16, 1_048_576], cache_budgets=[0.05, 0.1, 0.15, 0.35, 1.0]).cache_budgets[-1] == 1.0
+    for bad in ({"passkey_lengths": [100]}, {"passkey_lengths": [8]}, {"cache_budgets": [0.07]},
+                {"cache_budgets": [1.5]}):
+        with pytest.raises(ValueError, match="powers of two|multiples of 5%"):
+            args(**bad)
 
 
 # --- training -----------------------------------------------------------------------------------------------
