@@ -4,17 +4,21 @@ spine times `speed_probe` callables of teacher and student interleaved (`distill
 Every metric is defined for any pair of models, so the teacher ("before") and the student ("after")
 report the same keys:
 
-- `params`: parameter count.
+- `params`: parameter count (a plain float).
 - `embedding_cosine`: mean cosine between the model's and the teacher's mean-pooled embeddings of
   each held-out text. Defined only when both have the same hidden size (NaN otherwise, so that
-  before and after still log the same keys); 1.0 for the teacher.
+  before and after still log the same keys); 1.0 for the teacher. Per sample: one cosine per text.
 - `similarity_agreement`: similarity-structure agreement, defined for any hidden size. Mean-pooled
   embeddings of the held-out texts give each model a cosine-similarity matrix S (texts × texts); for
   each text, the cosine between its model row and its teacher row, diagonal dropped and each row
   mean-centred (i.e. the Pearson correlation of the two rows), averaged over texts.
-  1.0 for the teacher; ≈0 for unrelated embeddings.
+  1.0 for the teacher; ≈0 for unrelated embeddings. Per sample: one correlation per text.
 - `sts_spearman` (only with an STS file, `minilm.sts_file`): Spearman correlation of embedding
-  cosine vs gold score.
+  cosine vs gold score. Per sample: one (cosine, gold score) row per sentence pair, so a bootstrap
+  resamples pairs and recomputes the rank correlation.
+
+The per-sample metrics are `PerSample`s (`distill/intervals.py`) whose rows follow the held-out texts
+and the STS file in their order, the same for every model: the spine's paired intervals rely on it.
 
 Tests: `.venv/bin/python -m pytest tests/distill/test_encoder_eval.py -q`
 """
@@ -26,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from scipy.stats import spearmanr
 
 from athanor.convert.module_utils import count_params
+from athanor.distill.intervals import PerSample
 from athanor.distill.spec import EvalSpec, RecipeError
 
 STS_KEY = "minilm.sts_file"
@@ -57,8 +61,8 @@ def embed(model: torch.nn.Module, tokenizer: Any, texts: list[str], batch_size: 
     return torch.cat(out)
 
 
-def similarity_agreement(model_emb: torch.Tensor, teacher_emb: torch.Tensor) -> float:
-    """Mean per-text Pearson correlation of the two models' cosine-similarity rows (no diagonal)."""
+def agreement_rows(model_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Tensor:
+    """Per text, the Pearson correlation of the two models' cosine-similarity rows (no diagonal): [n]."""
     n = model_emb.shape[0]
     if n < 3:
         raise ValueError("similarity agreement needs at least 3 texts")
@@ -69,15 +73,21 @@ def similarity_agreement(model_emb: torch.Tensor, teacher_emb: torch.Tensor) -> 
         off = s[~torch.eye(n, dtype=torch.bool)].view(n, n - 1)
         return off - off.mean(dim=1, keepdim=True)
 
-    a, b = rows(model_emb), rows(teacher_emb)
-    return torch.nn.functional.cosine_similarity(a, b, dim=1).mean().item()
+    return torch.nn.functional.cosine_similarity(rows(model_emb), rows(teacher_emb), dim=1)
 
 
-def mean_cosine(model_emb: torch.Tensor, teacher_emb: torch.Tensor) -> float:
-    """Mean per-text cosine of the two models' embeddings; NaN when the widths differ."""
+def similarity_agreement(model_emb: torch.Tensor, teacher_emb: torch.Tensor) -> float:
+    """Mean per-text Pearson correlation of the two models' cosine-similarity rows (no diagonal)."""
+    return agreement_rows(model_emb, teacher_emb).mean().item()
+
+
+def mean_cosine(model_emb: torch.Tensor, teacher_emb: torch.Tensor) -> PerSample | float:
+    """Per-text cosine of the two models' embeddings (their mean is the metric); NaN when the widths differ
+    (a plain float: there are no rows to resample)."""
     if model_emb.shape != teacher_emb.shape:
         return float("nan")
-    return torch.nn.functional.cosine_similarity(model_emb.double(), teacher_emb.double(), dim=-1).mean().item()
+    cosines = torch.nn.functional.cosine_similarity(model_emb.double(), teacher_emb.double(), dim=-1)
+    return PerSample.mean(cosines.numpy())
 
 
 def read_sts(path: str) -> tuple[list[str], list[str], list[float]]:
@@ -109,18 +119,18 @@ def read_sts(path: str) -> tuple[list[str], list[str], list[float]]:
 
 
 def sts_spearman(model: torch.nn.Module, tokenizer: Any, path: str, batch_size: int,
-                 max_length: int) -> float:
-    """Spearman correlation between cosine(embedding1, embedding2) and the gold scores."""
+                 max_length: int) -> PerSample:
+    """Spearman correlation between cosine(embedding1, embedding2) and the gold scores, one row per pair."""
     first, second, scores = read_sts(path)
     a = embed(model, tokenizer, first, batch_size, max_length)
     b = embed(model, tokenizer, second, batch_size, max_length)
     cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1)
-    return float(spearmanr(cosine.numpy(), scores).statistic)
+    return PerSample.spearman(cosine.numpy(), scores)
 
 
 def evaluate_encoder(model: torch.nn.Module, teacher: torch.nn.Module, tokenizer: Any,
                      texts: list[str], spec: EvalSpec, max_length: int,
-                     sts_file: str | None = None) -> dict[str, float]:
+                     sts_file: str | None = None) -> dict[str, float | PerSample]:
     """All metrics above for `model` against `teacher`, both on CPU in eval mode."""
     texts = texts[: spec.max_texts]
     modes = (model.training, teacher.training)
@@ -130,10 +140,10 @@ def evaluate_encoder(model: torch.nn.Module, teacher: torch.nn.Module, tokenizer
         model_emb = embed(model, tokenizer, texts, spec.batch_size, max_length)
         teacher_emb = (model_emb if model is teacher
                        else embed(teacher, tokenizer, texts, spec.batch_size, max_length))
-        metrics = {
+        metrics: dict[str, float | PerSample] = {
             "params": float(count_params(model)),
             "embedding_cosine": mean_cosine(model_emb, teacher_emb),
-            "similarity_agreement": similarity_agreement(model_emb, teacher_emb),
+            "similarity_agreement": PerSample.mean(agreement_rows(model_emb, teacher_emb).numpy()),
         }
         if sts_file:
             metrics["sts_spearman"] = sts_spearman(model, tokenizer, sts_file, spec.batch_size, max_length)

@@ -14,6 +14,7 @@ one (the method declares it, e.g. perplexity), before / after. Both must reach t
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -58,8 +59,11 @@ def gate_problems(gate: GateSpec, metrics: dict[str, str]) -> list[tuple[str, st
     for name in gate.retain:
         key = metric_key(name)
         if key not in known:
-            problems.append((f"gate.retain.{name}", name, "not a metric this method reports; choose one of "
-                             + ", ".join(sorted(k for k, d in known.items() if d != "neutral"))))
+            choices = sorted(k for k, d in known.items() if d != "neutral")
+            guess = difflib.get_close_matches(key[:200], choices, n=1)
+            listed = ", ".join(choices[:12]) + (f" and {len(choices) - 12} more" if len(choices) > 12 else "")
+            problems.append((f"gate.retain.{name}", name, "not a metric this method reports; "
+                             + (f"did you mean '{guess[0]}'? " if guess else "") + f"choose one of {listed}"))
         elif known[key] == "neutral":
             problems.append((f"gate.retain.{name}", name, "has no better direction (a size or a count); gate on a "
                              "quality metric, or on speed with gate.min_speedup"))

