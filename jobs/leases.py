@@ -124,6 +124,54 @@ def sigterm_cancels(lease: JobLease) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class SigtermNoted:
+    """Under a cluster engine, SIGTERM is the engine's (pre-emption, requeue, scancel): it only notes the signal.
+    Lightning's own handler then broadcasts it to the ranks; when that lands inside another collective, gloo fails
+    with 'connection reset', an error that must still count as the engine stopping the attempt, not as a failure."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    @contextmanager
+    def installed(self) -> Iterator[SigtermNoted]:
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def handler(signum: int, frame: Any) -> None:
+            self.seen = True
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, handler)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def callback(self) -> Any:
+        """A Lightning callback that puts the note ahead of Lightning's own SIGTERM handlers once training starts
+        (Lightning runs its broadcast first, and a failed broadcast would skip every handler after it)."""
+        from lightning.pytorch.callbacks import Callback
+
+        noted = self
+
+        class NoteSigtermFirst(Callback):
+            def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+                lightning_handler = signal.getsignal(signal.SIGTERM)
+
+                def handler(signum: int, frame: Any) -> None:
+                    noted.seen = True
+                    if callable(lightning_handler):
+                        lightning_handler(signum, frame)
+
+                signal.signal(signal.SIGTERM, handler)
+
+        return NoteSigtermFirst()
+
+
+SIGTERM_NOTED = SigtermNoted()
+"""This process's note of a SIGTERM (one job per process)."""
+
+
 @contextmanager
 def signals_deferred() -> Iterator[None]:
     """Block SIGINT/SIGTERM for a critical section (registration, the final status); delivered after."""

@@ -23,7 +23,7 @@ from athanor.convert.module_utils import count_params
 from athanor.distill.intervals import split
 from athanor.jobs.fault_hooks import TEST_HOOK, fault_hook
 from athanor.jobs.gate import judge
-from athanor.jobs.leases import JobLease, JobStopped, signals_deferred, sigterm_cancels
+from athanor.jobs.leases import SIGTERM_NOTED, JobLease, JobStopped, signals_deferred, sigterm_cancels
 from athanor.jobs.recipe import LoadedRecipe, load_recipe, resolve_recipe_paths
 from athanor.jobs.results import (
     Results,
@@ -131,7 +131,7 @@ def _train(p: Prepared, job: Job, store: JobStore, *, logger: Any, progress: boo
                             extra_env={ARM_ENV: arm, RESUME_ENV: str(ckpt or "")}) if launch
              else contextlib.nullcontext())
     callbacks = [guard_callback(lambda: bool(lease and lease.cancelled) or store.cancel_requested(job.id),
-                                **interrupt_hooks())]
+                                **interrupt_hooks()), SIGTERM_NOTED.callback()]
     if launch and (steps := kill_steps(os.environ.get(TEST_HOOK, ""))):
         callbacks.append(KillAtStep(steps, store.job_dir(job.id) / "test_hook_kills"))
     with ranks:
@@ -332,14 +332,14 @@ def execute(job_id: str, store: JobStore, *, progress: bool = True, engine: bool
     cluster engine (`engine`) SIGTERM is the engine's (pre-emption, scancel), not a cancel: its job state decides."""
     job = store.get(job_id)
     store.update(job.id, pid=os.getpid())
-    run = JobRun(job, store, progress=progress)
+    run, noted = JobRun(job, store, progress=progress), SIGTERM_NOTED
     with (_job_log(job, store), JobLease(store, job.id, attempt=job.attempts) as lease,
-          contextlib.nullcontext() if engine else sigterm_cancels(lease)):
+          noted.installed() if engine else sigterm_cancels(lease)):
         run.lease = lease
         try:
             run.run()
         except BaseException as exc:  # noqa: BLE001 — every outcome ends in a final status
-            if engine and _terminated(exc):
+            if engine and (_terminated(exc) or noted.seen):
                 log.warning("the engine stopped this attempt (SIGTERM); its job state decides what comes next")
                 raise SystemExit(143) from None
             if disk_full(exc) is not None:  # space first: the final status must still be written

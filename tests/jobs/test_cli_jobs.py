@@ -49,7 +49,7 @@ def test_submit_wait_runs_tracks_and_registers(tmp_path, home, capsys):
     assert speedup == pytest.approx(before["latency_ms"] / after["latency_ms"]) == pytest.approx(job.result["speedup"])
     assert "eval/speedup" not in by_name["baseline"].data.metrics
     description = parent.data.tags["mlflow.note.content"]
-    assert "| mse_to_teacher | 0 |" in description and "Speed-up" in description
+    assert "| mse_to_teacher | 0 ± 0 |" in description and "Speed-up" in description
     contexts = sorted(i.tags[0].value for i in parent.inputs.dataset_inputs)
     assert contexts == ["evaluation", "training"]
     assert by_name["converted"].data.metrics["eval/mse_to_teacher"] == pytest.approx(after["mse_to_teacher"])
@@ -66,7 +66,7 @@ def test_submit_wait_runs_tracks_and_registers(tmp_path, home, capsys):
     export = Path(job.result["export"])
     assert (export / "model.safetensors").is_file() and not (export.parent / "export.partial").exists()
     card = (export / "README.md").read_text()
-    assert "toy" in card and "| mse_to_teacher | 0 |" in card and "30 optimizer steps" in card
+    assert "toy" in card and "| mse_to_teacher | 0 ± 0 |" in card and "30 optimizer steps" in card
 
 
 def test_training_free_method_skips_training_and_still_tracks_and_registers(tmp_path, home, capsys):
