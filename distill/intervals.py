@@ -117,8 +117,13 @@ def _indices(n: int, resamples: int, seed: int) -> np.ndarray:
 
 
 def _replicates(metric: PerSample, indices: np.ndarray) -> np.ndarray:
-    if metric.statistic is _mean and metric.rows.ndim == 1:  # vectorised: the common case
+    """The statistic on every resample; the mean and the sum-ratio statistics vectorised (no Python loop)."""
+    if metric.statistic is _mean and metric.rows.ndim == 1:
         return metric.rows[indices].mean(axis=1)
+    if metric.statistic in (_ratio, _perplexity):
+        sums = metric.rows[indices].sum(axis=1)  # [resamples, 2]: Σ numerator, Σ denominator
+        ratio = sums[:, 0] / sums[:, 1]
+        return np.exp(ratio) if metric.statistic is _perplexity else ratio
     return np.array([metric.statistic(metric.rows[i]) for i in indices])
 
 

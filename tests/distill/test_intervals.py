@@ -79,3 +79,14 @@ def test_paired_sides_need_the_same_samples_and_split_separates_the_per_sample_m
     values, per_sample = split({"params": 10, "acc": PerSample.mean([1, 0, 1, 0])})
     assert values == {"params": 10.0, "acc": 0.5} and list(per_sample) == ["acc"]
     assert interval(PerSample.mean([1.0, 1.0, 1.0])).as_dict()["half_width"] == 0.0
+
+
+def test_the_vectorised_ratio_and_perplexity_resamples_equal_the_statistic_on_each_resample():
+    from athanor.distill.intervals import _indices, _replicates
+
+    rng = np.random.default_rng(8)
+    rows = (rng.random(30) * 40, rng.integers(5, 30, 30))
+    indices = _indices(30, 50, seed=1)
+    for metric in (PerSample.perplexity(*rows), PerSample.ratio(*rows)):
+        looped = [metric.statistic(metric.rows[i]) for i in indices]
+        assert np.allclose(_replicates(metric, indices), looped, rtol=1e-12)
