@@ -16,6 +16,7 @@ Tests: `.venv/bin/python -m pytest tests/distill/test_text_data.py -q`
 from __future__ import annotations
 
 import ast
+import collections
 import glob
 import gzip
 import importlib.util
@@ -69,14 +70,28 @@ def _docstrings(path: Path) -> Iterator[str]:
         tree = ast.parse(path.read_text(encoding="utf-8"))
     except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
         return
-    nodes = [tree] + [
-        n for n in ast.walk(tree)
-        if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-    ]
-    for node in nodes:  # ast.walk is breadth-first and deterministic
+    for node in _definitions(tree):
         doc = ast.get_docstring(node, clean=True)
         if doc:
             yield doc
+
+
+_DEFINITIONS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+_BLOCKS = (ast.stmt, ast.excepthandler, ast.match_case)
+
+
+def _definitions(tree: ast.Module) -> list[ast.AST]:
+    """The module and its classes and functions in `ast.walk`'s breadth-first order (the corpus order), visiting
+    statements only: no definition lives inside an expression, and skipping them halves the walk's time."""
+    found: list[ast.AST] = [tree]
+    queue = collections.deque([tree])
+    while queue:
+        for child in ast.iter_child_nodes(queue.popleft()):
+            if isinstance(child, _BLOCKS):
+                if isinstance(child, _DEFINITIONS):
+                    found.append(child)
+                queue.append(child)
+    return found
 
 
 def split_passages(doc: str) -> list[str]:

