@@ -13,7 +13,9 @@ q, k, v with a fixed upstream gradient. Each time is the median over rounds that
 methods, both baselines included (after a warm-up round up to 8k tokens). On a machine shared with
 other busy processes, multi-threaded runs of many-small-op pipelines (linear, SF) suffer most from
 descheduled threads; `--threads 1` is then the steadier comparison. On CPU every method takes the
-PyTorch reference path; with a CUDA GPU the Triton kernels are timed beside SDPA on the GPU.
+PyTorch reference path; with a CUDA GPU the Triton kernels and the default CUDA paths ('auto':
+FlexAttention for SF-Attn, fla or the PyTorch chunked form for causal linear attention, Triton for
+non-causal) are timed beside SDPA on the GPU.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ Attn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 def methods(device: torch.device, backend: str) -> dict[str, tuple[Attn, str]]:
     """name -> (attention, name of its baseline): the SDPA with the same causal masking."""
     hedgehog = HedgehogFeatureMap(HEADS, DIM).to(device)
-    tag = "" if backend == "torch" else " [triton]"
+    tag = "" if backend == "torch" else f" [{backend}]"
 
     def linear(causal: bool, fmap: str | HedgehogFeatureMap) -> tuple[Attn, str]:
         attn = lambda q, k, v: linear_attention(q, k, v, causal=causal, feature_map=fmap, backend=backend)  # noqa: E731
@@ -168,6 +170,7 @@ def main() -> None:
     runs = {"cpu, reference": (torch.device("cpu"), "torch")}
     if torch.cuda.is_available():
         runs["cuda, triton"] = (torch.device("cuda"), "triton")
+        runs["cuda, auto"] = (torch.device("cuda"), "auto")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_before}")
     all_results = {}
     for label, (device, backend) in runs.items():

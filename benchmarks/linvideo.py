@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/linvideo.py                                    # 1k, 4k, 16k tokens
     .venv/bin/python benchmarks/linvideo.py --tokens 32760 --device cuda       # Wan-1.3B at 480p, 81 frames
     .venv/bin/python benchmarks/linvideo.py --tokens 256 512 --repeats 2 --threads 1   # smoke run
+    .venv/bin/python benchmarks/linvideo.py --tokens 16384 --profile --threads 2       # per-op profile
 
 One diffusers `WanTransformerBlock` with Wan2.1-T2V-1.3B's dims (random weights: latency does not
 depend on them) is timed against a deep copy whose self-attention (`attn1`) is converted by
@@ -13,6 +14,9 @@ the two blocks are timed interleaved, round by round (`distill.timing.interleave
 load change on a shared machine hits both alike. From the block times at the largest count the
 script projects the per-step speedup of the whole model with 16 of its 30 self-attentions linear,
 next to the paper's 1.43x, and prints the analytic attention MAC ratio (`attention_cost`).
+`--profile` instead profiles (torch.profiler) one call of the linear block's self-attention (its
+processor: projections, norms, RoPE, feature maps, the linear core, output projection) and one call
+of the whole linear block at each token count, and prints the ops by self time with their total.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 import torch
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed, WanTransformerBlock
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from athanor.convert.linvideo import attention_cost, install  # noqa: E402
@@ -97,6 +102,29 @@ def time_tokens(blocks: dict[str, nn.Module], tokens: int, args: argparse.Namesp
     return interleaved_latency(calls, repeats=args.repeats, warmup=args.warmup)
 
 
+def profile_linear(block: nn.Module, tokens: int, device: torch.device, dtype: torch.dtype, rows: int) -> None:
+    """Per-op self time of one linear attn1 call and one linear block call (after a warm-up call each)."""
+    inputs = step_inputs(tokens, device, dtype)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    calls = {"attn1 (linear processor)": lambda: block.attn1(inputs[0], None, None, inputs[3]),
+             "whole linear block": lambda: block(*inputs)}
+    for label, call in calls.items():
+        with torch.no_grad():
+            call()
+            if cuda:
+                torch.cuda.synchronize()
+            with profile(activities=activities) as prof:
+                call()
+                if cuda:
+                    torch.cuda.synchronize()
+        events = prof.key_averages()
+        total = sum(getattr(e, key) for e in events) / 1e3
+        print(f"\n== {label}, {tokens} tokens: total self {'CUDA' if cuda else 'CPU'} time {total:.1f} ms ==")
+        print(events.table(sort_by=key, row_limit=rows, max_name_column_width=48))
+
+
 def projected_speedup(t_soft: float, t_lin: float, linear: int = LINEAR_LAYERS, layers: int = LAYERS) -> float:
     """Per-step speedup with `linear` of `layers` blocks linear, the rest softmax (blocks only)."""
     return layers * t_soft / ((layers - linear) * t_soft + linear * t_lin)
@@ -143,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attn-share", action="store_true",
                         help="also time each block's self-attention alone (its share of the block time)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the linear block (torch.profiler, per-op self time) instead of timing")
+    parser.add_argument("--profile-rows", type=int, default=18, help="ops shown per profile")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,6 +183,12 @@ def main(argv: list[str] | None = None) -> None:
     args.warmup = (3 if cuda else 1) if args.warmup is None else args.warmup
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     softmax, linear = build_blocks(args.feature_map, device, dtype)
+    if args.profile:
+        print(f"linear attn1: {type(linear.attn1.processor).__name__} ({args.feature_map}); {device} "
+              f"{str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads")
+        for n in args.tokens:
+            profile_linear(linear, n, device, dtype, args.profile_rows)
+        return
     blocks = {"softmax": softmax, "linear": linear}
     print(f"Wan2.1-1.3B block: dim {DIM} ({HEADS} heads x {HEAD_DIM}), ffn {FFN_DIM}, {TEXT_TOKENS} text tokens; "
           f"linear attn1: {type(linear.attn1.processor).__name__} ({args.feature_map}); {device} "

@@ -17,7 +17,7 @@ At each length the same weights and tokens (batch 1) are run under the three att
 
 Time: median ms per call over interleaved rounds (`distill.timing.interleaved_latency`: every round calls
 all three, in rotating order, so load changes on a shared machine hit all alike). On CUDA the sparse
-attentions run the Triton kernels, on CPU the PyTorch reference (`kernels.sparse_attention`).
+attentions run FlexAttention (`backend='auto'`), on CPU the PyTorch reference (`kernels.sparse_attention`).
 
 Memory: peak bytes allocated during one step above what was allocated before it (weights, inputs), measured
 in a separate, untimed call after the timing. CUDA: `torch.cuda.max_memory_allocated()` after

@@ -33,7 +33,7 @@ from torch import nn
 
 from athanor.convert.recipe_types import RecipeError
 from athanor.kernels.feature_maps import HedgehogFeatureMap
-from athanor.kernels.linear_attention import linear_attention
+from athanor.kernels.linear_attention import Layout, linear_attention
 
 Mode = Literal["hybrid", "linear"]
 FeatureMapName = Literal["hedgehog", "elu+1", "relu"]
@@ -57,21 +57,25 @@ class LinVideoGate(nn.Module):
         """Mean squared gap between the linear and the (detached) softmax branch at the last hybrid call:
         the attention-transfer signal that trains the feature maps toward the softmax output."""
 
-    def linear(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def linear(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout = "bhnd") -> torch.Tensor:
         fmap = self.maps if self.maps is not None else self.feature_map_name
-        return linear_attention(q, k, v, causal=False, feature_map=fmap, layout="bhnd")
+        return linear_attention(q, k, v, causal=False, feature_map=fmap, layout=layout)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
-        """[batch, heads, tokens, dim] in and out. Hybrid: r·softmax + (1 − r)·linear; linear: linear only.
-        Video self-attention is unmasked; a mask is refused rather than honoured by one branch only."""
+               mask: torch.Tensor | None = None, layout: Layout = "bhnd") -> torch.Tensor:
+        """[batch, heads, tokens, dim] (or [batch, tokens, heads, dim] with layout='bnhd') in and out.
+        Hybrid: r·softmax + (1 − r)·linear; linear: linear only. Video self-attention is unmasked; a
+        mask is refused rather than honoured by one branch only."""
         if mask is not None:
             raise ValueError("LinVideo's linear attention takes no attention mask: this layer got one; "
                              "leave masked layers out of linvideo.candidate_layers")
         if self.mode == "linear":
-            return self.linear(q, k, v)
-        soft = F.scaled_dot_product_attention(q, k, v)
-        lin = self.linear(q, k, v)
+            return self.linear(q, k, v, layout)
+        if layout == "bnhd":
+            soft = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+        else:
+            soft = F.scaled_dot_product_attention(q, k, v)
+        lin = self.linear(q, k, v, layout)
         self.transfer_error = (lin.float() - soft.detach().float()).pow(2).mean()
         r = self.r.clamp(0.0, 1.0).to(soft.dtype)
         return r * soft + (1 - r) * lin.to(soft.dtype)
@@ -80,14 +84,13 @@ class LinVideoGate(nn.Module):
         return f"mode={self.mode}, heads={self.heads}, head_dim={self.head_dim}, feature_map={self.feature_map_name}"
 
 
-def _wan_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's rotary embedding on [batch, tokens, heads, dim] (pairs of adjacent channels rotate)."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
+def _wan_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding on [batch, tokens, heads, dim]: each pair of adjacent channels (2i, 2i+1)
+    turned by its angle, as one complex multiplication by `freqs` = cos + i·sin [1, tokens, 1, dim/2]
+    (one pass over x; diffusers' real-valued form takes six elementwise passes and two strided copies).
+    Computed in float32 (as the real form, whose cos/sin are float32) and returned in x's dtype."""
+    z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(z * freqs).flatten(-2).to(x.dtype)
 
 
 class WanLinVideoProcessor:
@@ -105,12 +108,14 @@ class WanLinVideoProcessor:
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         query, key = attn.norm_q(query), attn.norm_k(key)
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
-        if rotary_emb is not None:
-            query, key = _wan_rope(query, *rotary_emb), _wan_rope(key, *rotary_emb)
-        mask = attention_mask
-        out = attn.linvideo.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
+        if rotary_emb is not None:  # cos/sin repeat each pair's angle over its two channels
+            freqs = torch.complex(rotary_emb[0][..., 0::2].float(), rotary_emb[1][..., 1::2].float())
+            query, key = _wan_rope(query, freqs), _wan_rope(key, freqs)
+        # [batch, tokens, heads, dim] all the way, as the softmax processor hands it to SDPA: the kernel
+        # reads the strided heads and returns contiguous tokens in the query's dtype, so merging the
+        # heads below is a view (no transpose copy and no cast of our own).
+        out = attn.linvideo.attend(query, key, value, attention_mask, layout="bnhd")
+        return attn.to_out[1](attn.to_out[0](out.flatten(2, 3)))
 
 
 class JointLinVideoProcessor:

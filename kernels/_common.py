@@ -1,6 +1,6 @@
-"""Shared helpers for the kernel dispatchers: backend choice, dtype rules, power-of-two padding.
+"""Shared helpers for the kernel dispatchers: backend checks, dtype rules, power-of-two padding.
 
-Nothing here imports triton, so the PyTorch reference path works where triton is absent.
+Nothing here imports triton or fla, so the PyTorch reference path works where triton is absent.
 Tested through `tests/kernels` (`.venv/bin/python -m pytest tests/kernels -q`).
 """
 
@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-Backend = Literal["auto", "triton", "torch"]
-BACKENDS = ("auto", "triton", "torch")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -22,28 +19,30 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def fla_available() -> bool:
+    """flash-linear-attention (PyPI `fla-core`, import `fla`): Triton kernels, CUDA only."""
+    return importlib.util.find_spec("fla") is not None
+
+
 def triton_interpreting() -> bool:
     """True when TRITON_INTERPRET=1: Triton kernels then run on CPU tensors (tests only)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
-    """Resolve `backend` to a path: 'auto' picks Triton for CUDA tensors, the reference otherwise."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}: use one of {BACKENDS}")
-    if backend == "torch":
-        return False
-    on_cuda = all(t.is_cuda for t in tensors)
-    if backend == "auto":
-        return on_cuda and triton_available()
+def check_backend(backend: str, allowed: tuple[str, ...]) -> None:
+    if backend not in allowed:
+        raise ValueError(f"backend={backend!r}: use one of {allowed}")
+
+
+def check_triton(device: torch.device) -> None:
+    """Raise unless backend='triton' can run on `device`: CUDA, or CPU under the interpreter."""
     if not triton_available():
         raise ValueError("backend='triton' but triton is not installed: use backend='torch'")
-    if not on_cuda and not triton_interpreting():
+    if device.type != "cuda" and not triton_interpreting():
         raise ValueError(
             "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
             "imported (CPU interpreter, for tests)"
         )
-    return True
 
 
 def check_float(name: str, t: torch.Tensor) -> None:

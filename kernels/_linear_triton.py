@@ -5,11 +5,11 @@ fp32 atomics), then a per-block kernel writes φ(Q)S / (φ(Q)z + eps). Causal: o
 (batch, head) walks the chunks in order, quadratic inside a chunk and a register-resident state
 (S, z) between chunks; the backward walks forward for dφ(Q) and backward for dφ(K), dV.
 Features come in float32 (fp16/bf16 features would flush the small entries that dominate long
-sums); V stays in its dtype and is widened on load. All products accumulate in float32; with fp16
-or bf16 inputs the dots run on tensor cores in tf32 (a 10-bit mantissa, but float32's exponent
-range, so small features survive; fp16/bf16 V converts to tf32 exactly), with float32 inputs in
-full fp32 ("ieee"). Padding: pad keys' feature rows are zeroed before the kernels (a zero row adds
-nothing to S or z) and pad query outputs are set to zero.
+sums); V stays in its dtype and is widened on load; the output is float32 (the caller casts it).
+All products accumulate in float32; with fp16 or bf16 inputs the dots run on tensor cores in tf32
+(a 10-bit mantissa, but float32's exponent range, so small features survive; fp16/bf16 V converts
+to tf32 exactly), with float32 inputs in full fp32 ("ieee"). Padding: pad keys' feature rows are
+zeroed before the kernels (a zero row adds nothing to S or z) and pad query outputs are set to zero.
 Run on CPU with TRITON_INTERPRET=1 for tests: `.venv/bin/python -m pytest tests/kernels/test_triton_interpreter.py -q`.
 """
 
@@ -206,7 +206,8 @@ class _LinearAttention(torch.autograd.Function):
             _nc_out_kernel[grid](pq, state, z, out, den, n, eps, F=f, D=d, BLOCK=blk, PREC=prec, num_warps=warps)
         ctx.save_for_backward(pq, pk, pv, out, den, state, z)
         ctx.meta = (causal, b, h, n, f0, d0, f, d, prec, blk, warps, phi_q.dtype, phi_k.dtype, v.dtype)
-        return out.view(b, h, n, d)[..., :d0].to(v.dtype)
+        # float32, as the reference returns: the caller casts once, fused with its layout change.
+        return out.view(b, h, n, d)[..., :d0]
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
@@ -234,8 +235,8 @@ class _LinearAttention(torch.autograd.Function):
 
 def linear_attention_triton(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, causal: bool,
                             eps: float, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton core on `[B, H, N, F]` features (taken in float32) and `[B, H, N, D]` values; output in
-    v's dtype. attention_mask: bool [B, N] (True = real) or None; pad keys add nothing, pad queries
+    """Triton core on `[B, H, N, F]` features (taken in float32) and `[B, H, N, D]` values; float32
+    output. attention_mask: bool [B, N] (True = real) or None; pad keys add nothing, pad queries
     output zeros (as `linear_attention_reference`)."""
     phi_q, phi_k = phi_q.float(), phi_k.float()
     keep = None if attention_mask is None else attention_mask.bool()[:, None, :, None]

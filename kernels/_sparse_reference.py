@@ -24,8 +24,11 @@ def sparse_attention_reference(
     causal: bool,
     key_keep: torch.Tensor | None,
     scale: float,
+    wrap: bool = False,
 ) -> torch.Tensor:
-    """`key_keep`: bool [batch, tokens], True for real tokens, or None. Output in q's dtype."""
+    """`key_keep`: bool [batch, tokens], True for real tokens, or None. Output in q's dtype.
+    `wrap=True` (no sinks): LongLoRA's rolled S2, the shifted half rolled by −G/2 around grouped
+    attention with no shift, so its last group wraps the sequence's end onto its start."""
     h = q.shape[1]
     if k.shape[1] != h:
         rep = h // k.shape[1]
@@ -35,9 +38,17 @@ def sparse_attention_reference(
     # writes a full-size zero gradient per slice (it dominated the backward time).
     sizes = [h - n_shift, n_shift]
     outs = []
-    for qh, kh, vh, offset in zip(q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1), (0, group_size // 2)):
-        if qh.shape[1]:
-            outs.append(_attend_half(qh, kh, vh, offset, group_size, num_sink, causal, key_keep, scale))
+    half = group_size // 2
+    for qh, kh, vh, offset in zip(q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1), (0, half)):
+        if not qh.shape[1]:
+            continue
+        if wrap and offset:
+            qh, kh, vh = (t.roll(-half, 2) for t in (qh, kh, vh))
+            keep = None if key_keep is None else key_keep.roll(-half, 1)
+            out = _attend_half(qh, kh, vh, 0, group_size, 0, causal, keep, scale).roll(half, 2)
+        else:
+            out = _attend_half(qh, kh, vh, offset, group_size, num_sink, causal, key_keep, scale)
+        outs.append(out)
     return torch.cat(outs, dim=1)
 
 

@@ -3,8 +3,9 @@
 Hedgehog (Zhang et al. 2024, "The Hedgehog & the Porcupine") is φ(x) = softmax(xW) ⊕ softmax(−xW)
 per head, W learnable, so φ has 2·feature_dim features. Hedgehog and LoLCATs learn one map for the
 queries and another for the keys: pass the pair `(query_map, key_map)` wherever a feature map is
-taken (a single map is used for both). Maps run in float32 (why: softmax and elu on fp16 inputs
-lose the small entries that dominate long sums).
+taken (a single map is used for both). Maps yield float32 features (why: softmax and elu outputs in
+fp16/bf16 lose the small entries that dominate long sums); Hedgehog's projection runs in the input's
+dtype, its softmax in float32.
 Tested by `.venv/bin/python -m pytest tests/kernels/test_linear_attention.py -q`.
 """
 
@@ -63,10 +64,13 @@ class HedgehogFeatureMap(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         # One GEMM against [W | −W] and one softmax over the two halves: the same features as
-        # softmax(xW) ⊕ softmax(−xW) without a negation pass and a concatenation copy.
-        weight = self.weight.float()
-        proj = torch.matmul(x.float(), torch.cat([weight, -weight], dim=-1))  # [B, H, N, 2F]
-        return proj.unflatten(-1, (2, self.feature_dim)).softmax(-1).flatten(-2)
+        # softmax(xW) ⊕ softmax(−xW) without a negation pass and a concatenation copy. The GEMM runs
+        # in x's dtype and layout (tensor cores for fp16/bf16, fp32 accumulation; no cast or copy of
+        # x, strided x such as a [B, N, H, D] projection seen as [B, H, N, D] included); the softmax
+        # reads its logits in float32 and writes float32 features, whose small entries then survive.
+        weight = self.weight.to(x.dtype)
+        proj = torch.matmul(x, torch.cat([weight, -weight], dim=-1))  # [B, H, N, 2F]
+        return proj.unflatten(-1, (2, self.feature_dim)).softmax(-1, dtype=torch.float32).flatten(-2)
 
 
 def resolve_feature_maps(feature_map: FeatureMap) -> tuple[MapFn, MapFn]:

@@ -9,8 +9,16 @@ key's feature row is zeroed, and a zero row adds nothing to either — and pad q
 zeros. φ_q and φ_k are one map, or a pair (Hedgehog/LoLCATs learn separate query and key maps).
 Feature maps run in PyTorch (autograd covers Hedgehog's W) and yield float32 features, which both
 paths keep in float32 (casting them to fp16/bf16 would flush the small entries that dominate long
-sums); the cores accumulate in float32. Triton runs on CUDA tensors (`backend='auto'`), or anywhere
-with `backend='triton'` under TRITON_INTERPRET=1.
+sums); the cores accumulate in float32. Paths (`backend`):
+
+* 'torch': the PyTorch reference, the truth every other path is tested against; 'auto' on CPU, and
+  on CUDA for causal attention when fla is not installed. Its causal form is chunked: dense matmuls
+  inside each chunk (causal mask), the state before each chunk an exclusive prefix sum of the chunks'
+  φ(K)ᵀ[V | 1] (batched GEMMs and one cumsum, so every chunk runs in parallel on a GPU).
+* 'fla': flash-linear-attention's chunk kernels for the causal numerator, our denominator
+  (`kernels._linear_fla`); 'auto' on CUDA for causal attention when `fla` is importable.
+* 'triton': our Triton kernels (`kernels._linear_triton`); 'auto' on CUDA for non-causal attention;
+  CPU only under TRITON_INTERPRET=1 (tests).
 Tests: `.venv/bin/python -m pytest tests/kernels/test_linear_attention.py -q`.
 """
 
@@ -21,11 +29,36 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from athanor.kernels._common import Backend, check_float, use_triton
+from athanor.kernels._common import check_backend, check_float, check_triton, fla_available, triton_available
 from athanor.kernels.feature_maps import FeatureMap, HedgehogFeatureMap, elu_plus_one, resolve_feature_maps
 
 Layout = Literal["bhnd", "bnhd"]
-__all__ = ["linear_attention", "linear_attention_reference", "HedgehogFeatureMap"]
+LinearBackend = Literal["auto", "fla", "triton", "torch"]
+LINEAR_BACKENDS = ("auto", "fla", "triton", "torch")
+__all__ = ["linear_attention", "linear_attention_reference", "linear_path", "HedgehogFeatureMap"]
+
+
+def linear_path(backend: str, causal: bool, device: torch.device) -> str:
+    """Resolve `backend` to 'fla', 'triton' or 'torch' for tensors on `device`, or raise with what to use.
+    'auto': on CUDA, fla (causal; the PyTorch chunked reference without fla) or Triton (non-causal);
+    elsewhere the reference."""
+    check_backend(backend, LINEAR_BACKENDS)
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        if causal:
+            return "fla" if fla_available() else "torch"
+        return "triton" if triton_available() else "torch"
+    if backend == "fla":
+        if not causal:
+            raise ValueError("backend='fla' is causal only; non-causal linear attention is two GEMMs: use 'auto'")
+        if not fla_available():
+            raise ValueError("backend='fla' but fla is not installed (PyPI fla-core): use backend='torch'")
+        if device.type != "cuda":
+            raise ValueError("backend='fla' needs CUDA tensors (fla's kernels are Triton, CUDA only)")
+    if backend == "triton":
+        check_triton(device)
+    return backend
 
 
 def linear_attention(
@@ -39,11 +72,11 @@ def linear_attention(
     eps: float = 1e-6,
     layout: Layout = "bhnd",
     chunk_size: int = 64,
-    backend: Backend = "auto",
+    backend: LinearBackend = "auto",
 ) -> torch.Tensor:
     """Linear attention on `[batch, heads, tokens, dim]` (or `[batch, tokens, heads, dim]` with
     layout='bnhd'). K/V may have fewer heads than Q (grouped-query: head h reads K/V head
-    h // (heads / kv_heads)). Returns the output in q's layout and dtype.
+    h // (heads / kv_heads)). Returns the output in q's layout and dtype, contiguous in that layout.
 
     feature_map: 'elu+1', 'relu', a module (e.g. HedgehogFeatureMap) or callable used for both q
     and k, or a pair `(query_map, key_map)`: q goes through the first, k through the second.
@@ -56,9 +89,9 @@ def linear_attention(
     if k.shape[1] != q.shape[1]:  # GQA: features are per token, so sharing K/V heads is a repeat
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    triton_path = use_triton(backend, q, k, v)
+    path = linear_path(backend, causal, q.device)
     offset = 0.0
-    if fmap_q is elu_plus_one and fmap_k is elu_plus_one and not triton_path:
+    if fmap_q is elu_plus_one and fmap_k is elu_plus_one and path == "torch":
         # The reference folds the "+1" into its GEMMs (see linear_attention_reference).
         fmap_q = fmap_k = lambda x: F.elu(x.float())  # noqa: E731
         offset = 1.0
@@ -67,17 +100,29 @@ def linear_attention(
         raise ValueError("feature_map must keep [batch, heads, tokens] and map only the last dim")
     if phi_q.shape[-1] != phi_k.shape[-1]:
         raise ValueError(f"query and key feature maps give {phi_q.shape[-1]} vs {phi_k.shape[-1]} features")
-    if triton_path:
+    if path == "triton":
         from athanor.kernels._linear_triton import linear_attention_triton
 
         out = linear_attention_triton(phi_q, phi_k, v, causal, eps, attention_mask=keep)
+    elif path == "fla":
+        from athanor.kernels._linear_fla import linear_attention_fla
+
+        out = linear_attention_fla(phi_q, phi_k, v, eps, keep)
     else:
         out = linear_attention_reference(
             phi_q, phi_k, v, causal=causal, eps=eps, chunk_size=chunk_size, feature_offset=offset,
             attention_mask=keep,
         )
-    out = out.to(q.dtype)
-    return out.transpose(1, 2) if layout == "bnhd" else out
+    return _in_layout(out, q.dtype, layout)
+
+
+def _in_layout(out: torch.Tensor, dtype: torch.dtype, layout: str) -> torch.Tensor:
+    """The float32 result `[B, H, N, D]` in q's dtype and layout. 'bnhd' gets one copy that transposes
+    and casts at once, so the caller holds a contiguous `[B, N, H, D]` (merging heads is then a view)."""
+    if layout == "bhnd":
+        return out.to(dtype)
+    b, h, n, d = out.shape
+    return out.new_empty(b, n, h, d, dtype=dtype).copy_(out.transpose(1, 2))
 
 
 def _check_inputs(q, k, v, layout: str, chunk_size: int, eps: float) -> tuple[torch.Tensor, ...]:

@@ -11,20 +11,34 @@ Which keys a query token i sees, for query head h of H (the last H//2 heads are 
   with causal=True only j <= i; with attention_mask [batch, tokens] (1 = real) only real keys j.
   A query that sees no key outputs zeros.
 
+`s2_attention(..., wrap=True)` is LongLoRA's own rolled S2-Attn instead: the shifted heads' tokens
+are rolled by −G/2, so their last group joins the sequence's last and first G/2 tokens, causality
+by rolled position (an early token then sees the end of the sequence).
+
 K/V may have fewer heads (grouped-query: head h reads K/V head h // (H / kv_heads)). Cost is
-O(N·G) on both paths: the reference runs SDPA per group on reshaped blocks (sinks as a key
-prefix), the Triton kernel visits only the key blocks a query block can see.
+O(N·G) on every path. Paths (`backend`):
+
+* 'torch': the PyTorch reference, SDPA per group on reshaped blocks (sinks as a key prefix); the
+  truth every other path is tested against, and 'auto' on CPU.
+* 'flex': FlexAttention with a cached block mask (`kernels._sparse_flex`), compiled; 'auto' on
+  CUDA. On CPU it runs forward only (PyTorch has no CPU backward for FlexAttention).
+* 'triton': the hand-written block-sparse kernel (`kernels._sparse_triton`; CUDA, or CPU under
+  TRITON_INTERPRET=1), kept to be compared against FlexAttention on a GPU; no wrap-around variant.
 Tests: `.venv/bin/python -m pytest tests/kernels/test_sparse_attention.py -q`.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
-from athanor.kernels._common import Backend, check_float, use_triton
+from athanor.kernels._common import check_backend, check_float, check_triton
 from athanor.kernels._sparse_reference import sparse_attention_reference
 
-__all__ = ["s2_attention", "sf_attention", "shifted_head_count"]
+__all__ = ["s2_attention", "sf_attention", "shifted_head_count", "sparse_path"]
+SparseBackend = Literal["auto", "flex", "triton", "torch"]
+SPARSE_BACKENDS = ("auto", "flex", "triton", "torch")
 
 
 def shifted_head_count(num_heads: int) -> int:
@@ -41,11 +55,12 @@ def s2_attention(
     causal: bool = True,
     attention_mask: torch.Tensor | None = None,
     scale: float | None = None,
-    backend: Backend = "auto",
+    wrap: bool = False,
+    backend: SparseBackend = "auto",
 ) -> torch.Tensor:
     """S2-Attn on `[batch, heads, tokens, dim]`: grouped attention, half the heads shifted by G/2,
-    without LongLoRA's wrap-around (see the module docstring)."""
-    return _shifted_attention(q, k, v, group_size, 0, causal, attention_mask, scale, backend)
+    without LongLoRA's wrap-around, or with it (`wrap=True`, see the module docstring)."""
+    return _shifted_attention(q, k, v, group_size, 0, causal, attention_mask, scale, backend, wrap)
 
 
 def sf_attention(
@@ -58,24 +73,42 @@ def sf_attention(
     causal: bool = True,
     attention_mask: torch.Tensor | None = None,
     scale: float | None = None,
-    backend: Backend = "auto",
+    backend: SparseBackend = "auto",
 ) -> torch.Tensor:
     """SF-Attn on `[batch, heads, tokens, dim]`: S2-Attn's segmented shifted groups plus global
     attention to the first `num_sink` tokens."""
-    return _shifted_attention(q, k, v, group_size, num_sink, causal, attention_mask, scale, backend)
+    return _shifted_attention(q, k, v, group_size, num_sink, causal, attention_mask, scale, backend, False)
 
 
-def _shifted_attention(q, k, v, group_size, num_sink, causal, attention_mask, scale, backend) -> torch.Tensor:
+def sparse_path(backend: str, device: torch.device, wrap: bool = False) -> str:
+    """Resolve `backend` for tensors on `device` to 'flex', 'triton' or 'torch' ('auto': FlexAttention
+    on CUDA, the reference elsewhere), or raise with what to use instead."""
+    check_backend(backend, SPARSE_BACKENDS)
+    if backend == "auto":
+        return "flex" if device.type == "cuda" else "torch"
+    if backend == "triton":
+        if wrap:
+            raise ValueError("backend='triton' has no wrap-around (rolled S2) variant: use 'flex' or 'torch'")
+        check_triton(device)
+    return backend
+
+
+def _shifted_attention(q, k, v, group_size, num_sink, causal, attention_mask, scale, backend, wrap) -> torch.Tensor:
     _validate(q, k, v, group_size, num_sink, attention_mask)
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else float(scale)
     keep = None if attention_mask is None else attention_mask.to(device=q.device, dtype=torch.bool)
-    if use_triton(backend, q, k, v):
+    path = sparse_path(backend, q.device, wrap)
+    if path == "flex":
+        from athanor.kernels._sparse_flex import sparse_attention_flex
+
+        return sparse_attention_flex(q, k, v, group_size, num_sink, causal, keep, scale, wrap)
+    if path == "triton":
         from athanor.kernels._sparse_triton import sparse_attention_triton
 
         return sparse_attention_triton(q, k, v, group_size, num_sink, causal, keep, scale)
     return sparse_attention_reference(
-        q, k, v, group_size=group_size, num_sink=num_sink, causal=causal, key_keep=keep, scale=scale
+        q, k, v, group_size=group_size, num_sink=num_sink, causal=causal, key_keep=keep, scale=scale, wrap=wrap
     )
 
 

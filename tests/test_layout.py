@@ -1,6 +1,7 @@
 """House rules that keep six methods livable, checked by reading the source (no imports run):
 
-- `convert/` (surgery) never imports `distill/` or `jobs/`; `kernels/` imports only torch and triton;
+- `convert/` (surgery) never imports `distill/` or `jobs/`; `kernels/` imports only torch, triton and fla
+  (flash-linear-attention, optional: imported only on its CUDA path);
   methods (`convert/`, `distill/`) know nothing of jobs, MLflow or SQLite;
 - one package per method: every registered method lives in `distill/<name>/`;
 - a module docstring that names a test file names one that exists;
@@ -63,7 +64,7 @@ def test_layers_import_only_downwards(folder, forbidden):
 
 
 def test_kernels_import_only_torch_and_triton():
-    allowed = {"torch", "triton", "kernels", *sys.stdlib_module_names}
+    allowed = {"torch", "triton", "fla", "kernels", *sys.stdlib_module_names}
     offenders = {str(p.relative_to(REPO)): sorted(imported_roots(p) - allowed)
                  for p in (REPO / "kernels").rglob("*.py") if imported_roots(p) - allowed}
     assert offenders == {}

@@ -8,7 +8,9 @@ registrations are needed: transformers builds a mask only for names its mask int
 any other name hands the attention function `attention_mask=None`, so padding would be silently
 attended. The mask function registered here returns the 2-D padding form, bool [batch, kv_tokens]
 (True = real token), or None when nothing is padded; causality is the kernel's `causal=True`. The
-O(N²) 4-D mask is never built, which is the point of sparse attention at long context.
+O(N²) 4-D mask is never built, which is the point of sparse attention at long context. The kernels
+(`kernels.sparse_attention`, backend 'auto') run through FlexAttention, compiled, on CUDA (block masks
+cached per length, group and sinks) and through the PyTorch reference on CPU.
 
 Settings live on the model config (`config.sinklora_group_size`, `config.sinklora_num_sink`), written by
 `configure(model, group_size=..., num_sink=...)` and read by the attention function through

@@ -232,6 +232,54 @@ def test_switch_drops_the_softmax_branch_and_restores_the_other_layers():
     assert sorted(keys) == ["blocks.1.attn1.linvideo.maps.0.weight", "blocks.1.attn1.linvideo.maps.1.weight"]
 
 
+def test_wan_processor_gradients_match_hand_computation():
+    """Hybrid (r = 0.3), with grad: the processor's [batch, tokens, heads, dim] path (complex RoPE, the
+    kernel's contiguous output) gives the hand-computed outputs and gradients for the input, the
+    projections and both feature maps."""
+    model, inputs = wan(), wan_inputs()
+    install(model, candidate_layers(model))
+    randomize_maps(model)
+    set_r(model, {"blocks.1.attn1": 0.3})
+    attn, gate = model.blocks[1].attn1, gates(model)["blocks.1.attn1"]
+    with torch.no_grad(), capture(attn) as seen:
+        model(**inputs)
+    h = seen["args"][0].clone().requires_grad_()
+    rope = model.rope(inputs["hidden_states"])
+    params = [h, attn.to_q.weight, attn.to_k.weight, attn.to_v.weight, gate.maps[0].weight, gate.maps[1].weight]
+    got = attn(h, None, None, rope)
+    q, k, v = wan_qkv(attn, h, rope)
+    want = out_proj(attn, 0.3 * softmax_ref(q, k, v) + 0.7 * linear_ref(q, k, v, gate))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    weight = torch.linspace(-1, 1, got.numel()).view_as(got)
+    for g_got, g_want in zip(torch.autograd.grad((got * weight).sum(), params),
+                             torch.autograd.grad((want * weight).sum(), params)):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_wan_linear_processor_fused_projections_and_bf16():
+    """Fused q/k/v projections (strided q, k, v) give the same outputs; in bf16 the linear layer stays
+    within bf16 rounding of the float32 hand computation."""
+    model, inputs = wan(), wan_inputs()
+    install(model, candidate_layers(model))
+    randomize_maps(model)
+    switch(model, ["blocks.1.attn1"])
+    attn, gate = model.blocks[1].attn1, gates(model)["blocks.1.attn1"]
+    with capture(attn) as seen:
+        model(**inputs)
+    h, rope = seen["args"][0], model.rope(inputs["hidden_states"])
+    q, k, v = wan_qkv(attn, h, rope)
+    want = out_proj(attn, linear_ref(q, k, v, gate))
+    fused = copy.deepcopy(attn)
+    fused.fuse_projections()
+    assert fused.fused_projections
+    torch.testing.assert_close(fused(h, None, None, rope), want, rtol=1e-5, atol=1e-5)
+    half = copy.deepcopy(attn).to(torch.bfloat16)
+    got = half(h.bfloat16(), None, None, tuple(t.float() for t in rope))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=3e-2 * want.abs().max().item())
+
+
 def test_switch_refuses_a_layer_without_a_gate():
     model = wan()
     install(model, candidate_layers(model))

@@ -37,17 +37,26 @@ def naive_linear(
 
 
 def sparse_mask(
-    n: int, num_heads: int, group_size: int, num_sink: int, causal: bool, keep: torch.Tensor | None
+    n: int, num_heads: int, group_size: int, num_sink: int, causal: bool, keep: torch.Tensor | None,
+    wrap: bool = False,
 ) -> torch.Tensor:
-    """[B or 1, H, N, N] bool: LongLoRA groups without the wrap, shifted heads = last H//2."""
+    """[B or 1, H, N, N] bool: LongLoRA groups without the wrap, shifted heads = last H//2. With
+    `wrap` (no sinks): LongLoRA's roll, written out as a permutation of the shifted heads' tokens."""
     pos = torch.arange(n)
     masks = []
     for h in range(num_heads):
-        shift = group_size // 2 if h >= num_heads - num_heads // 2 else 0
-        group = (pos + shift) // group_size
+        shifted = h >= num_heads - num_heads // 2
+        shift = group_size // 2 if shifted else 0
+        if wrap and shifted:
+            rolled = torch.arange(n).roll(-shift)  # rolled slot i holds token rolled[i]
+            slot = torch.empty(n, dtype=torch.long)
+            slot[rolled] = torch.arange(n)  # token p sits in slot[p]
+            group, order = slot // group_size, slot
+        else:
+            group, order = (pos + shift) // group_size, pos
         m = (group[:, None] == group[None, :]) | (pos[None, :] < num_sink)
         if causal:
-            m = m & (pos[None, :] <= pos[:, None])
+            m = m & (order[None, :] <= order[:, None])
         masks.append(m)
     mask = torch.stack(masks)[None]
     if keep is not None:
@@ -56,12 +65,12 @@ def sparse_mask(
 
 
 def naive_sparse(
-    q, k, v, group_size: int, num_sink: int, causal: bool, keep: torch.Tensor | None = None
+    q, k, v, group_size: int, num_sink: int, causal: bool, keep: torch.Tensor | None = None, wrap: bool = False
 ) -> torch.Tensor:
     b, h, n, d = q.shape
     k, v = repeat_kv(k, h).double(), repeat_kv(v, h).double()
     scores = (q.double() @ k.transpose(-1, -2)) / math.sqrt(d)
-    mask = sparse_mask(n, h, group_size, num_sink, causal, keep)
+    mask = sparse_mask(n, h, group_size, num_sink, causal, keep, wrap)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key: zeros
     return (probs @ v).float()

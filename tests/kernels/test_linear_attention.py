@@ -248,3 +248,79 @@ def test_bad_inputs_are_named(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA"):
         linear_attention(q, k, v, causal=True, backend="triton")
+
+
+@pytest.mark.parametrize("n,chunk", [(300, 64), (300, 128), (257, 16), (100, 37)])
+@pytest.mark.parametrize("fmap_name", ["elu+1", "hedgehog"])
+def test_chunked_causal_matches_dense(n, chunk, fmap_name):
+    """The PyTorch chunked path (the CUDA path without fla) at lengths that are not a multiple of the
+    chunk, with GQA and padding: outputs and every gradient against the dense N×N computation."""
+    q, k, v = _qkv(b=2, h=4, hk=2, n=n, d=8, dv=6)
+    keep = _keep(2, n)
+    fmap = HedgehogFeatureMap(4, 8, feature_dim=5) if fmap_name == "hedgehog" else fmap_name
+    dense_fmap = elu_plus_one if fmap_name == "elu+1" else fmap
+    inputs = [q, k, v] + ([fmap.weight] if fmap_name == "hedgehog" else [])
+    out = linear_attention(q, k, v, causal=True, feature_map=fmap, attention_mask=keep, chunk_size=chunk,
+                           backend="torch")
+    ref = naive_linear(dense_fmap(q), dense_fmap(repeat_kv(k, 4)), repeat_kv(v, 4), True, keep=keep)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for g_out, g_ref in zip(_grads(out, inputs), _grads(ref, inputs)):
+        torch.testing.assert_close(g_out, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_chunk_size_does_not_change_the_result():
+    """Chunk 1 is the token-by-token recurrence; any chunk size (smaller, equal to, larger than N) agrees."""
+    q, k, v = _qkv(n=150, requires_grad=False)
+    base = linear_attention(q, k, v, causal=True, chunk_size=1, backend="torch")
+    for chunk in (7, 64, 128, 150, 512):
+        out = linear_attention(q, k, v, causal=True, chunk_size=chunk, backend="torch")
+        torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-6)
+
+
+def test_dispatch(monkeypatch):
+    import athanor.kernels.linear_attention as la
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for causal in (False, True):
+        assert la.linear_path("auto", causal, cpu) == "torch"
+    monkeypatch.setattr(la, "fla_available", lambda: True)
+    assert la.linear_path("auto", True, cuda) == "fla"
+    assert la.linear_path("auto", False, cuda) == "triton"
+    with pytest.raises(ValueError, match="needs CUDA"):
+        la.linear_path("fla", True, cpu)
+    with pytest.raises(ValueError, match="causal only"):
+        la.linear_path("fla", False, cuda)
+    monkeypatch.setattr(la, "fla_available", lambda: False)
+    assert la.linear_path("auto", True, cuda) == "torch"  # the PyTorch chunked path
+    with pytest.raises(ValueError, match="not installed"):
+        la.linear_path("fla", True, cuda)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_hedgehog_projection_in_input_dtype_keeps_small_features(dtype):
+    """fp16/bf16 inputs: the projection runs in their dtype, the softmax in float32, so every feature,
+    the smallest included, is float32 and close *relative to itself* to the float64 map: within the
+    logits' rounding, 2·max|logit|·u (u: the dtype's unit roundoff), never flushed to zero."""
+    fmap = HedgehogFeatureMap(num_heads=2, head_dim=16)
+    with torch.no_grad():
+        fmap.weight.copy_(torch.randn(fmap.weight.shape, generator=torch.Generator().manual_seed(3)))
+    x = torch.randn(1, 2, 40, 16, generator=torch.Generator().manual_seed(4)).to(dtype)
+    phi = fmap(x)
+    assert phi.dtype == torch.float32
+    w = fmap.weight.to(dtype).double()
+    ref = _hedgehog(x.double(), w)
+    assert ref.min() < 1e-6  # entries a half-precision feature would flush or round away
+    u = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+    bound = 2.5 * torch.einsum("bhnd,hdf->bhnf", x.double(), w).abs().max() * u
+    assert ((phi.double() - ref) / ref).abs().max() < bound
+
+
+def test_bnhd_output_is_contiguous_in_the_input_dtype():
+    """layout='bnhd' returns contiguous [B, N, H, D] in q's dtype (one transposing, casting copy), so a
+    caller merging heads gets a view; values equal the bhnd result."""
+    q, k, v = (t.to(torch.bfloat16) for t in _qkv(n=17, requires_grad=False))
+    t = [x.transpose(1, 2) for x in (q, k, v)]
+    out = linear_attention(*t, causal=False, feature_map=HedgehogFeatureMap(2, 8), layout="bnhd", backend="torch")
+    assert out.is_contiguous() and out.dtype == torch.bfloat16 and out.shape == (2, 17, 2, 8)
+    ref = linear_attention(q, k, v, causal=False, feature_map=HedgehogFeatureMap(2, 8), backend="torch")
+    torch.testing.assert_close(out, ref.transpose(1, 2), rtol=0, atol=0)

@@ -72,6 +72,33 @@ def test_s2_reference_matches_dense(causal, padded, hk):
         torch.testing.assert_close(g_out, g_ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("causal,padded,hk,n", [(True, False, 4, 32), (False, True, 2, 29), (True, True, 1, 40)])
+def test_rolled_s2_reference_matches_dense(causal, padded, hk, n):
+    """wrap=True: LongLoRA's rolled S2 (the dense mask writes the roll out as a permutation)."""
+    q, k, v = _qkv(hk=hk, n=n)
+    keep = _keep(2, n) if padded else None
+    out = s2_attention(q, k, v, group_size=8, causal=causal, attention_mask=keep, wrap=True, backend="torch")
+    ref = naive_sparse(q, k, v, 8, 0, causal, keep, wrap=True)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for g_out, g_ref in zip(_grads(out, [q, k, v]), _grads(ref, [q, k, v])):
+        torch.testing.assert_close(g_out, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_rolled_s2_wraps_the_end_onto_the_start():
+    """Rolled, the shifted heads' first G/2 tokens share a group with the last G/2 (and, causal by
+    rolled position, see them); the unshifted heads and every other token are unaffected."""
+    n, g = 32, 8
+    q, k, v = _qkv(n=n, requires_grad=False)
+    base = s2_attention(q, k, v, group_size=g, wrap=True, backend="torch")
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, n - g // 2:] += 3.0
+    v2[:, :, n - g // 2:] += 3.0
+    out = s2_attention(q, k2, v2, group_size=g, wrap=True, backend="torch")
+    assert (out[:, 2:, : g // 2] - base[:, 2:, : g // 2]).abs().amin(dim=-1).min() > 1e-4  # sees the end
+    torch.testing.assert_close(out[:, :, g // 2: n - g], base[:, :, g // 2: n - g], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[:, :2, : n - g], base[:, :2, : n - g], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("fn", ["s2", "sf"])
 def test_causal_never_sees_the_future(fn):
     q, k, v = _qkv(n=45, requires_grad=False)
