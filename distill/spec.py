@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol, r
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from athanor.convert.recipe_types import DataLoader, RecipeError, RecipeGlob, Section, Text, bounded
+from athanor.convert.recipe_types import DataLoader, RecipeError, RecipeGlob, RecipePath, Section, Text, bounded
 
 if TYPE_CHECKING:
     from athanor.distill.intervals import PerSample
@@ -58,8 +58,8 @@ _BATCH = f"more than {BATCH_MAX:,} examples per batch fits no accelerator"
 _SEED = "numpy and Lightning take seeds from 0 to 2**32 - 1"
 _TEXTS = "a sanity bound on passages held in memory"
 
-__all__ = ["RecipeError", "Section", "ResolvedSource", "DataSpec", "EvalSpec", "TrainSpec", "SlurmSpec", "RaySpec",
-           "MethodData", "Method"]
+__all__ = ["RecipeError", "Section", "ResolvedSource", "DataSpec", "EvalSpec", "LMEvalSpec", "TrainSpec", "SlurmSpec",
+           "RaySpec", "MethodData", "Method"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,25 @@ class DataSpec(Section):
     """Seed for the shuffle and the held-out split."""
 
 
+class LMEvalSpec(Section):
+    """lm-evaluation-harness (PyPI `lm-eval`) on the teacher and the student with the same settings, for methods
+    whose models are causal LMs (`distill/lm_eval_harness.py`). Each result is an ordinary before/after key
+    `lm_eval/<task>/<metric>`, its direction the task's own (`higher_is_better`)."""
+
+    tasks: list[Text] = Field(min_length=1, max_length=64)
+    """Task names: tasks defined in `include_path` (YAML over local files: nothing is downloaded) or the harness's
+    built-in tasks (their datasets come from the Hugging Face hub)."""
+    include_path: RecipePath | None = None
+    """A folder of task YAML files (the harness's `--include_path`), read beside the recipe; a relative
+    `dataset_kwargs.data_files` in them is read beside the YAML file."""
+    limit: int | None = bounded(None, ge=1, le=10_000_000, reason=_TEXTS)
+    """Documents per task (None: all of them): the first `limit` of the task's evaluation split."""
+    num_fewshot: int | None = bounded(None, ge=0, le=256, reason="no context holds 256 worked examples usefully")
+    """Worked examples before each prompt (None: the task's own setting, zero-shot when it has none)."""
+    batch_size: int = bounded(8, ge=1, le=BATCH_MAX, reason=_BATCH)
+    """Requests per forward pass of the harness."""
+
+
 class EvalSpec(Section):
     """How 'before' and 'after' are measured. Both sides log the same `eval/*` keys."""
 
@@ -120,6 +139,9 @@ class EvalSpec(Section):
     include_untrained: bool = False
     """Also evaluate the untrained student (child run `untrained`, same keys): shows what training
     bought. Costs one more evaluation."""
+    lm_eval: LMEvalSpec | None = None
+    """lm-evaluation-harness tasks run on both sides (causal-LM methods only), e.g.
+    `{tasks: [austen_cloze], include_path: data/lm_eval, limit: 50, num_fewshot: 0}`."""
 
 
 _SBATCH_LINE = r"#SBATCH --[a-z][a-z0-9-]*(=[^\n\r]*)?"
@@ -263,7 +285,8 @@ class Method(Protocol):
     different widths). Any other non-finite metric fails the job: nothing is exported or registered."""
     metrics: ClassVar[dict[str, Direction]]
     """Every key `evaluate` may return, with its direction: 'higher' or 'lower' is better, or 'neutral' (a size,
-    a count). `validate` checks a recipe's `gate.retain` keys against it; the spine refuses an undeclared key."""
+    a count). `validate` checks a recipe's `gate.retain` keys against it; the spine refuses an undeclared key. The
+    spine's own `lm_eval/<task>/<metric>` keys (`eval.lm_eval`) are declared by their tasks instead."""
 
     def load_teacher(self, source: ResolvedSource, *, meta: bool = False) -> Any:
         """Owns reading the teacher (weights or inline config; `meta=True`: sizes only, nothing read)."""
@@ -305,6 +328,13 @@ class Method(Protocol):
     #   def cost_notes(self, teacher, student, args) -> list[str]
     # Lines `validate` prints under the size estimate, computed on the meta-device models: a cost the
     # parameter count does not show (LinVideo: self-attention MACs per denoising step before/after).
+    #
+    # Optional, for methods whose models are causal LMs (looked up with getattr; `eval.lm_eval` needs it):
+    #   def lm_eval_model(self, model, teacher, args) -> ContextManager[tuple[Any, Any]]
+    # Yields (model, tokenizer) that lm-evaluation-harness scores for `model` (teacher or student) while the block
+    # runs: a transformers causal LM (wrapped in the harness's HFLM) or an `lm_eval.api.model.LM` of the method's
+    # own (tokenizer then None). The spine logs the results as `lm_eval/<task>/<metric>` keys, declared with the
+    # direction each task gives its metric.
     #
     # Optional comparison arms (looked up with getattr by the spine, only for methods that train):
     #   def comparison_arms(self, args, train: TrainSpec) -> dict[str, Section]

@@ -1,7 +1,7 @@
 """`athanor serve`: the HTTP job API, a FastAPI app over the same job store as the CLI (`athanor worker`
-runs what it queues). OpenAPI at /openapi.json (docs at /docs); the recipe JSON Schema at /schema/recipe
-and among the OpenAPI components. Routes: jobs/api_routes.py; models: jobs/api_models.py; recipe path
-confinement: jobs/api_paths.py.
+runs what it queues). OpenAPI at /openapi.json (docs at /docs and /redoc, offline: jobs/api_docs.py); the recipe
+JSON Schema at /schema/recipe and among the OpenAPI components. Routes: jobs/api_routes.py; models:
+jobs/api_models.py; recipe path confinement: jobs/api_paths.py; job JSON and MLflow links: jobs/job_view.py.
 
     athanor serve --port 8000          # 127.0.0.1 only; any other --host needs ATHANOR_TOKEN
     .venv/bin/python -m pytest tests/jobs/test_api.py -q
@@ -27,8 +27,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from athanor.jobs.api_docs import add_docs
 from athanor.jobs.api_models import ApiError, ErrorOut, ProblemOut, json_value
 from athanor.jobs.api_routes import add_routes
+from athanor.jobs.job_view import mlflow_ui_url
 from athanor.jobs.recipe_yaml import MAX_RECIPE_BYTES, MISSING
 from athanor.jobs.store import JobStore, StoreError
 
@@ -160,14 +162,16 @@ def _install_handlers(app: FastAPI) -> None:
         return error_response(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
 
-def create_app(home: Path, token: str | None, *, mlflow_ui: str = "http://127.0.0.1:5000") -> FastAPI:
-    """The API over the job store in `home`; with `token`, every route but /health requires it. `mlflow_ui`:
-    where `athanor ui` serves the embedded MLflow store (job links point there)."""
+def create_app(home: Path, token: str | None, *, mlflow_ui: str | None = None) -> FastAPI:
+    """The API over the job store in `home`; with `token`, every route but /health requires it. `mlflow_ui`: the
+    MLflow UI's base URL job links point to (default: $ATHANOR_MLFLOW_UI, else `athanor ui`'s address)."""
     app = FastAPI(title="athanor", version="0.1.0", default_response_class=AsciiJSONResponse,
+                  docs_url=None, redoc_url=None,  # served from installed files instead of a CDN (jobs/api_docs.py)
                   description="Distillation jobs over HTTP: submit a recipe YAML, watch the job, push its model. "
                               "`athanor worker` runs what is queued. Recipe JSON Schema: GET /schema/recipe.")
     _install_handlers(app)
-    add_routes(app, JobStore(home), mlflow_ui.rstrip("/"))
+    add_routes(app, JobStore(home), mlflow_ui_url(mlflow_ui))
+    add_docs(app)
     app.add_middleware(Guard, token=token)
     return app
 
@@ -199,8 +203,10 @@ def server_config(app: ASGIApp, **options: Any) -> Any:
     return uvicorn.Config(app, http=_json_framing_errors(), timeout_keep_alive=5, server_header=False, **options)
 
 
-def serve(home: Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None) -> None:
-    """Run the API with uvicorn until interrupted (the caller checked `token_problem`)."""
+def serve(home: Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
+          mlflow_ui: str | None = None) -> None:
+    """Run the API with uvicorn until interrupted (the caller checked `token_problem` and `mlflow_ui_url`)."""
     import uvicorn
 
-    uvicorn.Server(server_config(create_app(home, token), host=host, port=port, log_level="info")).run()
+    app = create_app(home, token, mlflow_ui=mlflow_ui)
+    uvicorn.Server(server_config(app, host=host, port=port, log_level="info")).run()

@@ -7,6 +7,7 @@ and turn job rows and recipe problems into JSON (non-finite metrics become null:
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,11 +15,20 @@ from pydantic import BaseModel, ConfigDict, Field
 from athanor.convert.recipe_types import short_repr
 from athanor.jobs.recipe_yaml import MAX_RECIPE_BYTES, MISSING, Problem
 from athanor.jobs.store import Job
+from athanor.jobs.submission import MAX_LABEL_VALUE, MAX_LABELS, SUBMISSION_ID
 
 Status = Literal["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"]
 MAX_OVERRIDES = 100
 MAX_OVERRIDE_CHARS = 4096
 Override = Annotated[str, Field(max_length=MAX_OVERRIDE_CHARS, examples=["train.max_steps=50"])]
+SubmissionId = Annotated[str, Field(pattern=SUBMISSION_ID.pattern, max_length=128, examples=["nightly-2026-12-07"])]
+SUBMISSION_ID_DOC = ("your own id for this submission: sending it again with the same recipe, overrides and labels "
+                     "returns the job it created (200), with anything else 409 (jobs/submission.py)")
+LABELS_DOC = (f"at most {MAX_LABELS} labels: keys of 1-63 letters, digits and . _ / -, string values of at most "
+              f"{MAX_LABEL_VALUE} characters; stored with the job, never read by athanor")
+STAGE_DOC = ("the stage the current (or, once final, the last) attempt reached: prepare (loading the teacher, building "
+             "the student, data), tracking, before, train, after, arms, timing, track, export, register; null before "
+             "a worker claims the job")
 
 
 class _Out(BaseModel):
@@ -51,6 +61,8 @@ class SubmitIn(_Out):
     recipe: str = Field(max_length=MAX_RECIPE_BYTES, description="the recipe YAML text")
     overrides: list[Override] = Field(default_factory=list, max_length=MAX_OVERRIDES,
                                       description="key.path=value overrides, as `athanor submit -o`")
+    submission_id: SubmissionId | None = Field(None, description=SUBMISSION_ID_DOC)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_LABELS, description=LABELS_DOC)
 
 
 class PushIn(_Out):
@@ -65,8 +77,8 @@ class Registered(_Out):
 
 
 class Links(_Out):
-    self: str
-    logs: str
+    self: str | None = Field(None, description="this job in the API (absent from `athanor status --json`)")
+    logs: str | None = Field(None, description="its log in the API (absent from `athanor status --json`)")
     mlflow_run: str | None = Field(None, description="runs:/<id> (mlflow.artifacts.download_artifacts takes it)")
     mlflow_run_ui: str | None = Field(None, description="the parent run in the MLflow UI")
     model_version: str | None = Field(None, description="models:/<name>/<version>")
@@ -102,16 +114,28 @@ class Gate(_Out):
     conditions: list[GateCondition] = Field(default_factory=list)
 
 
+class Progress(_Out):
+    """Optimizer steps of the training run going on (the main student's, or a comparison arm's during `arms`)."""
+
+    step: int
+    max_steps: int | None = None
+    fraction: float | None = Field(None, description="step / max_steps")
+
+
 class JobSummary(_Out):
     id: str
     name: str
     method: str
     status: Status
     attempts: int
-    created_at: float = Field(description="seconds since the epoch")
-    started_at: float | None = None
-    finished_at: float | None = None
+    created_at: datetime = Field(description="ISO-8601, UTC")
+    started_at: datetime | None = Field(None, description="ISO-8601, UTC: when the current (last) attempt started")
+    finished_at: datetime | None = Field(None, description="ISO-8601, UTC")
     error: str | None = None
+    stage: str | None = Field(None, description=STAGE_DOC)
+    progress: Progress | None = Field(None, description="training progress while a stage trains; null otherwise")
+    submission_id: str | None = Field(None, description=SUBMISSION_ID_DOC)
+    labels: dict[str, str] = Field(default_factory=dict, description=LABELS_DOC)
     engine: str | None = Field(None, description="the cluster engine running it (slurm, ray); null: a local worker")
     engine_id: str | None = Field(None, description="the engine's own id (Slurm job id, Ray submission id)")
 
@@ -132,6 +156,7 @@ class JobDetail(JobSummary):
     mlflow_run_id: str | None = None
     model_version: str | None = None
     cancel_requested: bool = False
+    heartbeat_at: datetime | None = Field(None, description="ISO-8601, UTC: the running attempt's last lease renewal")
     metrics: Metrics | None = None
     registered: Registered | None = None
     gate: Gate | None = None
@@ -155,8 +180,43 @@ class HealthOut(_Out):
     status: Literal["ok"] = "ok"
 
 
+class WorkerOut(_Out):
+    id: str = Field(description="host:pid:start of one `athanor worker`")
+    host: str
+    pid: int
+    started_at: datetime
+    seen_at: datetime = Field(description="its last heartbeat (every 5 s while it runs)")
+    alive: bool = Field(description="seen within stale_seconds")
+
+
+class WorkersOut(_Out):
+    """Whether anything will run the queued jobs."""
+
+    alive: int = Field(description="workers seen within stale_seconds")
+    pending: int = Field(description="jobs waiting for a worker")
+    stale_seconds: float
+    warning: str | None = Field(None, description="set when jobs are PENDING and no worker is alive")
+    workers: list[WorkerOut]
+
+
+def iso(t: float | None) -> datetime | None:
+    """Seconds since the epoch as an aware UTC datetime (JSON: ISO-8601 with a Z)."""
+    return datetime.fromtimestamp(t, tz=UTC) if t is not None else None
+
+
+def progress_of(job: Job) -> Progress | None:
+    if job.progress_step is None:
+        return None
+    total = job.progress_total
+    return Progress(step=job.progress_step, max_steps=total,
+                    fraction=round(job.progress_step / total, 4) if total else None)
+
+
 def _summary_fields(job: Job) -> dict[str, Any]:
-    return {k: getattr(job, k) for k in JobSummary.model_fields}
+    fields = {k: getattr(job, k) for k in JobSummary.model_fields if k != "progress"}
+    fields.update(created_at=iso(job.created_at), started_at=iso(job.started_at), finished_at=iso(job.finished_at),
+                  progress=progress_of(job))
+    return fields
 
 
 def finite(value: Any) -> float | None:

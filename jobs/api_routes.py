@@ -1,6 +1,7 @@
-"""Routes of the HTTP job API (`jobs/api.py` builds the app): submit, list, show, logs, cancel, push, and
-the recipe JSON Schema. A submission goes through the same checks as `athanor submit` (jobs/validate.py)
-plus the path confinement of jobs/api_paths.py; only a valid recipe creates a job row.
+"""Routes of the HTTP job API (`jobs/api.py` builds the app): submit, list, show, logs, cancel, push, the workers
+seen, and the recipe JSON Schema. A submission goes through the same checks as `athanor submit` (jobs/validate.py)
+plus the path confinement of jobs/api_paths.py; only a valid recipe creates a job row, and a resubmitted
+submission id returns the job it made (jobs/submission.py).
 
     .venv/bin/python -m pytest tests/jobs/test_api.py -q
 """
@@ -8,6 +9,7 @@ plus the path confinement of jobs/api_paths.py; only a valid recipe creates a jo
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from pydantic import ValidationError
 from athanor.convert.recipe_types import one_line
 from athanor.jobs.api_models import (
     MAX_OVERRIDES,
+    SUBMISSION_ID_DOC,
     ApiError,
     CancelOut,
     ErrorOut,
@@ -29,20 +32,27 @@ from athanor.jobs.api_models import (
     JobCreated,
     JobDetail,
     JobSummary,
-    Links,
     Override,
     PushIn,
     PushOut,
-    Registered,
     Status,
+    SubmissionId,
     SubmitIn,
-    gate_of,
-    metrics_of,
+    WorkersOut,
 )
 from athanor.jobs.api_paths import confine
+from athanor.jobs.job_view import detail, links, workers_report
 from athanor.jobs.leases import reap_stale
 from athanor.jobs.recipe_yaml import MAX_PROBLEMS, MAX_RECIPE_BYTES, MISSING, Problem, RecipeFileError, decode
 from athanor.jobs.store import FINAL, Job, JobStore
+from athanor.jobs.submission import (
+    MAX_LABELS,
+    SubmissionConflict,
+    create_job,
+    label_problems,
+    parse_labels,
+    submission_id_problems,
+)
 
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/plain")
 LOG_POLL_S = 0.5
@@ -52,11 +62,16 @@ VALIDATIONS = 4
 JOB_ID = PathParam(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9-]*$",
                    description="a job id, or a prefix of exactly one")
 OVERRIDES = Query([], max_length=MAX_OVERRIDES, description="key.path=value, as `athanor submit -o` (repeatable)")
+SUBMISSION_QUERY = Query(None, description=SUBMISSION_ID_DOC)
+LABELS = Query([], max_length=MAX_LABELS, description="KEY=VALUE (repeatable); JSON bodies may use `labels`")
 ERRORS = {code: {"model": ErrorOut, "description": why} for code, why in (
     (400, "malformed request (a body that is not JSON where JSON is expected, a bad Content-Length)"),
     (401, "missing or wrong bearer token (when the server has one)"), (413, "request body over 256 KiB"),
     (422, "invalid request: every problem, each with its key path, value, fix and line"))}
 NOT_FOUND = {404: {"model": ErrorOut, "description": "no such job"}}
+SUBMIT_RESPONSES = {**ERRORS, 415: {"model": ErrorOut, "description": "not YAML/JSON"},
+                    200: {"model": JobCreated, "description": "the job this submission_id created earlier"},
+                    409: {"model": ErrorOut, "description": "the submission_id was used for another request"}}
 SUBMIT_BODY = {"required": True, "content": {
     "application/yaml": {"schema": {"type": "string", "maxLength": MAX_RECIPE_BYTES,
                                     "description": "the recipe YAML (schema: #/components/schemas/Recipe); "
@@ -77,81 +92,74 @@ def _invalid(problems: list[Problem], what: str = "recipe") -> ApiError:
     return ApiError(422, f"{len(problems)} problem(s) in the {what}{more}; no job was created", shown)
 
 
-def _create(store: JobStore, loaded: Any) -> Job:
-    return store.create(name=loaded.recipe.name, method=loaded.recipe.method, recipe_text=loaded.text,
-                        recipe_path=None, overrides=loaded.overrides, recipe_hash=loaded.hash,
-                        max_attempts=loaded.recipe.train.max_attempts)
+@dataclass
+class Submission:
+    """One POST /jobs, whichever form it came in."""
+
+    text: str
+    overrides: list[str]
+    submission_id: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
 
 
-def submit_recipe(store: JobStore, text: str, overrides: list[str]) -> tuple[Job, list[str]]:
-    """Validate `text` as `athanor submit` does, with its paths confined to the home; create the job.
-    ApiError(422) listing every problem otherwise."""
+def submit_recipe(store: JobStore, sub: Submission) -> tuple[Job, list[str], bool]:
+    """Validate the recipe as `athanor submit` does, with its paths confined to the home; create the job, or find the
+    one its submission id made (created False). ApiError 422 listing every problem, 409 for a reused submission id."""
     from athanor.jobs.recipe import RecipeInvalid, load_recipe
     from athanor.jobs.validate import check
 
     try:
-        loaded = load_recipe(None, text=text, overrides=overrides)
+        loaded = load_recipe(None, text=sub.text, overrides=sub.overrides)
     except RecipeInvalid as exc:
         raise _invalid(exc.problems) from None
     problems, absolute = confine(loaded, store.home)
     if problems:  # nothing outside the home is even looked at
         raise _invalid(problems)
-    report = check(None, text=text, overrides=[*overrides, *absolute])
+    report = check(None, text=sub.text, overrides=[*sub.overrides, *absolute])
     if report.problems:
         raise _invalid(report.problems)
-    return _create(store, report.loaded), report.warnings
+    try:
+        job, created = create_job(store, report.loaded, recipe_path=None, submission_id=sub.submission_id,
+                                  labels=sub.labels)
+    except SubmissionConflict as exc:
+        raise ApiError(409, str(exc)) from None
+    return job, report.warnings, created
 
 
-async def recipe_request(request: Request, override: list[str]) -> tuple[str, list[str]]:
-    """(recipe text, overrides) from a YAML body (overrides in the query) or a JSON `SubmitIn`."""
+async def recipe_request(request: Request, override: list[str], submission_id: str | None,
+                         label: list[str]) -> Submission:
+    """The submission from a YAML body (overrides, submission id and labels in the query) or a JSON `SubmitIn` (the
+    query's overrides are added to its own; a submission id or label given both ways must agree)."""
+    labels, problems = parse_labels(label, "query.label")
+    problems += submission_id_problems(submission_id, "query.submission_id")
     kind = request.headers.get("content-type", "application/yaml").split(";")[0].strip().lower()
     body = await request.body()
     if kind == "application/json":
         try:
-            submitted = SubmitIn.model_validate_json(body)
+            given = SubmitIn.model_validate_json(body)
         except ValidationError as exc:
             raise _invalid([Problem(".".join(str(p) for p in e["loc"]) or "(body)", None,
                                     e.get("input", MISSING), e["msg"]) for e in exc.errors(include_url=False)],
                            "request body") from None
-        return submitted.recipe, [*submitted.overrides, *override]
+        problems += label_problems(given.labels)
+        if given.submission_id and submission_id and given.submission_id != submission_id:
+            problems.append(Problem("submission_id", None, given.submission_id, f"differs from the query's "
+                                    f"submission_id {submission_id!r}: send it once"))
+        problems += [Problem(f"labels.{k}", None, v, f"the query's label {k} says {labels[k]!r}: send it once")
+                     for k, v in given.labels.items() if k in labels and labels[k] != v]
+        if problems:
+            raise _invalid(problems, "request")
+        return Submission(given.recipe, [*given.overrides, *override], given.submission_id or submission_id,
+                          {**labels, **given.labels})
     if kind not in YAML_TYPES:
         raise ApiError(415, f"send the recipe as application/yaml, or as JSON {{recipe, overrides}}; "
                             f"not {one_line(kind, 80)}")
+    if problems:
+        raise _invalid(problems, "request")
     try:
-        return decode(body), list(override)
+        return Submission(decode(body), list(override), submission_id, labels)
     except RecipeFileError as exc:
         raise _invalid([Problem("(file)", None, MISSING, str(exc))]) from None
-
-
-def _tracking_uri(job: Job) -> str | None:
-    from athanor.jobs.recipe import RecipeInvalid, load_recipe
-
-    try:
-        return load_recipe(None, text=job.recipe_text, overrides=job.overrides).recipe.tracking.uri
-    except RecipeInvalid:
-        return None
-
-
-def links(request: Request, job: Job, mlflow_ui: str) -> Links:
-    base = str(request.base_url).rstrip("/")
-    uri = _tracking_uri(job) if job.mlflow_run_id else None
-    ui = uri.rstrip("/") if uri and uri.startswith(("http://", "https://")) else mlflow_ui  # a server's own UI
-    registered = (job.result or {}).get("registered") or {}
-    name, version, run = registered.get("name"), job.model_version, job.mlflow_run_id
-    return Links(self=f"{base}/jobs/{job.id}", logs=f"{base}/jobs/{job.id}/logs",
-                 mlflow_run=f"runs:/{run}" if run else None, mlflow_run_ui=f"{ui}/#/runs/{run}" if run else None,
-                 model_version=f"models:/{name}/{version}" if name and version else None,
-                 model_version_ui=f"{ui}/#/models/{name}/versions/{version}" if name and version else None)
-
-
-def detail(request: Request, job: Job, mlflow_ui: str) -> JobDetail:
-    registered = (job.result or {}).get("registered")
-    return JobDetail(**JobSummary.of(job).model_dump(), recipe_hash=job.recipe_hash, overrides=job.overrides,
-                     mlflow_run_id=job.mlflow_run_id, model_version=job.model_version,
-                     cancel_requested=bool(job.cancel_requested), metrics=metrics_of(job.result),
-                     registered=Registered(name=str(registered["name"]), version=str(registered["version"]),
-                                           alias=registered.get("alias")) if registered else None,
-                     gate=gate_of(job.result), links=links(request, job, mlflow_ui))
 
 
 def _read_from(path: Path, offset: int) -> bytes:
@@ -215,8 +223,18 @@ def push(store: JobStore, job_id: str, alias: str, force: bool = False) -> PushO
     return PushOut(job=job.id, name=name, alias=alias, version=version)
 
 
+def _base(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
 def add_routes(app: FastAPI, store: JobStore, mlflow_ui: str) -> None:
     _meta_routes(app)
+
+    @app.get("/workers", response_model=WorkersOut, tags=["meta"], responses=ERRORS,
+             summary="the workers seen (heartbeats) and a warning when jobs are PENDING with none alive")
+    def workers() -> WorkersOut:
+        return workers_report(store)
+
     _job_routes(app, store, mlflow_ui)
     app.openapi = lambda: openapi(app)
 
@@ -236,14 +254,17 @@ def _job_routes(app: FastAPI, store: JobStore, ui: str) -> None:
     validations = anyio.CapacityLimiter(VALIDATIONS)
 
     @app.post("/jobs", status_code=201, response_model=JobCreated, tags=["jobs"], openapi_extra={
-        "requestBody": SUBMIT_BODY}, responses={**ERRORS, 415: {"model": ErrorOut, "description": "not YAML/JSON"}},
-        summary="submit a recipe: 201 with the job, or 422 with every problem (no job created)")
-    async def submit(request: Request, response: Response, override: list[Override] = OVERRIDES) -> Any:
-        text, overrides = await recipe_request(request, override)
-        job, warnings = await anyio.to_thread.run_sync(submit_recipe, store, text, overrides, limiter=validations)
+        "requestBody": SUBMIT_BODY}, responses=SUBMIT_RESPONSES,
+        summary="submit a recipe: 201 with the job (200: the job this submission_id made), or 422 with every "
+                "problem (no job created)")
+    async def submit(request: Request, response: Response, override: list[Override] = OVERRIDES,
+                     submission_id: SubmissionId | None = SUBMISSION_QUERY, label: list[str] = LABELS) -> Any:
+        sub = await recipe_request(request, override, submission_id, label)
+        job, warnings, created = await anyio.to_thread.run_sync(submit_recipe, store, sub, limiter=validations)
         response.headers["Location"] = f"/jobs/{job.id}"
+        response.status_code = 201 if created else 200  # a resubmission answers with the job it made
         return JobCreated(**JobSummary.of(job).model_dump(), overrides=job.overrides, warnings=warnings,
-                          links=links(request, job, ui))
+                          links=links(job, ui, _base(request)))
 
     @app.get("/jobs", response_model=list[JobSummary], tags=["jobs"], responses=ERRORS, summary="list jobs")
     def list_jobs(status: Status | None = None, limit: int = Query(50, ge=1, le=1000)) -> list[JobSummary]:
@@ -254,7 +275,7 @@ def _job_routes(app: FastAPI, store: JobStore, ui: str) -> None:
              summary="one job: status, metrics, MLflow run and model version links")
     def show(request: Request, job_id: str = JOB_ID) -> JobDetail:
         reap_stale(store)
-        return detail(request, _job(store, job_id), ui)
+        return detail(_job(store, job_id), ui, _base(request))
 
     @app.get("/jobs/{job_id}/logs", response_class=PlainTextResponse, tags=["jobs"], responses={
         **ERRORS, **NOT_FOUND}, summary="the job's log, streamed; follow=true streams until the job is final")

@@ -5,31 +5,31 @@ that need them, so `athanor --help` starts instantly.
     athanor submit recipes/minilm.yaml --wait -o train.max_steps=50
     athanor worker & athanor list; athanor logs JOB --follow; athanor ui
     athanor serve --port 8000            # the HTTP job API (jobs/api.py)
+
+list, status, wait, logs, cancel and workers live in jobs/cli_watch.py; exit codes in jobs/cli_exit.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 
-EXIT_OK, EXIT_JOB_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+from athanor.jobs.cli_exit import (  # noqa: F401 — the codes are part of this module's interface
+    EXIT_BAD_INPUT,
+    EXIT_CONFLICT,
+    EXIT_JOB_FAILED,
+    EXIT_JOB_STOPPED,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    exit_for,
+)
+from athanor.jobs.cli_watch import add_commands, job_of, store_of
 
-
-def _store(args):
-    from athanor.jobs.store import JobStore
-
-    return JobStore(args.home)
-
-
-def _job(store, job_id: str):
-    try:
-        return store.get(job_id)
-    except KeyError:
-        print(f"error: no job '{job_id}' (or the prefix matches several); see `athanor list`", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+_store, _job = store_of, job_of
 
 
 def _print_problems(problems: list, recipe: str, outcome: str = "") -> None:
@@ -70,41 +70,64 @@ def cmd_schema(args) -> int:
 def cmd_submit(args) -> int:
     """Validate first; a job row exists only for a valid recipe (an invalid one is reported and
     stored nowhere: no FAILED rows holding megabytes of someone's broken file)."""
+    from athanor.jobs.submission import SubmissionConflict, create_job, parse_labels, submission_id_problems
     from athanor.jobs.validate import check
 
+    labels, problems = parse_labels(args.label)
+    problems += submission_id_problems(args.submission_id, "--submission-id")
     report = check(args.recipe, overrides=args.override, force=args.force)
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    if report.problems:
-        _print_problems(report.problems, args.recipe, "; no job was created")
+    if problems or report.problems:
+        _print_problems([*problems, *report.problems], args.recipe, "; no job was created")
         return EXIT_BAD_INPUT
-    loaded = report.loaded
-    name, method = loaded.recipe.name, loaded.recipe.method
-    store = _store(args)
-    job = store.create(name=name, method=method, recipe_text=loaded.text, recipe_path=os.path.abspath(args.recipe),
-                       overrides=args.override, recipe_hash=loaded.hash,
-                       max_attempts=loaded.recipe.train.max_attempts)
-    if not args.wait:
-        print(f"submitted job {job.id} ({name}); run `athanor worker` to execute it, "
-              f"`athanor status {job.id}` to watch")
-        return EXIT_OK
-    from athanor.jobs import run
+    try:
+        job, created = create_job(_store(args), report.loaded, recipe_path=os.path.abspath(args.recipe),
+                                  submission_id=args.submission_id, labels=labels)
+    except SubmissionConflict as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFLICT
+    if not created:
+        print(f"job {job.id} ({job.status}) was submitted earlier as {job.submission_id!r}; nothing new queued",
+              file=sys.stderr)
+    if args.wait:
+        return _run_foreground(args, job, report.loaded)
+    if args.json:
+        from athanor.jobs.cli_watch import job_json_or_exit, print_json
 
-    store.claim(job.id)
-    if loaded.recipe.train.launcher != "local":
+        print_json(job_json_or_exit(job))
+    elif created:
+        print(f"submitted job {job.id} ({job.name}); run `athanor worker` to execute it, "
+              f"`athanor wait {job.id}` to wait for its outcome")
+    return EXIT_OK
+
+
+def _run_foreground(args, job, loaded) -> int:
+    """`submit --wait`: run the job here (stage lines, training bar; --json: the final job on stdout, the rest on
+    stderr), or, when a worker already holds it (a resubmitted submission id), wait for its outcome."""
+    from athanor.jobs import run
+    from athanor.jobs.cli_watch import await_final, report_outcome
+    from athanor.jobs.console import foreground
+
+    store = _store(args)
+    out = sys.stderr if args.json else sys.stdout
+    if store.claim(job.id) is None:  # final already, or another process runs it
+        final = await_final(store, job.id)
+    elif loaded.recipe.train.launcher != "local":
         from athanor.jobs.launchers import submit_and_follow
 
         final = submit_and_follow(store, store.get(job.id), loaded.recipe.train)
     else:
-        print(f"running job {job.id} ({name}, {method}) in the foreground; log: {job.log_path}", flush=True)
-        final = run.execute(job.id, store, progress=not args.no_progress)
-    if final.status == "SUCCEEDED":
+        print(f"running job {job.id} ({job.name}, {job.method}) in the foreground; log: {job.log_path}", file=out,
+              flush=True)
+        with foreground(verbose=args.verbose, stream=out), contextlib.redirect_stdout(out):
+            final = run.execute(job.id, store, progress=not args.no_progress)
+    if final.status == "SUCCEEDED" and not args.json:
         from athanor.jobs.report import print_table
 
         print_table(final)
         return EXIT_OK
-    print(f"job {final.id}: {final.status} — {final.error}", file=sys.stderr)
-    return EXIT_JOB_FAILED
+    return report_outcome(final, args.json)
 
 
 def cmd_worker(args) -> int:
@@ -121,112 +144,6 @@ def cmd_worker(args) -> int:
                 return EXIT_JOB_FAILED
             time.sleep(args.poll)
     work(store, once=args.once, poll=args.poll, max_jobs=args.max_jobs)
-    return EXIT_OK
-
-
-def _age(t: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
-
-
-def _reap(store) -> None:
-    from athanor.jobs.launchers import safe_reconcile
-    from athanor.jobs.leases import reap_stale
-
-    reap_stale(store)
-    safe_reconcile(store)
-
-
-def cmd_list(args) -> int:
-    store = _store(args)
-    _reap(store)
-    jobs = store.list(limit=args.limit, status=args.status)
-    print(f"{'JOB':24} {'STATUS':10} {'METHOD':12} {'NAME':24} {'CREATED':19}  ERROR")
-    for j in jobs:
-        note = j.error or ("gate: failed" if _gate_failed(j) else "")
-        print(f"{j.id:24} {j.status:10} {j.method:12} {j.name[:24]:24} {_age(j.created_at):19}  {note[:60]}")
-    return EXIT_OK
-
-
-def _gate_failed(job) -> bool:
-    return ((job.result or {}).get("gate") or {}).get("passed") is False
-
-
-def cmd_status(args) -> int:
-    store = _store(args)
-    _reap(store)
-    job = _job(store, args.job)
-    shown = ("id", "name", "method", "status", "attempts", "pid", "engine", "engine_id", "engine_state", "recipe_path",
-             "recipe_hash", "overrides", "log_path", "mlflow_run_id", "model_version", "error")
-    fields = {k: getattr(job, k) for k in shown}
-    fields.update(created=_age(job.created_at), started=_age(job.started_at), finished=_age(job.finished_at))
-    gate = (job.result or {}).get("gate")
-    if gate and gate.get("conditions"):
-        fields["gate"] = "passed" if gate["passed"] else "failed — " + "; ".join(gate["failed"])
-    for key, value in fields.items():
-        print(f"{key:14} {value}")
-    if job.result:
-        from athanor.jobs.report import print_table
-
-        print_table(job)
-    return EXIT_OK
-
-
-def cmd_logs(args) -> int:
-    store = _store(args)
-    job = _job(store, args.job)
-    if args.engine:
-        return _engine_logs(job)
-    if not job.log_path or not os.path.exists(job.log_path):
-        print("(no log yet)")
-        return EXIT_OK
-    with open(job.log_path, errors="replace") as f:
-        while True:
-            chunk = f.read()
-            if chunk:
-                sys.stdout.write(chunk), sys.stdout.flush()
-            if not args.follow or store.get(job.id).status not in ("PENDING", "RUNNING"):
-                if args.follow:
-                    sys.stdout.write(f.read())
-                return EXIT_OK
-            time.sleep(0.5)
-
-
-def _engine_logs(job) -> int:
-    """`athanor logs JOB --engine`: every rank's output as the cluster engine keeps it."""
-    from athanor.jobs.launchers import LaunchError, launcher_for
-
-    if not job.engine or not job.engine_id:
-        print(f"job {job.id} did not run under a cluster engine (train.launcher: local); see `athanor logs {job.id}`",
-              file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
-        sys.stdout.write(launcher_for(job.engine).logs(job))
-    except LaunchError as exc:
-        print(f"job {job.id}: {job.engine} job {job.engine_id}: {exc}", file=sys.stderr)
-        return EXIT_JOB_FAILED
-    return EXIT_OK
-
-
-def cmd_cancel(args) -> int:
-    from athanor.jobs.worker import cancel
-
-    store = _store(args)
-    job = _job(store, args.job)
-    if job.status not in ("PENDING", "RUNNING"):
-        print(f"job {job.id} is already {job.status}")
-        return EXIT_OK
-    from athanor.jobs.launchers import LaunchError
-
-    try:
-        status = cancel(store, job.id, force=args.force)
-    except LaunchError as exc:
-        print(f"job {job.id}: {job.engine} could not cancel {job.engine_id}: {exc}", file=sys.stderr)
-        return EXIT_JOB_FAILED
-    if status == "RUNNING":
-        print(f"job {job.id}: cancel requested; it stops at its next training step or stage boundary "
-              f"(`athanor status {job.id}`; `athanor cancel --force` kills it now)")
-    else:
-        print(f"job {job.id}: {status}")
     return EXIT_OK
 
 
@@ -247,10 +164,15 @@ def cmd_ui(args) -> int:
 def cmd_serve(args) -> int:
     """The HTTP job API; off the loopback only with ATHANOR_TOKEN (checked before anything starts)."""
     from athanor.jobs.api import serve, token_problem
+    from athanor.jobs.job_view import mlflow_ui_url
     from athanor.jobs.store import athanor_home
 
     token = os.environ.get("ATHANOR_TOKEN") or None
     problem = token_problem(args.host, token)
+    try:
+        mlflow_ui = mlflow_ui_url(args.mlflow_ui)
+    except ValueError as exc:
+        problem = problem or str(exc)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -260,7 +182,7 @@ def cmd_serve(args) -> int:
     where = f"http://{args.host}:{args.port}" if args.port else f"{args.host}, a free port (uvicorn's line below)"
     print(f"athanor API on {where} (home {home}; {auth}); run `athanor worker` to execute the jobs it queues",
           flush=True)
-    serve(home, host=args.host, port=args.port, token=token)
+    serve(home, host=args.host, port=args.port, token=token, mlflow_ui=mlflow_ui)
     return EXIT_OK
 
 
@@ -300,23 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe"), with_overrides(p), with_force(p)
     p.add_argument("--wait", action="store_true", help="run in the foreground with progress; print before/after")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("-v", "--verbose", action="store_true", help="with --wait: also Lightning's, MLflow's and Python's "
+                                                                  "console output (otherwise in the job log only)")
+    p.add_argument("--json", action="store_true", help="print the job as JSON (with --wait: the final job)")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="label the job (repeatable)")
+    p.add_argument("--submission-id", default=None, metavar="ID",
+                   help="your id for this submission: the same id and recipe again returns that job, no new one")
     p.set_defaults(fn=cmd_submit)
     p = sub.add_parser("worker", help="run queued jobs, each in its own process")
     p.add_argument("--once", action="store_true", help="exit when nothing is pending")
     p.add_argument("--poll", type=float, default=2.0, help="seconds between polls")
     p.add_argument("--max-jobs", type=int, default=None, help="exit after this many jobs")
     p.set_defaults(fn=cmd_worker)
-    p = sub.add_parser("list", help="list jobs")
-    p.add_argument("--status", default=None, choices=["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"])
-    p.add_argument("--limit", type=int, default=30), p.set_defaults(fn=cmd_list)
-    p = sub.add_parser("status", help="show one job")
-    p.add_argument("job"), p.set_defaults(fn=cmd_status)
-    p = sub.add_parser("cancel", help="stop a job (at its next step; --force kills it now)")
-    p.add_argument("job"), p.add_argument("--force", action="store_true", help="kill the job's processes now")
-    p.set_defaults(fn=cmd_cancel)
-    p = sub.add_parser("logs", help="print a job's log")
-    p.add_argument("job"), p.add_argument("--follow", "-f", action="store_true"), p.set_defaults(fn=cmd_logs)
-    p.add_argument("--engine", action="store_true", help="every rank's output as the cluster engine keeps it")
+    add_commands(sub)
     p = sub.add_parser("ui", help="start the MLflow UI on the job store (127.0.0.1 by default)")
     p.add_argument("--host", default="127.0.0.1"), p.add_argument("--port", type=int, default=5000)
     p.add_argument("--workers", type=int, default=1, help="server worker processes")
@@ -326,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="also onto a version whose job missed its gate")
     p = sub.add_parser("serve", help="HTTP job API on 127.0.0.1 (another --host needs ATHANOR_TOKEN)")
     p.add_argument("--host", default="127.0.0.1"), p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--mlflow-ui", default=None, metavar="URL", help="the MLflow UI job links point to (default: "
+                   "$ATHANOR_MLFLOW_UI, else http://127.0.0.1:5000, where `athanor ui` serves)")
     p.set_defaults(fn=cmd_serve)
     for command in sub.choices.values():  # `athanor COMMAND --home DIR` works as well as `athanor --home DIR COMMAND`
         command.add_argument("--home", default=argparse.SUPPRESS, help="athanor home (as the global --home)")
@@ -347,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     except StoreError as exc:  # read-only home, full disk: one line, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_JOB_FAILED
+    except SystemExit as exc:  # a command's own early exit (no such job: 2) returns its code to an in-process caller
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field, StrictBool, ValidationError, create_model
 from athanor.convert.recipe_types import LIMIT_REASON, ModelRef, Text, TrackingURI, path_fields
 from athanor.distill.spec import SEED_MAX, DataSpec, EvalSpec, Section, TrainSpec, bounded
 from athanor.jobs.gate import GateSpec, gate_problems
+from athanor.jobs.lm_eval_stage import method_problems
 from athanor.jobs.methods import METHODS, get_method
 from athanor.jobs.recipe_yaml import (  # noqa: F401 (Problem, RecipeInvalid, render_problems: this module's API)
     MISSING,
@@ -91,6 +92,9 @@ class TrackingSpec(Section):
         return value
     experiment: Text | None = Field(None, pattern=NAME_PATTERN)
     """MLflow experiment; default: the recipe name."""
+    system_metrics_every_s: float | None = bounded(10.0, gt=0, le=3600, reason="one sample an hour shows nothing")
+    """Seconds between samples of MLflow's system metrics (CPU, memory, disk, network; GPU when present), logged as
+    `system/*` on the parent run while the student trains; null turns them off."""
 
 
 ALIAS = re.compile(r"[A-Za-z0-9_-]{1,255}")
@@ -329,7 +333,8 @@ def load_recipe(path: str | Path | None = None, *, text: str | None = None, over
                 p.message += f" (did you mean '{guess[0]}'?)"
         raise RecipeInvalid(problems + extra, file) from None
     extra += [Problem(path, lines.get(tuple(path.split("."))) or lines.get(("gate", "retain")), value, message)
-              for path, value, message in gate_problems(recipe.gate, get_method(method).metrics)]
+              for path, value, message in [*gate_problems(recipe.gate, get_method(method).metrics),
+                                           *method_problems(recipe, get_method(method))]]
     if extra:
         raise RecipeInvalid(extra, file)
     return LoadedRecipe(recipe, text, list(overrides), Path(path) if path is not None else None)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from athanor.jobs.mlflow_views import headline_for
 from athanor.jobs.report import comparison_markdown
 from athanor.jobs.tracking import Tracker
 
@@ -46,12 +47,26 @@ Converted by **athanor** with the **{recipe.method}** method (job `{job_id}`, re
   the same code; latency is the median of interleaved runs of both models in one measurement.
 
 ## Before (teacher) and after (converted)
-{comparison_markdown(before, after, speedup, results.intervals)}
+{comparison_markdown(before, after, speedup, results.intervals, headline_for(recipe, list(before)))}
 {_gate_markdown(results.gate)}{_arms_markdown(results.comparison)}{notes}
 """
     path = out_dir / "README.md"
     path.write_text(text)
     return path
+
+
+def card_summary(card: Path, limit: int = 5000) -> str | None:
+    """The model card without its metadata header and the method's notes, for the version's description (the
+    registry page shows it); None without a card. Cut at a line under `limit` characters (MLflow keeps 5000)."""
+    if not card.is_file():
+        return None
+    text = card.read_text()
+    if text.startswith("---\n"):
+        text = text.split("\n---\n", 1)[-1]
+    text = text.split("## Notes from the method", 1)[0].strip()
+    if len(text) > limit:
+        text = text[:text.rfind("\n", 0, limit - 2)] + "\n…"
+    return text
 
 
 def _gate_markdown(gate: dict[str, Any] | None) -> str:
@@ -63,8 +78,12 @@ def _gate_markdown(gate: dict[str, Any] | None) -> str:
 
 
 def version_tags(results: Any, verdict: Any) -> dict[str, str]:
-    """The model version's measurement tags: headline after-values, the speed-up and the gate's verdict."""
-    tags = {f"after.{k}": f"{v:.6g}" for k, v in list(results.after.items())[:8]}
+    """The model version's measurement tags: each metric's before (teacher) and after (this version) value, the
+    speed-up and the gate's verdict, so the registry's version list answers "how good, how fast" without a run."""
+    tags = {}
+    for key in list(results.after)[:24]:
+        tags[f"before.{key}"] = f"{results.before.get(key, float('nan')):.6g}"
+        tags[f"after.{key}"] = f"{results.after[key]:.6g}"
     if results.speedup is not None:
         tags["speedup"] = f"{results.speedup:.3g}"
     tags["athanor.gate"] = "none" if not verdict.conditions else "passed" if verdict.passed else "failed"
@@ -160,7 +179,8 @@ def register(tracker: Tracker, *, export_dir: Path, method: Any, name: str, alia
             previous = str(client.get_model_version_by_alias(name, alias).version)
     except mlflow.exceptions.MlflowException:
         pass
-    version = client.create_model_version(name, source, run_id=tracker.parent_id, tags=tags, model_id=model_id)
+    version = client.create_model_version(name, source, run_id=tracker.parent_id, tags=tags, model_id=model_id,
+                                          description=card_summary(export_dir / "README.md"))
     registration = Registration(name, str(version.version), alias, previous)
     try:
         if hook is not None:

@@ -83,9 +83,10 @@ def job_result(results: Results, *, registry: Any, version: str | None, export: 
             "seconds": round(time.time() - started, 1)}
 
 
-def check_declared(method: Any, metrics: dict[str, Any]) -> None:
-    """Every key `evaluate` returned is one the method declares in `metrics` (with its direction)."""
-    undeclared = sorted(set(metrics) - set(method.metrics))
+def check_declared(method: Any, metrics: dict[str, Any], also: dict[str, str] | None = None) -> None:
+    """Every key `evaluate` returned is one the method declares in `metrics` (with its direction), or one `also`
+    declares (lm-evaluation-harness results, directed by their tasks)."""
+    undeclared = sorted(set(metrics) - set(method.metrics) - set(also or {}))
     if undeclared:
         raise RuntimeError(f"method {method.name} returned metrics it does not declare in `metrics`: {undeclared}")
 

@@ -23,11 +23,11 @@ from athanor.convert.module_utils import count_params
 from athanor.distill.intervals import split
 from athanor.jobs.fault_hooks import TEST_HOOK, fault_hook
 from athanor.jobs.gate import judge
-from athanor.jobs.leases import SIGTERM_NOTED, JobLease, JobStopped, signals_deferred, sigterm_cancels
+from athanor.jobs.leases import SIGTERM_NOTED, JobLease, JobStopped, engine_stopped, signals_deferred, sigterm_cancels
+from athanor.jobs.lm_eval_stage import measured
 from athanor.jobs.recipe import LoadedRecipe, load_recipe, resolve_recipe_paths
 from athanor.jobs.results import (
     Results,
-    check_declared,
     check_finite,
     check_same_keys,
     disk_full,
@@ -107,6 +107,7 @@ def _train(p: Prepared, job: Job, store: JobStore, *, logger: Any, progress: boo
     with launch=False. A later attempt resumes from the newest checkpoint. Every rank stops at the step after a
     cancel request (or a lost lease) and fails on a non-finite loss."""
     from athanor.jobs.launchers import interrupt_hooks
+    from athanor.jobs.progress import progress_callback
     from athanor.jobs.resume import RESUME_ENV, KillAtStep, kill_steps, resume_from, set_rng_states
     from athanor.jobs.trainer import CHECKPOINTS, fit, guard_callback, launched_ranks
 
@@ -131,7 +132,8 @@ def _train(p: Prepared, job: Job, store: JobStore, *, logger: Any, progress: boo
                             extra_env={ARM_ENV: arm, RESUME_ENV: str(ckpt or "")}) if launch
              else contextlib.nullcontext())
     callbacks = [guard_callback(lambda: bool(lease and lease.cancelled) or store.cancel_requested(job.id),
-                                **interrupt_hooks()), SIGTERM_NOTED.callback()]
+                                **interrupt_hooks()), SIGTERM_NOTED.callback(),
+                 *([progress_callback(store, job.id, job.attempts)] if launch else [])]  # step count for status
     if launch and (steps := kill_steps(os.environ.get(TEST_HOOK, ""))):
         callbacks.append(KillAtStep(steps, store.job_dir(job.id) / "test_hook_kills"))
     with ranks:
@@ -201,6 +203,7 @@ class JobRun:
         self.hook(name)
         if self.lease is not None:
             self.lease.check(name)
+        self.store.report_progress(self.job.id, self.job.attempts, stage=name, progress_step=None, progress_total=None)
 
     def holds(self) -> bool:
         """This attempt still holds the job (its lease was not lost)."""
@@ -214,6 +217,7 @@ class JobRun:
 
         recipe, job = p.loaded.recipe, self.job
         self.tracker = Tracker(self.store.home, recipe.tracking.uri, recipe.tracking.experiment or recipe.name)
+        self.tracker.describe(job, p.loaded)
         if job.attempts > 1 and job.mlflow_run_id:  # a retry: the same parent run, its curves continue
             log.info("attempt %d of %d: continuing MLflow run %s", job.attempts, job.max_attempts, job.mlflow_run_id)
             self.tracker.resume_parent(job.mlflow_run_id, job.attempts)
@@ -230,7 +234,7 @@ class JobRun:
         artifact_dir.mkdir(parents=True, exist_ok=True)
         metrics = p.method.evaluate(model, p.teacher, p.data, p.loaded.recipe.eval, args or p.loaded.args,
                                     artifact_dir)
-        check_declared(p.method, metrics)
+        metrics = measured(p, model, side, metrics)  # + lm-evaluation-harness results (`eval.lm_eval`)
         values, self.samples[side] = split(metrics)
         return values
 
@@ -245,8 +249,9 @@ class JobRun:
             log.info("training-free method: no training step")
             return p.student
         log.info("training for %d steps (%s)", recipe.train.max_steps, recipe.train.strategy)
-        student = _train(p, self.job, self.store, logger=self.tracker.lightning_logger(holds=self.holds),
-                         progress=self.progress, lease=self.lease)
+        with self.tracker.system_metrics():
+            student = _train(p, self.job, self.store, logger=self.tracker.lightning_logger(holds=self.holds),
+                             progress=self.progress, lease=self.lease)
         if self.holds():  # an attempt that lost its job (re-queued while frozen) stops at the next stage
             self.tracker.log_training_curves()
         return student
@@ -275,8 +280,7 @@ class JobRun:
         if results.untrained is not None:
             self.tracker.log_child("untrained", results.untrained)
         self.tracker.log_metrics({f"compare/{k}": v for k, v in results.comparison.items()})
-        self.tracker.log_comparison(results.before, results.after, speedup=results.speedup,
-                                    intervals=results.intervals)
+        self.tracker.log_comparison(results)
         artifacts = self.job_dir / "artifacts"
         if any(f.is_file() for f in artifacts.rglob("*")):
             self.tracker.log_artifact(artifacts, "samples")
@@ -339,8 +343,8 @@ def execute(job_id: str, store: JobStore, *, progress: bool = True, engine: bool
         try:
             run.run()
         except BaseException as exc:  # noqa: BLE001 — every outcome ends in a final status
-            if engine and (_terminated(exc) or noted.seen):
-                log.warning("the engine stopped this attempt (SIGTERM); its job state decides what comes next")
+            if engine and (why := engine_stopped(exc, noted.seen)):
+                log.warning("%s; the engine's job state decides what comes next", why)
                 raise SystemExit(143) from None
             if disk_full(exc) is not None:  # space first: the final status must still be written
                 remove_partial_writes(run.job_dir)
@@ -359,13 +363,6 @@ def execute(job_id: str, store: JobStore, *, progress: bool = True, engine: bool
                 if now.status != "SUCCEEDED":  # no export that looks like a result of a failed job
                     shutil.rmtree(run.export_dir, ignore_errors=True)
     return store.get(job.id)
-
-
-def _terminated(exc: BaseException) -> bool:
-    """Lightning's SIGTERMException: its handler raises it for a SIGTERM (under an engine: the engine's)."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    return isinstance(exc, SIGTERMException)
 
 
 def _torch_threads() -> int:

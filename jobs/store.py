@@ -8,7 +8,9 @@ fencing token: a heartbeat or a final status from an earlier attempt (a process 
 woke up after its job was re-queued) is refused, so one job never runs twice at once. Cancellation is a flag
 the job reads between stages and steps, never a signal that interrupts it mid-write. A final status is
 written once: a SUCCEEDED job is never overwritten. Store write failures (read-only home, full disk) raise
-`StoreError`: one line for the user.
+`StoreError`: one line for the user. A job also carries the client's submission id (unique: a resubmission finds the
+job, jobs/submission.py), its labels, and the stage and training step its attempt reached (`report_progress`);
+workers' own heartbeats live beside the jobs (jobs/workers.py).
 
 Home: `--home`, else `$ATHANOR_HOME`, else `./.athanor`. Layout:
     <home>/jobs.db            job rows
@@ -26,10 +28,10 @@ import socket
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from athanor.jobs.job_row import Job, SubmissionExists
 from athanor.jobs.store_errors import StoreCorrupt, StoreError, athanor_home, corrupt_message, store_error
 
 STATUSES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED")
@@ -72,66 +74,14 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created_at);
 # Columns added after the first release: added to existing stores on open.
 MIGRATIONS = {"lease_owner": "TEXT", "heartbeat_at": "REAL", "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
               "max_attempts": "INTEGER NOT NULL DEFAULT 1", "engine": "TEXT", "engine_id": "TEXT",
-              "engine_run": "INTEGER NOT NULL DEFAULT 0", "engine_state": "TEXT"}
+              "engine_run": "INTEGER NOT NULL DEFAULT 0", "engine_state": "TEXT", "submission_id": "TEXT",
+              "labels": "TEXT NOT NULL DEFAULT '{}'", "stage": "TEXT", "progress_step": "INTEGER",
+              "progress_total": "INTEGER"}
+INDEXES = ("CREATE UNIQUE INDEX IF NOT EXISTS jobs_submission ON jobs(submission_id) WHERE submission_id IS NOT NULL",)
+PROGRESS = ("stage", "progress_step", "progress_total")
 
 LEASE_SECONDS = float(os.environ.get("ATHANOR_LEASE_SECONDS", "60"))
 """A RUNNING job whose heartbeat is older than this is reaped (its process renews it every LEASE_SECONDS / 6)."""
-
-
-@dataclass
-class Job:
-    id: str
-    name: str
-    method: str
-    status: str
-    recipe_path: str | None
-    recipe_text: str
-    overrides: list[str]
-    recipe_hash: str
-    attempts: int
-    pid: int | None
-    log_path: str | None
-    mlflow_run_id: str | None
-    model_version: str | None
-    error: str | None
-    result: dict[str, Any] | None
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    updated_at: float
-    lease_owner: str | None = None
-    heartbeat_at: float | None = None
-    cancel_requested: int = 0
-    max_attempts: int = 1
-    engine: str | None = None
-    """The cluster engine running the current attempt ('slurm', 'ray'; None: a local process of a worker)."""
-    engine_id: str | None = None
-    """The engine's own id of that attempt (Slurm job id, Ray submission id)."""
-    engine_run: int = 0
-    """Which run of the engine job the current attempt is (Slurm requeues a job under the same id)."""
-    engine_state: str | None = None
-    """The engine's state of that job when last asked (e.g. PENDING while it waits in Slurm's queue)."""
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row, home: Path) -> Job:
-        data = dict(row)
-        data["overrides"] = json.loads(data["overrides"] or "[]")
-        data["result"] = json.loads(data["result"]) if data["result"] else None
-        data["log_path"] = _in_home(data["log_path"], home, data["id"])
-        return cls(**data)
-
-
-def _in_home(stored: str | None, home: Path, job_id: str) -> str | None:
-    """A job's log path under `home`. Stored relative to the home (so a copied or restored home reads its own
-    files, never the original's); rows of older stores hold the absolute path under the home they were made in."""
-    if stored is None:
-        return None
-    path = Path(stored)
-    if not path.is_absolute():
-        return str(home / path)
-    if path.parts[-3:] == ("jobs", job_id, "job.log"):  # an older store's absolute path: re-rooted here
-        return str(home / "jobs" / job_id / "job.log")
-    return stored
 
 
 class JobStore:
@@ -152,6 +102,9 @@ class JobStore:
             for column, kind in MIGRATIONS.items():
                 if column not in present:
                     db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+            if not db.execute("SELECT name FROM sqlite_master WHERE name='jobs_submission'").fetchone():
+                for index in INDEXES:  # only when missing: a read-only home must still open for reading
+                    db.execute(index)
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -181,9 +134,12 @@ class JobStore:
         return path
 
     def create(self, *, name: str, method: str, recipe_text: str, recipe_path: str | None,
-               overrides: list[str], recipe_hash: str, max_attempts: int = 1) -> Job:
-        """A PENDING job; `max_attempts` is the recipe's `train.max_attempts` (runs in all, retries included)."""
+               overrides: list[str], recipe_hash: str, max_attempts: int = 1, submission_id: str | None = None,
+               labels: dict[str, str] | None = None) -> Job:
+        """A PENDING job; `max_attempts` is the recipe's `train.max_attempts` (runs in all, retries included).
+        SubmissionExists (holding that job) when a job with `submission_id` exists: the unique index decides a race."""
         for attempt in range(3):  # an id is a second plus 24 random bits: two equal ones are drawn again
+            self._refuse_reused(submission_id)
             now = time.time()
             job_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + "-" + secrets.token_hex(3)
             log_path = str((self.job_dir(job_id) / "job.log").relative_to(self.home))
@@ -191,9 +147,11 @@ class JobStore:
                 with self._connect() as db:
                     db.execute(
                         "INSERT INTO jobs (id, name, method, status, recipe_path, recipe_text, overrides, recipe_hash,"
-                        " log_path, created_at, updated_at, max_attempts) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                        " log_path, created_at, updated_at, max_attempts, submission_id, labels)"
+                        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                         (job_id, name, method, "PENDING", recipe_path, recipe_text, json.dumps(overrides),
-                         recipe_hash, log_path, now, now, max(1, int(max_attempts))),
+                         recipe_hash, log_path, now, now, max(1, int(max_attempts)), submission_id,
+                         json.dumps(labels or {}, sort_keys=True)),
                     )
             except StoreError as exc:
                 if "UNIQUE" not in str(exc) or attempt == 2:
@@ -201,6 +159,29 @@ class JobStore:
                 continue
             return self.get(job_id)
         raise AssertionError("unreachable")
+
+    def _refuse_reused(self, submission_id: str | None) -> None:
+        if submission_id is None:
+            return
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM jobs WHERE submission_id = ?", (submission_id,)).fetchone()
+        if row is not None:
+            raise SubmissionExists(Job.from_row(row, self.home))
+
+    def report_progress(self, job_id: str, attempt: int, **fields: str | int | None) -> None:
+        """Record the stage or training progress (`PROGRESS` columns) of a RUNNING attempt; an attempt that no longer
+        holds the job writes nothing. Never raises: progress is a display, the job must not fail over it."""
+        sets = ", ".join(f"{k} = ?" for k in fields if k in PROGRESS)
+        try:
+            with self._connect() as db:
+                db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND status = 'RUNNING' AND attempts = ?",
+                           (*(v for k, v in fields.items() if k in PROGRESS), job_id, attempt))
+        except StoreError:
+            pass
+
+    def connection(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A connection for the store's companion tables (jobs/workers.py); failures raise StoreError."""
+        return self._connect()
 
     def get(self, job_id: str) -> Job:
         """The job with this id, or the only one whose id starts with it (a literal prefix, no wildcards);
@@ -223,6 +204,10 @@ class JobStore:
             rows = db.execute(query + " ORDER BY created_at DESC LIMIT ?", (*args, limit)).fetchall()
         return [Job.from_row(r, self.home) for r in rows]
 
+    def count(self, status: str) -> int:
+        with self._connect() as db:
+            return db.execute("SELECT count(*) FROM jobs WHERE status = ?", (status,)).fetchone()[0]
+
     def claim(self, job_id: str | None = None, *, owner: str | None = None) -> Job | None:
         """Atomically move one PENDING job (the oldest, or `job_id`) to RUNNING under a lease held by
         `owner` (default: this process), with its first heartbeat. Each claim starts the next attempt."""
@@ -240,7 +225,7 @@ class JobStore:
             db.execute(
                 "UPDATE jobs SET status='RUNNING', attempts=attempts+1, started_at=?, updated_at=?, error=NULL,"
                 " pid=NULL, lease_owner=?, heartbeat_at=?, engine=NULL, engine_id=NULL, engine_run=0,"
-                " engine_state=NULL WHERE id=?",
+                " engine_state=NULL, stage=NULL, progress_step=NULL, progress_total=NULL WHERE id=?",
                 (now, now, owner, now, row["id"]),
             )
             db.execute("COMMIT")

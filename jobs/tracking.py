@@ -23,6 +23,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from athanor.jobs.mlflow_views import (
+    child_params,
+    headline_for,
+    logged_params,
+    parent_metrics,
+    set_experiment_kind,
+    source_tags,
+    system_metrics,
+)
 from athanor.jobs.store import Job
 from athanor.jobs.tracking_http import ONE_TRY, TrackingUnavailable, _Guarded, check_server, http_settings, unreachable
 
@@ -65,8 +74,12 @@ class Tracker:
         self.client = _Guarded(MlflowClient(self.uri, self.uri), self) if self.remote else MlflowClient(self.uri,
                                                                                                          self.uri)
         self.experiment_id = self._experiment(experiment)
+        set_experiment_kind(self.client, self.experiment_id)
         self.parent_id: str | None = None
         self.resumed = False
+        self.job: Job | None = None
+        self.recipe: Any = None
+        """The job and its recipe (`describe`): child runs' params and the headline metrics come from them."""
 
     @contextlib.contextmanager
     def guard(self, what: str) -> Iterator[None]:
@@ -118,13 +131,18 @@ class Tracker:
             if run.info.status == "RUNNING":
                 self.client.set_terminated(run.info.run_id, status)
 
+    def describe(self, job: Job, loaded: Any) -> None:
+        """The job this tracker records (before `start_parent` or `resume_parent`)."""
+        self.job, self.recipe = job, loaded.recipe
+
     def start_parent(self, job: Job, loaded: Any, tags: dict[str, str]) -> str:
-        """The job's parent run, tagged with its lineage; logs the recipe as params and files."""
-        run = self.client.create_run(self.experiment_id, run_name=f"{job.name}-{job.id}", tags=tags)
+        """The job's parent run, tagged with its lineage and provenance (source, user, git commit); logs the recipe
+        fields that were set as params, and the recipe as files."""
+        self.describe(job, loaded)
+        run = self.client.create_run(self.experiment_id, run_name=f"{job.name}-{job.id}",
+                                     tags={**source_tags(job), **tags})
         self.parent_id = run.info.run_id
-        params = _flatten(loaded.recipe.model_dump(mode="json"))
-        for key, value in list(params.items())[:500]:
-            self.client.log_param(self.parent_id, key[:250], value[:6000])
+        self._log_params(self.parent_id, _flatten(logged_params(loaded.recipe)))
         self.client.log_text(self.parent_id, job.recipe_text, "recipe/recipe.yaml")
         self.client.log_text(self.parent_id, loaded.effective_yaml(), "recipe/effective.yaml")
         return self.parent_id
@@ -156,11 +174,23 @@ class Tracker:
         found = self._child(name) if self.resumed else None
         if found:
             return found
+        params = child_params(self.recipe, name, tags) if self.recipe is not None else {"side": name}
+        provenance = source_tags(self.job) if self.job is not None else {}
         run = self.client.create_run(
             self.experiment_id, run_name=name,
-            tags={"mlflow.parentRunId": self.parent_id, "athanor.side": name, **(tags or {})},
+            tags={**provenance, "mlflow.parentRunId": self.parent_id, "athanor.side": name,
+                  "athanor.model": params.get("model", name), **(tags or {})},
         )
+        self._log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+        """Params in batches (one request per 100, not one per param); MLflow's key and value limits applied."""
+        from mlflow.entities import Param
+
+        items = [Param(k[:250], str(v)[:6000]) for k, v in list(params.items())[:500]]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start:start + 100])
 
     def log_child(self, name: str, metrics: dict[str, float], tags: dict[str, str] | None = None,
                   run_id: str | None = None) -> str:
@@ -172,9 +202,13 @@ class Tracker:
         return run_id
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
-        """Plain metrics on the parent run (e.g. a method's summary over its comparison arms)."""
-        for key, value in metrics.items():
-            self.client.log_metric(self.parent_id, key, float(value))
+        """Plain metrics on the parent run (e.g. a method's summary over its comparison arms), in one request."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(key, float(value), now, 0) for key, value in metrics.items()]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(self.parent_id, metrics=items[start:start + 1000])
 
     def log_datasets(self, data: Any, num_train: int, num_eval: int) -> None:
         """The training and held-out data as MLflow dataset inputs (shown on the run page)."""
@@ -192,23 +226,31 @@ class Tracker:
             inputs.append(DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)]))
         self.client.log_inputs(self.parent_id, datasets=inputs)
 
-    def log_comparison(self, before: dict[str, float], after: dict[str, float], *, speedup: float | None,
-                       intervals: dict[str, Any] | None = None) -> None:
-        """Metrics of both sides on the parent, a JSON table (with the 95% intervals), a plot, and the markdown
-        table as the run's description (shown at the top of the run page)."""
-        from athanor.jobs.report import comparison_markdown
+    def log_comparison(self, results: Any) -> None:
+        """The job's comparison on the parent: per metric after/before and after − before, the headline metrics
+        and the speed-up (`eval/speedup`) as metrics, a JSON table (with the 95% intervals), the grouped
+        before/after plot, and a summary line over the markdown table as the run's description. The before and
+        after values themselves are the child runs' `eval/*` metrics (MLflow's compare view)."""
+        from athanor.jobs.report import comparison_markdown, summary_line
 
+        before, after, speedup, intervals = results.before, results.after, results.speedup, results.intervals
+        headline = headline_for(self.recipe, list(before)) if self.recipe is not None else []
         table = {k: {"before": before[k], "after": after[k]} for k in before}
         self.client.log_dict(self.parent_id, {"metrics": table, "speedup": speedup, "intervals": intervals or None},
                              "eval/before_after.json")
-        for key in before:
-            self.client.log_metric(self.parent_id, f"{EVAL_PREFIX}{key}/before", float(before[key]))
-            self.client.log_metric(self.parent_id, f"{EVAL_PREFIX}{key}/after", float(after[key]))
+        figures = parent_metrics(before, after, speedup, headline)
         if speedup is not None:
-            self.client.log_metric(self.parent_id, f"{EVAL_PREFIX}speedup", float(speedup))
-        self.client.set_tag(self.parent_id, "mlflow.note.content",
-                            comparison_markdown(before, after, speedup, intervals))
+            figures[f"{EVAL_PREFIX}speedup"] = float(speedup)
+        self.log_metrics(figures)
+        note = summary_line(before, after, speedup, headline, results.gate)
+        self.client.set_tag(self.parent_id, "mlflow.note.content", (note + "\n\n" if note else "")
+                            + comparison_markdown(before, after, speedup, intervals, headline))
         self.client.log_figure(self.parent_id, comparison_figure(before, after), "plots/before_after.png")
+
+    def system_metrics(self) -> contextlib.AbstractContextManager[None]:
+        """MLflow's system metrics on the parent run while the block runs (`tracking.system_metrics_every_s`)."""
+        every = self.recipe.tracking.system_metrics_every_s if self.recipe is not None else None
+        return system_metrics(self.parent_id, self.uri, every, resumed=self.resumed, lost=lambda: bool(self.lost))
 
     def log_training_curves(self) -> None:
         import matplotlib

@@ -122,10 +122,9 @@ def build_trainer(train: TrainSpec, *, job_dir: Path, micro_batch_size: int, log
     if every:
         callbacks.append(AtomicCheckpoint(job_dir / CHECKPOINTS, every, train.keep_checkpoints, fence))
     if progress:
-        from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+        from athanor.jobs.console import step_bar
 
-        refresh = max(1, train.log_every_n_steps)
-        callbacks.append(RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=refresh))
+        callbacks.append(step_bar(max(1, train.log_every_n_steps)))  # optimizer steps of train.max_steps
     plugins = []
     if slurm_task():
         from lightning.pytorch.plugins.environments import SLURMEnvironment

@@ -25,6 +25,7 @@ from typing import Any
 from athanor.convert.module_utils import count_params
 from athanor.convert.recipe_types import one_line
 from athanor.distill.spec import DataSpec, RecipeError, ResolvedSource
+from athanor.jobs.lm_eval_stage import task_problems as lm_eval_task_problems
 from athanor.jobs.machine_fit import memory_problem, placement_problems
 from athanor.jobs.recipe import (
     MISSING,
@@ -106,6 +107,7 @@ def check(path: str | Path | None, *, text: str | None = None, overrides: list[s
     try:
         with deadline(DEADLINE_S):
             report.problems += _path_problems(loaded.recipe, recipe_path)
+            report.problems += [Problem(k, None, v, m) for k, v, m in lm_eval_task_problems(loaded.recipe, recipe_path)]
             _check_model(report, loaded, recipe_path)
             for problems, warnings in (placement_problems(loaded.recipe.train),
                                        memory_problem(loaded.recipe.train, report.estimate, force=force)):

@@ -24,6 +24,7 @@ import time
 from athanor.jobs.launchers import launcher_for, safe_reconcile, submit
 from athanor.jobs.leases import clean_up, reap_stale
 from athanor.jobs.store import JobStore, StoreCorrupt, StoreError
+from athanor.jobs.workers import WorkerBeat
 
 log = logging.getLogger("athanor.worker")
 
@@ -44,7 +45,13 @@ BACKOFF_MAX_S = 60.0
 
 def work(store: JobStore, *, once: bool = False, poll: float = 2.0, max_jobs: int | None = None) -> int:
     """Run pending jobs one after another; return how many ran. Store failures (read-only home, full
-    disk) are reported in one line and retried: the worker stays up."""
+    disk) are reported in one line and retried: the worker stays up. Its heartbeat row (jobs/workers.py) is renewed
+    from a thread throughout, so `GET /workers` sees it alive inside a long job too."""
+    with WorkerBeat(store):
+        return _work(store, once=once, poll=poll, max_jobs=max_jobs)
+
+
+def _work(store: JobStore, *, once: bool, poll: float, max_jobs: int | None) -> int:
     ran = 0
     stopping = False
 

@@ -15,8 +15,8 @@ End to end: `.venv/bin/athanor submit recipes/sentencevae_tiny.yaml --wait`
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import combinations
@@ -338,6 +338,23 @@ class SentenceVAE:
         length: the same tokens for the LM and the SLLM, however the decoder would end sentences."""
         return generation_probe(_on_device(model).eval(), data.eval["prompts"], bos_id=teacher.bos_id,
                                 gen_tokens=args.gen_tokens, sentence_tokens=data.eval["sentence_tokens"])
+
+    @contextmanager
+    def lm_eval_model(self, model: Any, teacher: LMTeacher, args: SentenceVAEArgs) -> Iterator[tuple[Any, Any]]:
+        """For `eval.lm_eval`: the teacher LM with its tokenizer (the harness's HFLM), or a student as the harness
+        model `harness_lm.SentenceVAELM` (texts segmented as the training data is), in eval mode while it runs."""
+        model = _on_device(model)
+        was_training = model.training
+        model.eval()
+        try:
+            if isinstance(model, SentenceVAEModel):
+                from athanor.distill.sentencevae.harness_lm import SentenceVAELM
+
+                yield SentenceVAELM(model, teacher.tokenizer, segment_rules(args)), None
+            else:
+                yield model, teacher.tokenizer
+        finally:
+            model.train(was_training)
 
     def export(self, student: SentenceVAEModel, teacher: LMTeacher, out_dir: Path, args: SentenceVAEArgs) -> Path:
         """The SentenceVAE directory (config, weights, LM stack with LoRA merged, tokenizer)."""

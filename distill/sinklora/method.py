@@ -13,7 +13,8 @@ full-attention perplexity gain each sparse arm recovers (SinkLoRA's figure: 92% 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -24,7 +25,13 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from athanor.convert.module_utils import count_params
 from athanor.convert.recipe_types import Text
-from athanor.convert.sinklora import build_student, check_model, export_ready, original_context
+from athanor.convert.sinklora import (
+    attention_implementation,
+    build_student,
+    check_model,
+    export_ready,
+    original_context,
+)
 from athanor.convert.sinklora.lora import ATTENTION_PROJECTIONS
 from athanor.distill.hf import build_hf_model, load_config, load_tokenizer
 from athanor.distill.intervals import PerSample
@@ -262,6 +269,19 @@ class SinkLoRA:
         """One full-attention prefill of `target_length` held-out tokens (batch 1)."""
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")
         return forward_probe(model, data.eval["heldout"][: args.target_length].reshape(1, -1))
+
+    @contextmanager
+    def lm_eval_model(self, model: Any, teacher: CausalTeacher, args: SinkLoRAArgs) -> Iterator[tuple[Any, Any]]:
+        """For `eval.lm_eval`: the model as `evaluate` scores it (in eval mode, full attention, its own RoPE and so
+        its own context length) and the tokenizer, while the harness runs."""
+        model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+        was_training = model.training
+        model.eval()
+        try:
+            with attention_implementation(model, "sdpa"):
+                yield model, teacher.tokenizer
+        finally:
+            model.train(was_training)
 
     def export(self, student: PreTrainedModel, teacher: CausalTeacher, out_dir: Path, args: SinkLoRAArgs) -> Path:
         """A plain transformers directory (merged weights, extended RoPE in config.json) and the tokenizer."""

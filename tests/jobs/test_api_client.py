@@ -117,7 +117,7 @@ def _check_succeeded(url: str, job: dict, auth: dict, home: Any) -> None:
     links = job["links"]
     assert links["model_version"] == "models:/minilm-tiny-student/1"
     assert links["mlflow_run"] == f"runs:/{job['mlflow_run_id']}"
-    assert links["mlflow_run_ui"].endswith(f"/#/runs/{job['mlflow_run_id']}")
+    assert links["mlflow_run_ui"].endswith(f"/#/runs/{job['mlflow_run_id']}?workflowType=machine_learning")
     log = _call(f"{url}/jobs/{job['id']}/logs?follow=true", headers=auth)
     assert "registering minilm-tiny-student" in log
     pushed = _call(f"{url}/jobs/{job['id']}/push", "POST", json.dumps({"alias": "champion"}).encode(),
