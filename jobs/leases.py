@@ -171,6 +171,42 @@ class SigtermNoted:
 SIGTERM_NOTED = SigtermNoted()
 """This process's note of a SIGTERM (one job per process)."""
 
+PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "remote process exited",
+             "communicator was aborted")
+"""How gloo and NCCL say that the other end of a collective went away (its rank, or its whole node, was killed).
+Not a timeout or a refused connection: those are more often a network set up wrong, the job's own error to show."""
+
+
+def engine_stopped(exc: BaseException, sigterm_seen: bool) -> str | None:
+    """Why an exception in an engine task ends the attempt as the engine's, None when it is the job's own failure.
+
+    A SIGTERM is the engine's (pre-emption, requeue, scancel). A collective that failed because a peer went away
+    is too: its rank was killed (its node lost, or the engine stopping the job), and only the engine knows which
+    and what comes next (Slurm ends the job NODE_FAIL, and `reconcile` re-queues it or fails it naming the node);
+    written here as the job's error it would be a bare 'connection reset' failing the job while attempts remain."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if sigterm_seen or isinstance(exc, SIGTERMException):
+        return "the engine stopped this attempt (SIGTERM)"
+    said = _peer_lost(exc)
+    return f"a peer rank was lost ({said})" if said else None
+
+
+def _peer_lost(exc: BaseException) -> str | None:
+    """What a distributed-collective error in `exc`'s chain says, up to its words that a peer went away."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        text = str(cause)
+        lowered = text.lower()
+        distributed = type(cause).__name__.startswith("Dist") or "gloo" in lowered or "nccl" in lowered
+        if distributed and (marker := next((m for m in PEER_LOST if m in lowered), None)):
+            said = text[:lowered.index(marker) + len(marker)].strip().splitlines()[-1]
+            return said.split("] ", 1)[-1] if said.startswith("[") else said  # gloo's source location first
+        cause = cause.__cause__ or cause.__context__
+    return None
+
 
 @contextmanager
 def signals_deferred() -> Iterator[None]:

@@ -216,6 +216,7 @@ class JobRun:
         from athanor.jobs.tracking import Tracker
 
         recipe, job = p.loaded.recipe, self.job
+        log.info("opening MLflow tracking (%s)", recipe.tracking.uri or "the home's embedded store")
         self.tracker = Tracker(self.store.home, recipe.tracking.uri, recipe.tracking.experiment or recipe.name)
         self.tracker.describe(job, p.loaded)
         if job.attempts > 1 and job.mlflow_run_id:  # a retry: the same parent run, its curves continue

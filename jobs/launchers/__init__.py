@@ -11,8 +11,9 @@ next one; the engine starts `num_nodes × devices` ranks, each running the same 
 truth: `reconcile` (called by every worker loop and CLI listing) settles a RUNNING job whose engine job ended
 without the job reporting — re-queued for its next attempt while attempts remain, else FAILED, or STOPPED when the
 engine job was cancelled. Stale heartbeats never re-queue an engine job (a job waiting in Slurm's queue sends
-none), so it never runs twice at once. Slurm's own requeue (pre-emption, the time-limit signal) starts the next
-attempt under the same engine id (`JobStore.take_over`).
+none), so it never runs twice at once. A lost node ends the engine job (Slurm: NODE_FAIL): reconcile re-queues
+it, and the next attempt is a new engine job resuming from the last checkpoint. Slurm's own requeue (only after the
+time-limit warning, jobs/launchers/slurm.py) starts the next attempt under the same engine id (`JobStore.take_over`).
 
 Each engine is one module with one class registered in `LAUNCHERS`; its client library is an optional extra
 (`pip install -e '.[slurm]'`, `'.[ray]'`), imported only when a job uses it.

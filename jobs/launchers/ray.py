@@ -7,13 +7,14 @@ Slurm, every node must see this checkout, this Python and the athanor home at th
 chosen here (`athanor-<job>-a<attempt>`), so it is known before anything of the job can start; Ray's own job state
 (PENDING / RUNNING / SUCCEEDED / FAILED / STOPPED) settles the job, and `athanor cancel --force` is Ray's stop.
 
-Tests (a real Ray head in a loopback-only network namespace): `.venv/bin/python -m pytest tests/jobs/test_ray.py -q`.
+Tests (a real two-node Ray cluster in network namespaces): `.venv/bin/python -m pytest tests/jobs/test_ray.py -q`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import sys
 import threading
@@ -144,7 +145,10 @@ class RayLauncher:
         state = str(getattr(info.status, "value", info.status))
         detail = ""
         if state in ("FAILED", "STOPPED") and info.message:
+            lost = re.findall(r"ray_driver: (node \d+ \(\S+\)) was lost", info.message)  # ray_driver.py names it
             detail = _one_line(RuntimeError(info.message))
+            if lost:  # "…, last available logs:" then the node (the logs are not kept in one line)
+                detail = "; ".join([detail.rstrip(":"), *(f"{n} lost" for n in dict.fromkeys(lost))])
         return EngineState(state, finished=state in ENDED, cancelled=state == "STOPPED", detail=detail)
 
     def cancel(self, job: Job) -> None:

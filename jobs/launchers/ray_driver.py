@@ -11,7 +11,9 @@ and Ray's one-GPU-per-task CUDA_VISIBLE_DEVICES do not give. Several nodes are s
 
 The ranks' output is their Ray task's, so Ray's job logs carry it. A rank dies with its Ray worker (parent-death
 signal): when a rank fails, or Ray stops the job (SIGTERM here), every other rank is killed. The driver exits
-non-zero when any rank failed.
+non-zero when any rank failed. A rank lost with its node (its task failed), or one whose peer was (exit 143: a broken
+collective, jobs/leases.py), makes the driver wait, bounded, for Ray to declare the node dead and name it
+("ray_driver: node 1 (10.0.0.6) was lost"): RayLauncher puts that line in the job's end.
 
 Tests: `.venv/bin/python -m pytest tests/jobs/test_ray.py -q`.
 """
@@ -31,6 +33,11 @@ from athanor.jobs.launchers import ENGINE_ID_ENV, RANKS_LAUNCHED_ENV
 WAIT_NOTE_SECONDS = 60.0
 """How often the driver says it still waits for the cluster's resources (a busy cluster is normal, like Slurm's
 PENDING; `athanor cancel --force` stops the wait)."""
+LOST_NODE_SECONDS = 60.0
+"""How long a driver whose rank was lost, or lost its peer, waits for Ray to declare a node dead (Ray's health checks
+take about 30 s by default) before it ends the job without naming one."""
+PEER_LOST_EXIT = 143
+"""The exit code of a rank whose attempt the engine ended: SIGTERM, or a collective broken by a lost peer."""
 # Runs in the rank's own Python before the athanor entry point: die with the Ray worker that started it
 # (prctl PR_SET_PDEATHSIG = 1, SIGKILL = 9). A wrapper, not preexec_fn: the Ray worker has threads, and code run
 # between fork and exec in a threaded process can deadlock.
@@ -78,6 +85,31 @@ def _run_rank(argv: list[str], env: dict[str, str], cwd: str) -> int:
 
     wrapped = [argv[0], "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
     return subprocess.run(wrapped, env={**os.environ, **env}, cwd=cwd).returncode
+
+
+def lost_nodes(ips: list[str], nodes: list[dict[str, Any]]) -> list[int]:
+    """Indexes of the job's nodes (by IP) that Ray lists dead and not alive again (pure: `ray.nodes()` as given)."""
+    dead = {n["NodeManagerAddress"] for n in nodes if not n["Alive"]}
+    alive = {n["NodeManagerAddress"] for n in nodes if n["Alive"]}
+    return [j for j, ip in enumerate(ips) if ip in dead and ip not in alive]
+
+
+def _name_lost_nodes(ips: list[str], seconds: float = LOST_NODE_SECONDS) -> None:
+    """Wait for Ray to declare one of the job's nodes dead, and say which."""
+    import ray
+
+    deadline = time.monotonic() + seconds
+    while not (lost := lost_nodes(ips, ray.nodes())) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    for j in lost:
+        print(f"ray_driver: node {j} ({ips[j]}) was lost", flush=True)
+
+
+def _rank_failed(rank: int, code: int, ips: list[str]) -> None:
+    """Say so; a rank lost, or one that lost its peer, on a job spread over several nodes: name the node lost."""
+    print(f"ray_driver: rank {rank} exited with code {code}; stopping the others", flush=True)
+    if code in (-1, PEER_LOST_EXIT) and len(set(ips)) > 1:
+        _name_lost_nodes(ips)
 
 
 def _stop(signum: int, frame: Any) -> None:
@@ -144,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"ray_driver: rank {rank} was lost: {exc}", flush=True)
                     code = -1
                 if code != 0:
-                    print(f"ray_driver: rank {rank} exited with code {code}; stopping the others", flush=True)
+                    _rank_failed(rank, code, [ip for ip, _, _ in where])
                     return 1
         print(f"ray_driver: all {len(refs)} ranks exited 0", flush=True)
         return 0

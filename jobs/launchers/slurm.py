@@ -7,20 +7,27 @@ folder, then `srun`s the common entry point with the torchrun-style RANK / LOCAL
 task. Lightning reads the ranks from Slurm's environment (SLURMEnvironment; its own requeue handler is off: athanor's
 is below).
 
-Pre-emption and time limits: the job is submitted with `--requeue` and `--signal=USR1@<train.slurm.signal_seconds>`.
-On SIGUSR1 the ranks agree (at the end of the step any of them saw it) to write a step checkpoint together, then rank 0
-requeues the job (`scontrol requeue`); Slurm's next run of the same job id takes over as the next attempt, resuming
-from that checkpoint into the same MLflow run (periodic `train.checkpoint_every_n_steps` are not needed for this).
+Time limits: the job is submitted with `--signal=USR1@<train.slurm.signal_seconds>`. On SIGUSR1 the ranks agree (at
+the end of the step any of them saw it) to write a step checkpoint together, then rank 0 requeues the job (`scontrol
+requeue`); Slurm's next run of the same job id takes over as the next attempt, resuming from that checkpoint into the
+same MLflow run (periodic `train.checkpoint_every_n_steps` are not needed for this). Otherwise Slurm never requeues
+the job itself (`--no-requeue`; rank 0 turns requeueing on just for its own `scontrol requeue`): a lost node, a
+pre-emption or a failed rank ends the Slurm job (NODE_FAIL, PREEMPTED, FAILED) and `reconcile` decides — the next
+attempt is a new Slurm job resuming from the last checkpoint, or, with no attempt left, the job FAILS with Slurm's
+state and the lost node's name (from srun's "Node failure on NODE" in the job's output, or the node's state). A
+Slurm requeue after a node failure would restart the same job id on the node's stale steps, after a two-minute hold.
 SIGTERM (pre-emption, `scancel`) is not a cancel here: the process dies like a killed one and Slurm's job state
-decides what happens (PREEMPTED or requeued: next attempt; CANCELLED: STOPPED). `athanor cancel` stays the graceful
-way to stop.
+decides what happens (CANCELLED: STOPPED). Neither is a collective that breaks because a peer rank's node went away
+(`leases.engine_stopped`): rank 0 leaves the job to Slurm's state. `athanor cancel` stays the graceful way to stop.
+Nodes with several interfaces need GLOO_SOCKET_IFNAME (exported to the job from the submitting environment).
 
-Tests (start a real single-node cluster): `.venv/bin/python -m pytest tests/jobs/test_slurm.py -q`.
+Tests (start a real two-node cluster in network namespaces): `.venv/bin/python -m pytest tests/jobs/test_slurm.py -q`.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -68,7 +75,7 @@ def batch_script(job: Job, train: Any, home: Path, workdir: Path) -> str:
         f"#SBATCH --cpus-per-task={slurm.cpus_per_task}",
         f"#SBATCH --output={out}",
         "#SBATCH --open-mode=append",
-        "#SBATCH --requeue",
+        "#SBATCH --no-requeue",  # a lost node ends the job (NODE_FAIL): athanor submits the next attempt
         f"#SBATCH --signal=USR1@{slurm.signal_seconds}",
     ]
     lines += [f"#SBATCH --gres=gpu:{gpus}"] if gpus else []
@@ -113,8 +120,10 @@ class SlurmLauncher:
         fields = dict(item.split("=", 1) for item in done.stdout.split() if "=" in item)
         state = fields.get("JobState", "UNKNOWN")
         reason = fields.get("Reason", "None")
-        return EngineState(state, finished=state in ENDED, cancelled=state == "CANCELLED",
-                           detail="" if reason == "None" else f"reason {reason}, exit code {fields.get('ExitCode')}")
+        detail = "" if reason == "None" else f"reason {reason}, exit code {fields.get('ExitCode')}"
+        if state in ENDED and state not in ("COMPLETED", "CANCELLED") and fields.get("NodeList", "(null)") != "(null)":
+            detail = "; ".join(filter(None, [detail, _lost_detail(fields)]))  # the node a NODE_FAIL job lost
+        return EngineState(state, finished=state in ENDED, cancelled=state == "CANCELLED", detail=detail)
 
     def cancel(self, job: Job) -> None:
         _slurm("scancel", str(job.engine_id))
@@ -128,14 +137,48 @@ class SlurmLauncher:
         return path.read_text(errors="replace")
 
 
+NODE_FAILURE = re.compile(r"Node failure on (\S+)")
+"""How srun names a node it lost, in the job's output file (`srun: error: Node failure on node1`)."""
+
+
+def lost_nodes(output: str, show_node: str) -> list[str]:
+    """The nodes an ended job lost: those srun named in the job's output, else those of its nodes that Slurm counts
+    as down, failed or not responding now (`scontrol show node -o`; a node that came back is no longer one)."""
+    named = list(dict.fromkeys(NODE_FAILURE.findall(output)))
+    if named:
+        return named
+    lost = []
+    for line in show_node.splitlines():
+        fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+        if any(word in fields.get("State", "") for word in ("DOWN", "FAIL", "NOT_RESPONDING")):
+            lost.append(fields.get("NodeName", "?"))
+    return lost
+
+
+def _lost_detail(fields: dict[str, str]) -> str:
+    """'node node1 lost' for each node a failed job lost, '' when none is known."""
+    out = Path(fields.get("StdOut", ""))
+    output = ""
+    if out.is_file():
+        with out.open("rb") as f:  # srun's last words are at the end of what may be a long training log
+            f.seek(max(0, out.stat().st_size - 64 * 1024))
+            output = f.read().decode(errors="replace")
+    lost = lost_nodes(output, "") or lost_nodes("", _slurm("scontrol", "show", "node", fields["NodeList"], "-o",
+                                                            check=False).stdout)
+    return ", ".join(f"node {name} lost" for name in lost)
+
+
 def requeue_self() -> bool:
     """Rank 0 of an interrupted Slurm job: ask Slurm to run the job again (the next attempt); False outside Slurm
     or when Slurm refuses (the job then ends and `reconcile` re-queues it through athanor)."""
     job_id = os.environ.get("SLURM_JOB_ID")
     if not job_id:
         return False
-    try:
+    try:  # requeueing is off (`--no-requeue`) but for this: on just long enough to requeue after the checkpoint
+        _slurm("scontrol", "update", f"JobId={job_id}", "Requeue=1")
         _slurm("scontrol", "requeue", job_id)
     except LaunchError:
         return False
+    finally:
+        _slurm("scontrol", "update", f"JobId={job_id}", "Requeue=0", check=False)
     return True

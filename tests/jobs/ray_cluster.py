@@ -1,14 +1,17 @@
-"""A real single-node Ray head for tests, run inside a network namespace that has only the loopback interface, so
-that nothing of Ray (which swaps `--node-ip-address=127.0.0.1` for the machine's own address and listens on every
-interface when it can) ever reaches another address: in the namespace there is no other address.
+"""A real two-node Ray cluster for tests: each node a network namespace of its own (tests/jobs/netns.py: joined by
+a veth pair, 10.77.1.1 and 10.77.1.2, nothing routed outside), so that nothing of Ray (which listens on every
+interface it can) ever reaches another address: in the namespaces there is no other address.
 
-    python tests/jobs/ray_cluster.py run-scenario --root DIR   # (inside the namespace) a JSON result, last line
-    in_loopback_namespace([...])                               # run a command in a fresh namespace with only lo up
-    with ray_head(root) as address: ...                        # a head (call it inside the namespace)
+    python tests/jobs/ray_cluster.py run-scenario --root DIR --worker-ns NS   # in node 0's namespace; JSON, last line
+    with ray_head(root, ip) as address: ...                                   # a head (call it in node 0's namespace)
 
-The scenario starts one head (`ray start --head --block`, stopped by its pid), then through the `athanor` CLI: a
-2-rank CPU DDP job of the tiny MiniLM recipe (`submit --wait`), and a job stopped by `athanor cancel --force`.
-Every process still in the namespace at the end is one this scenario started: it is listed, then killed by pid.
+The scenario starts a head here (`ray start --head --block`) and a worker node in the other namespace (`ray start
+--address --block`), each stopped by its pid; both get GLOO_SOCKET_IFNAME (the ranks' environment is their node's).
+Then, through the `athanor` CLI: a 2-node × 1-rank CPU DDP job of the tiny MiniLM recipe (`submit --wait`), a job
+stopped through Ray and one by `athanor cancel --force`, and two 2-node jobs whose worker node is lost mid-training
+(every process of its namespace killed): the one with an attempt left is re-queued and resumes from its checkpoint
+(on the head alone: SPREAD is a preference), the other FAILS naming the node. Every process still in node 0's
+namespace at the end is one this scenario started: it is listed, then killed by pid (the test deletes both).
 """
 
 from __future__ import annotations
@@ -32,30 +35,24 @@ TESTS = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).parent / "ray"
 OBJECT_STORE_BYTES = 100 * 1024 * 1024  # Ray's minimum is 75 MiB; the jobs put nothing in it
 TINY = TESTS.parent / "recipes" / "minilm_tiny.yaml"
-SCENARIO_SECONDS = 720
-"""The scenario's own limit (it takes about 90 s on 2 busy cores), below pytest's 900 s timeout."""
+SCENARIO_SECONDS = 780
+"""The scenario's own limit (it takes about 4 minutes on 2 busy cores), below pytest's 900 s timeout."""
+IFACE = "athveth"  # tests/jobs/netns.py names the veth ends so
+HEALTH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+          "RAY_health_check_timeout_ms": "1000"}
+"""A lost node is declared dead within seconds (Ray's defaults take about 30 s)."""
 
 
 def missing() -> str | None:
     """What is missing to run the scenario here, in one line (None: everything is here)."""
-    for tool, package in (("unshare", "util-linux"), ("ip", "iproute2")):
+    for tool, package in (("nsenter", "util-linux"), ("ip", "iproute2")):
         if shutil.which(tool) is None:
             return f"`{tool}` is not installed: apt-get install {package}"
     if not RAY.exists():
         return f"{RAY} is missing: pip install 'ray[default]' (the [ray] extra)"
-    probe = subprocess.run(["unshare", "--net", *([] if os.geteuid() == 0 else ["--map-root-user"]), "true"],
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"cannot create a network namespace (`unshare --net`): {probe.stderr.strip()}"
+    if os.geteuid() != 0:
+        return "the Ray test creates network namespaces, which needs root"
     return None
-
-
-def in_loopback_namespace(argv: list[str], *, timeout: float, env: dict[str, str] | None = None
-                          ) -> subprocess.CompletedProcess:
-    """`argv` in a new network namespace whose only interface is `lo`, brought up first."""
-    userns = [] if os.geteuid() == 0 else ["--map-root-user"]
-    return subprocess.run(["unshare", "--net", *userns, "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
-                           *argv], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def interfaces() -> list[str]:
@@ -89,40 +86,76 @@ def _ready(url: str) -> bool:
         return False
 
 
+def _ray_env(extra: dict[str, str]) -> dict[str, str]:
+    """A node's environment: a job's `python` is the one on its PATH; RAY_ADDRESS of the caller must not leak."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(PATH=f"{RAY.parent}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}", RAY_USAGE_STATS_ENABLED="0",
+               GLOO_SOCKET_IFNAME=IFACE, **extra)
+    return env
+
+
 @contextlib.contextmanager
-def ray_head(root: Path, *, cpus: int = 2, ready_seconds: float = 180.0) -> Iterator[str]:
-    """A Ray head on 127.0.0.1 with its files under `root`; yields the Jobs API address. Stopped by its pid."""
+def _node(argv: list[str], out: Path, env: dict[str, str], ready: Any, seconds: float, what: str) -> Iterator[None]:
+    """`ray start ... --block` to its end: ready within `seconds`, then stopped by its pid."""
+    proc = subprocess.Popen(argv, stdout=open(out, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + seconds
+        while not ready():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not come up (exit {proc.poll()}):\n"
+                                   f"{out.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.5)
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # `ray start --block` stops every Ray process it started
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def ray_head(root: Path, ip: str, *, cpus: int = 2, ready_seconds: float = 180.0) -> Iterator[tuple[str, str]]:
+    """A Ray head at `ip` with its files under `root`; yields (Jobs API address, GCS address)."""
     root.mkdir(parents=True, exist_ok=True)
     from services import free_port  # tests/ is on the path: pytest's, or the scenario's
 
-    dashboard = free_port()
+    dashboard, gcs = free_port(), free_port()
     # The dashboard serves the Jobs API; Ray's default worker ports are 10002-19999, free ports here are higher.
-    argv = [str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+    argv = [str(RAY), "start", "--head", "--block", f"--node-ip-address={ip}", f"--port={gcs}",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
             f"--num-cpus={cpus}", "--num-gpus=0", f"--object-store-memory={OBJECT_STORE_BYTES}",
             f"--temp-dir={root / 'ray'}", "--disable-usage-stats"]
-    # A job's `python` is the one on the head's PATH; RAY_ADDRESS of the caller must not leak into the head.
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update(PATH=f"{RAY.parent}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}", RAY_USAGE_STATS_ENABLED="0")
-    out = root / "head.out"
-    head = subprocess.Popen(argv, stdout=open(out, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
+    with _node(argv, root / "head.out", _ray_env(HEALTH), lambda: _ready(f"{address}/api/version")
+               and _ready(f"{address}/api/jobs/"), ready_seconds, "the Ray head"):
+        yield address, f"{ip}:{gcs}"
+
+
+@contextlib.contextmanager
+def ray_worker(root: Path, enter: list[str], ip: str, gcs: str, address: str, *, cpus: int = 2,
+               ready_seconds: float = 180.0) -> Iterator[None]:
+    """A worker node at `ip` (its namespace entered by `enter`) joining the head at `gcs`."""
+    root.mkdir(parents=True, exist_ok=True)
+    argv = [*enter, str(RAY), "start", "--block", f"--address={gcs}", f"--node-ip-address={ip}",
+            f"--num-cpus={cpus}", "--num-gpus=0", f"--object-store-memory={OBJECT_STORE_BYTES}",
+            f"--temp-dir={root / 'ray'}", "--disable-usage-stats"]
+    with _node(argv, root / "worker.out", _ray_env({}), lambda: ip in alive_nodes(address), ready_seconds,
+               "the Ray worker node"):
+        yield
+
+
+def alive_nodes(address: str) -> list[str]:
+    """The IP of every node the cluster counts alive (the dashboard's state API)."""
     try:
-        deadline = time.monotonic() + ready_seconds
-        while not (_ready(f"{address}/api/version") and _ready(f"{address}/api/jobs/")):
-            if head.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the Ray head did not come up (exit {head.poll()}):\n"
-                                   f"{out.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.5)
-        yield address
-    finally:
-        if head.poll() is None:
-            head.send_signal(signal.SIGTERM)  # `ray start --block` stops every Ray process it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait()
+        with urllib.request.urlopen(f"{address}/api/v0/nodes?limit=100", timeout=5) as response:
+            body = json.load(response)
+    except OSError:
+        return []
+    rows = body.get("data", {}).get("result", {}).get("result", [])
+    return [row.get("node_ip") for row in rows if row.get("state") == "ALIVE"]
 
 
 def leftovers() -> list[tuple[int, str]]:
@@ -164,72 +197,132 @@ def _ray_message(client: Any, engine_id: str) -> str:
     return str(client.get_job_info(engine_id).message or "")[-1500:]
 
 
-def scenario(root: Path) -> dict[str, Any]:
-    """Everything the tests assert on, measured inside the namespace."""
+def scenario(root: Path, worker_ns: str, ips: list[str]) -> dict[str, Any]:
+    """Everything the tests assert on, measured in node 0's namespace."""
     sys.path.insert(0, str(TESTS))
-    from harness import athanor
     from ray.job_submission import JobSubmissionClient
-
-    from athanor.jobs.store import JobStore
 
     result: dict[str, Any] = {"interfaces": interfaces()}
     started = time.monotonic()
-    with ray_head(root / "head") as address:
-        result["head_seconds"] = round(time.monotonic() - started, 1)
+    enter = ["nsenter", f"--net=/run/netns/{worker_ns}", "--"]
+    with ray_head(root / "head", ips[0]) as (address, gcs), ray_worker(root / "worker", enter, ips[1], gcs, address):
+        result["nodes_seconds"] = round(time.monotonic() - started, 1)
         client = JobSubmissionClient(address)
         ray_opts = ["-o", "train.launcher=ray", "-o", "train.accelerator=cpu", "-o", f"train.ray.address={address}"]
-
-        # A 2-rank DDP job, followed to its end by `submit --wait`.
-        t0 = time.monotonic()
-        home = root / "train"
-        done = athanor("submit", str(TINY), "--wait", "--no-progress", *ray_opts, "-o", "train.strategy=ddp",
-                       "-o", "train.devices=2", "-o", "train.max_steps=12", home=home, timeout=900)
-        job = JobStore(home).list()[0]
-        shown = athanor("logs", job.id, "--engine", home=home)  # Ray's job logs, through the launcher
-        logs = shown.stdout if shown.returncode == 0 else shown.stderr
-        result["train"] = {
-            "seconds": round(time.monotonic() - t0, 1), "returncode": done.returncode,
-            "output": (done.stdout[-1500:] + done.stderr[-2500:]), "status": job.status, "engine": job.engine,
-            "engine_id": job.engine_id, "attempts": job.attempts, "error": job.error,
-            "ray_status": _ray_final(client, job.engine_id) if job.engine_id else None,
-            "ray_message": _ray_message(client, job.engine_id) if job.engine_id else None,
-            "rank1_in_ray_logs": "GLOBAL_RANK: 1, MEMBER: 2/2" in logs,
-            "driver_lines": [line for line in logs.splitlines() if line.startswith("ray_driver:")],
-            "logs_tail": logs[-2000:]}
+        result["train"] = _train(root / "train", ray_opts, client)
         result["listening"] = listening()
-
-        # Two 1-rank jobs at once: one stopped through Ray itself (like `ray job stop`), one by `athanor cancel
-        # --force`, which sets the job's cancel flag and then stops the Ray job.
-        t0 = time.monotonic()
-        home = root / "cancel"
-        submitted = [athanor("submit", str(TINY), *ray_opts, "-o", "train.max_steps=100000", home=home).returncode
-                     for _ in range(2)]
-        worker = athanor("worker", "--once", home=home, timeout=300)
-        by_ray, by_athanor = sorted(JobStore(home).list(), key=lambda j: j.created_at)
-        logs = [Path(j.log_path) for j in (by_ray, by_athanor)]
-        training = _wait_for(lambda: all(p.exists() and "training for" in p.read_text(errors="replace")
-                                         for p in logs), 300)
-        client.stop_job(by_ray.engine_id)
-        cancel = athanor("cancel", by_athanor.id, "--force", home=home)
-        stopped = _wait_for(lambda: athanor("status", by_ray.id, home=home) and
-                            all(j.status == "STOPPED" for j in JobStore(home).list()), 90)
-        ranks_gone = _wait_for(lambda: not [p for p in leftovers() if "--engine-task" in p[1]], 30)
-        result["cancel"] = {
-            "seconds": round(time.monotonic() - t0, 1), "submitted": submitted,
-            "worker": worker.stdout[-1000:] + worker.stderr[-1500:], "training_started": bool(training),
-            "cancel": cancel.returncode, "cancel_output": cancel.stdout[-500:] + cancel.stderr[-1500:],
-            "stopped": bool(stopped), "ranks_gone": bool(ranks_gone)}
-        for key, job in (("by_ray", by_ray), ("by_athanor", by_athanor)):
-            job = JobStore(home).get(job.id)
-            result["cancel"][key] = {
-                "status": job.status, "error": job.error, "engine_id": job.engine_id,
-                "ray_status": _ray_final(client, job.engine_id) if job.engine_id else None,
-                "log_tail": Path(job.log_path).read_text(errors="replace")[-1200:]}
+        result["cancel"] = _cancel(root / "cancel", ray_opts, client)
+        result["lost"] = _lose_node(root, ray_opts, worker_ns)
     result["leftovers"] = leftovers()
     for pid, _ in result["leftovers"]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     result["seconds"] = round(time.monotonic() - started, 1)
+    return result
+
+
+TWO_NODES = ["-o", "train.strategy=ddp", "-o", "train.num_nodes=2", "-o", "train.devices=1"]
+
+
+def _train(home: Path, ray_opts: list[str], client: Any) -> dict[str, Any]:
+    """A 2-node × 1-rank DDP job, followed to its end by `submit --wait`."""
+    from harness import athanor
+
+    from athanor.jobs.store import JobStore
+
+    t0 = time.monotonic()
+    done = athanor("submit", str(TINY), "--wait", "--no-progress", *ray_opts, *TWO_NODES, "-o", "train.max_steps=12",
+                   home=home, timeout=600)
+    job = JobStore(home).list()[0]
+    shown = athanor("logs", job.id, "--engine", home=home)  # Ray's job logs, through the launcher
+    logs = shown.stdout if shown.returncode == 0 else shown.stderr
+    return {
+        "seconds": round(time.monotonic() - t0, 1), "returncode": done.returncode,
+        "output": (done.stdout[-1500:] + done.stderr[-2500:]), "status": job.status, "engine": job.engine,
+        "engine_id": job.engine_id, "attempts": job.attempts, "error": job.error,
+        "ray_status": _ray_final(client, job.engine_id) if job.engine_id else None,
+        "ray_message": _ray_message(client, job.engine_id) if job.engine_id else None,
+        "rank1_in_ray_logs": "GLOBAL_RANK: 1, MEMBER: 2/2" in logs,
+        "driver_lines": [line for line in logs.splitlines() if line.startswith("ray_driver:")],
+        "logs_tail": logs[-2000:]}
+
+
+def _cancel(home: Path, ray_opts: list[str], client: Any) -> dict[str, Any]:
+    """Two 1-rank jobs at once: one stopped through Ray itself (like `ray job stop`), one by `athanor cancel
+    --force`, which sets the job's cancel flag and then stops the Ray job."""
+    from harness import athanor
+
+    from athanor.jobs.store import JobStore
+
+    t0 = time.monotonic()
+    submitted = [athanor("submit", str(TINY), *ray_opts, "-o", "train.max_steps=100000", home=home).returncode
+                 for _ in range(2)]
+    worker = athanor("worker", "--once", home=home, timeout=300)
+    by_ray, by_athanor = sorted(JobStore(home).list(), key=lambda j: j.created_at)
+    logs = [Path(j.log_path) for j in (by_ray, by_athanor)]
+    training = _wait_for(lambda: all(p.exists() and "training for" in p.read_text(errors="replace")
+                                     for p in logs), 300)
+    client.stop_job(by_ray.engine_id)
+    cancel = athanor("cancel", by_athanor.id, "--force", home=home)
+    stopped = _wait_for(lambda: athanor("status", by_ray.id, home=home) and
+                        all(j.status == "STOPPED" for j in JobStore(home).list()), 90)
+    ranks_gone = _wait_for(lambda: not [p for p in leftovers() if "--engine-task" in p[1]], 30)
+    result: dict[str, Any] = {
+        "seconds": round(time.monotonic() - t0, 1), "submitted": submitted,
+        "worker": worker.stdout[-1000:] + worker.stderr[-1500:], "training_started": bool(training),
+        "cancel": cancel.returncode, "cancel_output": cancel.stdout[-500:] + cancel.stderr[-1500:],
+        "stopped": bool(stopped), "ranks_gone": bool(ranks_gone)}
+    for key, job in (("by_ray", by_ray), ("by_athanor", by_athanor)):
+        job = JobStore(home).get(job.id)
+        result[key] = {"status": job.status, "error": job.error, "engine_id": job.engine_id,
+                       "ray_status": _ray_final(client, job.engine_id) if job.engine_id else None,
+                       "log_tail": Path(job.log_path).read_text(errors="replace")[-1200:]}
+    return result
+
+
+def _lose_node(root: Path, ray_opts: list[str], worker_ns: str) -> dict[str, Any]:
+    """Two 2-node jobs (one with an attempt left) training when the worker node is lost: every process of its
+    namespace killed, as a machine that loses power."""
+    from harness import CLI, REPO, mlflow_client
+
+    from athanor.jobs.store import JobStore
+
+    t0 = time.monotonic()
+    opts = [*ray_opts, *TWO_NODES, "-o", "train.max_steps=150", "-o", "train.checkpoint_every_n_steps=5"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    homes = {"retried": root / "retried", "last": root / "last"}
+    procs = {key: subprocess.Popen(
+        [*CLI, "submit", str(TINY), "--wait", "--no-progress", *opts,
+         *(["-o", "train.max_attempts=2"] if key == "retried" else [])], cwd=REPO, env={**env, "ATHANOR_HOME": str(h)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for key, h in homes.items()}
+    result: dict[str, Any] = {}
+    try:
+        logs = [_wait_for(lambda h=h: next(iter((h / "jobs").glob("*/job.log")), None), 300) for h in homes.values()]
+        result["checkpointed"] = all(log and _wait_for(lambda log=log: list(
+            (log.parent / "checkpoints").glob("step=*.ckpt")), 300) for log in logs)
+        pids = [int(p) for p in subprocess.run(["ip", "netns", "pids", worker_ns], capture_output=True, text=True,
+                                               timeout=30).stdout.split()]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        result["killed"] = len(pids)
+        result["outputs"] = {k: p.communicate(timeout=420)[0][-2000:] for k, p in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for key, home in homes.items():
+        job = JobStore(home).list()[0]
+        text = Path(job.log_path).read_text(errors="replace")
+        resumed = text.split("attempt 2: resuming from ")[1].split()[0] if "attempt 2: resuming from " in text else ""
+        client = mlflow_client(home)
+        parents = [r.info.run_id for r in client.search_runs([client.get_run(job.mlflow_run_id).info.experiment_id])
+                   if "mlflow.parentRunId" not in r.data.tags] if job.mlflow_run_id else []
+        result[key] = {"status": job.status, "attempts": job.attempts, "error": job.error, "resumed": resumed,
+                       "parents": parents, "run": job.mlflow_run_id,
+                       "log_tail": text[-1500:]}
+    result["seconds"] = round(time.monotonic() - t0, 1)
     return result
 
 
@@ -241,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python tests/jobs/ray_cluster.py")
     parser.add_argument("command", choices=["run-scenario"])
     parser.add_argument("--root", required=True, type=Path)
+    parser.add_argument("--worker-ns", required=True, help="the worker node's network namespace (`ip netns`)")
+    parser.add_argument("--ips", nargs=2, required=True, help="the head's and the worker node's addresses")
     parser.add_argument("--seconds", type=int, default=SCENARIO_SECONDS, help="stop, clean up and report by then")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(TESTS.parent))  # the repo: jobs.store
@@ -248,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGALRM, _past_deadline)
     signal.alarm(args.seconds)
     try:
-        result = scenario(args.root)
+        result = scenario(args.root, args.worker_ns, args.ips)
     except Exception as exc:  # noqa: BLE001 — the test prints it; the namespace is cleaned up either way
         result = {"error": f"{type(exc).__name__}: {exc}", "leftovers": leftovers()}
         for pid, _ in result["leftovers"]:

@@ -1,7 +1,8 @@
-"""`train.launcher: ray` against a real Ray head the test starts itself (tests/jobs/ray_cluster.py), inside a network
-namespace whose only interface is `lo`: a 2-rank CPU DDP run of the tiny MiniLM recipe through the Jobs API, a job
-stopped through Ray, and one stopped by `athanor cancel --force`. The driver's rank layout, the entrypoint and the
-launcher's answers are checked without a cluster.
+"""`train.launcher: ray` against a real two-node Ray cluster the test starts itself (tests/jobs/ray_cluster.py), each
+node a network namespace of its own joined by a veth pair: a 2-node × 1-rank CPU DDP run of the tiny MiniLM recipe
+through the Jobs API, a job stopped through Ray, one stopped by `athanor cancel --force`, and the worker node lost
+mid-training (a job with an attempt left resumes from its checkpoint, one without FAILS naming the node). The
+driver's rank layout, the entrypoint and the launcher's answers are checked without a cluster.
 
     .venv/bin/python -m pytest tests/jobs/test_ray.py -q
 """
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import types
@@ -18,11 +21,12 @@ from pathlib import Path
 
 import pytest
 from harness import RECIPES
-from ray_cluster import SCENARIO_SECONDS, in_loopback_namespace, missing
+from netns import node_network
+from ray_cluster import SCENARIO_SECONDS, missing
 
 from athanor.jobs.launchers import ENGINE_ID_ENV, RANKS_LAUNCHED_ENV, LaunchError, submit
 from athanor.jobs.launchers.ray import RayLauncher, entrypoint, job_env
-from athanor.jobs.launchers.ray_driver import rank_envs
+from athanor.jobs.launchers.ray_driver import lost_nodes, rank_envs
 from athanor.jobs.recipe import load_recipe
 from athanor.jobs.store import JobStore
 
@@ -141,16 +145,19 @@ def test_a_job_the_cluster_no_longer_knows_has_ended(tmp_path, monkeypatch, fake
 
 @pytest.fixture(scope="session")
 def ray_scenario():
-    """Start a Ray head and run every Ray job below in a fresh network namespace with only `lo` (the scenario in
-    tests/jobs/ray_cluster.py); its JSON result. Session-scoped: under pytest-xdist a worker may run other modules'
-    tests between these three, which would tear a module fixture down and run the 2-minute scenario again."""
+    """Start a two-node Ray cluster and run every Ray job below in it, each node a fresh network namespace (the
+    scenario in tests/jobs/ray_cluster.py, run in the head's); its JSON result. Session-scoped: under pytest-xdist a
+    worker may run other modules' tests between these, which would tear a module fixture down and run the scenario
+    again."""
     problem = missing()
     if problem:
         pytest.fail(f"{problem} (CI installs them: see .ci/run)")
     root = Path(tempfile.mkdtemp(prefix="athanor-ray-"))  # short: Ray's unix socket paths live under it
     try:
-        done = in_loopback_namespace([sys.executable, str(Path(__file__).with_name("ray_cluster.py")),
-                                      "run-scenario", "--root", str(root)], timeout=SCENARIO_SECONDS + 90)
+        with node_network(2, tag="r", subnet="10.77.1") as net:
+            done = subprocess.run([*net.enter(0), sys.executable, str(Path(__file__).with_name("ray_cluster.py")),
+                                   "run-scenario", "--root", str(root), "--worker-ns", net.namespaces[1], "--ips",
+                                   *net.addresses], capture_output=True, text=True, timeout=SCENARIO_SECONDS + 90)
         lines = done.stdout.strip().splitlines()
         assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
         result = json.loads(lines[-1])
@@ -160,14 +167,21 @@ def ray_scenario():
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _private(address: str) -> bool:
+    """Loopback, link-local, every-interface (in a namespace that has no other) or the nodes' own subnet."""
+    ip = ipaddress.ip_address(address)
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    return ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip in ipaddress.ip_network("10.77.1.0/24")
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.services
-def test_ray_runs_in_a_namespace_where_only_loopback_exists(ray_scenario):
-    assert sorted(ray_scenario["interfaces"]) == ["lo 127.0.0.1/8", "lo ::1/128"]
-    for address in ray_scenario["listening"]:  # every socket Ray listened on, while its jobs ran
-        ip = ipaddress.ip_address(address.rsplit(":", 1)[0])
-        assert (getattr(ip, "ipv4_mapped", None) or ip).is_loopback, address
+def test_ray_runs_in_namespaces_where_only_the_two_nodes_exist(ray_scenario):
+    assert {line.split()[0] for line in ray_scenario["interfaces"]} == {"lo", "athveth"}, ray_scenario["interfaces"]
+    assert all(_private(line.split()[1].split("/")[0]) for line in ray_scenario["interfaces"])
+    for address in ray_scenario["listening"]:  # every socket Ray listened on in the head's namespace
+        assert _private(address.rsplit(":", 1)[0]), address
     # The scenario kills what Ray leaves behind (its dashboard's forkserver outlives `ray start`); never a rank.
     assert not [cmd for _, cmd in ray_scenario["leftovers"] if "athanor.jobs.worker" in cmd], ray_scenario["leftovers"]
 
@@ -175,7 +189,7 @@ def test_ray_runs_in_a_namespace_where_only_loopback_exists(ray_scenario):
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.services
-def test_a_two_rank_ray_job_trains_and_succeeds(ray_scenario):
+def test_a_two_node_ray_job_trains_and_succeeds(ray_scenario):
     train = ray_scenario["train"]
     assert train["returncode"] == 0, train["output"]
     assert train["status"] == "SUCCEEDED" and train["engine"] == "ray" and train["attempts"] == 1, train
@@ -183,7 +197,43 @@ def test_a_two_rank_ray_job_trains_and_succeeds(ray_scenario):
     # Ray's own verdict is the driver's exit code: every rank exited 0 and the driver's cleanup did not crash it.
     assert train["ray_status"] == "SUCCEEDED", (train["ray_message"], train["driver_lines"])
     assert train["rank1_in_ray_logs"], train["logs_tail"]  # Ray's job logs carry the second rank's output
-    assert any("rank 1/2 on node 0 (127.0.0.1), master 127.0.0.1:" in line for line in train["driver_lines"])
+    # One rank per node (Ray picks which bundle lands where): "ray_driver: rank 1/2 on node 1 (10.77.1.2), master …"
+    placed = {line.split("(")[1].split(")")[0] for line in train["driver_lines"] if " on node " in line}
+    assert placed == {"10.77.1.1", "10.77.1.2"}, train["driver_lines"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.services
+def test_a_lost_worker_node_requeues_a_job_with_attempts_left_and_fails_one_without_naming_it(ray_scenario):
+    lost = ray_scenario["lost"]
+    assert lost["checkpointed"] and lost["killed"], lost
+    last = lost["last"]
+    assert last["status"] == "FAILED", last
+    assert re.search(r"node \d \(10\.77\.1\.2\) lost", last["error"]) and "\n" not in last["error"], last["error"]
+    # Rank 0's collective broke (or the driver killed it first): either way Ray's state ended the job, not gloo's words.
+    assert "by peer" not in last["error"], last["error"]
+    retried = lost["retried"]
+    assert retried["status"] == "SUCCEEDED" and retried["attempts"] == 2, retried
+    step = int(Path(retried["resumed"]).stem.split("=")[1])
+    assert 5 <= step < 150, retried["resumed"]  # a periodic checkpoint written before the node was lost
+    assert retried["parents"] == [retried["run"]], retried  # one MLflow run, continued by attempt 2
+
+
+def test_the_driver_names_the_nodes_ray_lists_dead_and_not_back():
+    nodes = [{"NodeManagerAddress": "10.0.0.5", "Alive": True}, {"NodeManagerAddress": "10.0.0.6", "Alive": False},
+             {"NodeManagerAddress": "10.0.0.7", "Alive": False}, {"NodeManagerAddress": "10.0.0.7", "Alive": True}]
+    assert lost_nodes(["10.0.0.5", "10.0.0.6", "10.0.0.7"], nodes) == [1]  # .7 came back
+
+
+def test_a_lost_node_the_driver_named_is_in_the_jobs_end(tmp_path, monkeypatch, fake_ray):
+    job = _job(JobStore(tmp_path), ("train.launcher=ray", "train.ray.address=http://head:8265"))
+    message = ("Job entrypoint command failed with exit code 1, last available logs:\nray_driver: rank 0 exited with "
+               "code 143; stopping the others\nray_driver: node 1 (10.77.1.2) was lost\n")
+    fake_ray.info = types.SimpleNamespace(status=types.SimpleNamespace(value="FAILED"), message=message)
+    state = RayLauncher().state(job)
+    assert state.finished and state.detail == ("Job entrypoint command failed with exit code 1, last available logs; "
+                                               "node 1 (10.77.1.2) lost")
 
 
 @pytest.mark.slow

@@ -1,7 +1,10 @@
-"""`train.launcher: slurm` against a real single-node Slurm cluster the test starts (tests/jobs/slurm_cluster.py):
-a 2-task CPU DDP run of the tiny MiniLM recipe trains the same student as the local launcher; the warning signal
-before a time limit (SIGUSR1) requeues the job, whose next run resumes from its checkpoint as attempt 2 into the same
-MLflow run; `scancel` ends a job STOPPED. The batch script itself is checked without a cluster.
+"""`train.launcher: slurm` against a real two-node Slurm cluster the test starts (tests/jobs/slurm_cluster.py: each
+node a network namespace, joined by a veth pair): a 2-node × 1-rank CPU DDP run of the tiny MiniLM recipe trains the
+same student as the local launcher; losing a node mid-training (every process of its namespace killed) re-queues a
+job with an attempt left, whose next Slurm job resumes from its last checkpoint into the same MLflow run, and fails
+one without, naming the node; the warning signal before a time limit (SIGUSR1) requeues the job, whose next run
+resumes from its checkpoint as attempt 2; `scancel` ends a job STOPPED. The batch script, the naming of a lost node
+and the classing of a broken collective are checked without a cluster.
 
     .venv/bin/python -m pytest tests/jobs/test_slurm.py -q
 """
@@ -17,12 +20,14 @@ from pathlib import Path
 
 import pytest
 from harness import RECIPES, athanor, mlflow_client
-from slurm_cluster import missing, slurm_cluster
+from slurm_cluster import Cluster, missing, slurm_cluster
 
 from athanor.jobs.recipe import load_recipe
 from athanor.jobs.store import JobStore
 
 DDP = ["-o", "train.launcher=slurm", "-o", "train.strategy=ddp", "-o", "train.devices=2", "-o", "train.accelerator=cpu"]
+TWO_NODES = ["-o", "train.launcher=slurm", "-o", "train.strategy=ddp", "-o", "train.num_nodes=2", "-o",
+             "train.devices=1", "-o", "train.accelerator=cpu"]
 TINY = str(RECIPES / "minilm_tiny.yaml")
 
 
@@ -40,7 +45,7 @@ def test_batch_script_places_devices_tasks_on_each_node_with_the_recipes_options
     store = JobStore(tmp_path)
     job = store.create(name="x", method="minilm", recipe_text="x", recipe_path=None, overrides=[], recipe_hash="h")
     script = batch_script(job, recipe.train, tmp_path, Path("/work"))
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gres=gpu:8", "#SBATCH --requeue",
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gres=gpu:8", "#SBATCH --no-requeue",
                  "#SBATCH --partition=gpu", "#SBATCH --time=1-00:00:00", "#SBATCH --account=ml", "#SBATCH --qos=high",
                  "#SBATCH --signal=USR1@120"):
         assert line in script.splitlines(), line
@@ -87,29 +92,44 @@ def cluster():
     root = Path(tempfile.mkdtemp(prefix="athanor-slurm-"))
     os.chmod(root, 0o755)
     try:
-        with slurm_cluster(root / "cluster") as env:
-            yield {**env, "OMP_NUM_THREADS": "1"}
+        with slurm_cluster(root / "cluster", nodes=2) as started:
+            started.env["OMP_NUM_THREADS"] = "1"
+            yield started
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _run(home: Path, env: dict, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return athanor("submit", TINY, "--wait", "--no-progress", *extra, home=home, env=env, timeout=timeout)
+def _in_cluster(cluster: Cluster, *args: str, home: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`athanor ARGS` in node 0's namespace, where slurmctld is (the clients reach it there)."""
+    env = {**os.environ, **cluster.env, "ATHANOR_HOME": str(home)}
+    return subprocess.run([*cluster.prefix, *athanor_argv(), *args], cwd=RECIPES.parent, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _submit_waiting(cluster: Cluster, home: Path, *opts: str) -> subprocess.Popen:
+    """`athanor submit --wait` in node 0's namespace, left running."""
+    env = {**os.environ, **cluster.env, "ATHANOR_HOME": str(home)}
+    return subprocess.Popen([*cluster.prefix, *athanor_argv(), "submit", TINY, "--wait", "--no-progress", *opts],
+                            env=env, cwd=RECIPES.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.services
-def test_a_two_task_slurm_job_trains_what_the_local_launcher_trains(cluster, tmp_path):
+def test_a_two_node_slurm_job_trains_what_the_local_launcher_trains(cluster, tmp_path):
     steps = _opts("train.max_steps=12")
-    on_slurm = _run(tmp_path / "slurm", cluster, *DDP, *steps)
+    on_slurm = _in_cluster(cluster, "submit", TINY, "--wait", "--no-progress", *TWO_NODES, *steps,
+                           home=tmp_path / "slurm", timeout=600)
     assert on_slurm.returncode == 0, on_slurm.stdout[-2000:] + on_slurm.stderr[-3000:]
     job = JobStore(tmp_path / "slurm").list()[0]
     assert job.status == "SUCCEEDED" and job.engine == "slurm" and job.engine_id and job.attempts == 1
-    out = athanor("logs", job.id, "--engine", home=tmp_path / "slurm", env=cluster)  # Slurm's output file
-    assert out.returncode == 0 and "GLOBAL_RANK: 1, MEMBER: 2/2" in out.stdout  # rank 1 was Slurm's second task
+    out = _in_cluster(cluster, "logs", job.id, "--engine", home=tmp_path / "slurm")  # Slurm's output file
+    assert out.returncode == 0 and "GLOBAL_RANK: 1, MEMBER: 2/2" in out.stdout, out.stdout[-2000:] + out.stderr
+    shown = _scontrol(cluster, "show", "job", "-o", job.engine_id).split()
+    assert "NodeList=node[0-1]" in shown and "NumNodes=2" in shown  # one task per node: rank 1 ran on node1
     assert job.engine_state == "RUNNING"  # Slurm's state as last seen by `submit --wait` while the job ran
-    local = _run(tmp_path / "local", cluster, *DDP[2:], *steps)
+    local = athanor("submit", TINY, "--wait", "--no-progress", *DDP[2:], *steps, home=tmp_path / "local",
+                    env={"OMP_NUM_THREADS": "1"}, timeout=600)
     assert local.returncode == 0, local.stderr[-3000:]
     reference = JobStore(tmp_path / "local").list()[0]
     for key, value in reference.result["after"].items():
@@ -135,20 +155,17 @@ def test_the_time_limit_warning_checkpoints_requeues_and_the_next_run_resumes_as
     home = tmp_path / "home"
     # No periodic checkpoints: the only one is the one the warning makes.
     opts = _opts("train.max_steps=100", "train.max_attempts=2", "train.log_every_n_steps=5")
-    env = {**os.environ, **cluster, "ATHANOR_HOME": str(home)}
-    proc = subprocess.Popen(
-        [*athanor_argv(), "submit", TINY, "--wait", "--no-progress", *DDP, *opts], env=env, cwd=RECIPES.parent,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = _submit_waiting(cluster, home, *DDP, *opts)
     log = _wait_for(lambda: next(iter((home / "jobs").glob("*/job.log")), None), 300, "the job's log")
     _wait_for(lambda: "training for" in log.read_text(errors="replace"), 300, "training to start")
     time.sleep(3)  # a few steps in
     job = JobStore(home).get(log.parent.name)
-    signal = subprocess.run(["scancel", "--signal=USR1", job.engine_id], env=env, capture_output=True, text=True)
+    signal = cluster.run(["scancel", "--signal=USR1", job.engine_id])
     assert signal.returncode == 0, signal.stderr
     # Slurm holds a requeued job for two minutes (its begin time); an admin's nudge starts it now.
     _wait_for(lambda: {"Restarts=1", "JobState=PENDING", "Reason=BeginTime"} <= set(
-        _scontrol(env, "show", "job", "-o", job.engine_id).split()), 300, "the requeue")
-    _scontrol(env, "update", f"JobId={job.engine_id}", "StartTime=now")
+        _scontrol(cluster, "show", "job", "-o", job.engine_id).split()), 300, "the requeue")
+    _scontrol(cluster, "update", f"JobId={job.engine_id}", "StartTime=now")
     output, _ = proc.communicate(timeout=600)
     job = JobStore(home).get(job.id)
     assert job.status == "SUCCEEDED", output[-3000:]
@@ -165,30 +182,101 @@ def test_the_time_limit_warning_checkpoints_requeues_and_the_next_run_resumes_as
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.services
+def test_a_lost_node_requeues_a_job_with_attempts_left_and_fails_one_without_naming_the_node(cluster, tmp_path):
+    # Two 2-node jobs at once, so that one lost node shows both outcomes: the Slurm job of each ends NODE_FAIL; with
+    # an attempt left athanor submits the next attempt, which resumes from the last checkpoint; without, the job
+    # FAILS naming the node.
+    steps = _opts("train.max_steps=150", "train.checkpoint_every_n_steps=5", "train.log_every_n_steps=5")
+    homes = {"retried": tmp_path / "retried", "last": tmp_path / "last"}
+    procs = {"retried": _submit_waiting(cluster, homes["retried"], *TWO_NODES, *steps, *_opts("train.max_attempts=2")),
+             "last": _submit_waiting(cluster, homes["last"], *TWO_NODES, *steps)}
+    try:
+        logs = {k: _wait_for(lambda h=h: next(iter((h / "jobs").glob("*/job.log")), None), 300, f"{k}'s log")
+                for k, h in homes.items()}
+        for key, log in logs.items():  # both training, each with a checkpoint to resume from
+            _wait_for(lambda log=log: list((log.parent / "checkpoints").glob("step=*.ckpt")), 300, f"{key} checkpoint")
+        first = JobStore(homes["retried"]).get(logs["retried"].parent.name).engine_id
+        cluster.kill_node(1)
+        _wait_for(lambda: cluster.node_states().get("node1", "").startswith("down"), 120, "node1 DOWN")
+        cluster.restart_node(1)  # the machine is back: the next attempt can run on it
+        outputs = {k: p.communicate(timeout=600)[0] for k, p in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    last = JobStore(homes["last"]).get(logs["last"].parent.name)
+    assert last.status == "FAILED", outputs["last"][-3000:]
+    assert "NODE_FAIL" in last.error and "node node1 lost" in last.error and "\n" not in last.error, last.error
+    retried = JobStore(homes["retried"]).get(logs["retried"].parent.name)
+    assert retried.status == "SUCCEEDED", outputs["retried"][-3000:] + logs["retried"].read_text()[-3000:]
+    assert retried.attempts == 2 and retried.engine_id != first, (retried.attempts, first, retried.engine_id)
+    text = logs["retried"].read_text()
+    assert "a peer rank was lost" in text or "the engine stopped this attempt" in text, text[-3000:]
+    step = int(Path(text.split("attempt 2: resuming from ")[1].split()[0]).stem.split("=")[1])
+    assert 5 <= step < 150, step  # a periodic checkpoint written before the node was lost
+    client = mlflow_client(homes["retried"])
+    parents = [r for r in client.search_runs([client.get_run(retried.mlflow_run_id).info.experiment_id])
+               if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.run_id for r in parents] == [retried.mlflow_run_id]  # one MLflow run, continued by attempt 2
+
+
+def test_a_lost_node_is_named_from_sruns_words_or_slurms_node_states():
+    from athanor.jobs.launchers.slurm import lost_nodes
+
+    shown = ("NodeName=node0 Arch=x86_64 CoresPerSocket=1 State=IDLE ThreadsPerCore=1 Reason=(null)\n"
+             "NodeName=node1 Arch=x86_64 CoresPerSocket=1 State=DOWN+NOT_RESPONDING Reason=Not responding [slurm]\n"
+             "NodeName=node2 State=MIXED+NOT_RESPONDING\n")
+    assert lost_nodes("", shown) == ["node1", "node2"]
+    output = "srun: error: node0: task 0: Exited with exit code 143\nsrun: error: Node failure on node3\n" * 2
+    assert lost_nodes(output, shown) == ["node3"]  # srun's words hold after the node came back
+    assert lost_nodes("srun: error: node0: task 0: Exited with exit code 1", "NodeName=node0 State=IDLE") == []
+
+
+def test_a_collective_broken_by_a_lost_peer_is_the_engines_not_the_jobs_failure():
+    import torch.distributed as dist
+
+    from athanor.jobs.leases import engine_stopped
+
+    reset = dist.DistBackendError("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [10.77.0.2]:41235: "
+                                  "Connection reset by peer. This is typically caused by a remote worker hanging")
+    said = "a peer rank was lost (Read error [10.77.0.2]:41235: Connection reset by peer)"
+    assert engine_stopped(reset, False) == said  # gloo's source location and advice left out
+    try:  # Lightning wraps it: the cause still tells
+        raise RuntimeError("training step failed") from RuntimeError("Gloo: Connection reset by peer")
+    except RuntimeError as wrapped:
+        assert engine_stopped(wrapped, False) == "a peer rank was lost (Gloo: Connection reset by peer)"
+    assert engine_stopped(ValueError("loss is nan"), False) is None  # the job's own failure
+    assert engine_stopped(ConnectionResetError("Connection reset by peer"), False) is None  # not a collective
+    assert engine_stopped(ValueError("anything"), True) == "the engine stopped this attempt (SIGTERM)"
+
+
+@pytest.mark.slow
 @pytest.mark.services
 def test_scancel_stops_the_job_and_a_forced_cancel_goes_through_slurm(cluster, tmp_path):
     home = tmp_path / "home"
-    env = {**cluster, "ATHANOR_HOME": str(home)}
-    submitted = athanor("submit", TINY, *_opts("train.launcher=slurm", "train.accelerator=cpu",
-                                               "train.max_steps=100000"), home=home, env=env)
+    submitted = _in_cluster(cluster, "submit", TINY, *_opts("train.launcher=slurm", "train.accelerator=cpu",
+                                                            "train.max_steps=100000"), home=home)
     assert submitted.returncode == 0, submitted.stderr
-    worker = athanor("worker", "--once", home=home, env=env, timeout=120)
+    worker = _in_cluster(cluster, "worker", "--once", home=home)
     assert "submitted to slurm" in worker.stdout, worker.stdout + worker.stderr
     job = JobStore(home).list()[0]
     _wait_for(lambda: "training for" in Path(job.log_path).read_text(errors="replace")
               if Path(job.log_path).exists() else False, 300, "training to start")
-    done = athanor("cancel", job.id, "--force", home=home, env=env)
+    done = _in_cluster(cluster, "cancel", job.id, "--force", home=home)
     assert done.returncode == 0, done.stderr
     # `athanor status` asks Slurm (reconcile): its CANCELLED state makes the job STOPPED.
-    _wait_for(lambda: athanor("status", job.id, home=home, env=env) and JobStore(home).get(job.id).status == "STOPPED",
-              60, "STOPPED")
+    _wait_for(lambda: _in_cluster(cluster, "status", job.id, home=home) and JobStore(home).get(job.id).status
+              == "STOPPED", 60, "STOPPED")
     job = JobStore(home).get(job.id)
     assert job.status == "STOPPED" and "cancelled through slurm" in job.error, job.error
     assert job.model_version is None
 
 
-def _scontrol(env: dict, *args: str) -> str:
-    return subprocess.run(["scontrol", *args], env=env, capture_output=True, text=True, timeout=30).stdout
+def _scontrol(cluster: Cluster, *args: str) -> str:
+    return cluster.run(["scontrol", *args], timeout=30).stdout
 
 
 def athanor_argv() -> list[str]:
