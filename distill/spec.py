@@ -27,14 +27,14 @@ Tests of the protocol itself: `.venv/bin/python -m pytest tests/jobs/test_protoc
 
 from __future__ import annotations
 
-import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field
 
 from athanor.convert.recipe_types import DataLoader, RecipeError, RecipeGlob, RecipePath, Section, Text, bounded
 
@@ -58,8 +58,8 @@ _BATCH = f"more than {BATCH_MAX:,} examples per batch fits no accelerator"
 _SEED = "numpy and Lightning take seeds from 0 to 2**32 - 1"
 _TEXTS = "a sanity bound on passages held in memory"
 
-__all__ = ["RecipeError", "Section", "ResolvedSource", "DataSpec", "EvalSpec", "LMEvalSpec", "TrainSpec", "SlurmSpec",
-           "RaySpec", "MethodData", "Method"]
+__all__ = ["RecipeError", "Section", "ResolvedSource", "DataSpec", "EvalSpec", "LMEvalSpec", "TrainSpec",
+           "MethodData", "Method"]
 
 
 @dataclass(frozen=True)
@@ -144,52 +144,6 @@ class EvalSpec(Section):
     `{tasks: [austen_cloze], include_path: data/lm_eval, limit: 50, num_fewshot: 0}`."""
 
 
-_SBATCH_LINE = r"#SBATCH --[a-z][a-z0-9-]*(=[^\n\r]*)?"
-
-
-class SlurmSpec(Section):
-    """Slurm submission (`train.launcher: slurm`): one `sbatch` job of `num_nodes` nodes × `devices` tasks, each
-    task one training rank (Lightning's SLURM environment). The job folder must be on a file system every node
-    sees (the athanor home)."""
-
-    partition: Text | None = Field(None, pattern=r"^[A-Za-z0-9_.,-]{1,64}$")
-    """`--partition` (None: the cluster's default)."""
-    time_limit: Text | None = Field(None, pattern=r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
-    """`--time`, in Slurm's forms: minutes, `HH:MM:SS`, `D-HH:MM:SS` (None: the partition's limit)."""
-    account: Text | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    """`--account` to charge (None: the user's default)."""
-    gpus_per_node: int | None = bounded(None, ge=0, le=1024, reason="no node holds more than 1024 GPUs")
-    """`--gres=gpu:N` (None: `train.devices` when the job trains on GPUs, else none)."""
-    cpus_per_task: int = bounded(1, ge=1, le=4096, reason="no node has more than 4096 cores")
-    """`--cpus-per-task` for each rank (its data loader workers and intra-op threads)."""
-    signal_seconds: int = bounded(120, ge=10, le=3600, reason="the warning is sent at most an hour before the kill")
-    """Seconds before the time limit at which Slurm sends SIGUSR1: every rank checkpoints at its next step and
-    the job is requeued (`--requeue`), resuming there as its next attempt."""
-    sbatch_lines: list[Text] = Field(default_factory=list, max_length=64)
-    """Extra `#SBATCH --option[=value]` lines, copied verbatim (e.g. `#SBATCH --qos=high`)."""
-
-    @field_validator("sbatch_lines")
-    @classmethod
-    def _one_option_per_line(cls, lines: list[str]) -> list[str]:
-        for i, line in enumerate(lines):
-            if not re.fullmatch(_SBATCH_LINE, line):
-                raise ValueError(f"item {i} ({line!r}) is not one `#SBATCH --option[=value]` line; write e.g. "
-                                 f"'#SBATCH --qos=high'")
-        return lines
-
-
-class RaySpec(Section):
-    """Ray submission (`train.launcher: ray`) through the Ray Jobs API: a driver places `num_nodes × devices`
-    ranks (one Ray task each, in a placement group) that run the same entry point as every launcher."""
-
-    address: Text | None = Field(None, pattern=r"^(https?|ray)://[A-Za-z0-9_.:\[\]-]+/?$")
-    """The Ray dashboard (Jobs API) address, e.g. `http://127.0.0.1:8265` (None: `RAY_ADDRESS`)."""
-    cpus_per_rank: float = bounded(1.0, gt=0, le=4096, reason="no node has more than 4096 cores")
-    """CPUs reserved for each rank."""
-    gpus_per_rank: float | None = bounded(None, ge=0, le=16, reason="a rank drives at most a few GPUs")
-    """GPUs reserved for each rank (None: 1 when the job trains on GPUs, else 0)."""
-
-
 class TrainSpec(Section):
     """How the Lightning Trainer runs."""
 
@@ -232,61 +186,38 @@ class TrainSpec(Section):
     seeds: list[Annotated[int, Field(ge=0, le=SEED_MAX)]] = Field(default_factory=list, max_length=64)
     """Repeat every comparison arm once per seed, e.g. [0, 1, 2]: an arm's figures are then the mean over the
     seeds with their standard deviation (child runs `arm_<name>_seed<k>`). Empty: each arm runs once, at `seed`."""
-    launcher: Literal["local", "slurm", "ray"] = "local"
-    """Where the ranks run: 'local' (processes on the worker's machine), 'slurm' (an `sbatch` job) or 'ray' (a
-    Ray job). Every launcher runs the same entry point (`python -m athanor.jobs.worker --job ID --engine-task`)."""
-    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
-    """Slurm options (used with `launcher: slurm`)."""
-    ray: RaySpec = Field(default_factory=RaySpec)
-    """Ray options (used with `launcher: ray`)."""
 
-    @field_validator("launcher")
-    @classmethod
-    def _engines_need_an_explicit_accelerator(cls, launcher: str, info: ValidationInfo) -> str:
-        if launcher != "local" and info.data.get("accelerator") == "auto":
-            raise ValueError(f"{launcher} runs the ranks on nodes that may differ from this machine, so 'auto' "
-                             f"cannot be decided here: set train.accelerator to 'gpu' or 'cpu'")
-        return launcher
+
+EvalT = TypeVar("EvalT")
 
 
 @dataclass
-class MethodData:
-    """What a method's `data()` returns: a train loader factory and whatever evaluation needs."""
+class MethodData(Generic[EvalT]):
+    """What a method's `data()` returns: a train loader factory and whatever evaluation needs. `EvalT` is the
+    method's evaluation payload: `MethodData[MyEval]` tells `evaluate` and `speed_probe` what `data.eval` holds."""
 
-    train_dataloader: Any
-    """Callable[[], DataLoader] returning the training loader (Lightning adds the sampler)."""
-    eval: dict[str, Any] = field(default_factory=dict)
-    """Method-specific evaluation payload (held-out texts, prompts, ...)."""
+    train_dataloader: Callable[..., Iterable[Any]]
+    """Returns the training loader (e.g. a `SeededLoader`; Lightning adds the sampler)."""
+    eval: EvalT = field(default_factory=dict)  # type: ignore[assignment]  # a payload-less method gets {}
+    """Method-specific evaluation payload (held-out texts, prompts, ...): a dataclass, or a dict."""
     num_train_examples: int = 0
 
 
 @runtime_checkable
 class Method(Protocol):
-    """A conversion method, registered by name in `jobs/methods.py` (one line)."""
+    """A conversion method, registered by name in `jobs/methods.py` (one line). Write one by subclassing
+    `distill/method_base.py`'s `MethodBase`, which holds the defaults and the documentation of the class
+    variables below and of the optional calls (`athanor new-method NAME` writes a skeleton)."""
 
     name: ClassVar[str]
-    """The registry name, also the recipe's `method:` value and the name of its section."""
     Args: ClassVar[type[Section]]
-    """Validates the recipe section named after the method (e.g. `minilm:`)."""
     Student: ClassVar[type[Section]]
-    """Validates the recipe's `student:` section."""
     trains: ClassVar[bool]
-    """False for training-free methods: the spine skips `lightning_module`/`trained_student`."""
     mlflow_flavor: ClassVar[Literal["transformers", "artifacts"]]
-    """How the registry logs the export: 'transformers' (mlflow.transformers; an export that is a
-    sentence-transformers directory, with `modules.json`, is logged with mlflow.sentence_transformers)
-    or 'artifacts' (the directory as plain run artifacts)."""
     mlflow_task: ClassVar[str | None]
-    """transformers pipeline task for the transformers flavour (e.g. 'feature-extraction')."""
     auto_class: ClassVar[str | None]
-    """transformers Auto class that loads the export (e.g. 'AutoModel'); used by the registry."""
     nan_metrics: ClassVar[frozenset[str]]
-    """Metric keys that are NaN by definition for some models (e.g. a cosine between embeddings of
-    different widths). Any other non-finite metric fails the job: nothing is exported or registered."""
     metrics: ClassVar[dict[str, Direction]]
-    """Every key `evaluate` may return, with its direction: 'higher' or 'lower' is better, or 'neutral' (a size,
-    a count). `validate` checks a recipe's `gate.retain` keys against it; the spine refuses an undeclared key. The
-    spine's own `lm_eval/<task>/<metric>` keys (`eval.lm_eval`) are declared by their tasks instead."""
 
     def load_teacher(self, source: ResolvedSource, *, meta: bool = False) -> Any:
         """Owns reading the teacher (weights or inline config; `meta=True`: sizes only, nothing read)."""
@@ -324,24 +255,27 @@ class Method(Protocol):
         """Owns the export format: writes into `out_dir` a model that loads where the teacher loaded
         (transformers, sentence-transformers, diffusers); the spine adds the model card."""
 
-    # Optional (looked up with getattr by `athanor validate`):
-    #   def cost_notes(self, teacher, student, args) -> list[str]
-    # Lines `validate` prints under the size estimate, computed on the meta-device models: a cost the
-    # parameter count does not show (LinVideo: self-attention MACs per denoising step before/after).
-    #
-    # Optional, for methods whose models are causal LMs (looked up with getattr; `eval.lm_eval` needs it):
-    #   def lm_eval_model(self, model, teacher, args) -> ContextManager[tuple[Any, Any]]
-    # Yields (model, tokenizer) that lm-evaluation-harness scores for `model` (teacher or student) while the block
-    # runs: a transformers causal LM (wrapped in the harness's HFLM) or an `lm_eval.api.model.LM` of the method's
-    # own (tokenizer then None). The spine logs the results as `lm_eval/<task>/<metric>` keys, declared with the
-    # direction each task gives its metric.
-    #
-    # Optional comparison arms (looked up with getattr by the spine, only for methods that train):
-    #   def comparison_arms(self, args, train: TrainSpec) -> dict[str, Section]
-    # Arm name -> the method args that arm runs with. After the 'after' evaluation the spine trains a fresh
-    # student per arm (`convert(teacher, student, arm_args)`, `lightning_module(..., arm_args, train)`, the
-    # same steps and data), evaluates it with `evaluate(..., arm_args, ...)` and logs it as the child run
-    # `arm_<name>` (with its training curves). Arms are not exported or registered.
-    #   def compare_arms(self, args, before, untrained, after, arms) -> dict[str, float]
-    # The summary over the arms (e.g. SinkLoRA's fraction of the full-attention gain), logged on the parent
-    # run as `compare/<key>` and put in the job's result. `untrained` is None unless eval.include_untrained.
+    # Optional calls: MethodBase's defaults are those of a method that does not take part.
+    def cost_notes(self, teacher: Any, student: Any, args: Section) -> list[str]:
+        """Lines `validate` prints under the size estimate, computed on the meta-device models: a cost the
+        parameter count does not show (LinVideo: self-attention MACs per denoising step before/after). Default []."""
+
+    def lm_eval_model(self, model: Any, teacher: Any, args: Section) -> AbstractContextManager[tuple[Any, Any]]:
+        """For methods whose models are causal LMs (`eval.lm_eval` needs it; `validate` refuses `eval.lm_eval` for
+        a method that does not override it). Yields (model, tokenizer) that lm-evaluation-harness scores for `model`
+        (teacher or student) while the block runs: a transformers causal LM (wrapped in the harness's HFLM) or an
+        `lm_eval.api.model.LM` of the method's own (tokenizer then None). The spine logs the results as
+        `lm_eval/<task>/<metric>` keys, declared with the direction each task gives its metric."""
+
+    def comparison_arms(self, args: Section, train: TrainSpec) -> dict[str, Section]:
+        """Arm name -> the method args that arm runs with (only asked of methods that train; default {}). After
+        the 'after' evaluation the spine trains a fresh student per arm (`convert(teacher, student, arm_args)`,
+        `lightning_module(..., arm_args, train)`, the same steps and data), evaluates it with
+        `evaluate(..., arm_args, ...)` and logs it as the child run `arm_<name>` (with its training curves). Arms
+        are not exported or registered."""
+
+    def compare_arms(self, args: Section, before: Mapping[str, float], untrained: Mapping[str, float] | None,
+                     after: Mapping[str, float], arms: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+        """The summary over the arms (e.g. SinkLoRA's fraction of the full-attention gain), logged on the parent
+        run as `compare/<key>` and put in the job's result (default {}). `untrained` is None unless
+        eval.include_untrained."""

@@ -21,11 +21,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import h11
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from athanor.jobs.api_docs import add_docs
 from athanor.jobs.api_models import ApiError, ErrorOut, ProblemOut, json_value
@@ -179,9 +182,6 @@ def create_app(home: Path, token: str | None, *, mlflow_ui: str | None = None) -
 def _json_framing_errors() -> type:
     """uvicorn's h11 protocol, answering a request it cannot parse (a bad Content-Length, a NUL in a header) with
     a JSON error like every other answer of the API, instead of uvicorn's plain-text 400."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
     class JsonFramingErrors(H11Protocol):
         def send_400_response(self, msg: str) -> None:
             body = json.dumps({"detail": f"malformed HTTP request ({msg}); nothing was read",
@@ -198,15 +198,11 @@ def _json_framing_errors() -> type:
 
 def server_config(app: ASGIApp, **options: Any) -> Any:
     """The uvicorn configuration `athanor serve` runs (and the tests serve with): h11 with JSON framing errors."""
-    import uvicorn
-
     return uvicorn.Config(app, http=_json_framing_errors(), timeout_keep_alive=5, server_header=False, **options)
 
 
 def serve(home: Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
           mlflow_ui: str | None = None) -> None:
     """Run the API with uvicorn until interrupted (the caller checked `token_problem` and `mlflow_ui_url`)."""
-    import uvicorn
-
     app = create_app(home, token, mlflow_ui=mlflow_ui)
     uvicorn.Server(server_config(app, host=host, port=port, log_level="info")).run()

@@ -19,6 +19,7 @@ from fastapi import FastAPI, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from mlflow.exceptions import MlflowException
 from pydantic import ValidationError
 
 from athanor.convert.recipe_types import one_line
@@ -42,8 +43,11 @@ from athanor.jobs.api_models import (
 )
 from athanor.jobs.api_paths import confine
 from athanor.jobs.job_view import detail, links, workers_report
+from athanor.jobs.launchers import LaunchError
 from athanor.jobs.leases import reap_stale
+from athanor.jobs.recipe import RecipeInvalid, check_alias, json_schema, load_recipe
 from athanor.jobs.recipe_yaml import MAX_PROBLEMS, MAX_RECIPE_BYTES, MISSING, Problem, RecipeFileError, decode
+from athanor.jobs.registry import PushRefused, push_job
 from athanor.jobs.store import FINAL, Job, JobStore
 from athanor.jobs.submission import (
     MAX_LABELS,
@@ -53,6 +57,8 @@ from athanor.jobs.submission import (
     parse_labels,
     submission_id_problems,
 )
+from athanor.jobs.validate import check
+from athanor.jobs.worker import cancel
 
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/plain")
 LOG_POLL_S = 0.5
@@ -105,9 +111,6 @@ class Submission:
 def submit_recipe(store: JobStore, sub: Submission) -> tuple[Job, list[str], bool]:
     """Validate the recipe as `athanor submit` does, with its paths confined to the home; create the job, or find the
     one its submission id made (created False). ApiError 422 listing every problem, 409 for a reused submission id."""
-    from athanor.jobs.recipe import RecipeInvalid, load_recipe
-    from athanor.jobs.validate import check
-
     try:
         loaded = load_recipe(None, text=sub.text, overrides=sub.overrides)
     except RecipeInvalid as exc:
@@ -189,12 +192,9 @@ async def log_stream(store: JobStore, job: Job, follow: bool) -> AsyncIterator[b
 
 
 def cancel_job(store: JobStore, job_id: str, force: bool) -> CancelOut:
-    from athanor.jobs.worker import cancel
-
     job = _job(store, job_id)
     if job.status in FINAL:
         raise ApiError(409, f"job {job.id} is already {job.status}; nothing to cancel")
-    from athanor.jobs.launchers import LaunchError
 
     try:
         status = cancel(store, job.id, force=force)
@@ -206,11 +206,6 @@ def cancel_job(store: JobStore, job_id: str, force: bool) -> CancelOut:
 
 
 def push(store: JobStore, job_id: str, alias: str, force: bool = False) -> PushOut:
-    from mlflow.exceptions import MlflowException
-
-    from athanor.jobs.recipe import check_alias
-    from athanor.jobs.registry import PushRefused, push_job
-
     if problem := check_alias(alias):
         raise _invalid([Problem("alias", None, alias, problem)], "request body")
     job = _job(store, job_id)
@@ -312,15 +307,11 @@ def openapi(app: FastAPI) -> dict[str, Any]:
 
 @cache
 def _recipe_schema() -> dict[str, Any]:
-    from athanor.jobs.recipe import json_schema
-
     return json_schema()
 
 
 @cache
 def recipe_components() -> dict[str, Any]:
-    from athanor.jobs.recipe import json_schema
-
     found: dict[str, Any] = {}
     variants = json_schema()["oneOf"]
     for variant in variants:

@@ -26,6 +26,7 @@ def _mean_and_sd(runs: list[dict[str, float]]) -> tuple[dict[str, float], dict[s
 
 def train_arms(run: Any, p: Any, results: Any) -> None:
     """Train, evaluate and log every comparison arm (per seed), then the method's summary over the arms."""
+    # why: jobs/run.py imports this module at its top (a cycle)
     from athanor.jobs.run import _train, comparison_arms
 
     train = p.loaded.recipe.train

@@ -5,6 +5,7 @@ that need them, so `athanor --help` starts instantly.
     athanor submit recipes/minilm.yaml --wait -o train.max_steps=50
     athanor worker & athanor list; athanor logs JOB --follow; athanor ui
     athanor serve --port 8000            # the HTTP job API (jobs/api.py)
+    athanor new-method NAME              # the skeleton of a new conversion method (jobs/scaffold.py)
 
 list, status, wait, logs, cancel and workers live in jobs/cli_watch.py; exit codes in jobs/cli_exit.py.
 """
@@ -27,13 +28,23 @@ from athanor.jobs.cli_exit import (  # noqa: F401 — the codes are part of this
     EXIT_TIMEOUT,
     exit_for,
 )
-from athanor.jobs.cli_watch import add_commands, job_of, store_of
+from athanor.jobs.cli_watch import (
+    add_commands,
+    await_final,
+    job_json_or_exit,
+    job_of,
+    print_json,
+    report_outcome,
+    store_of,
+)
+from athanor.jobs.store import StoreError, athanor_home
 
 _store, _job = store_of, job_of
 
 
 def _print_problems(problems: list, recipe: str, outcome: str = "") -> None:
     """One stderr line per problem (capped: a broken file can hold thousands), then the count."""
+    # why: loaded only by this command, so `athanor --help` stays fast
     from athanor.convert.recipe_types import one_line
     from athanor.jobs.recipe import render_problems
 
@@ -43,6 +54,7 @@ def _print_problems(problems: list, recipe: str, outcome: str = "") -> None:
 
 
 def cmd_validate(args) -> int:
+    # why: loaded only by this command, so `athanor --help` stays fast
     from athanor.jobs.validate import check, render_estimate
 
     report = check(args.recipe, overrides=args.override, force=args.force)
@@ -60,6 +72,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_schema(args) -> int:
+    # why: loaded only by this command, so `athanor --help` stays fast
     from athanor.jobs.recipe import json_schema, recipe_model
 
     schema = recipe_model(args.method).model_json_schema() if args.method else json_schema()
@@ -70,6 +83,7 @@ def cmd_schema(args) -> int:
 def cmd_submit(args) -> int:
     """Validate first; a job row exists only for a valid recipe (an invalid one is reported and
     stored nowhere: no FAILED rows holding megabytes of someone's broken file)."""
+    # why: loaded only by this command, so `athanor --help` stays fast
     from athanor.jobs.submission import SubmissionConflict, create_job, parse_labels, submission_id_problems
     from athanor.jobs.validate import check
 
@@ -93,8 +107,6 @@ def cmd_submit(args) -> int:
     if args.wait:
         return _run_foreground(args, job, report.loaded)
     if args.json:
-        from athanor.jobs.cli_watch import job_json_or_exit, print_json
-
         print_json(job_json_or_exit(job))
     elif created:
         print(f"submitted job {job.id} ({job.name}); run `athanor worker` to execute it, "
@@ -105,8 +117,8 @@ def cmd_submit(args) -> int:
 def _run_foreground(args, job, loaded) -> int:
     """`submit --wait`: run the job here (stage lines, training bar; --json: the final job on stdout, the rest on
     stderr), or, when a worker already holds it (a resubmitted submission id), wait for its outcome."""
+    # why: loaded only by this command, so `athanor --help` stays fast
     from athanor.jobs import run
-    from athanor.jobs.cli_watch import await_final, report_outcome
     from athanor.jobs.console import foreground
 
     store = _store(args)
@@ -114,6 +126,7 @@ def _run_foreground(args, job, loaded) -> int:
     if store.claim(job.id) is None:  # final already, or another process runs it
         final = await_final(store, job.id)
     elif loaded.recipe.train.launcher != "local":
+        # why: loaded only by this command, so `athanor --help` stays fast
         from athanor.jobs.launchers import submit_and_follow
 
         final = submit_and_follow(store, store.get(job.id), loaded.recipe.train)
@@ -123,6 +136,7 @@ def _run_foreground(args, job, loaded) -> int:
         with foreground(verbose=args.verbose, stream=out), contextlib.redirect_stdout(out):
             final = run.execute(job.id, store, progress=not args.no_progress)
     if final.status == "SUCCEEDED" and not args.json:
+        # why: loaded only by this command, so `athanor --help` stays fast
         from athanor.jobs.report import print_table
 
         print_table(final)
@@ -131,7 +145,7 @@ def _run_foreground(args, job, loaded) -> int:
 
 
 def cmd_worker(args) -> int:
-    from athanor.jobs.store import StoreError
+    # why: loaded only by this command, so `athanor --help` stays fast
     from athanor.jobs.worker import work
 
     while True:  # a home that cannot be opened yet (read-only, full): say so once per poll, stay up
@@ -148,7 +162,7 @@ def cmd_worker(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from athanor.jobs.store import athanor_home
+    # why: loaded only by this command, so `athanor --help` stays fast
     from athanor.jobs.tracking import default_tracking_uri
 
     home = athanor_home(args.home)
@@ -163,9 +177,9 @@ def cmd_ui(args) -> int:
 
 def cmd_serve(args) -> int:
     """The HTTP job API; off the loopback only with ATHANOR_TOKEN (checked before anything starts)."""
+    # why: loaded only by this command, so `athanor --help` stays fast
     from athanor.jobs.api import serve, token_problem
     from athanor.jobs.job_view import mlflow_ui_url
-    from athanor.jobs.store import athanor_home
 
     token = os.environ.get("ATHANOR_TOKEN") or None
     problem = token_problem(args.host, token)
@@ -187,6 +201,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_push(args) -> int:
+    # why: loaded only by this command, so `athanor --help` stays fast
     from athanor.jobs.registry import PushRefused, push_job
 
     store = _store(args)
@@ -197,6 +212,19 @@ def cmd_push(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"{name}: alias '{args.alias}' → version {version} (job {job_id})")
+    return EXIT_OK
+
+
+def cmd_new_method(args) -> int:
+    # why: loaded only by this command, so `athanor --help` stays fast
+    from athanor.jobs.scaffold import ScaffoldError, create, next_steps
+
+    try:
+        skeleton = create(args.name, args.root)
+    except ScaffoldError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print("\n".join(next_steps(args.name, skeleton)))
     return EXIT_OK
 
 
@@ -247,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-ui", default=None, metavar="URL", help="the MLflow UI job links point to (default: "
                    "$ATHANOR_MLFLOW_UI, else http://127.0.0.1:5000, where `athanor ui` serves)")
     p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("new-method", help="write a working skeleton of a new conversion method (CONTRIBUTING.md)")
+    p.add_argument("name", help="the method's name: a lower-case identifier (package, recipe section, registry key)")
+    p.add_argument("--root", default=".", help="the repository checkout to write into (default: here)")
+    p.set_defaults(fn=cmd_new_method)
     for command in sub.choices.values():  # `athanor COMMAND --home DIR` works as well as `athanor --home DIR COMMAND`
         command.add_argument("--home", default=argparse.SUPPRESS, help="athanor home (as the global --home)")
     return parser
@@ -260,7 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.home:
         os.environ["ATHANOR_HOME"] = os.path.abspath(args.home)
-    from athanor.jobs.store import StoreError
 
     try:
         return args.fn(args)

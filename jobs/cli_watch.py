@@ -17,12 +17,10 @@ import time
 from typing import Any
 
 from athanor.jobs.cli_exit import EXIT_BAD_INPUT, EXIT_CONFLICT, EXIT_JOB_FAILED, EXIT_OK, EXIT_TIMEOUT, exit_for
-from athanor.jobs.store import FINAL, STATUSES
+from athanor.jobs.store import FINAL, STATUSES, JobStore
 
 
 def store_of(args: argparse.Namespace) -> Any:
-    from athanor.jobs.store import JobStore
-
     return JobStore(args.home)
 
 
@@ -36,6 +34,7 @@ def job_of(store: Any, job_id: str) -> Any:
 
 def reap(store: Any) -> None:
     """Settle jobs whose process died (and engine jobs that ended), so what is shown is true now."""
+    # why: loaded only by this command, so `athanor --help` stays fast
     from athanor.jobs.launchers import safe_reconcile
     from athanor.jobs.leases import reap_stale
 
@@ -49,6 +48,7 @@ def print_json(obj: Any) -> None:
 
 def job_json_or_exit(job: Any, full: bool = True) -> dict[str, Any]:
     """The job's JSON; a bad $ATHANOR_MLFLOW_UI is one line and exit code 2."""
+    # why: loaded only by this command, so `athanor --help` stays fast
     from athanor.jobs.job_view import job_json
 
     try:
@@ -59,6 +59,7 @@ def job_json_or_exit(job: Any, full: bool = True) -> dict[str, Any]:
 
 
 def warn_if_no_worker(store: Any) -> None:
+    # why: loaded only by this command, so `athanor --help` stays fast
     from athanor.jobs.workers import pending_without_worker
 
     if warning := pending_without_worker(store):
@@ -126,6 +127,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for key, value in status_fields(job).items():
         print(f"{key:14} {', '.join(value) if isinstance(value, list) else value}")
     if job.result:
+        # why: loaded only by this command, so `athanor --help` stays fast
         from athanor.jobs.report import print_table
 
         print_table(job)
@@ -202,6 +204,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def _engine_logs(job: Any) -> int:
     """`athanor logs JOB --engine`: every rank's output as the cluster engine keeps it."""
+    # why: loaded only by this command, so `athanor --help` stays fast
     from athanor.jobs.launchers import LaunchError, launcher_for
 
     if not job.engine or not job.engine_id:
@@ -217,6 +220,7 @@ def _engine_logs(job: Any) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    # why: loaded only by this command, so `athanor --help` stays fast
     from athanor.jobs.launchers import LaunchError
     from athanor.jobs.worker import cancel
 
@@ -239,6 +243,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_workers(args: argparse.Namespace) -> int:
+    # why: loaded only by this command, so `athanor --help` stays fast
     from athanor.jobs.job_view import workers_report
 
     report = workers_report(store_of(args))

@@ -15,6 +15,10 @@ import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
 
+import lightning.pytorch  # noqa: F401 — installs its console handler on import: before foreground() runs
+from lightning.pytorch.callbacks.progress import ProgressBar
+from tqdm import tqdm
+
 THIRD_PARTY = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric",
                "mlflow", "alembic", "deepspeed", "torch.distributed")
 """Loggers that print to the console by themselves (their own handlers) during a job."""
@@ -50,7 +54,7 @@ def foreground(verbose: bool = False, stream: TextIO | None = None) -> Iterator[
     athanor.addHandler(stages)
     saved: list[tuple[logging.Logger, list[logging.Handler], bool]] = []
     if not verbose:
-        import lightning.pytorch  # noqa: F401 — each installs its console handler on import: import them first
+        # why: the ranks import this module (step_bar) without mlflow; loaded here before its handler moves
         import mlflow  # noqa: F401
 
         # Lightning's and MLflow's loggers print through their own handlers and do not propagate; the job log (a
@@ -84,9 +88,6 @@ def step_bar(refresh_steps: int = 1) -> Any:
     """The training bar of a foreground job: optimizer steps out of train.max_steps (Lightning's own bar counts
     batches per epoch, which says little when training stops at a step count), on stderr, with the metrics the
     module shows on its progress bar. Rank 0 only (Lightning disables it on the others)."""
-    from lightning.pytorch.callbacks.progress import ProgressBar
-    from tqdm import tqdm
-
     class StepBar(ProgressBar):
         def __init__(self) -> None:
             super().__init__()

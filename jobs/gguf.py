@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from athanor.distill.spec import RecipeError
+from athanor.jobs.store import athanor_home
 
 MAGIC = b"GGUF"
 """The first four bytes of every GGUF file (llama.cpp's format)."""
@@ -109,8 +110,6 @@ def gguf_model_dir(path: Path, key: str, spec: str, *, weights: bool = True, hom
 
 
 def _cache_root(home: Path | None) -> Path:
-    from athanor.jobs.store import athanor_home
-
     root = (home or athanor_home()) / CACHE_DIR
     root.mkdir(parents=True, exist_ok=True)
     return root
@@ -134,6 +133,7 @@ def _build(gguf: Path, sha: str, target: Path, *, weights: bool) -> None:
 
 
 def _transformers_version() -> str:
+    # why: jobs/recipe.py imports this module (via sources); recipes are read without torch
     import transformers
 
     return transformers.__version__
@@ -144,7 +144,10 @@ def write_hf_dir(gguf: Path, out: Path, *, weights: bool) -> None:
 
     transformers refuses `save_pretrained` on a model it loaded from GGUF (it carries a GGUF quantizer),
     so the weights are moved into a plain model built from the same config, with no copy."""
+    # why: jobs/recipe.py imports this module (via sources); recipes are read without torch
     import torch
+
+    # why: jobs/recipe.py imports this module (via sources); recipes are read without torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = gguf.parent, gguf.name

@@ -1,4 +1,4 @@
-"""One job row of the job store (jobs/store.py) as a dataclass: what the CLI, the API and the spine read.
+"""One job row of the job store (jobs/store.py): its table, and the dataclass the CLI, the API and the spine read.
 
     .venv/bin/python -m pytest tests/jobs/test_store_sources.py -q
 """
@@ -11,13 +11,57 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from athanor.jobs.lifecycle import JobStatus
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    method TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('PENDING','RUNNING','SUCCEEDED','FAILED','STOPPED')),
+    recipe_path TEXT,
+    recipe_text TEXT NOT NULL,
+    overrides TEXT NOT NULL DEFAULT '[]',
+    recipe_hash TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL DEFAULT 1,
+    pid INTEGER,
+    log_path TEXT,
+    mlflow_run_id TEXT,
+    model_version TEXT,
+    error TEXT,
+    result TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    updated_at REAL NOT NULL,
+    lease_owner TEXT,
+    heartbeat_at REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    engine TEXT,
+    engine_id TEXT,
+    engine_run INTEGER NOT NULL DEFAULT 0,
+    engine_state TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created_at);
+"""
+
+
+# Columns added after the first release: added to existing stores on open.
+MIGRATIONS = {"lease_owner": "TEXT", "heartbeat_at": "REAL", "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
+              "max_attempts": "INTEGER NOT NULL DEFAULT 1", "engine": "TEXT", "engine_id": "TEXT",
+              "engine_run": "INTEGER NOT NULL DEFAULT 0", "engine_state": "TEXT", "submission_id": "TEXT",
+              "labels": "TEXT NOT NULL DEFAULT '{}'", "stage": "TEXT", "progress_step": "INTEGER",
+              "progress_total": "INTEGER"}
+INDEXES = ("CREATE UNIQUE INDEX IF NOT EXISTS jobs_submission ON jobs(submission_id) WHERE submission_id IS NOT NULL",)
+
 
 @dataclass
 class Job:
     id: str
     name: str
     method: str
-    status: str
+    status: JobStatus
     recipe_path: str | None
     recipe_text: str
     overrides: list[str]
@@ -59,6 +103,7 @@ class Job:
     @classmethod
     def from_row(cls, row: sqlite3.Row, home: Path) -> Job:
         data = dict(row)
+        data["status"] = JobStatus(data["status"])
         data["overrides"] = json.loads(data["overrides"] or "[]")
         data["result"] = json.loads(data["result"]) if data["result"] else None
         data["labels"] = json.loads(data.get("labels") or "{}")

@@ -25,7 +25,9 @@ from athanor.jobs.api_models import (
     metrics_of,
 )
 from athanor.jobs.mlflow_views import MODEL_TRAINING  # MLflow 3.17 opens its GenAI pages without it
+from athanor.jobs.recipe import RecipeInvalid, load_recipe
 from athanor.jobs.store import Job, JobStore
+from athanor.jobs.workers import STALE_SECONDS, pending_without_worker, seen_workers
 
 MLFLOW_UI_ENV = "ATHANOR_MLFLOW_UI"
 DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"
@@ -45,8 +47,6 @@ def mlflow_ui_url(explicit: str | None = None) -> str:
 
 
 def _tracking_uri(job: Job) -> str | None:
-    from athanor.jobs.recipe import RecipeInvalid, load_recipe
-
     try:
         return load_recipe(None, text=job.recipe_text, overrides=job.overrides).recipe.tracking.uri
     except RecipeInvalid:
@@ -86,8 +86,6 @@ def job_json(job: Job, *, full: bool = True, mlflow_ui: str | None = None) -> di
 
 def workers_report(store: JobStore) -> WorkersOut:
     """`GET /workers` and `athanor workers --json`: every worker seen, and a warning when queued jobs wait for none."""
-    from athanor.jobs.workers import STALE_SECONDS, pending_without_worker, seen_workers
-
     now, seen = time.time(), seen_workers(store)
     return WorkersOut(alive=sum(w.alive(now) for w in seen), pending=store.count("PENDING"),
                       stale_seconds=STALE_SECONDS, warning=pending_without_worker(store),

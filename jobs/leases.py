@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from athanor.jobs.store import LEASE_SECONDS, Job, JobStore, StoreError, lease_owner
+from athanor.jobs.tracking import Tracker
 
 log = logging.getLogger("athanor.lease")
 
@@ -150,6 +151,7 @@ class SigtermNoted:
     def callback(self) -> Any:
         """A Lightning callback that puts the note ahead of Lightning's own SIGTERM handlers once training starts
         (Lightning runs its broadcast first, and a failed broadcast would skip every handler after it)."""
+        # why: `athanor list`/`status` and the worker loop import this module; lightning costs seconds
         from lightning.pytorch.callbacks import Callback
 
         noted = self
@@ -184,6 +186,7 @@ def engine_stopped(exc: BaseException, sigterm_seen: bool) -> str | None:
     is too: its rank was killed (its node lost, or the engine stopping the job), and only the engine knows which
     and what comes next (Slurm ends the job NODE_FAIL, and `reconcile` re-queues it or fails it naming the node);
     written here as the job's error it would be a bare 'connection reset' failing the job while attempts remain."""
+    # why: `athanor list`/`status` and the worker loop import this module; lightning costs seconds
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     if sigterm_seen or isinstance(exc, SIGTERMException):
@@ -240,8 +243,8 @@ def clean_up(store: JobStore, job: Job) -> None:
 
 def _close_run(store: JobStore, job: Job) -> None:
     try:
+        # why: a cycle (recipe -> lm_eval_stage -> results -> leases)
         from athanor.jobs.recipe import load_recipe
-        from athanor.jobs.tracking import Tracker
 
         recipe = load_recipe(None, text=job.recipe_text, overrides=job.overrides).recipe
         tracker = Tracker(store.home, recipe.tracking.uri, recipe.tracking.experiment or recipe.name)

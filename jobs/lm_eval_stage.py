@@ -15,6 +15,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from athanor.distill.lm_eval_harness import evaluate_harness
+from athanor.distill.lm_eval_harness import task_problems as problems
+from athanor.distill.method_base import overrides
 from athanor.jobs.results import check_declared
 
 log = logging.getLogger("athanor.job")
@@ -26,8 +29,6 @@ def measured(p: Any, model: Any, side: str, metrics: dict[str, Any]) -> dict[str
     spec = p.loaded.recipe.eval.lm_eval
     directions: dict[str, str] = {}
     if spec is not None and not side.startswith("arm_"):
-        from athanor.distill.lm_eval_harness import evaluate_harness
-
         log.info("lm-evaluation-harness on %s: %s", side, ", ".join(spec.tasks))
         with p.method.lm_eval_model(model, p.teacher, p.loaded.args) as (lm, tokenizer):
             scores, directions = evaluate_harness(lm, tokenizer, spec)
@@ -38,7 +39,7 @@ def measured(p: Any, model: Any, side: str, metrics: dict[str, Any]) -> dict[str
 
 def method_problems(recipe: Any, method: Any) -> list[tuple[str, Any, str]]:
     """`eval.lm_eval` on a method whose models the harness cannot score (no `lm_eval_model`)."""
-    if recipe.eval.lm_eval is None or getattr(method, "lm_eval_model", None) is not None:
+    if recipe.eval.lm_eval is None or overrides(method, "lm_eval_model"):
         return []
     return [("eval.lm_eval", recipe.eval.lm_eval.tasks, f"method {method.name} does not produce causal LMs that "
              "lm-evaluation-harness can score; remove eval.lm_eval")]
@@ -49,7 +50,7 @@ def task_problems(recipe: Any, recipe_path: Path | None) -> list[tuple[str, Any,
     spec = recipe.eval.lm_eval
     if spec is None:
         return []
-    from athanor.distill.lm_eval_harness import task_problems as problems
+    # why: jobs/recipe.py imports this module at its top (a cycle)
     from athanor.jobs.recipe import resolve_relative
 
     include = resolve_relative(spec.include_path, recipe_path) if spec.include_path else None

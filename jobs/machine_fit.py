@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
+
 from athanor.jobs.recipe_yaml import Problem
 
 
@@ -33,8 +35,6 @@ def _gib(n: float) -> str:
 
 
 def _on_gpu(train: Any) -> bool:
-    import torch
-
     return train.accelerator == "gpu" or (train.accelerator == "auto" and torch.cuda.is_available())
 
 
@@ -42,7 +42,6 @@ def placement_problems(train: Any) -> tuple[list[Problem], list[str]]:
     """(problems, warnings) for the ranks a local launcher would start on this machine."""
     if train.launcher != "local":
         return [], []  # the cluster places the ranks; its scheduler refuses what no node has
-    import torch
 
     ranks = train.devices * train.num_nodes
     if not _on_gpu(train):
@@ -70,8 +69,6 @@ def memory_problem(train: Any, estimate: dict[str, float], *, force: bool) -> tu
     local_ranks = train.devices if train.launcher == "local" else 1
     per_rank = estimate["student_train_memory_per_rank_bytes"]
     if _on_gpu(train):
-        import torch
-
         if not torch.cuda.is_available():
             return [], []  # checked for another machine (placement_problems warned)
         need, have, where = estimate["teacher_memory_bytes"] + per_rank, torch.cuda.mem_get_info()[1], "one GPU"

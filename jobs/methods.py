@@ -25,6 +25,13 @@ for _entry in filter(None, os.environ.get("ATHANOR_METHODS", "").split(",")):
 
 
 def get_method(name: str) -> Method:
-    """Instantiate the method registered as `name` (KeyError if unknown)."""
+    """Instantiate the method registered as `name` (KeyError if unknown; TypeError naming the fix for a registered
+    class that is not a `MethodBase`: the spine calls its optional hooks, whose defaults live there)."""
+    from athanor.distill.method_base import MethodBase  # here: `athanor --help` imports this module
+
     module_name, _, class_name = METHODS[name].partition(":")
-    return getattr(importlib.import_module(module_name), class_name)()
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if not (isinstance(cls, type) and issubclass(cls, MethodBase)):
+        raise TypeError(f"method {name!r} ({METHODS[name]}) is not a subclass of "
+                        "athanor.distill.method_base.MethodBase: subclass it (CONTRIBUTING.md)")
+    return cls()

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from athanor.jobs.methods import get_method
 from athanor.jobs.report import headline_keys
 
 log = logging.getLogger("athanor.tracking")
@@ -144,8 +145,6 @@ def parent_metrics(before: dict[str, float], after: dict[str, float], speedup: f
 def headline_for(recipe: Any, keys: list[str]) -> list[str]:
     """The job's headline metrics: its gate's `retain` keys, every quality metric the method declares, then the
     lm-evaluation-harness results (`eval.lm_eval`: all of them quality metrics, directed by their tasks)."""
-    from athanor.jobs.methods import get_method
-
     directions = {**get_method(recipe.method).metrics, **{k: "higher" for k in keys if k.startswith("lm_eval/")}}
     return headline_keys(keys, directions, list(recipe.gate.retain))
 
@@ -161,6 +160,7 @@ def system_metrics(run_id: str, uri: str, every_s: float | None, *, resumed: boo
         return
     monitor = None
     try:
+        # why: `athanor list`/`status` and the worker loop import this module; mlflow costs seconds
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, resume_logging=resumed, tracking_uri=uri)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
+
 from athanor.jobs.store import JobStore
 
 WRITE_EVERY_S = 1.0
@@ -19,8 +21,6 @@ WRITE_EVERY_S = 1.0
 def progress_callback(store: JobStore, job_id: str, attempt: int, every_s: float = WRITE_EVERY_S) -> Any:
     """Rank 0's callback: the step count when training starts (a resumed attempt starts past 0), at most every
     `every_s` seconds while it runs, and when it ends; only while `attempt` still holds the job."""
-    from lightning.pytorch.callbacks import Callback
-
     class ReportProgress(Callback):
         last = 0.0
 

@@ -24,7 +24,8 @@ import yaml
 from pydantic import BaseModel, Field, StrictBool, ValidationError, create_model, field_validator, model_validator
 
 from athanor.convert.recipe_types import LIMIT_REASON, ModelRef, Text, TrackingURI, path_fields
-from athanor.distill.spec import SEED_MAX, DataSpec, EvalSpec, Section, TrainSpec, bounded
+from athanor.distill.spec import SEED_MAX, DataSpec, EvalSpec, Section, bounded
+from athanor.jobs.cluster_spec import JobTrainSpec
 from athanor.jobs.gate import GateSpec, gate_problems
 from athanor.jobs.lm_eval_stage import method_problems
 from athanor.jobs.methods import METHODS, get_method
@@ -141,8 +142,8 @@ class RecipeBase(Section):
     """The pretrained model to convert."""
     data: DataSpec = Field(default_factory=DataSpec)
     """Training and held-out data."""
-    train: TrainSpec = Field(default_factory=TrainSpec)
-    """Lightning Trainer settings."""
+    train: JobTrainSpec = Field(default_factory=JobTrainSpec)
+    """Lightning Trainer settings, and where the training ranks run (`launcher`, `slurm`, `ray`)."""
     eval: EvalSpec = Field(default_factory=EvalSpec)
     """Before/after evaluation settings."""
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
@@ -298,11 +299,11 @@ def _teacher_config_problems(data: dict, lines: dict) -> list[Problem]:
             for loc, value, message in inline_config_problems(config, ("teacher", "config"))]
 
 
-def train_section(text: str, overrides: list[str] = ()) -> TrainSpec:
+def train_section(text: str, overrides: list[str] = ()) -> JobTrainSpec:
     """The `train:` section alone, with the overrides applied (what a worker needs to place a job), without
     importing the recipe's method; the whole recipe was validated when the job was submitted."""
     data = parse(text, list(overrides), "recipe")
-    return TrainSpec.model_validate(data.get("train") or {})
+    return JobTrainSpec.model_validate(data.get("train") or {})
 
 
 def load_recipe(path: str | Path | None = None, *, text: str | None = None, overrides: list[str] = ()) -> LoadedRecipe:

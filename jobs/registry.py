@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from athanor.jobs.mlflow_views import headline_for
+from athanor.jobs.recipe import check_alias, load_recipe
 from athanor.jobs.report import comparison_markdown
 from athanor.jobs.tracking import Tracker
 
@@ -123,10 +124,12 @@ def _requirements(*extra: str) -> list[str]:
 
 def _log_model(tracker: Tracker, export_dir: Path, method: Any) -> tuple[str, str | None]:
     """Log the export with the flavour the method declares; (model source URI, logged-model id)."""
+    # why: the API server imports this module at start; mlflow costs seconds
     import mlflow
 
     if method.mlflow_flavor == "transformers" and (export_dir / "modules.json").is_file():
         # A sentence-transformers directory: loads back with mlflow.sentence_transformers.load_model.
+        # why: only a sentence-transformers export needs it (seconds)
         from sentence_transformers import SentenceTransformer
 
         with mlflow.start_run(run_id=tracker.parent_id):
@@ -136,6 +139,7 @@ def _log_model(tracker: Tracker, export_dir: Path, method: Any) -> tuple[str, st
         return info.model_uri, info.model_id
     if method.mlflow_flavor == "transformers":
         # In-memory form: MLflow 3.17's local-checkpoint path breaks on transformers 5 (lazy pipeline impls).
+        # why: only the transformers flavour needs it (seconds)
         import transformers
 
         auto = getattr(transformers, method.auto_class or "AutoModel")
@@ -164,6 +168,7 @@ def register(tracker: Tracker, *, export_dir: Path, method: Any, name: str, alia
     """Log the export under the parent run, add a registry version and point the alias at it (no alias: a job
     that missed its gate). If anything fails after the version exists, it is deleted and the alias restored
     before re-raising."""
+    # why: the API server imports this module at start; mlflow costs seconds
     import mlflow
 
     client = tracker.client  # on a remote server a lost connection is TrackingUnavailable, never an MlflowException
@@ -211,6 +216,7 @@ def move_alias(tracker: Tracker, name: str, alias: str, version: str) -> None:
 def drop_job_versions(tracker: Tracker, name: str, job_id: str) -> None:
     """Delete the versions of `name` an earlier attempt of job `job_id` created before it died (a retried job
     registers one version, its own); an alias left on one of them is removed with it."""
+    # why: the API server imports this module at start; mlflow costs seconds
     import mlflow
 
     try:
@@ -237,8 +243,6 @@ def push_job(store: Any, job_id: str, alias: str, *, force: bool = False) -> tup
     """Point registry alias `alias` at the version job `job_id` registered: (model name, version, job id).
     KeyError for an unknown job, PushRefused (one line) before any registry call when it cannot happen; a version
     whose job missed its gate needs `force`."""
-    from athanor.jobs.recipe import check_alias
-
     problem = check_alias(alias)
     if problem:
         raise PushRefused(f"--alias {alias[:80]!r}: {problem}")
@@ -250,7 +254,6 @@ def push_job(store: Any, job_id: str, alias: str, *, force: bool = False) -> tup
     if gate.get("passed") is False and not force:
         raise PushRefused(f"job {job.id} missed its gate ({'; '.join(gate['failed'])}); pass --force to point "
                           f"'{alias[:80]}' at version {job.model_version} anyway", conflict=True)
-    from athanor.jobs.recipe import load_recipe
 
     recipe = load_recipe(job.recipe_path, text=job.recipe_text, overrides=job.overrides).recipe
     name = job.result["registered"]["name"]

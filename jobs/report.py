@@ -12,6 +12,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
+from athanor.jobs.gate import metric_key
+
 
 def _half_width(intervals: dict[str, Any] | None, side: str, key: str) -> float | None:
     entry = ((intervals or {}).get("sides") or {}).get(side, {}).get(key)
@@ -63,8 +68,6 @@ def _ratio(before: float, after: float) -> str:
 def headline_keys(keys: list[str], directions: dict[str, str], retain: list[str] = ()) -> list[str]:
     """The metrics a reader looks at first: the gate's `retain` keys, then every quality metric (one with a better
     direction) the method declares; sizes, counts and the latency (the speed-up stands for it) come after."""
-    from athanor.jobs.gate import metric_key
-
     gated = [metric_key(k) for k in retain if metric_key(k) in keys]
     quality = [k for k in keys if directions.get(k) in ("higher", "lower") and k != "latency_ms"]
     return list(dict.fromkeys(gated + quality))
@@ -131,9 +134,6 @@ def summary_line(before: dict[str, float], after: dict[str, float], speedup: flo
 
 def print_table(job: Any) -> None:
     """The job's result in the terminal: the table, the arms, the speed-up, the gate, the registration."""
-    from rich.console import Console
-    from rich.table import Table
-
     result = job.result or {}
     untrained = result.get("untrained") or {}
     intervals = result.get("intervals")

@@ -18,6 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from athanor.distill.intervals import LEVEL, RESAMPLES, difference_intervals, side_intervals
+from athanor.distill.spec import RecipeError
+from athanor.jobs.leases import JobStopped
+from athanor.jobs.recipe_yaml import RecipeInvalid
+from athanor.jobs.tracking_http import TrackingUnavailable
+
 log = logging.getLogger("athanor.job")
 
 
@@ -55,8 +61,6 @@ DIFFERENCES = (("after", "before"), ("after", "untrained"))
 def interval_table(samples: dict[str, dict[str, Any]], *, seed: int = 0) -> dict[str, Any]:
     """Each side's per-sample metrics with their 95% interval, and the paired differences after − before,
     after − untrained and after − arm_<name> (the same bootstrap draws for both sides of a difference)."""
-    from athanor.distill.intervals import LEVEL, RESAMPLES, difference_intervals, side_intervals
-
     if not any(samples.values()):
         return {}
     pairs = [*DIFFERENCES, *(("after", side) for side in samples if side.startswith("arm_"))]
@@ -144,11 +148,6 @@ def remove_partial_writes(job_dir: Path) -> None:
 
 def outcome(exc: BaseException, job: Any, tracker: Any) -> tuple[str, str]:
     """The final status and one-line error for an exception that ended the job (its traceback goes to the log)."""
-    from athanor.distill.spec import RecipeError
-    from athanor.jobs.leases import JobStopped
-    from athanor.jobs.recipe import RecipeInvalid
-    from athanor.jobs.tracking import TrackingUnavailable
-
     if isinstance(exc, JobStopped):
         log.warning("job cancelled")
         return "STOPPED", "cancelled"

@@ -14,7 +14,6 @@
   checkpoints are removed first; every checkpoint is published with a manifest of its files' sizes and SHA-256,
   jobs/checkpoint_manifest.py, and one that no longer matches it is passed over, naming it), which
   `trainer.fit(ckpt_path=...)` restores: weights, optimizer, LR schedule, step counter, loops.
-- `KillAtStep`: the test fault `kill:step:N` (SIGKILL at optimizer step N, once per job).
 
 Tests: `.venv/bin/python -m pytest tests/jobs/test_resume.py -q`.
 """
@@ -27,13 +26,13 @@ import random
 import re
 import secrets
 import shutil
-import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from weakref import proxy
 
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
@@ -286,8 +285,6 @@ class ResumePosition(Callback):
 
 def rng_states() -> dict[str, Any]:
     """torch (CPU and CUDA), numpy and Python global RNG states, as types `torch.load(weights_only=True)` reads."""
-    import numpy as np
-
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
@@ -295,8 +292,6 @@ def rng_states() -> dict[str, Any]:
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
-    import numpy as np
-
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -304,42 +299,6 @@ def set_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, state, gauss = states["python"]
     random.setstate((version, tuple(state), gauss))
-
-
-class KillAtStep(Callback):
-    """Test fault `kill:step:N`: SIGKILL this job's processes when training reaches optimizer step N, once per job
-    (recorded in `marker`, so the resumed attempt passes step N)."""
-
-    def __init__(self, steps: set[int], marker: Path) -> None:
-        self.steps, self.marker = steps, marker
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if step not in self.steps or not trainer.is_global_zero:
-            return
-        fired = set(self.marker.read_text().split()) if self.marker.is_file() else set()
-        if str(step) in fired:
-            return
-        with open(self.marker, "a") as f:
-            f.write(f"{step}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        log.warning("test hook: kill at step %d", step)
-        logging.shutdown()
-        if os.getpgid(0) == os.getpid():  # the job's own process group (started by a worker): its ranks go too
-            os.killpg(os.getpid(), signal.SIGKILL)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def kill_steps(hooks: str) -> set[int]:
-    """The steps of `kill:step:N` entries in a comma-separated test-hook value."""
-    steps = set()
-    for entry in filter(None, hooks.split(",")):
-        action, _, where = entry.partition(":")
-        kind, _, step = where.partition(":")
-        if action == "kill" and kind == "step" and step.isdigit():
-            steps.add(int(step))
-    return steps
 
 
 def resume_from(ckpt_dir: Path, keep: int, attempt: int, *, rank0: bool) -> Path | None:

@@ -19,13 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from athanor.convert.module_utils import count_params
 from athanor.distill.intervals import split
-from athanor.jobs.fault_hooks import TEST_HOOK, fault_hook
+from athanor.distill.timing import interleaved_latency
+from athanor.jobs.arms import train_arms
 from athanor.jobs.gate import judge
+from athanor.jobs.launchers import interrupt_hooks
 from athanor.jobs.leases import SIGTERM_NOTED, JobLease, JobStopped, engine_stopped, signals_deferred, sigterm_cancels
 from athanor.jobs.lm_eval_stage import measured
+from athanor.jobs.methods import get_method
 from athanor.jobs.recipe import LoadedRecipe, load_recipe, resolve_recipe_paths
+from athanor.jobs.registry import drop_job_versions, register, undo, version_tags, write_model_card
 from athanor.jobs.results import (
     Results,
     check_finite,
@@ -36,7 +42,9 @@ from athanor.jobs.results import (
     outcome,
     remove_partial_writes,
 )
+from athanor.jobs.sources import resolve_source
 from athanor.jobs.store import Job, JobStore
+from athanor.jobs.tracking import Tracker
 
 log = logging.getLogger("athanor.job")
 
@@ -69,11 +77,10 @@ def _loaded_for(job: Job) -> LoadedRecipe:
 
 def prepare(job: Job) -> Prepared:
     """Everything every rank needs: recipe, method, teacher, initial student, data."""
+    # why: lightning loads once the job's lease heartbeats (a slow import must not let a short lease lapse)
     import lightning as L
 
-    from athanor.jobs.methods import get_method
     from athanor.jobs.resume import rng_states
-    from athanor.jobs.sources import resolve_source
 
     loaded = _loaded_for(job)
     recipe = loaded.recipe
@@ -95,9 +102,8 @@ ARM_ENV = "ATHANOR_ARM"
 
 
 def comparison_arms(p: Prepared) -> dict[str, Any]:
-    """Arm name -> the method args that arm trains with (the optional protocol call; {} without it)."""
-    arms = getattr(p.method, "comparison_arms", None)
-    return arms(p.loaded.args, p.loaded.recipe.train) if arms is not None and p.method.trains else {}
+    """Arm name -> the method args that arm trains with (the optional protocol call; MethodBase's default: {})."""
+    return p.method.comparison_arms(p.loaded.args, p.loaded.recipe.train) if p.method.trains else {}
 
 
 def _train(p: Prepared, job: Job, store: JobStore, *, logger: Any, progress: bool, launch: bool = True,
@@ -106,9 +112,12 @@ def _train(p: Prepared, job: Job, store: JobStore, *, logger: Any, progress: boo
     as the main student was, or from SEED); rank 0 (`launch`) starts the other ranks of this node, which call this
     with launch=False. A later attempt resumes from the newest checkpoint. Every rank stops at the step after a
     cancel request (or a lost lease) and fails on a non-finite loss."""
-    from athanor.jobs.launchers import interrupt_hooks
+    # why: lightning loads once the job's lease heartbeats (a slow import must not let a short lease lapse)
+    import lightning as L
+
+    from athanor.jobs.fault_hooks import fault_callbacks
     from athanor.jobs.progress import progress_callback
-    from athanor.jobs.resume import RESUME_ENV, KillAtStep, kill_steps, resume_from, set_rng_states
+    from athanor.jobs.resume import RESUME_ENV, resume_from, set_rng_states
     from athanor.jobs.trainer import CHECKPOINTS, fit, guard_callback, launched_ranks
 
     recipe, train = p.loaded.recipe, p.loaded.recipe.train
@@ -117,8 +126,6 @@ def _train(p: Prepared, job: Job, store: JobStore, *, logger: Any, progress: boo
         name, _, seed = arm.partition("@")
         args = comparison_arms(p)[name]
         if seed and int(seed) != train.seed:
-            import lightning as L
-
             train = train.model_copy(update={"seed": int(seed)})
             L.seed_everything(train.seed, verbose=False)
         elif p.init_rng is not None:
@@ -133,9 +140,8 @@ def _train(p: Prepared, job: Job, store: JobStore, *, logger: Any, progress: boo
              else contextlib.nullcontext())
     callbacks = [guard_callback(lambda: bool(lease and lease.cancelled) or store.cancel_requested(job.id),
                                 **interrupt_hooks()), SIGTERM_NOTED.callback(),
-                 *([progress_callback(store, job.id, job.attempts)] if launch else [])]  # step count for status
-    if launch and (steps := kill_steps(os.environ.get(TEST_HOOK, ""))):
-        callbacks.append(KillAtStep(steps, store.job_dir(job.id) / "test_hook_kills"))
+                 *([progress_callback(store, job.id, job.attempts), *fault_callbacks(store.job_dir(job.id))]
+                   if launch else [])]  # rank 0: the step count for status, and the test faults (none in normal use)
     with ranks:
         return fit(p.method, module, student, p.data, train, recipe.data.batch_size, job_dir=job_dir,
                    logger=logger, progress=progress, callbacks=callbacks, ckpt_path=ckpt,
@@ -210,11 +216,12 @@ class JobRun:
         return self.lease is None or not self.lease.lost
 
     def hook(self, stage: str) -> None:
+        # why: lightning loads once the job's lease heartbeats (a slow import must not let a short lease lapse)
+        from athanor.jobs.fault_hooks import fault_hook
+
         fault_hook(stage, self.lease)
 
     def start_tracking(self, p: Prepared) -> None:
-        from athanor.jobs.tracking import Tracker
-
         recipe, job = p.loaded.recipe, self.job
         log.info("opening MLflow tracking (%s)", recipe.tracking.uri or "the home's embedded store")
         self.tracker = Tracker(self.store.home, recipe.tracking.uri, recipe.tracking.experiment or recipe.name)
@@ -240,8 +247,6 @@ class JobRun:
         return values
 
     def train_arms(self, p: Prepared, results: Results) -> None:
-        from athanor.jobs.arms import train_arms
-
         train_arms(self, p, results)
 
     def train(self, p: Prepared) -> Any:
@@ -259,8 +264,6 @@ class JobRun:
 
     def time_side_by_side(self, p: Prepared, student: Any, untrained: Any, results: Results) -> None:
         """Teacher and student (and the untrained copy) timed interleaved in one measurement."""
-        from athanor.distill.timing import interleaved_latency
-
         spec, args = p.loaded.recipe.eval, p.loaded.args
         models = {"before": p.method.teacher_model(p.teacher), "after": student}
         if untrained is not None:
@@ -288,8 +291,6 @@ class JobRun:
 
     def export(self, p: Prepared, student: Any, results: Results) -> None:
         """Write into export.partial, add the model card, then rename: never a half-written export."""
-        from athanor.jobs.registry import write_model_card
-
         log.info("exporting")
         shutil.rmtree(self.partial, ignore_errors=True)
         self.partial.mkdir(parents=True)
@@ -302,8 +303,6 @@ class JobRun:
 
     def register_and_finish(self, p: Prepared, results: Results) -> None:
         """Register, close the run, write SUCCEEDED; if anything after the new version fails, undo it."""
-        from athanor.jobs.registry import drop_job_versions, register, undo, version_tags
-
         recipe = p.loaded.recipe
         registration = None
         verdict = self.verdict
@@ -367,8 +366,6 @@ def execute(job_id: str, store: JobStore, *, progress: bool = True, engine: bool
 
 
 def _torch_threads() -> int:
-    import torch
-
     return torch.get_num_threads()
 
 

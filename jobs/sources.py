@@ -103,6 +103,7 @@ def resolve_path(spec: str, key: str, *, revision: str | None = None, base: Path
         raise RecipeError(key, spec, "looks like a hub id but the hub is offline (HF_HUB_OFFLINE=1); "
                           "download it on a connected machine and point to the local directory")
     try:
+        # why: jobs/recipe.py imports this module; recipes are read without transformers
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(spec, revision=revision, etag_timeout=10))
@@ -189,6 +190,7 @@ def inline_config_problems(config: Any, loc: tuple = ()) -> list[tuple[tuple, An
 def _model_type_problem(model_type: Any, loc: tuple) -> list[tuple[tuple, Any, str]]:
     """An unknown `model_type` is one line with a suggestion, not transformers' list of 800 names."""
     try:
+        # why: jobs/recipe.py imports this module; recipes are read without transformers
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     except ImportError:  # pragma: no cover - transformers is a dependency
         return []

@@ -7,10 +7,11 @@ process was killed, its machine lost). A reaped job with attempts left (`max_att
 fencing token: a heartbeat or a final status from an earlier attempt (a process that was frozen, not dead, and
 woke up after its job was re-queued) is refused, so one job never runs twice at once. Cancellation is a flag
 the job reads between stages and steps, never a signal that interrupts it mid-write. A final status is
-written once: a SUCCEEDED job is never overwritten. Store write failures (read-only home, full disk) raise
-`StoreError`: one line for the user. A job also carries the client's submission id (unique: a resubmission finds the
-job, jobs/submission.py), its labels, and the stage and training step its attempt reached (`report_progress`);
-workers' own heartbeats live beside the jobs (jobs/workers.py).
+written once: a SUCCEEDED job is never overwritten. Every status change is one `transition` of jobs/lifecycle.py
+(its table of allowed moves, the attempt fence), called from the methods below. Store write failures (read-only
+home, full disk) raise `StoreError`: one line for the user. A job also carries the client's submission id
+(unique: a resubmission finds the job, jobs/submission.py), its labels, and the stage and training step its attempt
+reached (`report_progress`); workers' own heartbeats live beside the jobs (jobs/workers.py).
 
 Home: `--home`, else `$ATHANOR_HOME`, else `./.athanor`. Layout:
     <home>/jobs.db            job rows
@@ -31,53 +32,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from athanor.jobs.job_row import Job, SubmissionExists
+from athanor.jobs.job_row import INDEXES, MIGRATIONS, SCHEMA, Job, SubmissionExists
+from athanor.jobs.lifecycle import FINAL, PENDING, RUNNING, STATUSES, STOPPED, JobStatus, TransitionRefused, transition
 from athanor.jobs.store_errors import StoreCorrupt, StoreError, athanor_home, corrupt_message, store_error
 
-STATUSES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED")
-FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+__all__ = ["FINAL", "STATUSES", "Job", "JobStatus", "JobStore", "StoreCorrupt", "StoreError", "TransitionRefused",
+           "athanor_home", "lease_owner"]
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    method TEXT NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('PENDING','RUNNING','SUCCEEDED','FAILED','STOPPED')),
-    recipe_path TEXT,
-    recipe_text TEXT NOT NULL,
-    overrides TEXT NOT NULL DEFAULT '[]',
-    recipe_hash TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    max_attempts INTEGER NOT NULL DEFAULT 1,
-    pid INTEGER,
-    log_path TEXT,
-    mlflow_run_id TEXT,
-    model_version TEXT,
-    error TEXT,
-    result TEXT,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    updated_at REAL NOT NULL,
-    lease_owner TEXT,
-    heartbeat_at REAL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    engine TEXT,
-    engine_id TEXT,
-    engine_run INTEGER NOT NULL DEFAULT 0,
-    engine_state TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created_at);
-"""
-
-
-# Columns added after the first release: added to existing stores on open.
-MIGRATIONS = {"lease_owner": "TEXT", "heartbeat_at": "REAL", "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
-              "max_attempts": "INTEGER NOT NULL DEFAULT 1", "engine": "TEXT", "engine_id": "TEXT",
-              "engine_run": "INTEGER NOT NULL DEFAULT 0", "engine_state": "TEXT", "submission_id": "TEXT",
-              "labels": "TEXT NOT NULL DEFAULT '{}'", "stage": "TEXT", "progress_step": "INTEGER",
-              "progress_total": "INTEGER"}
-INDEXES = ("CREATE UNIQUE INDEX IF NOT EXISTS jobs_submission ON jobs(submission_id) WHERE submission_id IS NOT NULL",)
 PROGRESS = ("stage", "progress_step", "progress_total")
 
 LEASE_SECONDS = float(os.environ.get("ATHANOR_LEASE_SECONDS", "60"))
@@ -125,6 +86,19 @@ class JobStore:
             if db is not None:
                 db.close()
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE: other writers wait), committed when the block ends without raising,
+        rolled back otherwise (a refused transition writes nothing)."""
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.rollback()
+                raise
+            db.execute("COMMIT")
+
     def job_dir(self, job_id: str) -> Path:
         path = self.home / "jobs" / job_id
         try:
@@ -149,7 +123,7 @@ class JobStore:
                         "INSERT INTO jobs (id, name, method, status, recipe_path, recipe_text, overrides, recipe_hash,"
                         " log_path, created_at, updated_at, max_attempts, submission_id, labels)"
                         " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                        (job_id, name, method, "PENDING", recipe_path, recipe_text, json.dumps(overrides),
+                        (job_id, name, method, PENDING.value, recipe_path, recipe_text, json.dumps(overrides),
                          recipe_hash, log_path, now, now, max(1, int(max_attempts)), submission_id,
                          json.dumps(labels or {}, sort_keys=True)),
                     )
@@ -213,31 +187,25 @@ class JobStore:
         `owner` (default: this process), with its first heartbeat. Each claim starts the next attempt."""
         now = time.time()
         owner = owner or lease_owner()
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
+        with self._transaction() as db:
             if job_id is None:
                 row = db.execute("SELECT id FROM jobs WHERE status='PENDING' ORDER BY created_at LIMIT 1").fetchone()
             else:
                 row = db.execute("SELECT id FROM jobs WHERE status='PENDING' AND id = ?", (job_id,)).fetchone()
             if row is None:
-                db.execute("COMMIT")
                 return None
-            db.execute(
-                "UPDATE jobs SET status='RUNNING', attempts=attempts+1, started_at=?, updated_at=?, error=NULL,"
-                " pid=NULL, lease_owner=?, heartbeat_at=?, engine=NULL, engine_id=NULL, engine_run=0,"
-                " engine_state=NULL, stage=NULL, progress_step=NULL, progress_total=NULL WHERE id=?",
-                (now, now, owner, now, row["id"]),
-            )
-            db.execute("COMMIT")
+            transition(db, row["id"], RUNNING, started_at=now, error=None, pid=None, lease_owner=owner,
+                       heartbeat_at=now, engine=None, engine_id=None, engine_run=0, engine_state=None,
+                       **dict.fromkeys(PROGRESS))
         return self.get(row["id"])
 
     def update(self, job_id: str, **fields: Any) -> None:
-        if "status" in fields and fields["status"] not in STATUSES:
-            raise ValueError(f"unknown status {fields['status']}")
+        """Write columns of a job other than its status (a status changes only through `jobs.lifecycle`)."""
+        if "status" in fields:
+            raise ValueError("a job's status changes only through its lifecycle (claim, finish, retry_or_finish, "
+                             "take_over, request_cancel: jobs/lifecycle.py)")
         if "result" in fields and fields["result"] is not None:
             fields["result"] = json.dumps(fields["result"])
-        if fields.get("status") in FINAL:
-            fields.setdefault("finished_at", time.time())
         fields["updated_at"] = time.time()
         sets = ", ".join(f"{k} = ?" for k in fields)
         with self._connect() as db:
@@ -250,17 +218,20 @@ class JobStore:
         (RUNNING, same attempt): a stale attempt cannot finish a re-queued job. True when this call made it."""
         if status not in FINAL:
             raise ValueError(f"not a final status: {status}")
-        now = time.time()
-        fields = {**fields, "status": status, "error": error, "pid": None, "finished_at": now, "updated_at": now}
+        fields = {**fields, "error": error, "pid": None}
         if fields.get("result") is not None:
             fields["result"] = json.dumps(fields["result"])
-        sets = ", ".join(f"{k} = ?" for k in fields)
-        where, args = "status IN ('PENDING', 'RUNNING')", []
-        if attempt is not None:
-            where, args = "status = 'RUNNING' AND attempts = ?", [attempt]
-        with self._connect() as db:
-            cursor = db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND {where}", (*fields.values(), job_id, *args))
-            return cursor.rowcount == 1
+        return self._moved(job_id, status, attempt=attempt, **fields)
+
+    def _moved(self, job_id: str, to: JobStatus, *, attempt: int | None = None, **fields: Any) -> bool:
+        """One transition in its own transaction: True when made, False when the lifecycle refused it (another
+        process settled the job first, or this attempt lost it)."""
+        try:
+            with self._transaction() as db:
+                transition(db, job_id, to, attempt=attempt, **fields)
+        except TransitionRefused:
+            return False
+        return True
 
     def heartbeat(self, job_id: str, attempt: int | None = None) -> bool:
         """Renew a RUNNING job's lease; False when the job is no longer RUNNING (reaped or finished) or, with
@@ -282,18 +253,13 @@ class JobStore:
         """Attempt `attempt` of a RUNNING job died (`reason`): re-queue it (PENDING, keeping its MLflow run id) when
         attempts remain and no cancel was requested; else STOPPED (cancel requested) or FAILED, saying the attempts
         are exhausted. None when the job is no longer running that attempt (someone else decided already)."""
-        now = time.time()
-        with self._connect() as db:
-            cursor = db.execute(
-                "UPDATE jobs SET status='PENDING', pid=NULL, lease_owner=NULL, heartbeat_at=NULL, error=?, updated_at=?"
-                " WHERE id=? AND status='RUNNING' AND attempts=? AND attempts < max_attempts AND cancel_requested=0",
-                (f"attempt {attempt} died ({reason}); re-queued for attempt {attempt + 1}", now, job_id, attempt))
-            requeued = cursor.rowcount == 1
+        requeued = self._moved(job_id, PENDING, attempt=attempt, pid=None, lease_owner=None, heartbeat_at=None,
+                               error=f"attempt {attempt} died ({reason}); re-queued for attempt {attempt + 1}")
         if not requeued:
             job = self.get(job_id)
-            status = "STOPPED" if job.cancel_requested else "FAILED"
+            status = STOPPED if job.cancel_requested else JobStatus.FAILED
             error = "cancelled" if job.cancel_requested else reason
-            if status == "FAILED" and job.max_attempts > 1:
+            if status is JobStatus.FAILED and job.max_attempts > 1:
                 error = f"{reason}; attempts exhausted ({attempt} of train.max_attempts = {job.max_attempts})"
             if not self.finish(job_id, status, error=error, attempt=attempt):
                 return None
@@ -304,32 +270,29 @@ class JobStore:
         time limit): that run becomes the job's next attempt when attempts remain and no cancel was requested; the
         first run is the attempt the worker claimed. None when this run must not go on (the job finished, was
         cancelled or exhausted its attempts; it is then STOPPED or FAILED), else the job as this run holds it."""
-        now = time.time()
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
+        with self._transaction() as db:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None or row["status"] != "RUNNING" or row["engine_id"] != engine_id:
-                db.execute("COMMIT")
+            if row is None or row["status"] != RUNNING or row["engine_id"] != engine_id:
                 return None
-            if engine_run > row["engine_run"]:
-                if row["cancel_requested"] or row["attempts"] >= row["max_attempts"]:
-                    db.execute("COMMIT")
-                    self.retry_or_finish(job_id, row["attempts"], f"{row['engine']} job {engine_id} was interrupted "
-                                         f"(pre-empted or out of time)")
-                    return None
-                db.execute("UPDATE jobs SET attempts = attempts + 1, engine_run = ?, heartbeat_at = ?, updated_at = ?,"
-                           " error = NULL WHERE id = ?", (engine_run, now, now, job_id))
-            db.execute("COMMIT")
+            exhausted = row["cancel_requested"] or row["attempts"] >= row["max_attempts"]
+            if engine_run > row["engine_run"] and not exhausted:
+                transition(db, job_id, RUNNING, attempt=row["attempts"], engine_run=engine_run,
+                           heartbeat_at=time.time(), error=None)
+        if engine_run > row["engine_run"] and exhausted:  # settled outside the transaction: it opens its own
+            self.retry_or_finish(job_id, row["attempts"], f"{row['engine']} job {engine_id} was interrupted "
+                                 f"(pre-empted or out of time)")
+            return None
         return self.get(job_id)
 
     def request_cancel(self, job_id: str) -> str:
         """PENDING → STOPPED at once; RUNNING → the cancel flag, which the job reads at its next step or
         stage boundary. Returns the status after the call."""
-        with self._connect() as db:
-            db.execute("UPDATE jobs SET status='STOPPED', error='cancelled before it started', finished_at=?,"
-                       " updated_at=? WHERE id = ? AND status = 'PENDING'", (time.time(), time.time(), job_id))
-            db.execute("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ? AND status = 'RUNNING'",
-                       (time.time(), job_id))
+        with self._transaction() as db:
+            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is not None and row["status"] == PENDING:
+                transition(db, job_id, STOPPED, error="cancelled before it started")
+            elif row is not None and row["status"] == RUNNING:  # a flag, not a status: the job reads it and stops
+                db.execute("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?", (time.time(), job_id))
         return self.get(job_id).status
 
     def cancel_requested(self, job_id: str) -> bool:
@@ -343,7 +306,7 @@ class JobStore:
         requested or FAILED. Returns those jobs (the caller closes their MLflow runs and removes their exports)."""
         limit = LEASE_SECONDS if lease_seconds is None else lease_seconds
         reaped = []
-        for job in self.list(limit=10_000, status="RUNNING"):
+        for job in self.list(limit=10_000, status=RUNNING):
             stale = time.time() - (job.heartbeat_at or job.started_at or job.updated_at) > limit
             dead = job.pid is not None and _on_this_host(job.lease_owner) and not _alive(job.pid)
             if job.engine or not (stale or dead):  # a cluster engine's job state decides (jobs/launchers)

@@ -14,6 +14,7 @@ calls and only where the user set none), and a server that cannot be reached any
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from athanor.jobs.mlflow_views import (
     source_tags,
     system_metrics,
 )
+from athanor.jobs.report import comparison_markdown, summary_line
 from athanor.jobs.store import Job
 from athanor.jobs.tracking_http import ONE_TRY, TrackingUnavailable, _Guarded, check_server, http_settings, unreachable
 
@@ -56,7 +58,10 @@ class Tracker:
     """Thin layer over MlflowClient for the runs of one job (rank 0 only)."""
 
     def __init__(self, home: Path, uri: str | None, experiment: str) -> None:
+        # why: `athanor list`/`status` and the worker loop import this module; mlflow costs seconds
         import mlflow
+
+        # why: `athanor list`/`status` and the worker loop import this module; mlflow costs seconds
         from mlflow import MlflowClient
 
         self.home = home
@@ -108,6 +113,7 @@ class Tracker:
 
     def _experiment(self, name: str) -> str:
         """The experiment's id, creating it; two jobs creating it at once both get the same one."""
+        # why: `athanor list`/`status` and the worker loop import this module; mlflow costs seconds
         from mlflow.exceptions import MlflowException  # (a lost server is TrackingUnavailable, never one of these)
 
         found = self.client.get_experiment_by_name(name)
@@ -186,6 +192,7 @@ class Tracker:
 
     def _log_params(self, run_id: str, params: dict[str, str]) -> None:
         """Params in batches (one request per 100, not one per param); MLflow's key and value limits applied."""
+        # why: `athanor list`/`status` and the worker loop import this module; mlflow costs seconds
         from mlflow.entities import Param
 
         items = [Param(k[:250], str(v)[:6000]) for k, v in list(params.items())[:500]]
@@ -203,6 +210,7 @@ class Tracker:
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
         """Plain metrics on the parent run (e.g. a method's summary over its comparison arms), in one request."""
+        # why: `athanor list`/`status` and the worker loop import this module; mlflow costs seconds
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -212,8 +220,13 @@ class Tracker:
 
     def log_datasets(self, data: Any, num_train: int, num_eval: int) -> None:
         """The training and held-out data as MLflow dataset inputs (shown on the run page)."""
+        # why: `athanor list`/`status` and the worker loop import this module; mlflow costs seconds
         from mlflow.data.code_dataset_source import CodeDatasetSource
+
+        # why: `athanor list`/`status` and the worker loop import this module; mlflow costs seconds
         from mlflow.data.meta_dataset import MetaDataset
+
+        # why: `athanor list`/`status` and the worker loop import this module; mlflow costs seconds
         from mlflow.entities import DatasetInput, InputTag
 
         described = {"kind": data.kind, "paths": list(data.paths), "loader": data.loader, "split": data.split,
@@ -231,8 +244,6 @@ class Tracker:
         and the speed-up (`eval/speedup`) as metrics, a JSON table (with the 95% intervals), the grouped
         before/after plot, and a summary line over the markdown table as the run's description. The before and
         after values themselves are the child runs' `eval/*` metrics (MLflow's compare view)."""
-        from athanor.jobs.report import comparison_markdown, summary_line
-
         before, after, speedup, intervals = results.before, results.after, results.speedup, results.intervals
         headline = headline_for(self.recipe, list(before)) if self.recipe is not None else []
         table = {k: {"before": before[k], "after": after[k]} for k in before}
@@ -253,9 +264,11 @@ class Tracker:
         return system_metrics(self.parent_id, self.uri, every, resumed=self.resumed, lost=lambda: bool(self.lost))
 
     def log_training_curves(self) -> None:
+        # why: only a finished job draws; matplotlib costs about a second
         import matplotlib
 
         matplotlib.use("Agg")
+        # why: only a finished job draws; matplotlib costs about a second
         import matplotlib.pyplot as plt
 
         keys = [m for m in self.client.get_run(self.parent_id).data.metrics if m.startswith("train/")]
@@ -301,6 +314,7 @@ class Tracker:
         """Lightning's MLflow logger writing into the parent run (or the child run `run_id`); on a later attempt it
         skips the steps an earlier attempt logged (between its last checkpoint and its death), so each curve has
         one point per step. Nothing is logged once `holds()` is False (this attempt lost its job)."""
+        # why: `athanor list`/`status` and the worker loop import this module; lightning costs seconds
         from lightning.pytorch.loggers import MLFlowLogger
 
         run_id = run_id or self.parent_id
@@ -333,8 +347,7 @@ class Tracker:
 def init_embedded_store(home: Path) -> None:
     """Create and migrate the embedded MLflow database once per home, under a file lock: two jobs
     starting on a fresh home raced MLflow's schema migration ('duplicate column name')."""
-    import fcntl
-
+    # why: `athanor list`/`status` and the worker loop import this module; mlflow costs seconds
     from mlflow.version import VERSION
 
     marker = home / "mlflow.db.ready"
@@ -344,7 +357,10 @@ def init_embedded_store(home: Path) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if marker.is_file() and marker.read_text().strip() == VERSION:
             return
+        # why: `athanor list`/`status` and the worker loop import this module; mlflow costs seconds
         from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+
+        # why: `athanor list`/`status` and the worker loop import this module; mlflow costs seconds
         from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
         uri = default_tracking_uri(home)
@@ -355,9 +371,11 @@ def init_embedded_store(home: Path) -> None:
 
 def comparison_figure(before: dict[str, float], after: dict[str, float]):
     """One small bar panel per metric: baseline vs converted on its own scale."""
+    # why: only a finished job draws; matplotlib costs about a second
     import matplotlib
 
     matplotlib.use("Agg")
+    # why: only a finished job draws; matplotlib costs about a second
     import matplotlib.pyplot as plt
 
     keys = list(before)

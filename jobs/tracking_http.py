@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import http.client
 import os
 import re
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
+
+import requests
+import urllib3
 
 __all__ = ["HTTP_DEFAULTS", "ONE_TRY", "TrackingUnavailable", "check_server", "http_settings", "unreachable"]
 
@@ -50,10 +56,7 @@ def unreachable(exc: BaseException) -> str | None:
     """Why `exc` means the server could not be reached ('connection refused', 'no answer within 15 s', 'HTTP 503 on
     every try', ...); None for anything else, e.g. an error the server answered with (even one that mentions a
     refused connection: its own database's)."""
-    import http.client
-
-    import requests
-    import urllib3
+    # why: `athanor list`/`status` and the worker loop import this module; mlflow costs seconds
     from mlflow.exceptions import RestException
 
     chain: list[BaseException] = []
@@ -113,9 +116,6 @@ class _Guarded:
 
 def check_server(uri: str, timeout: float = 10) -> None:
     """GET <uri>/health before anything is tracked there."""
-    import urllib.error
-    import urllib.request
-
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:  # noqa: S310
             if response.status != 200:

@@ -7,20 +7,31 @@ CPU (testing, CI) uses `CPUDeepSpeedStrategy`: Lightning 2.6 refuses DeepSpeed w
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
+import importlib
 import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
 from athanor.distill.spec import STEPS_MAX, TrainSpec
+from athanor.jobs.console import step_bar
 from athanor.jobs.launchers import RANKS_LAUNCHED_ENV, slurm_task
+from athanor.jobs.resume import AtomicCheckpoint, resumable_loader
 
 CHECKPOINTS = "checkpoints"
 """A job's (or comparison arm's) step checkpoints: `<job dir>/checkpoints/step=N.ckpt`."""
@@ -35,8 +46,6 @@ def world_size(train: TrainSpec) -> int:
 
 
 def _cpu_deepspeed_strategy_cls():
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-
     class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         """DeepSpeed ZeRO over gloo on CPU processes (DS_ACCELERATOR=cpu)."""
 
@@ -45,10 +54,6 @@ def _cpu_deepspeed_strategy_cls():
             DDPStrategy.setup_environment(self)
 
         def setup_distributed(self) -> None:
-            import importlib
-
-            from lightning.fabric.utilities.seed import reset_seed
-
             reset_seed()
             self.set_world_ranks()
             # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU ranks on first use: ~40 s of C++ on 2 cores,
@@ -60,8 +65,7 @@ def _cpu_deepspeed_strategy_cls():
             self._init_deepspeed_distributed()
 
         def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
-            import argparse
-
+            # why: optional dependency (DeepSpeed strategies only)
             import deepspeed
 
             engine, ds_optimizer, _, _ = deepspeed.initialize(
@@ -81,15 +85,12 @@ def _cpu_deepspeed_strategy_cls():
 def build_strategy(train: TrainSpec, micro_batch_size: int) -> Any:
     gpu = use_gpu(train)
     if train.strategy == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
-
         # Multi-stage methods (teacher assistant, SentenceVAE stages) leave parameters without
         # gradients in some steps; DDP must expect that.
         return DDPStrategy(process_group_backend="nccl" if gpu else "gloo", find_unused_parameters=True)
     if train.strategy.startswith("deepspeed"):
         if not gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        from lightning.pytorch.strategies import DeepSpeedStrategy
 
         stage = int(train.strategy[-1])
         config = {
@@ -112,23 +113,15 @@ def build_trainer(train: TrainSpec, *, job_dir: Path, micro_batch_size: int, log
                   progress: bool = True, callbacks: list | None = None, fence: Callable[[], bool] | None = None):
     """The Trainer; with `train.checkpoint_every_n_steps`, atomic step checkpoints in `job_dir/checkpoints` (the
     newest `train.keep_checkpoints`), each published only while `fence()` holds (see jobs/resume.py)."""
-    import lightning as L
-
-    from athanor.jobs.resume import AtomicCheckpoint
-
     callbacks = list(callbacks or [])
     # Under Slurm a job checkpoints when warned of its end (time limit, pre-emption), even without periodic ones.
     every = train.checkpoint_every_n_steps or (STEPS_MAX if slurm_task() else None)
     if every:
         callbacks.append(AtomicCheckpoint(job_dir / CHECKPOINTS, every, train.keep_checkpoints, fence))
     if progress:
-        from athanor.jobs.console import step_bar
-
         callbacks.append(step_bar(max(1, train.log_every_n_steps)))  # optimizer steps of train.max_steps
     plugins = []
     if slurm_task():
-        from lightning.pytorch.plugins.environments import SLURMEnvironment
-
         plugins.append(SLURMEnvironment(auto_requeue=False))  # ranks from Slurm; requeueing is athanor's (launchers)
     deepspeed = train.strategy.startswith("deepspeed")
     precision = train.precision
@@ -221,10 +214,6 @@ def guard_callback(should_stop: Callable[[], bool], poll_seconds: float = 1.0, *
     polled at most every `poll_seconds`) stops the fit after this batch. With `interrupted` (an engine's warning
     that the job will be killed, seen by any rank), the ranks agree after each step; once one saw it, every rank
     writes a step checkpoint now (collectively) and rank 0 calls `on_interrupt()` (requeue)."""
-    import time
-
-    from lightning.pytorch.callbacks import Callback
-
     class Guard(Callback):
         last_poll = 0.0
         handed_over = False
@@ -261,8 +250,6 @@ def fit(method: Any, module: Any, student: Any, data: Any, train: TrainSpec, mic
         ckpt_path: Path | None = None, fence: Callable[[], bool] | None = None) -> Any:
     """Train (from step 0, or resumed from `ckpt_path`: weights, optimizer, schedule, step, data position, RNG)
     and return the trained student, consolidated on every rank (ZeRO-3 included)."""
-    from athanor.jobs.resume import resumable_loader
-
     zero3 = train.strategy == "deepspeed_stage_3"
     blueprint = copy.deepcopy(student) if zero3 else None
     loader, position = resumable_loader(data.train_dataloader())
@@ -271,6 +258,7 @@ def fit(method: Any, module: Any, student: Any, data: Any, train: TrainSpec, mic
     trainer.fit(module, train_dataloaders=loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
     trained = method.trained_student(module)
     if zero3:
+        # why: optional dependency (DeepSpeed strategies only)
         import deepspeed
 
         params = list(trained.parameters())
@@ -286,7 +274,5 @@ def fit(method: Any, module: Any, student: Any, data: Any, train: TrainSpec, mic
 def _leave_process_group() -> None:
     """Tear down the training ranks' process group: the ranks it joined have exited, and a later `fit` in this
     process (a comparison arm) must form a new group with newly launched ranks, not reuse a dead one."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

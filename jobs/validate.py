@@ -27,6 +27,7 @@ from athanor.convert.recipe_types import one_line
 from athanor.distill.spec import DataSpec, RecipeError, ResolvedSource
 from athanor.jobs.lm_eval_stage import task_problems as lm_eval_task_problems
 from athanor.jobs.machine_fit import memory_problem, placement_problems
+from athanor.jobs.methods import get_method
 from athanor.jobs.recipe import (
     MISSING,
     LoadedRecipe,
@@ -36,6 +37,7 @@ from athanor.jobs.recipe import (
     path_fields,
     resolve_relative,
 )
+from athanor.jobs.sources import model_dir_problems, remote_code, resolve_source
 
 DEADLINE_S = 60.0
 """Longest the source and meta-device checks may take: the model-size bounds stop the known hangs,
@@ -49,7 +51,7 @@ class Report:
     """What could not be checked here (e.g. a hub teacher while offline); not errors."""
     estimate: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    """Method-specific cost lines (the method's optional `cost_notes`, e.g. attention cost per step)."""
+    """Method-specific cost lines (the method's `cost_notes`, e.g. attention cost per step; [] by default)."""
     loaded: LoadedRecipe | None = None
 
 
@@ -146,9 +148,6 @@ def _path_problems(recipe: Any, recipe_path: Path | None) -> list[Problem]:
 
 def _check_model(report: Report, loaded: LoadedRecipe, recipe_path: Path | None) -> None:
     """Resolve the teacher, refuse what needs remote code, then build teacher and student on meta."""
-    from athanor.jobs.methods import get_method
-    from athanor.jobs.sources import resolve_source
-
     recipe = loaded.recipe
     try:
         # weights=False: a GGUF teacher needs only its config and tokenizer here, not a dequantisation.
@@ -174,8 +173,7 @@ def _check_model(report: Report, loaded: LoadedRecipe, recipe_path: Path | None)
         student = method.convert(teacher, loaded.student, loaded.args)
         n_teacher, n_student = count_params(method.teacher_model(teacher)), count_params(student)
         stage, key = "estimate the cost", "student"
-        if callable(describe := getattr(method, "cost_notes", None)):
-            report.notes = [one_line(str(line), 300) for line in describe(teacher, student, loaded.args)]
+        report.notes = [one_line(str(line), 300) for line in method.cost_notes(teacher, student, loaded.args)]
     except RecipeError as exc:
         report.problems.append(Problem(exc.key, None, exc.value, exc.fix))
         return
@@ -229,8 +227,6 @@ def _placement(train: Any, n_student: int, weight_bytes: int) -> dict[str, Any]:
 def _source_checks(report: Report, recipe: Any, source: ResolvedSource) -> bool:
     """Model directories hold a config within bounds and no code the recipe has not trusted; False
     when the meta build must be skipped (a problem, or code that only trust_remote_code could load)."""
-    from athanor.jobs.sources import model_dir_problems, remote_code
-
     if source.path is not None:
         found = model_dir_problems(source.path, "teacher.source")
         report.problems += [Problem(e.key, None, e.value, e.fix) for e in found]

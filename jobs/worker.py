@@ -23,6 +23,7 @@ import time
 
 from athanor.jobs.launchers import launcher_for, safe_reconcile, submit
 from athanor.jobs.leases import clean_up, reap_stale
+from athanor.jobs.recipe import train_section
 from athanor.jobs.store import JobStore, StoreCorrupt, StoreError
 from athanor.jobs.workers import WorkerBeat
 
@@ -122,8 +123,6 @@ def _train_section(job):
     """The recipe's `train:` section (validated at submission), or None when it cannot be read here: the job then
     runs locally and fails in its own process with the recipe's own error. Only this section is read, so the
     worker never imports a method (seconds of torch/Lightning imports per job) to learn its launcher."""
-    from athanor.jobs.recipe import train_section
-
     try:
         return train_section(job.recipe_text, job.overrides)
     except Exception:  # noqa: BLE001
@@ -171,9 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("USE_HUB_KERNELS", "0")  # as the CLI (jobs/cli.py): engines may not pass it on
     store = JobStore()
     if args.engine_task:
+        # why: the worker loop never imports torch; only a job's own process runs a job
         from athanor.jobs.launchers.task import run_engine_task
 
         return run_engine_task(args.job, store)
+    # why: the worker loop never imports torch; only a job's own process runs a job
     from athanor.jobs import run
 
     if args.rank:  # a rank's stdout is its own log file; the job process logs through its FileHandler only

@@ -10,21 +10,39 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
-import tomllib
 import venv
 import zipfile
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ("convert", "distill", "kernels", "jobs")
-PACKAGES = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+
+
+def _load_setup() -> ModuleType:
+    """setup.py as a module (it calls setup() only as __main__): the packages and data it finds."""
+    spec = importlib.util.spec_from_file_location("athanor_setup", REPO / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SETUP = _load_setup()
+PACKAGES = sorted(SETUP.FOLDERS)
+
+
+def repo_files() -> set[str]:
+    """Every file of the layers as the wheel names it (athanor/distill/...), caches left out."""
+    return {"athanor/" + p.relative_to(REPO).as_posix() for layer in LAYERS for p in (REPO / layer).rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
 
 
 def folder_of(package: str) -> Path:
@@ -33,10 +51,18 @@ def folder_of(package: str) -> Path:
 
 
 def test_every_folder_with_code_is_an_installed_package():
-    """Every folder with an __init__.py (and the layer roots) is installed: a new method's folder missing from
-    pyproject.toml would import from the checkout and vanish from a wheel."""
+    """Every folder with .py files under the layers is installed, found by setup.py (no list to forget a new
+    method's folder in): a package where it has an __init__.py (the layer roots always), else its files are
+    package data of the package above it (distill/corpus, a data builder's script), like the testbeds' files."""
+    installed = {f"athanor/{package.replace('.', '/').removeprefix('athanor/')}/{name}"
+                 for package, names in SETUP.PACKAGE_DATA.items() for name in names}
+    folders = {p.parent for layer in LAYERS for p in (REPO / layer).rglob("*.py") if "__pycache__" not in p.parts}
+    for folder in folders:
+        package = "athanor." + ".".join(folder.relative_to(REPO).parts)
+        files = {"athanor/" + p.relative_to(REPO).as_posix() for p in folder.glob("*.py")}
+        assert package in PACKAGES or files <= installed, f"{folder.relative_to(REPO)} would not be installed"
     packages = {"athanor." + ".".join(p.parent.relative_to(REPO).parts)
-                for layer in LAYERS for p in (REPO / layer).rglob("__init__.py")}
+                for layer in LAYERS for p in (REPO / layer).rglob("__init__.py") if "__pycache__" not in p.parts}
     assert packages | {f"athanor.{layer}" for layer in LAYERS} == set(PACKAGES)
     assert [p for p in PACKAGES if not folder_of(p).is_dir()] == []
 
@@ -80,7 +106,7 @@ def test_a_wheel_installs_only_athanor_and_runs_outside_the_repository(tmp_path)
 
     source, wheels = tmp_path / "source", tmp_path / "wheels"  # a copy: setuptools writes build/ beside the source
     source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(REPO / name, source / name)
     for layer in LAYERS:
         shutil.copytree(REPO / layer, source / layer, ignore=shutil.ignore_patterns("__pycache__"))
@@ -89,7 +115,8 @@ def test_a_wheel_installs_only_athanor_and_runs_outside_the_repository(tmp_path)
     wheel = next(wheels.glob("athanor-*.whl"))
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"athanor"}
-    assert "athanor/distill/lora_composer/testbed/unet/config.json" in zipfile.ZipFile(wheel).namelist()
+    # Every module and every data file of the layers (testbeds, corpus) is in it, none left behind by discovery.
+    assert {n for n in zipfile.ZipFile(wheel).namelist() if not n.split("/")[0].endswith(".dist-info")} == repo_files()
 
     env_dir = tmp_path / "fresh"
     venv.create(env_dir, with_pip=False)

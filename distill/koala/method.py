@@ -21,18 +21,17 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
-from pydantic import Field
 
 from athanor.convert.koala import block_map, build_student
 from athanor.convert.module_utils import count_params
-from athanor.convert.recipe_types import RecipeCacheDir, Text
 from athanor.distill.intervals import PerSample
 from athanor.distill.koala import evaluation as koala_eval
+from athanor.distill.koala.config import KoalaArgs, KoalaStudent
 from athanor.distill.koala.data import (
     KoalaTeacher,
     PromptRows,
@@ -44,6 +43,7 @@ from athanor.distill.koala.data import (
 from athanor.distill.koala.sampling import teacher_latents
 from athanor.distill.koala.train import KoalaModule, feature_pairs
 from athanor.distill.loaders import SeededLoader
+from athanor.distill.method_base import MethodBase
 from athanor.distill.spec import (
     DataSpec,
     Direction,
@@ -51,99 +51,10 @@ from athanor.distill.spec import (
     MethodData,
     RecipeError,
     ResolvedSource,
-    Section,
     TrainSpec,
 )
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_PROMPTS = [
-    "a photo of an astronaut riding a horse on the moon",
-    "a watercolor painting of a lighthouse at dawn",
-    "a close-up photo of a red fox in the snow",
-    "an isometric illustration of a tiny cozy cabin",
-]
-
-
-class KoalaStudent(Section):
-    """The student U-Net: a KOALA preset, or per-stage counts with preset 'custom'."""
-
-    preset: Literal["koala-1b", "koala-700m", "custom"] = "koala-1b"
-    """koala-1b (SDXL: 1,161M parameters), koala-700m (782M, no mid block), or custom."""
-    layers_per_block: int | list[int] | None = None
-    """custom: ResBlocks per encoder stage (decoder stages get one more), ≤ the teacher's."""
-    transformer_depth: list[int] | None = None
-    """custom: transformer layers per encoder stage (≤ the teacher's; the last also sets the mid
-    block's depth; ignored for stages without attention)."""
-    decoder_transformer_depth: list[int] | None = None
-    """custom: transformer layers per decoder stage, decoder order (default: encoder's reversed)."""
-    mid_block: bool | None = None
-    """custom: keep the mid block (default: as the teacher)."""
-
-
-class KoalaArgs(Section):
-    """KOALA distillation settings (the recipe's `koala:` section)."""
-
-    lambda_task: float = Field(1.0, ge=0)
-    """Weight of MSE(student prediction, ground-truth ε / v); unused in data-free mode."""
-    lambda_out: float = Field(1.0, ge=0)
-    """Weight of MSE(student prediction, teacher prediction)."""
-    lambda_feat: float = Field(1.0, ge=0)
-    """Weight of the feature KD term (sum of MSEs over feature sites)."""
-    feature_sites: Literal["self_attention", "block"] = "self_attention"
-    """'self_attention': attn1 outputs of the kept transformer layers (KOALA); 'block': U-Net
-    stage outputs (BK-SDM)."""
-    layer_selection: Literal["even", "first", "last"] = "even"
-    """Which teacher transformer layers a reduced stack keeps: evenly spaced (first and last
-    kept), the first ones, or the last ones."""
-    prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
-    """What the U-Net predicts; 'auto' takes the teacher scheduler's prediction_type."""
-    data_free: bool = False
-    """Train on `prompts` instead of `data:` images: the teacher samples latents for them (once per
-    job, `data_free_steps` sampler steps), the training step noises those at a random t, and only the
-    teacher's predictions supervise (no task loss)."""
-    prompts: list[Text] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
-    """Training prompts for data-free mode."""
-    data_free_examples: int = Field(256, ge=1)
-    """Examples per data-free epoch (teacher samples repeat; noise and t are fresh every step)."""
-    data_free_samples: int = Field(4, ge=1)
-    """Teacher samples (latents x₀) per prompt in data-free mode."""
-    data_free_steps: int = Field(10, ge=1)
-    """Teacher sampler steps per data-free sample (`guidance_scale` applies). Few steps give an
-    approximation of the teacher's images, which is enough: the inputs lie near its own x₀."""
-    uncond_prob: float = Field(0.0, ge=0, le=1)
-    """Share of training rows conditioned on the empty prompt instead of their caption (teacher and
-    student alike). Guided sampling (`guidance_scale` > 1) also runs the unconditional prediction, which
-    data-free prompts alone never train; 0.1-0.2 teaches it."""
-    image_column: Text = "image"
-    """Image column of the image-caption dataset (captions: `data.text_column`)."""
-    resolution: int | None = Field(None, ge=8)
-    """Training/eval resolution in pixels, square (default: the U-Net's sample_size × the VAE factor,
-    which may be non-square: sample_size [32, 64] of a pixel-space U-Net gives 32×64 images)."""
-    cache_dir: RecipeCacheDir | None = None
-    """Directory caching encoded latents and text embeddings of the image-caption dataset."""
-    gradient_checkpointing: bool = False
-    """Recompute student activations in backward (less memory, ~30% slower)."""
-    ema: bool = False
-    """Keep an exponential moving average of the student; evaluate and export the EMA weights."""
-    ema_decay: float = Field(0.999, gt=0, lt=1)
-    """EMA decay per optimizer step (not per micro-batch); the EMA is kept in fp32 whatever the
-    training precision."""
-    eval_prompts: list[Text] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
-    """Fixed prompts for fidelity metrics and sample grids."""
-    eval_seeds: list[int] = Field(default_factory=lambda: [0, 1])
-    """Fixed seeds (one initial noise each, shared by teacher and student)."""
-    eval_steps: int = Field(20, ge=1)
-    """Denoising steps for evaluation sampling (the teacher's scheduler class)."""
-    guidance_scale: float = Field(5.0, ge=1.0)
-    """Classifier-free guidance for evaluation sampling (1 disables it)."""
-    latency_device: Literal["cpu", "model"] = "cpu"
-    """Where the speed probe runs and peak memory is measured: 'cpu', or the model's own device."""
-    latency_batch: int = Field(1, ge=1)
-    """Latents per timed (and memory-measured) U-Net step."""
-    cpu_threads: int | None = Field(None, ge=1)
-    """Torch intra-op CPU threads for the whole job (None: torch's default). 1 avoids OpenMP
-    oversubscription on a CPU shared with other processes, which can slow CPU runs tenfold."""
 
 
 def _threads(args: KoalaArgs) -> None:
@@ -159,20 +70,14 @@ def _to_accelerator(*models: torch.nn.Module | None) -> None:
                 model.to("cuda")
 
 
-class Koala:
-    """The KOALA method (see the module docstring)."""
+class Koala(MethodBase[KoalaTeacher, UNet2DConditionModel, KoalaArgs, dict[str, Any]]):
+    """The KOALA method (see the module docstring). The export is a diffusers U-Net directory (artifacts, no
+    transformers Auto class); every KOALA metric is finite for teacher and student alike."""
 
-    name: ClassVar[str] = "koala"
-    Args: ClassVar[type[Section]] = KoalaArgs
-    Student: ClassVar[type[Section]] = KoalaStudent
-    trains: ClassVar[bool] = True
-    mlflow_flavor: ClassVar[str] = "artifacts"
-    mlflow_task: ClassVar[str | None] = None
-    auto_class: ClassVar[str | None] = None
-    """The export is a diffusers U-Net directory, not a transformers model."""
-    nan_metrics: ClassVar[frozenset[str]] = frozenset()
-    """Every KOALA metric is finite for teacher and student alike."""
-    metrics: ClassVar[dict[str, Direction]] = {
+    name = "koala"
+    Args = KoalaArgs
+    Student = KoalaStudent
+    metrics: dict[str, Direction] = {
         "params": "neutral", "peak_mem_mb": "neutral", "noise_mse": "lower", "latent_mse": "lower",
         "box_accuracy": "higher"}
     """noise_mse / latent_mse are 0 for the teacher, so a gate cannot retain them; box_accuracy (only with a

@@ -9,9 +9,10 @@ Keys (identical for both sides), with n the number of concepts in a scene (2 or 
 - `vanishing_n`: share of (image, concept) pairs where the concept is found in none of the scene's boxes;
 - `presence_<class>`: presence per judged class (the concepts' `judge_class`, e.g. `presence_sneaker`) over
   every box asking for it;
-- `leakage`: share of each concept's cross-attention mass (its word's tokens, mid-way through sampling)
-  that falls outside its box: the baseline's under the global prompt, LoRA-Composer's under the concept's
-  own prompt; the mean over scenes of each scene's mean over its boxes;
+- `leakage`: share of each concept's cross-attention mass (its word's tokens in the global prompt, mid-way
+  through sampling) that falls outside its box, measured the same way for every arm on the real attention of
+  the global prompt (the baseline's with its adapters mixed in, LoRA-Composer's global branch), never on the
+  regional maps latent guidance optimises; the mean over scenes of each scene's mean over its boxes;
 - `peak_mem_mb`: weights plus the most memory one sampling of the first scene holds at once.
 Every key but `peak_mem_mb` is a `PerSample` over boxes (0/1 per box or per (image, concept) pair; a share per
 box for leakage, weighted so each scene counts once), in the same order for both sides: scenes, then seeds,
@@ -136,7 +137,7 @@ def _mixer_sample(model: Mixer, scene: Scene, noise: torch.Tensor) -> tuple[torc
     finally:
         unet.set_attn_processor(previous)
     half = noise.shape[0]
-    return images, {"maps": [m[:, half:] for m in recorder.maps]}
+    return images, {"global_maps": [m[:, half:] for m in recorder.maps]}
 
 
 def sample_scene(model: Mixer | Composer, scene: Scene, noise: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -146,21 +147,23 @@ def sample_scene(model: Mixer | Composer, scene: Scene, noise: torch.Tensor) -> 
 
 
 def evaluate(model: Mixer | Composer, scenes: list[Scene], noise: torch.Tensor, labels: dict[str, int] | None,
-             judge, artifact_dir: Path, classes: Sequence[str] = CLASSES) -> dict[str, float | PerSample]:
+             judge, artifact_dir: Path, classes: Sequence[str] = CLASSES,
+             measure_memory: bool = True) -> dict[str, float | PerSample]:
     """Every key of the module docstring for `model` over `scenes` × the seeds' `noise` [S, C, H, W]; `labels`
-    maps each adapter to its judge class, an index into `classes`."""
+    maps each adapter to its judge class, an index into `classes`. `measure_memory=False` (comparison arms)
+    skips `peak_mem_mb` and its extra sampling."""
     tally: dict[str, list[torch.Tensor]] = defaultdict(list)
     leaks, weights, rows, attention_rows, samples = [], [], [], [], {}
     for k, scene in enumerate(scenes):
         images, info = sample_scene(model, scene, noise)
         samples[f"scene_{k}"] = images.contiguous()
         rows.append(_draw_row(images, scene))
-        if info.get("maps"):
-            shares = box_leakage(info["maps"], [r.box for r in scene.regions]).double().T.flatten()  # [B*R]
+        if info.get("global_maps"):  # real attention for every arm, never the maps guidance optimised
+            shares = box_leakage(info["global_maps"], [r.box for r in scene.regions]).double().T.flatten()  # [B*R]
             leaks.append(shares)
             weights.append(torch.full_like(shares, 1 / len(shares)))  # each scene counts once, as its mean
-            if isinstance(model, Composer):
-                attention_rows.append(_attention_row(info["maps"], scene, images.shape[-2:]))
+        if isinstance(model, Composer) and info.get("maps"):
+            attention_rows.append(_attention_row(info["maps"], scene, images.shape[-2:]))
         if judge is None or labels is None:
             continue
         outcome = box_outcomes(judge_scene(judge, images, scene), [labels[r.adapter] for r in scene.regions])
@@ -174,7 +177,8 @@ def evaluate(model: Mixer | Composer, scenes: list[Scene], noise: torch.Tensor, 
     # Σ (share / k_s) / Σ (1 / k_s) over boxes: the mean over scenes of each scene's mean over its k_s boxes.
     metrics["leakage"] = (PerSample.ratio((torch.cat(leaks) * torch.cat(weights)).numpy(),
                                           torch.cat(weights).numpy()) if leaks else float("nan"))
-    metrics["peak_mem_mb"] = peak_memory_mb(model, lambda: model.sample(scenes[0], noise[:1]))
+    if measure_memory:
+        metrics["peak_mem_mb"] = peak_memory_mb(model, lambda: model.sample(scenes[0], noise[:1]))
     _save_grid(rows, artifact_dir / "samples.png")
     save_file(samples, artifact_dir / "samples.safetensors")
     if attention_rows:

@@ -19,19 +19,19 @@ import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
-from pydantic import Field
 
 from athanor.convert.lora_composer import adapter_bytes, load_concept_adapters
-from athanor.convert.recipe_types import TeacherFile, Text
 from athanor.distill.fashion_mnist import CLASSES
 from athanor.distill.intervals import PerSample
 from athanor.distill.lora_composer import evaluation as ev
+from athanor.distill.lora_composer.config import MAX_REGIONS, LoraComposerArgs, LoraComposerStudent
 from athanor.distill.lora_composer.pipeline import Composer, ComposerTeacher, Mixer, Scene, load_teacher
-from athanor.distill.lora_composer.sampling import ComposerSettings, ConceptRegion, word_positions
+from athanor.distill.lora_composer.sampling import ConceptRegion, word_positions
 from athanor.distill.memory import model_bytes
+from athanor.distill.method_base import MethodBase
 from athanor.distill.spec import (
     DataSpec,
     Direction,
@@ -39,14 +39,10 @@ from athanor.distill.spec import (
     MethodData,
     RecipeError,
     ResolvedSource,
-    Section,
-    TrainSpec,
 )
 
 logger = logging.getLogger(__name__)
 KEY = "lora_composer"
-MAX_REGIONS = 8
-"""Concepts per scene: the per-count keys (`presence_<n>`, ...) are declared for 1..MAX_REGIONS."""
 
 
 def declared_metrics() -> dict[str, Direction]:
@@ -59,76 +55,6 @@ def declared_metrics() -> dict[str, Direction]:
     metrics.update(leakage="lower", peak_mem_mb="neutral", params="neutral", weights_mb="neutral",
                    base_weights_mb="neutral", copies_weights_mb="neutral")
     return metrics
-
-
-class ConceptSpec(Section):
-    """One concept LoRA and how prompts name it."""
-
-    path: TeacherFile
-    """The LoRA: a diffusers-format file (`pytorch_lora_weights.safetensors`) or the directory holding it;
-    relative paths are read inside the teacher's directory."""
-    prompt: Text
-    """The concept's own prompt, used inside its box (e.g. 'a sks sneaker')."""
-    word: Text
-    """The word naming the concept in its prompt and in scene prompts (e.g. 'sks'): its cross-attention
-    map is what guidance and re-initialisation move into the box."""
-    judge_class: Text | None = None
-    """The judge's class name for this concept (presence metrics need it and a teacher judge)."""
-    weight: float = Field(1.0, ge=0, le=10)
-    """The baseline's `set_adapters` weight for this adapter."""
-
-
-class RegionSpec(Section):
-    concept: Text
-    """A key of `concepts`."""
-    box: tuple[float, float, float, float]
-    """(x0, y0, x1, y1) as fractions of the image width and height, 0 ≤ x0 < x1 ≤ 1, 0 ≤ y0 < y1 ≤ 1."""
-
-
-class SceneSpec(Section):
-    prompt: Text
-    """The global prompt (the baseline's whole prompt; LoRA-Composer's prompt outside every box)."""
-    regions: list[RegionSpec] = Field(min_length=1, max_length=MAX_REGIONS)
-    """The scene's concepts, one box each (at most 8: each count has its own metric keys)."""
-
-
-class LoraComposerStudent(Section):
-    """Nothing to choose: the composed model is the teacher's U-Net with the concept adapters."""
-
-
-class LoraComposerArgs(Section):
-    """LoRA-Composer settings (the recipe's `lora_composer:` section)."""
-
-    concepts: dict[str, ConceptSpec] = Field(min_length=1)
-    """Adapter name -> its LoRA and prompt; all are held in one U-Net."""
-    scenes: list[SceneSpec] = Field(min_length=1)
-    """The evaluated scenes: before and after sample each with every seed."""
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1)
-    steps: int = Field(20, ge=1, le=1000)
-    """DDIM steps."""
-    guidance_scale: float = Field(3.0, ge=1, le=50)
-    isolate: bool = True
-    """Concept isolation: self-attention between different concepts' regions masked (plus its soft loss)."""
-    inject: bool = True
-    """Concept injection: inside box i the queries attend to concept i's prompt with adapter i."""
-    reinit: bool = True
-    """Latent re-initialisation at t = T from each concept word's best attention window."""
-    guidance_steps: int = Field(25, ge=0, le=1000)
-    """Latent guidance for at most this many steps (stopped earlier when the loss rises); 0 disables it."""
-    eta0: float = Field(20.0, ge=0, le=1000)
-    """η = eta0·√s_t, s from 1 to 0.5 over the guided steps."""
-    top_k: float = Field(0.2, gt=0, le=1)
-    """Share of each box's cells whose attention the injection loss averages."""
-    loss_weights: dict[str, float] = Field(default_factory=dict)
-    """Overrides of the guidance weights {injection: 8, fill: 1, isolation: 10}."""
-    overlap_warn: float = Field(0.1, ge=0, le=1)
-    """Warn when two boxes of a scene overlap by more than this share of the smaller one."""
-    cpu_threads: int | None = Field(None, ge=1, le=1024)
-    """Torch intra-op threads for the job (1 on a shared CPU)."""
-
-    def settings(self) -> ComposerSettings:
-        return ComposerSettings(self.steps, self.guidance_scale, self.isolate, self.inject, self.reinit,
-                                self.guidance_steps, self.eta0, self.top_k, dict(self.loss_weights))
 
 
 def _overlap(a: tuple, b: tuple) -> float:
@@ -183,19 +109,15 @@ def lora_sources(teacher: ComposerTeacher, args: LoraComposerArgs) -> dict[str, 
     return sources
 
 
-class LoraComposer:
-    """The LoRA-Composer method (see the module docstring)."""
+class LoraComposer(MethodBase[ComposerTeacher, Composer, LoraComposerArgs, dict[str, Any]]):
+    """The LoRA-Composer method (see the module docstring). The export is diffusers components plus adapters and
+    a composition config (artifacts, not a transformers model)."""
 
-    name: ClassVar[str] = "lora_composer"
-    Args: ClassVar[type[Section]] = LoraComposerArgs
-    Student: ClassVar[type[Section]] = LoraComposerStudent
-    trains: ClassVar[bool] = False
-    mlflow_flavor: ClassVar[str] = "artifacts"
-    mlflow_task: ClassVar[str | None] = None
-    auto_class: ClassVar[str | None] = None
-    """The export is diffusers components plus adapters and a composition config, not a transformers model."""
-    nan_metrics: ClassVar[frozenset[str]] = frozenset()
-    metrics: ClassVar[dict[str, Direction]] = declared_metrics()
+    name = "lora_composer"
+    Args = LoraComposerArgs
+    Student = LoraComposerStudent
+    trains = False
+    metrics = declared_metrics()
 
     def load_teacher(self, source: ResolvedSource, *, meta: bool = False) -> ComposerTeacher:
         return load_teacher(source, meta=meta)
@@ -252,12 +174,6 @@ class LoraComposer:
         """One whole sampling of the first scene with the first seed (guidance steps included)."""
         scene, noise = data.eval["scenes"][0], data.eval["noise"][:1]
         return lambda: model.sample(scene, noise)
-
-    def lightning_module(self, teacher, student, data, args, train: TrainSpec):
-        raise RuntimeError("LoRA-Composer is training-free: the spine never asks for a LightningModule")
-
-    def trained_student(self, module):
-        raise RuntimeError("LoRA-Composer is training-free: there is no trained student")
 
     def export(self, student: Composer, teacher: ComposerTeacher, out_dir: Path, args: LoraComposerArgs) -> Path:
         """unet/, text_encoder/ (base weights, adapters not merged), tokenizer/, scheduler/, loras/<name>/

@@ -10,7 +10,7 @@ Relation losses never reach the last layer's attention output, its feed-forward 
 output term (`minilm.output_loss`: mse/cosine on mean-pooled embeddings) trains them; a student
 built from a config (random init) must use it, or it would be registered with random output layers.
 
-Recipe sections handled here: `student:` (MiniLMStudent) and `minilm:` (MiniLMArgs), e.g.
+Recipe sections (defined in `config.py`): `student:` (MiniLMStudent) and `minilm:` (MiniLMArgs), e.g.
 
     student: {keep_layers: [0, 2, 4]}
     minilm: {version: v2, relation_heads: 12, output_loss: cosine}
@@ -26,20 +26,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 from transformers import AutoModel, PreTrainedModel
 
-from athanor.convert.minilm import MiniLMStudent, arch_for, build_student
-from athanor.convert.recipe_types import RecipePath
+from athanor.convert.minilm import arch_for, build_student
 from athanor.distill.encoder_eval import STS_KEY, evaluate_encoder
 from athanor.distill.hf import build_hf_model, load_config, load_tokenizer
 from athanor.distill.intervals import PerSample
 from athanor.distill.loaders import SeededLoader
+from athanor.distill.method_base import MethodBase
+from athanor.distill.minilm.config import MiniLMArgs, MiniLMStudent
 from athanor.distill.minilm.export import check_st_student, export_encoder, read_st_modules
-from athanor.distill.minilm.loss import OutputLoss, RelationSpec, model_inputs, resolve_layer
+from athanor.distill.minilm.loss import RelationSpec, model_inputs, resolve_layer
 from athanor.distill.minilm.module import MiniLMModule
 from athanor.distill.spec import (
     DataSpec,
@@ -48,58 +48,9 @@ from athanor.distill.spec import (
     MethodData,
     RecipeError,
     ResolvedSource,
-    Section,
     TrainSpec,
 )
 from athanor.distill.text_data import TokenizeCollate, load_texts
-
-
-class RelationWeights(Section):
-    """Loss weight per relation; a zero weight drops that relation."""
-
-    attention: float = Field(1.0, ge=0)
-    """v1: attention distributions softmax(QKᵀ/√d)."""
-    value: float = Field(1.0, ge=0)
-    """v1: value relations softmax(VVᵀ/√d)."""
-    qq: float = Field(1.0, ge=0)
-    """v2: query-query relations."""
-    kk: float = Field(1.0, ge=0)
-    """v2: key-key relations."""
-    vv: float = Field(1.0, ge=0)
-    """v2: value-value relations."""
-
-
-class MiniLMArgs(Section):
-    """The recipe's `minilm:` section."""
-
-    version: Literal["v1", "v2"] = "v2"
-    """v1: attention + value relations, equal head counts; v2: Q-Q/K-K/V-V relation heads."""
-    relation_heads: int | None = Field(None, ge=1)
-    """v2: relation heads every Q/K/V is split into (default: the teacher's attention heads);
-    must divide the attention width of teacher, student (and assistant)."""
-    teacher_layer: int = -1
-    """Teacher layer whose relations are the targets (-1: last)."""
-    student_layer: int = -1
-    """Student layer trained to match them (-1: last)."""
-    weights: RelationWeights = Field(default_factory=RelationWeights)
-    """Per-relation loss weights (v1 uses attention/value, v2 uses qq/kk/vv)."""
-    assistant: MiniLMStudent | None = None
-    """Optional teacher assistant (same keys as `student:`), distilled from the teacher first;
-    the student then learns from the assistant's last layer."""
-    assistant_steps: int = Field(0, ge=0)
-    """Optimizer steps of the teacher → assistant phase (must be < train.max_steps)."""
-    output_loss: OutputLoss = "none"
-    """Output term on mask-mean-pooled last hidden states, training the layers relations never reach
-    (the last layer's attention output and feed-forward); required for a student built from a
-    config. 'cosine' (1 - cos per text, what sentence similarity reads) and 'mse' compare each
-    embedding with the teacher's and need the teacher's width; 'similarity' matches the in-batch
-    cosine-similarity matrix and works at any width; 'none': relations only."""
-    output_loss_weight: float = Field(1.0, gt=0)
-    """Weight of the output term against the relation losses (the terms' scales differ: cosine and
-    similarity are small once the student is close)."""
-    sts_file: RecipePath | None = None
-    """Optional STS-format TSV (score in column 5, sentences in 6 and 7) for `eval/sts_spearman`;
-    a relative path is tried from the working directory, then beside the recipe."""
 
 
 @dataclass
@@ -196,21 +147,20 @@ def relation_spec(source: PreTrainedModel, target: PreTrainedModel, args: MiniLM
                         args.output_loss, args.output_loss_weight)
 
 
-class MiniLM:
+class MiniLM(MethodBase[TextTeacher, PreTrainedModel, MiniLMArgs, dict[str, Any]]):
     """The MiniLM method (see module docstring)."""
 
-    name: ClassVar[str] = "minilm"
-    Args: ClassVar[type[Section]] = MiniLMArgs
-    Student: ClassVar[type[Section]] = MiniLMStudent
-    trains: ClassVar[bool] = True
-    mlflow_flavor: ClassVar[str] = "transformers"
-    mlflow_task: ClassVar[str | None] = "feature-extraction"
-    auto_class: ClassVar[str | None] = "AutoModel"
+    name = "minilm"
+    Args = MiniLMArgs
+    Student = MiniLMStudent
+    mlflow_flavor = "transformers"
+    mlflow_task = "feature-extraction"
+    auto_class = "AutoModel"
     # A direct cosine between embeddings of different widths is undefined (see encoder_eval).
-    nan_metrics: ClassVar[frozenset[str]] = frozenset({"embedding_cosine"})
+    nan_metrics = frozenset({"embedding_cosine"})
     # What evaluate_encoder returns (sts_spearman only with minilm.sts_file); agreement with the teacher and
     # with human similarity scores are better higher, a parameter count has no better direction.
-    metrics: ClassVar[dict[str, Direction]] = {
+    metrics: dict[str, Direction] = {
         "params": "neutral", "embedding_cosine": "higher", "similarity_agreement": "higher", "sts_spearman": "higher",
     }
 

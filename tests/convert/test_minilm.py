@@ -12,7 +12,8 @@ from transformers import AutoConfig, AutoModel
 
 from athanor.convert.minilm import ARCHS, MiniLMStudent, build_student, qkv
 from athanor.convert.module_utils import count_params
-from athanor.distill.minilm.method import MiniLM, MiniLMArgs
+from athanor.distill.minilm.config import MiniLMArgs
+from athanor.distill.minilm.method import MiniLM
 from athanor.distill.spec import RecipeError, ResolvedSource
 
 TINY = dict(model_type="bert", num_hidden_layers=4, hidden_size=32, num_attention_heads=4,

@@ -88,7 +88,7 @@ def test_teacher_needs_exactly_one_source():
 
 def test_schema_documents_every_field():
     schema = recipe_model("toy").model_json_schema()
-    train = schema["$defs"]["TrainSpec"]["properties"]
+    train = schema["$defs"]["JobTrainSpec"]["properties"]
     assert all(prop.get("description") for prop in train.values()), "every train field needs a docstring"
     assert train["strategy"]["default"] == "auto"
     assert {v["title"] for v in json_schema()["oneOf"]} >= {"MinilmRecipe", "ToyRecipe"}
@@ -144,7 +144,8 @@ def test_yaml_scalars_follow_yaml_1_2_and_bounds_give_their_reason():
     messages = {p.path: p.message for p in info.value.problems}
     assert messages["train.max_steps"].startswith("must be at most 10,000,000: ")
     assert messages["train.devices"].startswith("must be at most 1,024: ")
-    assert recipe_model("toy").model_json_schema()["$defs"]["TrainSpec"]["properties"]["max_steps"]["maximum"] == 10**7
+    train = recipe_model("toy").model_json_schema()["$defs"]["JobTrainSpec"]
+    assert train["properties"]["max_steps"]["maximum"] == 10**7
 
 
 def test_merge_keys_may_be_overridden_but_plain_keys_not_repeated():

@@ -19,6 +19,7 @@ from athanor.convert.module_utils import count_params
 from athanor.convert.recipe_types import RecipePath, Text
 from athanor.distill.intervals import PerSample
 from athanor.distill.loaders import SeededLoader
+from athanor.distill.method_base import MethodBase
 from athanor.distill.spec import DataSpec, EvalSpec, MethodData, RecipeError, ResolvedSource, Section, TrainSpec
 
 
@@ -48,15 +49,11 @@ class ToyArgs(Section):
     """The hidden width an arm's student gets instead of `student.hidden`."""
 
 
-class Toy:
+class Toy(MethodBase[torch.nn.Module, torch.nn.Module, ToyArgs, dict[str, torch.Tensor]]):
     name = "toy"
     Args = ToyArgs
     Student = ToyStudent
     trains = True
-    mlflow_flavor = "artifacts"
-    mlflow_task = None
-    auto_class = None
-    nan_metrics = frozenset()
     metrics = {"params": "neutral", "mse_to_teacher": "lower"}
 
     def _maybe_fail(self, args: ToyArgs, where: str) -> None:
@@ -117,7 +114,6 @@ class Toy:
         config = {"width": student[0].in_features, "hidden": student[0].out_features}
         (out_dir / "config.json").write_text(json.dumps(config))
         return out_dir
-
 
     def comparison_arms(self, args: ToyArgs, train: TrainSpec) -> dict[str, ToyArgs]:
         return {f"h{h}": args.model_copy(update={"hidden_override": h, "compare": []}) for h in args.compare}

@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 
 import athanor.distill.lora_composer
 from athanor.convert.lora_composer import LORA_FILE, adapter_bytes
-from athanor.distill.lora_composer.method import LoraComposer, LoraComposerArgs, LoraComposerStudent, load_export
+from athanor.distill.lora_composer.config import LoraComposerArgs, LoraComposerStudent
+from athanor.distill.lora_composer.method import LoraComposer, load_export
 from athanor.distill.lora_composer.pipeline import Composer, ComposerTeacher
 from athanor.distill.spec import DataSpec, RecipeError, ResolvedSource
 

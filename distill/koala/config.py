@@ -1,0 +1,105 @@
+"""KOALA's recipe sections: `student:` and `koala:` (pydantic, validated by `athanor validate`).
+
+Kept apart from `method.py` so that the rest of the package (training, evaluation) can import the
+settings without importing the method, and a reader finds every recipe key of the method in one file.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from athanor.convert.recipe_types import RecipeCacheDir, Text
+from athanor.distill.spec import Section
+
+__all__ = ["DEFAULT_PROMPTS", "KoalaStudent", "KoalaArgs"]
+
+
+DEFAULT_PROMPTS = [
+    "a photo of an astronaut riding a horse on the moon",
+    "a watercolor painting of a lighthouse at dawn",
+    "a close-up photo of a red fox in the snow",
+    "an isometric illustration of a tiny cozy cabin",
+]
+
+
+class KoalaStudent(Section):
+    """The student U-Net: a KOALA preset, or per-stage counts with preset 'custom'."""
+
+    preset: Literal["koala-1b", "koala-700m", "custom"] = "koala-1b"
+    """koala-1b (SDXL: 1,161M parameters), koala-700m (782M, no mid block), or custom."""
+    layers_per_block: int | list[int] | None = None
+    """custom: ResBlocks per encoder stage (decoder stages get one more), ≤ the teacher's."""
+    transformer_depth: list[int] | None = None
+    """custom: transformer layers per encoder stage (≤ the teacher's; the last also sets the mid
+    block's depth; ignored for stages without attention)."""
+    decoder_transformer_depth: list[int] | None = None
+    """custom: transformer layers per decoder stage, decoder order (default: encoder's reversed)."""
+    mid_block: bool | None = None
+    """custom: keep the mid block (default: as the teacher)."""
+
+
+class KoalaArgs(Section):
+    """KOALA distillation settings (the recipe's `koala:` section)."""
+
+    lambda_task: float = Field(1.0, ge=0)
+    """Weight of MSE(student prediction, ground-truth ε / v); unused in data-free mode."""
+    lambda_out: float = Field(1.0, ge=0)
+    """Weight of MSE(student prediction, teacher prediction)."""
+    lambda_feat: float = Field(1.0, ge=0)
+    """Weight of the feature KD term (sum of MSEs over feature sites)."""
+    feature_sites: Literal["self_attention", "block"] = "self_attention"
+    """'self_attention': attn1 outputs of the kept transformer layers (KOALA); 'block': U-Net
+    stage outputs (BK-SDM)."""
+    layer_selection: Literal["even", "first", "last"] = "even"
+    """Which teacher transformer layers a reduced stack keeps: evenly spaced (first and last
+    kept), the first ones, or the last ones."""
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
+    """What the U-Net predicts; 'auto' takes the teacher scheduler's prediction_type."""
+    data_free: bool = False
+    """Train on `prompts` instead of `data:` images: the teacher samples latents for them (once per
+    job, `data_free_steps` sampler steps), the training step noises those at a random t, and only the
+    teacher's predictions supervise (no task loss)."""
+    prompts: list[Text] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    """Training prompts for data-free mode."""
+    data_free_examples: int = Field(256, ge=1)
+    """Examples per data-free epoch (teacher samples repeat; noise and t are fresh every step)."""
+    data_free_samples: int = Field(4, ge=1)
+    """Teacher samples (latents x₀) per prompt in data-free mode."""
+    data_free_steps: int = Field(10, ge=1)
+    """Teacher sampler steps per data-free sample (`guidance_scale` applies). Few steps give an
+    approximation of the teacher's images, which is enough: the inputs lie near its own x₀."""
+    uncond_prob: float = Field(0.0, ge=0, le=1)
+    """Share of training rows conditioned on the empty prompt instead of their caption (teacher and
+    student alike). Guided sampling (`guidance_scale` > 1) also runs the unconditional prediction, which
+    data-free prompts alone never train; 0.1-0.2 teaches it."""
+    image_column: Text = "image"
+    """Image column of the image-caption dataset (captions: `data.text_column`)."""
+    resolution: int | None = Field(None, ge=8)
+    """Training/eval resolution in pixels, square (default: the U-Net's sample_size × the VAE factor,
+    which may be non-square: sample_size [32, 64] of a pixel-space U-Net gives 32×64 images)."""
+    cache_dir: RecipeCacheDir | None = None
+    """Directory caching encoded latents and text embeddings of the image-caption dataset."""
+    gradient_checkpointing: bool = False
+    """Recompute student activations in backward (less memory, ~30% slower)."""
+    ema: bool = False
+    """Keep an exponential moving average of the student; evaluate and export the EMA weights."""
+    ema_decay: float = Field(0.999, gt=0, lt=1)
+    """EMA decay per optimizer step (not per micro-batch); the EMA is kept in fp32 whatever the
+    training precision."""
+    eval_prompts: list[Text] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    """Fixed prompts for fidelity metrics and sample grids."""
+    eval_seeds: list[int] = Field(default_factory=lambda: [0, 1])
+    """Fixed seeds (one initial noise each, shared by teacher and student)."""
+    eval_steps: int = Field(20, ge=1)
+    """Denoising steps for evaluation sampling (the teacher's scheduler class)."""
+    guidance_scale: float = Field(5.0, ge=1.0)
+    """Classifier-free guidance for evaluation sampling (1 disables it)."""
+    latency_device: Literal["cpu", "model"] = "cpu"
+    """Where the speed probe runs and peak memory is measured: 'cpu', or the model's own device."""
+    latency_batch: int = Field(1, ge=1)
+    """Latents per timed (and memory-measured) U-Net step."""
+    cpu_threads: int | None = Field(None, ge=1)
+    """Torch intra-op CPU threads for the whole job (None: torch's default). 1 avoids OpenMP
+    oversubscription on a CPU shared with other processes, which can slow CPU runs tenfold."""
