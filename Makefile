@@ -85,11 +85,12 @@ export DEMO_LOAD
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# pytest-xdist workers, one per core: each test module runs whole on one worker and the modules that start
-# services (Slurm, Ray, PostgreSQL, Chromium) share one (tests/conftest.py's scheduler), the slow tests are handed
-# out first (modules are not reordered by test count), and each worker uses one torch thread.
+# pytest-xdist workers: one per core, plus one. Each test module runs whole on one worker and the modules that start
+# services (Slurm, Ray, PostgreSQL, Chromium) share one (tests/conftest.py's scheduler); that worker mostly waits
+# (node timeouts, health checks, requeues), so a third worker keeps both cores busy meanwhile. The slow tests are
+# handed out first (modules are not reordered by test count), and each worker uses one torch thread.
 # `make test TEST_WORKERS=0` runs the suite in one process.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=30 -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 

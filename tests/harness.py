@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import cli_fork
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 CLI = [sys.executable, "-m", "athanor.jobs.cli"]
@@ -19,15 +21,22 @@ CLI = [sys.executable, "-m", "athanor.jobs.cli"]
 
 def athanor(*args: str, home: Path | None = None, env: dict[str, str] | None = None, timeout: float = 1500,
             check: bool = False) -> subprocess.CompletedProcess:
-    """`athanor ARGS` in a subprocess of this interpreter (as a user runs it), run from the repo root; `home`
-    sets ATHANOR_HOME (default: the environment's, which the `home` fixture points at a fresh folder)."""
+    """`athanor ARGS` in a process of its own (as a user runs it), run from the repo root; `home` sets ATHANOR_HOME
+    (default: the environment's, which the `home` fixture points at a fresh folder). The process is forked from a
+    server that has imported the heavy libraries once (tests/cli_fork.py); ATHANOR_TEST_FRESH_INTERPRETER=1 starts
+    a fresh interpreter for every call instead."""
     # A tracking URI left in this process by an in-process test must not leak into the job.
     full_env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     full_env.update(env or {})
     if home is not None:
         full_env["ATHANOR_HOME"] = str(home)
-    return subprocess.run([*CLI, *args], cwd=REPO, env=full_env, capture_output=True, text=True,
-                          timeout=timeout, check=check)
+    if os.environ.get(cli_fork.FRESH) == "1":
+        return subprocess.run([*CLI, *args], cwd=REPO, env=full_env, capture_output=True, text=True,
+                              timeout=timeout, check=check)
+    done = cli_fork.run(list(args), env=full_env, cwd=REPO, timeout=timeout)
+    if check:
+        done.check_returncode()
+    return done
 
 
 def mlflow_client(home: Path) -> Any:

@@ -7,10 +7,10 @@ interface it can) ever reaches another address: in the namespaces there is no ot
 
 The scenario starts a head here (`ray start --head --block`) and a worker node in the other namespace (`ray start
 --address --block`), each stopped by its pid; both get GLOO_SOCKET_IFNAME (the ranks' environment is their node's).
-Then, through the `athanor` CLI: a 2-node × 1-rank CPU DDP job of the tiny MiniLM recipe (`submit --wait`), a job
-stopped through Ray and one by `athanor cancel --force`, and two 2-node jobs whose worker node is lost mid-training
-(every process of its namespace killed): the one with an attempt left is re-queued and resumes from its checkpoint
-(on the head alone: SPREAD is a preference), the other FAILS naming the node. Every process still in node 0's
+Then, through the `athanor` CLI: a job stopped through Ray and one by `athanor cancel --force`, and two 2-node × 1-rank
+CPU DDP jobs of the tiny MiniLM recipe (`submit --wait`) whose worker node is lost mid-training (every process of its
+namespace killed): the one with an attempt left is re-queued and resumes from its checkpoint (on the head alone:
+SPREAD is a preference) to success, the other FAILS naming the node. Every process still in node 0's
 namespace at the end is one this scenario started: it is listed, then killed by pid (the test deletes both).
 """
 
@@ -209,10 +209,9 @@ def scenario(root: Path, worker_ns: str, ips: list[str]) -> dict[str, Any]:
         result["nodes_seconds"] = round(time.monotonic() - started, 1)
         client = JobSubmissionClient(address)
         ray_opts = ["-o", "train.launcher=ray", "-o", "train.accelerator=cpu", "-o", f"train.ray.address={address}"]
-        result["train"] = _train(root / "train", ray_opts, client)
-        result["listening"] = listening()
         result["cancel"] = _cancel(root / "cancel", ray_opts, client)
-        result["lost"] = _lose_node(root, ray_opts, worker_ns)
+        result["listening"] = listening()
+        result["lost"] = _lose_node(root, ray_opts, worker_ns, client)
     result["leftovers"] = leftovers()
     for pid, _ in result["leftovers"]:
         with contextlib.suppress(ProcessLookupError):
@@ -224,27 +223,13 @@ def scenario(root: Path, worker_ns: str, ips: list[str]) -> dict[str, Any]:
 TWO_NODES = ["-o", "train.strategy=ddp", "-o", "train.num_nodes=2", "-o", "train.devices=1"]
 
 
-def _train(home: Path, ray_opts: list[str], client: Any) -> dict[str, Any]:
-    """A 2-node × 1-rank DDP job, followed to its end by `submit --wait`."""
-    from harness import athanor
-
-    from athanor.jobs.store import JobStore
-
-    t0 = time.monotonic()
-    done = athanor("submit", str(TINY), "--wait", "--no-progress", *ray_opts, *TWO_NODES, "-o", "train.max_steps=12",
-                   home=home, timeout=600)
-    job = JobStore(home).list()[0]
-    shown = athanor("logs", job.id, "--engine", home=home)  # Ray's job logs, through the launcher
-    logs = shown.stdout if shown.returncode == 0 else shown.stderr
-    return {
-        "seconds": round(time.monotonic() - t0, 1), "returncode": done.returncode,
-        "output": (done.stdout[-1500:] + done.stderr[-2500:]), "status": job.status, "engine": job.engine,
-        "engine_id": job.engine_id, "attempts": job.attempts, "error": job.error,
-        "ray_status": _ray_final(client, job.engine_id) if job.engine_id else None,
-        "ray_message": _ray_message(client, job.engine_id) if job.engine_id else None,
-        "rank1_in_ray_logs": "GLOBAL_RANK: 1, MEMBER: 2/2" in logs,
-        "driver_lines": [line for line in logs.splitlines() if line.startswith("ray_driver:")],
-        "logs_tail": logs[-2000:]}
+def _ray_run(client: Any, engine_id: str) -> dict[str, Any]:
+    """One Ray job (one attempt of an athanor job): Ray's verdict, its words, and its logs' driver lines."""
+    logs = str(client.get_job_logs(engine_id) or "")
+    return {"engine_id": engine_id, "ray_status": _ray_final(client, engine_id),
+            "ray_message": _ray_message(client, engine_id), "rank1_in_ray_logs": "GLOBAL_RANK: 1, MEMBER: 2/2" in logs,
+            "driver_lines": [line for line in logs.splitlines() if line.startswith("ray_driver:")],
+            "logs_tail": logs[-2000:]}
 
 
 def _cancel(home: Path, ray_opts: list[str], client: Any) -> dict[str, Any]:
@@ -280,9 +265,10 @@ def _cancel(home: Path, ray_opts: list[str], client: Any) -> dict[str, Any]:
     return result
 
 
-def _lose_node(root: Path, ray_opts: list[str], worker_ns: str) -> dict[str, Any]:
+def _lose_node(root: Path, ray_opts: list[str], worker_ns: str, client: Any) -> dict[str, Any]:
     """Two 2-node jobs (one with an attempt left) training when the worker node is lost: every process of its
-    namespace killed, as a machine that loses power."""
+    namespace killed, as a machine that loses power. The retried job's two attempts are also the scenario's 2-node
+    training: its first Ray job placed one rank per node and checkpointed, its second trained to success."""
     from harness import CLI, REPO, mlflow_client
 
     from athanor.jobs.store import JobStore
@@ -307,6 +293,7 @@ def _lose_node(root: Path, ray_opts: list[str], worker_ns: str) -> dict[str, Any
                 os.kill(pid, signal.SIGKILL)
         result["killed"] = len(pids)
         result["outputs"] = {k: p.communicate(timeout=420)[0][-2000:] for k, p in procs.items()}
+        result["returncodes"] = {k: p.returncode for k, p in procs.items()}
     finally:
         for proc in procs.values():
             if proc.poll() is None:
@@ -316,12 +303,15 @@ def _lose_node(root: Path, ray_opts: list[str], worker_ns: str) -> dict[str, Any
         job = JobStore(home).list()[0]
         text = Path(job.log_path).read_text(errors="replace")
         resumed = text.split("attempt 2: resuming from ")[1].split()[0] if "attempt 2: resuming from " in text else ""
-        client = mlflow_client(home)
-        parents = [r.info.run_id for r in client.search_runs([client.get_run(job.mlflow_run_id).info.experiment_id])
+        tracking = mlflow_client(home)
+        parents = [r.info.run_id for r in tracking.search_runs([tracking.get_run(job.mlflow_run_id).info.experiment_id])
                    if "mlflow.parentRunId" not in r.data.tags] if job.mlflow_run_id else []
         result[key] = {"status": job.status, "attempts": job.attempts, "error": job.error, "resumed": resumed,
-                       "parents": parents, "run": job.mlflow_run_id,
+                       "parents": parents, "run": job.mlflow_run_id, "engine": job.engine,
                        "log_tail": text[-1500:]}
+        if key == "retried" and job.engine_id:  # Ray's job ids are per attempt: athanor-<job>-a<attempt>
+            result[key]["ray_runs"] = [_ray_run(client, job.engine_id.rsplit("-a", 1)[0] + f"-a{attempt}")
+                                       for attempt in range(1, job.attempts + 1)]
     result["seconds"] = round(time.monotonic() - t0, 1)
     return result
 

@@ -1,0 +1,126 @@
+"""`athanor ARGS` as a process forked from a server that has already imported torch, Lightning, MLflow and
+transformers: the CLI's own work without re-paying ~6 s of CPU for those imports on every call (the suite makes
+~150 such calls on 2 cores). Used by `harness.athanor`; `ATHANOR_TEST_FRESH_INTERPRETER=1` runs every call as a fresh
+`python -m athanor.jobs.cli` instead.
+
+What the child gets is what a fresh `python -m athanor.jobs.cli ARGS` gets: the call's environment (os.environ
+replaced), working directory, sys.argv and sys.path (the directory, PYTHONPATH's entries, then the interpreter's
+own), stdout and stderr in files, athanor and everything else imported afresh (only the libraries above are
+already in sys.modules), exit code from SystemExit, non-daemon threads joined and atexit handlers run before it
+exits. Those libraries read a few settings once, when imported: the offline switches, OMP_NUM_THREADS and
+USE_HUB_KERNELS, which tests/conftest.py sets for the whole session before any call; MLflow's telemetry switch
+is read again in the child.
+
+The server is multiprocessing's forkserver (single-threaded when it forks, so the child inherits no held lock),
+one per pytest process, started on the first call.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+FRESH = "ATHANOR_TEST_FRESH_INTERPRETER"
+PRELOAD = ["cli_fork_preload"]
+"""The forkserver imports this module of tests/ (which imports the libraries) before it serves any fork."""
+
+
+def _interpreter_path() -> list[str]:
+    """sys.path of a fresh interpreter, less its first entry (the script's or -m's directory) and PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    shown = subprocess.run([sys.executable, "-c", "import sys; print('\\n'.join(sys.path[1:]))"], env=env,
+                           capture_output=True, text=True, check=True, timeout=60)
+    return shown.stdout.splitlines()
+
+
+_CONTEXT = None
+_BASE_PATH: list[str] = []
+
+
+def _context():
+    global _CONTEXT, _BASE_PATH
+    if _CONTEXT is None:
+        import multiprocessing
+        from multiprocessing import forkserver
+
+        _BASE_PATH = _interpreter_path()
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(PRELOAD)
+        # The server imports PRELOAD from its own sys.path (Python 3.11 ignores the sys.path multiprocessing passes
+        # it): started here, with this folder on its PYTHONPATH.
+        saved = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), saved]))
+        try:
+            forkserver.ensure_running()
+        finally:
+            if saved is None:
+                os.environ.pop("PYTHONPATH")
+            else:
+                os.environ["PYTHONPATH"] = saved
+    return _CONTEXT
+
+
+def run(argv: list[str], *, env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """`python -m athanor.jobs.cli *argv` in a forked child; a CompletedProcess as subprocess.run gives one
+    (TimeoutExpired past `timeout`, the child killed)."""
+    context = _context()
+    cmd = [sys.executable, "-m", "athanor.jobs.cli", *argv]
+    with tempfile.TemporaryDirectory(prefix="athanor-cli-") as folder:
+        out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+        child = context.Process(target=_child, args=(argv, env, str(cwd), _BASE_PATH, str(out), str(err)),
+                                daemon=False)
+        child.start()
+        child.join(timeout)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+            raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(errors="replace"),
+                                            err.read_text(errors="replace"))
+        return subprocess.CompletedProcess(cmd, child.exitcode, out.read_text(errors="replace"),
+                                           err.read_text(errors="replace"))
+
+
+def _child(argv: list[str], env: dict[str, str], cwd: str, base_path: list[str], out: str, err: str) -> None:
+    """In the forked child: become `python -m athanor.jobs.cli *argv`, then exit with its code."""
+    import atexit
+    import runpy
+    import threading
+    import traceback
+
+    for fd, path in ((1, out), (2, err)):  # first: fd 1 is the pytest worker's channel to its controller
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(target, fd)
+        os.close(target)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    sys.argv[:] = ["-m", *argv]  # run_module puts the module's path first, as `python -m` does
+    sys.path[:] = [cwd, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep)), *base_path]
+    if "mlflow" in sys.modules:  # MLflow decides at import whether telemetry is on; decide with this env
+        from mlflow.telemetry import set_telemetry_client
+
+        set_telemetry_client()
+    if "torch" in sys.modules and env.get("OMP_NUM_THREADS", "").isdigit():  # read once, when torch loaded OpenMP
+        sys.modules["torch"].set_num_threads(int(env["OMP_NUM_THREADS"]))
+    code: int = 0
+    try:
+        runpy.run_module("athanor.jobs.cli", run_name="__main__", alter_sys=True)
+    except SystemExit as stop:
+        if stop.code is None or isinstance(stop.code, int):
+            code = stop.code or 0
+        else:
+            print(stop.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # what the interpreter does with an uncaught exception
+        traceback.print_exc()
+        code = 1
+    for thread in threading.enumerate():  # what the interpreter does at exit
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
