@@ -85,10 +85,10 @@ export DEMO_LOAD
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# pytest-xdist workers: one per core, plus one. Each test module runs whole on one worker and the modules that start
-# services (Slurm, Ray, PostgreSQL, Chromium) share one (tests/conftest.py's scheduler); that worker mostly waits
-# (node timeouts, health checks, requeues), so a third worker keeps both cores busy meanwhile. The slow tests are
-# handed out first (modules are not reordered by test count), and each worker uses one torch thread.
+# pytest-xdist workers: one per core, plus one that runs only the modules that start services (Slurm, Ray,
+# PostgreSQL, Chromium), one after another (tests/conftest.py's scheduler): it mostly waits (node timeouts, health
+# checks, requeues) while the other two keep both cores busy, then stops. Each test module runs whole on one worker,
+# the slow tests are handed out first (modules are not reordered by test count), each worker uses one torch thread.
 # `make test TEST_WORKERS=0` runs the suite in one process.
 TEST_WORKERS ?= 3
 test: $(STAMP)

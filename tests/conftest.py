@@ -177,17 +177,26 @@ def _service_modules() -> set[str]:
 def pytest_xdist_make_scheduler(config, log):
     """Each test module runs whole on one worker, so its module-scoped fixtures (a trained testbed, a compiled
     kernel report, the Ray scenario) are built once; the modules that start services all share one scope, one
-    after another on one worker, so two clusters never compete for the same two cores. (A scheduler of our own:
-    with pytest 9, xdist 3.8's `--dist loadgroup` ignores `xdist_group` marks, as it renames items through an
-    attribute pytest no longer reads.)"""
+    after another on one worker, so two clusters never compete for the same two cores. With three workers or more
+    the worker that runs the services scope runs nothing else: it mostly waits (node timeouts, health checks,
+    requeues) while the others keep the cores busy, then it stops, so the cores never carry a third worker's CPU
+    work. (A scheduler of our own: with pytest 9, xdist 3.8's `--dist loadgroup` ignores `xdist_group` marks, as it
+    renames items through an attribute pytest no longer reads.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     services = _service_modules()
 
     class ModulesAndServices(LoadScopeScheduling):
+        services_node = None
+
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
             return "services" if module in services else module
+
+        def _assign_work_unit(self, node) -> None:
+            if len(self.nodes) > 2 and next(iter(self.workqueue), None) == "services":
+                self.services_node = node
+            super()._assign_work_unit(node)
 
         def _reschedule(self, node) -> None:
             """Hand a worker its next module only once it runs its last pending test. (xdist tops a worker up
@@ -195,9 +204,13 @@ def pytest_xdist_make_scheduler(config, log):
             other sits on a long end-to-end test, and ran ~250 s alone at the end of CI.)"""
             if node.shutting_down:
                 return
-            if not self.workqueue:
+            last = self._pending_of(self.assigned_work[node]) <= 1
+            if node is self.services_node:
+                if last:
+                    node.shutdown()
+            elif not self.workqueue:
                 node.shutdown()
-            elif self._pending_of(self.assigned_work[node]) <= 1:
+            elif last:
                 self._assign_work_unit(node)
 
     return ModulesAndServices(config, log)
