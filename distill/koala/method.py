@@ -44,15 +44,7 @@ from athanor.distill.koala.sampling import teacher_latents
 from athanor.distill.koala.train import KoalaModule, feature_pairs
 from athanor.distill.loaders import SeededLoader
 from athanor.distill.method_base import MethodBase
-from athanor.distill.spec import (
-    DataSpec,
-    Direction,
-    EvalSpec,
-    MethodData,
-    RecipeError,
-    ResolvedSource,
-    TrainSpec,
-)
+from athanor.distill.spec import DataSpec, Direction, EvalSpec, MethodData, RecipeError, ResolvedSource, TrainSpec
 
 logger = logging.getLogger(__name__)
 

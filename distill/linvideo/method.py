@@ -41,15 +41,7 @@ from athanor.distill.linvideo.data import (
 from athanor.distill.linvideo.train import LinVideoModule
 from athanor.distill.loaders import SeededLoader
 from athanor.distill.method_base import MethodBase
-from athanor.distill.spec import (
-    DataSpec,
-    Direction,
-    EvalSpec,
-    MethodData,
-    RecipeError,
-    ResolvedSource,
-    TrainSpec,
-)
+from athanor.distill.spec import DataSpec, Direction, EvalSpec, MethodData, RecipeError, ResolvedSource, TrainSpec
 
 logger = logging.getLogger(__name__)
 

@@ -41,15 +41,7 @@ from athanor.distill.minilm.config import MiniLMArgs, MiniLMStudent
 from athanor.distill.minilm.export import check_st_student, export_encoder, read_st_modules
 from athanor.distill.minilm.loss import RelationSpec, model_inputs, resolve_layer
 from athanor.distill.minilm.module import MiniLMModule
-from athanor.distill.spec import (
-    DataSpec,
-    Direction,
-    EvalSpec,
-    MethodData,
-    RecipeError,
-    ResolvedSource,
-    TrainSpec,
-)
+from athanor.distill.spec import DataSpec, Direction, EvalSpec, MethodData, RecipeError, ResolvedSource, TrainSpec
 from athanor.distill.text_data import TokenizeCollate, load_texts
 
 

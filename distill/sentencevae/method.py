@@ -36,15 +36,7 @@ from athanor.distill.method_base import MethodBase
 from athanor.distill.sentencevae.config import LENGTH_EDGES, SentenceVAEArgs, SentenceVAEStudent
 from athanor.distill.sentencevae.evaluation import bucket_suffix, evaluate_pair, generation_probe
 from athanor.distill.sentencevae.train import SentenceVAEModule, collate, pretrain_lm
-from athanor.distill.spec import (
-    DataSpec,
-    Direction,
-    EvalSpec,
-    MethodData,
-    RecipeError,
-    ResolvedSource,
-    TrainSpec,
-)
+from athanor.distill.spec import DataSpec, Direction, EvalSpec, MethodData, RecipeError, ResolvedSource, TrainSpec
 from athanor.distill.text_data import load_texts
 
 RECON_METRICS = ("recon_token_acc", "recon_exact")
