@@ -11,9 +11,13 @@ Which keys a query token i sees, for query head h of H (the last H//2 heads are 
   with causal=True only j <= i; with attention_mask [batch, tokens] (1 = real) only real keys j.
   A query that sees no key outputs zeros.
 
-`s2_attention(..., wrap=True)` is LongLoRA's own rolled S2-Attn instead: the shifted heads' tokens
-are rolled by −G/2, so their last group joins the sequence's last and first G/2 tokens, causality
-by rolled position (an early token then sees the end of the sequence).
+`longlora_s2_attention` (= `s2_attention(..., wrap=True)`) is LongLoRA's S2-Attn as published: the
+shifted heads' q/k/v are rolled by −G/2 along the tokens, cut into groups, attended group-causally,
+and the output rolled back; so their last group joins the sequence's last and first G/2 tokens, with
+causality by rolled position (an early token then sees the end of the sequence: the leak SinkLoRA
+removes). `s2_attention` without `wrap` is the segmented variant (SinkLoRA's no-sink ablation):
+compare that with `sf_attention` to measure the sinks alone, with `longlora_s2_attention` to
+reproduce the papers' S2-Attn arm.
 
 K/V may have fewer heads (grouped-query: head h reads K/V head h // (H / kv_heads)). Cost is
 O(N·G) on every path. Paths (`backend`):
@@ -36,7 +40,7 @@ import torch
 from athanor.kernels._common import check_backend, check_float, check_triton
 from athanor.kernels._sparse_reference import sparse_attention_reference
 
-__all__ = ["s2_attention", "sf_attention", "shifted_head_count", "sparse_path"]
+__all__ = ["longlora_s2_attention", "s2_attention", "sf_attention", "shifted_head_count", "sparse_path"]
 SparseBackend = Literal["auto", "flex", "triton", "torch"]
 SPARSE_BACKENDS = ("auto", "flex", "triton", "torch")
 
@@ -61,6 +65,23 @@ def s2_attention(
     """S2-Attn on `[batch, heads, tokens, dim]`: grouped attention, half the heads shifted by G/2,
     without LongLoRA's wrap-around, or with it (`wrap=True`, see the module docstring)."""
     return _shifted_attention(q, k, v, group_size, 0, causal, attention_mask, scale, backend, wrap)
+
+
+def longlora_s2_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group_size: int,
+    causal: bool = True,
+    attention_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: SparseBackend = "auto",
+) -> torch.Tensor:
+    """LongLoRA's S2-Attn on `[batch, heads, tokens, dim]` exactly as published: the last H//2 heads
+    rolled by −G/2 with wrap-around, group-causal attention within groups of G, rolled back by +G/2.
+    The arm named `s2` in a SinkLoRA recipe, so its figure is comparable with the papers' S2 row."""
+    return _shifted_attention(q, k, v, group_size, 0, causal, attention_mask, scale, backend, True)
 
 
 def sf_attention(

@@ -1,11 +1,18 @@
-"""SinkLoRA attention surgery: SF-Attn and S2-Attn as transformers attention implementations.
+"""SinkLoRA attention surgery: SF-Attn and the two S2-Attns as transformers attention implementations.
 
     .venv/bin/python -m pytest tests/convert/test_sinklora_attention.py -q
 
-`register_sparse_attention()` adds two names, "sf_attention" and "s2_attention", to transformers'
-`AttentionInterface` (the attention function) and `AttentionMaskInterface` (the mask function). Both
-registrations are needed: transformers builds a mask only for names its mask interface knows, and for
-any other name hands the attention function `attention_mask=None`, so padding would be silently
+`register_sparse_attention()` adds three names to transformers' `AttentionInterface` (the attention
+function) and `AttentionMaskInterface` (the mask function):
+
+- "sf_attention": SinkLoRA's SF-Attn (segmented shifted groups + global sink tokens);
+- "s2_attention": LongLoRA's S2-Attn as published (half the heads rolled by G/2 with wrap-around,
+  group-causal attention, rolled back: `kernels.sparse_attention.longlora_s2_attention`);
+- "s2_segmented_attention": SF-Attn without sinks (shifted groups segmented, no wrap-around), SinkLoRA's
+  no-sink ablation; beside "sf_attention" it isolates what the sinks add.
+
+Both registrations are needed: transformers builds a mask only for names its mask interface knows, and
+for any other name hands the attention function `attention_mask=None`, so padding would be silently
 attended. The mask function registered here returns the 2-D padding form, bool [batch, kv_tokens]
 (True = real token), or None when nothing is padded; causality is the kernel's `causal=True`. The
 O(N²) 4-D mask is never built, which is the point of sparse attention at long context. The kernels
@@ -18,11 +25,14 @@ Settings live on the model config (`config.sinklora_group_size`, `config.sinklor
 `model.set_attn_implementation(name)` (`use_attention`, or the `attention_implementation` context
 manager for an evaluation under full attention). Nothing is monkeypatched.
 
-Padding: the kernel's groups and sinks are tensor positions, so a left-padded row would put its pads
+Padding (segmented names): the kernel's groups and sinks are tensor positions, so a left-padded row would put its pads
 in the sink slots and shift its groups. Rows whose real tokens are not a prefix are therefore
 reordered (real tokens first, in order) before the kernel and the output put back, so each row's
 pattern depends only on its real tokens: a padded batch gives the unpadded sequence's outputs
 (give left-padded rows position_ids from the mask, as for any RoPE model).
+
+"s2_attention" refuses padded rows: LongLoRA rolls the whole row, so a row's pads would wrap into its
+groups and its pattern would depend on the padding (LongLoRA trains unpadded chunks, as SinkLoRA here).
 
 Limits (clear errors, not silent fallbacks): the whole sequence at once (queries = keys: training and
 prefill; generate with "sdpa"), plain causal masks only (no packed sequences, sliding windows or
@@ -41,9 +51,9 @@ from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask
 
 from athanor.convert.recipe_types import RecipeError
-from athanor.kernels.sparse_attention import s2_attention, sf_attention
+from athanor.kernels.sparse_attention import longlora_s2_attention, s2_attention, sf_attention
 
-SPARSE_IMPLEMENTATIONS = ("sf_attention", "s2_attention")
+SPARSE_IMPLEMENTATIONS = ("sf_attention", "s2_attention", "s2_segmented_attention")
 """The names registered with transformers' attention and mask interfaces."""
 FULL_IMPLEMENTATIONS = ("sdpa", "eager")
 GROUP_SIZE_ATTR, NUM_SINK_ATTR = "sinklora_group_size", "sinklora_num_sink"
@@ -147,7 +157,7 @@ def clear_settings(model: nn.Module) -> None:
 
 
 def use_attention(model: nn.Module, name: str) -> None:
-    """Switch a loaded model to `name` ("sf_attention", "s2_attention", "sdpa" or "eager") with
+    """Switch a loaded model to `name` (one of SPARSE_IMPLEMENTATIONS, "sdpa" or "eager") with
     `set_attn_implementation`; sparse names need `configure` first."""
     base = base_model(model)
     if name not in SPARSE_IMPLEMENTATIONS + FULL_IMPLEMENTATIONS:
@@ -177,10 +187,11 @@ def attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
 
 
 def register_sparse_attention() -> None:
-    """Register "sf_attention" and "s2_attention" with AttentionInterface and AttentionMaskInterface
-    (idempotent; global, as transformers' registries are)."""
+    """Register SPARSE_IMPLEMENTATIONS with AttentionInterface and AttentionMaskInterface (idempotent;
+    global, as transformers' registries are)."""
     AttentionInterface.register("sf_attention", sf_attention_forward)
     AttentionInterface.register("s2_attention", s2_attention_forward)
+    AttentionInterface.register("s2_segmented_attention", s2_segmented_attention_forward)
     for name in SPARSE_IMPLEMENTATIONS:
         AttentionMaskInterface.register(name, sparse_attention_mask)
 
@@ -220,8 +231,16 @@ def sf_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tens
 def s2_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                          **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """AttentionInterface function "s2_attention" (no sinks; `num_sink` is ignored)."""
+    """AttentionInterface function "s2_attention": LongLoRA's rolled S2-Attn (no sinks; `num_sink` is ignored)."""
     return _sparse_forward("s2_attention", module, query, key, value, attention_mask, scaling, dropout, kwargs)
+
+
+def s2_segmented_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                   attention_mask: torch.Tensor | None, scaling: float | None = None,
+                                   dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """AttentionInterface function "s2_segmented_attention": SF-Attn's pattern without sinks (`num_sink` ignored)."""
+    return _sparse_forward("s2_segmented_attention", module, query, key, value, attention_mask, scaling, dropout,
+                           kwargs)
 
 
 def _check_call(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -247,6 +266,10 @@ def _sparse_forward(name: str, module: nn.Module, query: torch.Tensor, key: torc
     _check_call(module, query, key, attention_mask, dropout, kwargs)
     group_size, num_sink = sparse_settings(getattr(module, "config", None))
     keep = None if attention_mask is None else attention_mask.to(device=query.device, dtype=torch.bool)
+    if name == "s2_attention" and keep is not None and not bool(keep.all()):
+        # why: the roll runs over the whole row, so pads would wrap into the groups (see the module docstring)
+        raise ValueError("s2_attention (LongLoRA's rolled S2-Attn) takes unpadded rows only: its roll would wrap "
+                         "a row's pads into its groups; pass equal-length rows or use 's2_segmented_attention'")
     order = None
     if keep is not None and bool((keep[:, 1:] > keep[:, :-1]).any()):  # a real token after a pad: reorder
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
@@ -255,6 +278,9 @@ def _sparse_forward(name: str, module: nn.Module, query: torch.Tensor, key: torc
     if name == "sf_attention":
         out = sf_attention(query, key, value, group_size=group_size, num_sink=num_sink, causal=True,
                            attention_mask=keep, scale=scaling)
+    elif name == "s2_attention":
+        out = longlora_s2_attention(query, key, value, group_size=group_size, causal=True, attention_mask=keep,
+                                    scale=scaling)
     else:
         out = s2_attention(query, key, value, group_size=group_size, causal=True, attention_mask=keep,
                            scale=scaling)

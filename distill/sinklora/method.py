@@ -4,10 +4,12 @@
     .venv/bin/athanor submit recipes/sinklora_tiny.yaml --wait
 
 The student is the teacher with RoPE interpolated to `target_length`, trained with peft LoRA on q,k,v,o plus
-its embeddings and norms at the target length through SF-Attn (or S2-Attn, or full attention); it is
-evaluated with full attention and exported merged (plain transformers, the new RoPE scaling in its config).
-`compare: [full, s2]` trains those arms too, for the same steps and data, and reports the fraction of the
-full-attention perplexity gain each sparse arm recovers (SinkLoRA's figure: 92% SF vs 39% S2 in the paper).
+its embeddings and norms at the target length through SF-Attn (or LongLoRA's S2-Attn, segmented S2 without
+sinks, or full attention); it is evaluated with full attention and exported merged (plain transformers, the new
+RoPE scaling in its config). `compare: [full, s2, s2_segmented]` trains those arms too, for the same steps, data
+and LoRA initialisation, and reports the fraction of the full-attention perplexity gain each sparse arm recovers
+(SinkLoRA's figure: 92% SF vs 39% S2 in the paper, S2 being LongLoRA's rolled S2-Attn, arm `s2`; `s2_segmented`
+is SF without its sinks), and whether each beats the teacher at the target length with no extension at all.
 """
 
 from __future__ import annotations
@@ -40,15 +42,7 @@ from athanor.distill.sinklora.config import BUDGET_LABELS, PASSKEY_LENGTHS, Sink
 from athanor.distill.sinklora.data import BookTokens, chunks, heldout_stream, tokenize_books
 from athanor.distill.sinklora.evaluation import evaluate_lm, forward_probe
 from athanor.distill.sinklora.train import SinkLoRAModule, stack_chunks
-from athanor.distill.spec import (
-    DataSpec,
-    Direction,
-    EvalSpec,
-    MethodData,
-    RecipeError,
-    ResolvedSource,
-    TrainSpec,
-)
+from athanor.distill.spec import DataSpec, Direction, EvalSpec, MethodData, RecipeError, ResolvedSource, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +107,19 @@ class SinkLoRA(MethodBase[CausalTeacher, torch.nn.Module, SinkLoRAArgs, dict[str
         return teacher.tokens
 
     def convert(self, teacher: CausalTeacher, student: SinkLoRAStudent, args: SinkLoRAArgs) -> torch.nn.Module:
-        """RoPE interpolation + training attention + LoRA on a copy of the (pre-trained, if asked) teacher."""
+        """RoPE interpolation + training attention + LoRA on a copy of the (pre-trained, if asked) teacher. The LoRA
+        init is seeded from the seed the job set for this student (train.seed, or a comparison arm's seed:
+        `torch.initial_seed()`), read before the one-off pretraining (which reseeds and draws from the RNG), so the
+        main student and every arm at the same seed start from identical LoRA weights."""
+        init_seed = torch.initial_seed()
         if args.pretrain_steps and not teacher.meta and not teacher.pretrain_losses:
             self._pretrain(teacher, args)
         return build_student(
             teacher.lm, target_length=args.target_length, rope_scaling=args.rope_scaling, attention=args.attention,
             group_size=args.group_size, num_sink=args.num_sink, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
-            train_embeddings_and_norms=args.train_embeddings_and_norms, original_length=self._original(teacher, args))
+            train_embeddings_and_norms=args.train_embeddings_and_norms, original_length=self._original(teacher, args),
+            init_seed=init_seed)
 
     @staticmethod
     def _original(teacher: CausalTeacher, args: SinkLoRAArgs) -> int:
@@ -157,7 +156,8 @@ class SinkLoRA(MethodBase[CausalTeacher, torch.nn.Module, SinkLoRAArgs, dict[str
     def lightning_module(self, teacher: CausalTeacher, student: torch.nn.Module, data: MethodData,
                          args: SinkLoRAArgs, train: TrainSpec) -> SinkLoRAModule:
         student.train()
-        return SinkLoRAModule(student, train, gradient_checkpointing=args.gradient_checkpointing)
+        return SinkLoRAModule(student, train, gradient_checkpointing=args.gradient_checkpointing,
+                              lr_schedule=args.lr_schedule)
 
     def trained_student(self, module: SinkLoRAModule) -> PreTrainedModel:
         """LoRA merged into the weights, full attention: the model that is evaluated, timed and exported."""
@@ -198,7 +198,9 @@ class SinkLoRA(MethodBase[CausalTeacher, torch.nn.Module, SinkLoRAArgs, dict[str
         teacher.tokenizer.save_pretrained(out_dir)
         group = args.group_size or args.target_length // 4
         how = {"sf": f"SF-Attn (groups of {group} tokens, {args.num_sink} sink tokens)",
-               "s2": f"S2-Attn (groups of {group} tokens)", "full": "full causal attention"}[args.attention]
+               "s2": f"LongLoRA's S2-Attn (groups of {group} tokens, rolled with wrap-around)",
+               "s2_segmented": f"segmented S2-Attn without sinks (groups of {group} tokens)",
+               "full": "full causal attention"}[args.attention]
         extra = ", embeddings and norms trained" if args.train_embeddings_and_norms else ""
         (out_dir / "training_notes.txt").write_text(
             f"Context extended from {self._original(teacher, args)} to {args.target_length} tokens by "
@@ -229,20 +231,24 @@ class SinkLoRA(MethodBase[CausalTeacher, torch.nn.Module, SinkLoRAArgs, dict[str
 
     def compare_arms(self, args: SinkLoRAArgs, before: dict[str, float], untrained: dict[str, float] | None,
                      after: dict[str, float], arms: dict[str, dict[str, float]]) -> dict[str, float]:
-        """Perplexity at the target length of every arm and the base, and each sparse arm's fraction of the
-        full-attention gain. The base is the untrained student (interpolated RoPE, no training) when measured,
-        else the original model."""
+        """Perplexity at the target length of every arm, the base and the unextended teacher; each sparse arm's
+        fraction of the full-attention gain; and per arm `<arm>_beats_unextended` (1.0/0.0). The base is the
+        untrained student (interpolated RoPE, no training) when measured, else the original model. The unextended
+        row (`ppl_unextended`) is the teacher itself at the target length: its own RoPE (no interpolation), full
+        attention, no training (the job's `before`): an extension is only worth it if it scores better."""
         key = "ppl_target_length"
         base = (untrained or before)[key]
         ppl = {args.attention: after[key], **{arm: metrics[key] for arm, metrics in arms.items()}}
-        out = {"ppl_base": base, **{f"ppl_{arm}": value for arm, value in ppl.items()}}
+        out = {"ppl_base": base, "ppl_unextended": before[key], **{f"ppl_{arm}": value for arm, value in ppl.items()}}
         for arm, value in ppl.items():
+            out[f"{arm}_beats_unextended"] = float(value < before[key])
             if arm == "full":
                 continue
             try:
                 out[f"fraction_of_gain_{arm}"] = fraction_of_gain(base, value, ppl["full"])
             except ValueError as exc:
                 log.warning("no fraction of gain for %s: %s", arm, exc)
+        _log_unextended(args, before[key], ppl)
         return out
 
     def cost_notes(self, teacher: CausalTeacher, student: torch.nn.Module, args: SinkLoRAArgs) -> list[str]:
@@ -255,6 +261,15 @@ class SinkLoRA(MethodBase[CausalTeacher, torch.nn.Module, SinkLoRAArgs, dict[str
             hidden=config.hidden_size, layers=config.num_hidden_layers, heads=config.num_attention_heads,
             vocab=config.vocab_size, tokens=args.target_length, group=args.group_size or args.target_length // 4,
             num_sink=args.num_sink, checkpointing=args.gradient_checkpointing)
+
+
+def _log_unextended(args: SinkLoRAArgs, unextended: float, ppl: dict[str, float]) -> None:
+    """One log line when extending did not pay: the teacher, unextended, already scores as well at the target
+    length as the extended student (held-out text can be predictable from short context alone)."""
+    losing = [f"{arm} {value:.4g}" for arm, value in ppl.items() if value >= unextended]
+    if losing:
+        log.warning("the extension does not beat the unextended teacher: ppl at %d tokens %.4g without extension "
+                    "(original RoPE, full attention) vs %s", args.target_length, unextended, ", ".join(losing))
 
 
 def _size(nbytes: float) -> str:

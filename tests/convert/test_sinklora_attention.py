@@ -3,7 +3,9 @@
     .venv/bin/python -m pytest tests/convert/test_sinklora_attention.py -q
 
 Equality with full attention needs group_size >= 2·N, not N: a shifted head's first group is the half
-group [0, G/2), so with N <= G < 2N the shifted heads still split the sequence at G/2.
+group [0, G/2), so with N <= G < 2N the shifted heads still split the sequence at G/2. "s2_attention" is
+LongLoRA's rolled S2 (wrap-around: not causal in original positions, no padding); "sf_attention" and
+"s2_segmented_attention" share the segmented pattern.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from athanor.convert.sinklora import (
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 N = 24  # tokens in the test sequences
+SEGMENTED = ("sf_attention", "s2_segmented_attention")
+"""The implementations whose pattern is positional (causal, padding-invariant); "s2_attention" wraps around."""
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -78,11 +82,11 @@ def test_round_trip_sdpa_sf_sdpa(model):
     torch.testing.assert_close(logits(model, tokens), full, rtol=1e-5, atol=1e-5)
 
 
-def test_s2_with_a_group_covering_the_sequence_is_full_causal(model):
+def test_segmented_s2_with_a_group_covering_the_sequence_is_full_causal(model):
     tokens = ids()
     full = logits(model, tokens)
     configure(model, group_size=2 * N, num_sink=4)  # s2 ignores num_sink
-    with attention_implementation(model, "s2_attention"):
+    with attention_implementation(model, "s2_segmented_attention"):
         torch.testing.assert_close(logits(model, tokens), full, rtol=1e-5, atol=1e-5)
         configure(model, group_size=8, num_sink=4)
         assert not torch.allclose(logits(model, tokens), full, atol=1e-3)
@@ -122,7 +126,7 @@ def test_gradients_equal_sdpa_with_a_group_covering_the_sequence(model):
 # --- behaviour ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sparse.SPARSE_IMPLEMENTATIONS)
+@pytest.mark.parametrize("name", SEGMENTED)
 def test_causality(name):
     m = sparse_model(name, group_size=8, num_sink=2)
     tokens = ids()
@@ -144,8 +148,29 @@ def padded_batch(side: str, pad: int = 5) -> tuple[torch.Tensor, torch.Tensor, t
     return torch.cat([row, full]), mask, (mask.cumsum(1) - 1).clamp(min=0)
 
 
+def test_longlora_s2_lets_the_first_half_group_see_the_end():
+    """LongLoRA's wrap-around, the leak SinkLoRA's segmentation removes: changing the last token changes
+    the first tokens' logits under "s2_attention" (and under no other implementation)."""
+    tokens = ids()
+    changed = tokens.clone()
+    changed[0, N - 1] = (changed[0, N - 1] + 1) % 100
+    rolled = sparse_model("s2_attention", group_size=8)
+    assert not torch.allclose(logits(rolled, changed)[:, :4], logits(rolled, tokens)[:, :4])
+    segmented = sparse_model("s2_segmented_attention", group_size=8)
+    torch.testing.assert_close(logits(segmented, changed)[:, :-1], logits(segmented, tokens)[:, :-1], rtol=0, atol=0)
+
+
+def test_longlora_s2_refuses_padded_rows():
+    m = sparse_model("s2_attention", group_size=8)
+    tokens, mask, positions = padded_batch("right")
+    with pytest.raises(ValueError, match="unpadded rows"):
+        logits(m, tokens, attention_mask=mask, position_ids=positions)
+    full = torch.ones_like(mask)  # an all-real mask is no padding
+    torch.testing.assert_close(logits(m, tokens, attention_mask=full), logits(m, tokens), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("name", sparse.SPARSE_IMPLEMENTATIONS)
+@pytest.mark.parametrize("name", SEGMENTED)
 def test_padding_is_respected(name, side):
     m = sparse_model(name, group_size=8, num_sink=2)  # pad 5: not a multiple of the group, nor of G/2
     tokens, mask, positions = padded_batch(side)
@@ -191,25 +216,36 @@ def test_packed_sequences_are_refused():
 
 
 def dense_shifted_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int, num_sink: int,
-                            keep: torch.Tensor, scale: float) -> torch.Tensor:
-    """The pattern written out from the kernel docstring, as one masked softmax over all token pairs."""
+                            keep: torch.Tensor, scale: float, wrap: bool = False) -> torch.Tensor:
+    """The pattern written out from the kernel docstring, as one masked softmax over all token pairs. `wrap`:
+    LongLoRA's roll, a shifted head's token p sits at (p - G/2) mod n, grouped and causal by that position."""
     b, h, n, d = q.shape
     k, v = (t.repeat_interleave(h // t.shape[1], dim=1) for t in (k, v))
     pos = torch.arange(n)
-    offset = torch.tensor([0] * (h - h // 2) + [group_size // 2] * (h // 2))
-    group = (pos[None, :] + offset[:, None]) // group_size  # [h, n]
+    shift = torch.tensor([0] * (h - h // 2) + [group_size // 2] * (h // 2))
+    if wrap:
+        where = (pos[None, :] - shift[:, None]) % n  # [h, n]: each token's rolled position
+        group = where // group_size
+        order = where[:, :, None] >= where[:, None, :]
+    else:
+        group = (pos[None, :] + shift[:, None]) // group_size  # [h, n]
+        order = (pos[:, None] >= pos[None, :])[None]
     visible = (group[:, :, None] == group[:, None, :]) | (pos < num_sink)[None, None, :]
-    visible = visible & (pos[:, None] >= pos[None, :])[None]
+    visible = visible & order
     visible = visible[None] & keep[:, None, None, :]  # [b, h, n, n]
     scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query that sees nothing outputs zeros
     return weights @ v
 
 
-@pytest.mark.parametrize(("name", "group_size", "num_sink"), [
-    ("sf_attention", 4, 2), ("sf_attention", 6, 0), ("sf_attention", 4, 7), ("s2_attention", 6, 3),
+SEGMENTED_CASES = [("sf_attention", 4, 2), ("sf_attention", 6, 0), ("sf_attention", 4, 7),
+                   ("s2_segmented_attention", 6, 3)]
+
+
+@pytest.mark.parametrize(("name", "group_size", "num_sink", "padded"), [
+    *[(*case, padded) for case in SEGMENTED_CASES for padded in (False, True)],
+    ("s2_attention", 6, 3, False), ("s2_attention", 4, 0, False),  # rolled: no padding (refused, tested above)
 ])
-@pytest.mark.parametrize("padded", [False, True])
 def test_one_layer_matches_a_dense_masked_softmax(name, group_size, num_sink, padded):
     m = sparse_model(name, group_size=group_size, num_sink=num_sink)
     layer, n = m.model.layers[0].self_attn, 13  # 13: a partial last group
@@ -225,7 +261,7 @@ def test_one_layer_matches_a_dense_masked_softmax(name, group_size, num_sink, pa
         q, k, v = (proj(hidden).view(shape).transpose(1, 2) for proj in (layer.q_proj, layer.k_proj, layer.v_proj))
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         sinks = num_sink if name == "sf_attention" else 0
-        ref = dense_shifted_attention(q, k, v, group_size, sinks, keep, layer.scaling)
+        ref = dense_shifted_attention(q, k, v, group_size, sinks, keep, layer.scaling, wrap=name == "s2_attention")
         ref = layer.o_proj(ref.transpose(1, 2).reshape(2, n, -1))
     torch.testing.assert_close(out[keep], ref[keep], rtol=1e-5, atol=1e-5)
 

@@ -45,10 +45,35 @@ def test_student_is_an_extended_lora_copy_and_the_teacher_is_untouched():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("attention, implementation", [("s2", "s2_attention"), ("full", "sdpa")])
+@pytest.mark.parametrize("attention, implementation", [("s2", "s2_attention"), ("full", "sdpa"),
+                                                       ("s2_segmented", "s2_segmented_attention")])
 def test_training_attention_is_selectable(attention, implementation):
     student = build_student(tiny_llama(), target_length=2 * CONTEXT, attention=attention, group_size=32)
     assert student.get_base_model().config._attn_implementation == implementation
+
+
+def lora_weights(student) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in student.named_parameters() if "lora_" in n}
+
+
+def test_the_init_seed_gives_every_attention_the_same_lora_weights_and_spares_the_callers_rng():
+    teacher = tiny_llama()
+    torch.manual_seed(123)
+    stream = torch.rand(3)
+    torch.manual_seed(123)
+    students = {a: build_student(teacher, target_length=2 * CONTEXT, attention=a, group_size=32, init_seed=7)
+                for a in ("sf", "s2", "s2_segmented", "full")}
+    torch.testing.assert_close(torch.rand(3), stream, rtol=0, atol=0)  # the caller's RNG did not move
+    first = lora_weights(students["sf"])
+    assert first and any(float(w.abs().sum()) > 0 for w in first.values())  # A is random (B starts at zero)
+    for student in students.values():
+        got = lora_weights(student)
+        assert got.keys() == first.keys()
+        for name, weight in got.items():
+            torch.testing.assert_close(weight, first[name], rtol=0, atol=0)
+    other = lora_weights(build_student(teacher, target_length=2 * CONTEXT, attention="sf", group_size=32,
+                                       init_seed=8))
+    assert any(not torch.equal(other[n], first[n]) for n in first)
 
 
 def test_export_ready_equals_the_adapter_model_and_reloads(tmp_path):

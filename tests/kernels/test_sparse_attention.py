@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from attention_naive import naive_sparse
 
 import athanor.kernels._sparse_reference as sparse_ref
-from athanor.kernels.sparse_attention import s2_attention, sf_attention
+from athanor.kernels.sparse_attention import longlora_s2_attention, s2_attention, sf_attention
 
 
 def _qkv(b=2, h=4, hk=None, n=37, d=16, seed=0, requires_grad=True):
@@ -82,6 +82,35 @@ def test_rolled_s2_reference_matches_dense(causal, padded, hk, n):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     for g_out, g_ref in zip(_grads(out, [q, k, v]), _grads(ref, [q, k, v])):
         torch.testing.assert_close(g_out, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def longlora_rolled(q, k, v, g: int) -> torch.Tensor:
+    """LongLoRA's S2-Attn written as its paper/code does it (independent of the kernel): the last H//2
+    heads' q/k/v rolled by -G/2 along the tokens, every head cut into groups of G, causal softmax
+    attention per group, the shifted heads' output rolled back by +G/2. Needs N divisible by G."""
+    b, h, n, d = q.shape
+    k, v = (t.repeat_interleave(h // t.shape[1], dim=1) for t in (k, v))  # GQA: kv head h // (H / kv)
+    shifted = torch.arange(h) >= h - h // 2
+    q, k, v = (torch.where(shifted[None, :, None, None], t.roll(-(g // 2), dims=2), t) for t in (q, k, v))
+    qg, kg, vg = (t.reshape(b, h, n // g, g, d) for t in (q, k, v))
+    scores = qg @ kg.transpose(-1, -2) / d**0.5
+    scores = scores.masked_fill(~torch.ones(g, g, dtype=torch.bool).tril(), float("-inf"))
+    out = (torch.softmax(scores, dim=-1) @ vg).reshape(b, h, n, d)
+    return torch.where(shifted[None, :, None, None], out.roll(g // 2, dims=2), out)
+
+
+@pytest.mark.parametrize("h,hk,n,g", [(4, 4, 32, 8), (4, 2, 48, 16), (6, 3, 24, 4), (2, 1, 16, 16)])
+def test_longlora_s2_matches_an_independent_rolled_computation(h, hk, n, g):
+    q, k, v = _qkv(h=h, hk=hk, n=n)
+    out = longlora_s2_attention(q, k, v, group_size=g, backend="torch")
+    ref = longlora_rolled(q, k, v, g)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+    for g_out, g_ref in zip(_grads(out, [q, k, v]), _grads(ref, [q, k, v])):
+        torch.testing.assert_close(g_out, g_ref, rtol=1e-4, atol=1e-5)
+    # it is s2_attention(wrap=True); the segmented default differs (no wrap-around)
+    torch.testing.assert_close(out, s2_attention(q, k, v, group_size=g, wrap=True, backend="torch"), rtol=0, atol=0)
+    if g < n:
+        assert not torch.allclose(out, s2_attention(q, k, v, group_size=g, backend="torch"), atol=1e-3)
 
 
 def test_rolled_s2_wraps_the_end_onto_the_start():

@@ -103,16 +103,23 @@ def test_tiny_recipe_extends_the_context_and_compares_the_attentions(tmp_path: P
     print("lm-eval before/untrained/after:", {k: (before[k], untrained[k], after[k]) for k in sorted(harness)})
 
     comparison = result["comparison"]
-    assert set(result["arms"]) == {"full", "s2"}
+    print("comparison:", comparison)
+    assert set(result["arms"]) == {"full", "s2", "s2_segmented"}
     assert comparison["ppl_sf"] == after["ppl_target_length"]
     assert comparison["ppl_base"] == untrained["ppl_target_length"]
     expected = (comparison["ppl_base"] - comparison["ppl_s2"]) / (comparison["ppl_base"] - comparison["ppl_full"])
     assert comparison["fraction_of_gain_s2"] == pytest.approx(expected)
-    assert "fraction_of_gain_sf" in comparison
+    assert "fraction_of_gain_sf" in comparison and "fraction_of_gain_s2_segmented" in comparison
+    # the no-extension row: the teacher at the target length (its own RoPE, full attention), and the verdict
+    assert comparison["ppl_unextended"] == before["ppl_target_length"]
+    assert comparison["sf_beats_unextended"] == float(comparison["ppl_sf"] < comparison["ppl_unextended"])
+    job_log = (home / job.log_path).read_text()
+    assert ("does not beat the unextended teacher" in job_log) == (min(comparison[f"{arm}_beats_unextended"]
+                                                                       for arm in ("sf", *result["arms"])) == 0.0)
 
     client = mlflow_client(home)
     children = child_runs(client, job.mlflow_run_id)
-    assert {"baseline", "converted", "untrained", "arm_full", "arm_s2"} <= set(children)
+    assert {"baseline", "converted", "untrained", "arm_full", "arm_s2", "arm_s2_segmented"} <= set(children)
     assert eval_metrics(children["arm_s2"])["ppl_target_length"] == pytest.approx(comparison["ppl_s2"])
     cloze = "lm_eval/austen_cloze/acc"
     assert eval_metrics(children["converted"])[cloze] == pytest.approx(after[cloze])
@@ -120,6 +127,7 @@ def test_tiny_recipe_extends_the_context_and_compares_the_attentions(tmp_path: P
     assert any(k.startswith("train/") for k in children["arm_full"].data.metrics)  # the arm's own curves
     parent = client.get_run(job.mlflow_run_id).data.metrics
     assert parent["compare/fraction_of_gain_s2"] == pytest.approx(comparison["fraction_of_gain_s2"])
+    assert parent["compare/sf_beats_unextended"] == comparison["sf_beats_unextended"]
 
     export = Path(result["export"])
     model = AutoModelForCausalLM.from_pretrained(export).eval()

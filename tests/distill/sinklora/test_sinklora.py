@@ -18,7 +18,7 @@ from athanor.distill.sinklora.config import SinkLoRAArgs
 from athanor.distill.sinklora.data import BookTokens, chunks, heldout_stream
 from athanor.distill.sinklora.evaluation import cache_comparison, evaluate_lm
 from athanor.distill.sinklora.method import SinkLoRA
-from athanor.distill.sinklora.train import SinkLoRAModule
+from athanor.distill.sinklora.train import SinkLoRAModule, longlora_optimizer, lr_factor
 from athanor.distill.spec import RecipeError, TrainSpec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -187,10 +187,10 @@ def test_training_through_sf_attention_lowers_the_loss_and_moves_only_lora_embed
 
 def test_comparison_arms_change_only_the_attention_and_drop_the_costly_tests():
     method = SinkLoRA()
-    recipe_args = args(compare=["full", "s2"], passkey_lengths=[64], cache_budgets=[0.2])
+    recipe_args = args(compare=["full", "s2", "s2_segmented"], passkey_lengths=[64], cache_budgets=[0.2])
     arms = method.comparison_arms(recipe_args, TrainSpec())
-    assert list(arms) == ["full", "s2"]
-    assert [a.attention for a in arms.values()] == ["full", "s2"]
+    assert list(arms) == ["full", "s2", "s2_segmented"]
+    assert [a.attention for a in arms.values()] == ["full", "s2", "s2_segmented"]
     assert all(a.passkey_lengths == [] and a.cache_budgets == [] and a.compare == [] for a in arms.values())
     assert all(a.target_length == recipe_args.target_length for a in arms.values())
     assert method.comparison_arms(args(), TrainSpec()) == {}
@@ -221,6 +221,86 @@ def test_fraction_of_gain_against_the_full_attention_arm():
     # a full arm that did not improve on the base gives no fraction (it would be meaningless), not a crash
     worse = SinkLoRA().compare_arms(args(compare=["full"]), {key: 50.0}, None, {key: 22.0}, {"full": {key: 60.0}})
     assert "fraction_of_gain_sf" not in worse and worse["ppl_full"] == 60.0
+
+
+def test_the_unextended_teacher_is_a_row_and_each_arm_says_whether_it_beats_it(caplog):
+    """`before` is the teacher at the target length with no extension (its own RoPE, full attention)."""
+    key = "ppl_target_length"
+    compare = args(attention="sf", compare=["full", "s2", "s2_segmented"])
+    arms = {"full": {key: 20.0}, "s2": {key: 31.0}, "s2_segmented": {key: 25.0}}
+    with caplog.at_level("WARNING", logger="athanor.distill.sinklora.method"):
+        out = SinkLoRA().compare_arms(compare, {key: 30.0}, {key: 40.0}, {key: 22.0}, arms)
+    assert out["ppl_unextended"] == 30.0 and out["ppl_base"] == 40.0
+    assert out["sf_beats_unextended"] == 1.0 and out["full_beats_unextended"] == 1.0
+    assert out["s2_segmented_beats_unextended"] == 1.0 and out["s2_beats_unextended"] == 0.0
+    lines = [r.getMessage() for r in caplog.records if "unextended" in r.getMessage()]
+    assert len(lines) == 1 and "s2 31" in lines[0] and "sf " not in lines[0]  # one line, naming who loses
+    caplog.clear()
+    # the teacher unextended already scores as well as the extended SF student (a tie does not beat it)
+    with caplog.at_level("WARNING", logger="athanor.distill.sinklora.method"):
+        tie = SinkLoRA().compare_arms(compare, {key: 22.0}, {key: 40.0}, {key: 22.0}, arms)
+    assert tie["sf_beats_unextended"] == 0.0 and tie["full_beats_unextended"] == 1.0
+    assert tie["fraction_of_gain_sf"] == pytest.approx((40 - 22) / (40 - 20))  # the gain is still reported
+    (line,) = [r.getMessage() for r in caplog.records if "unextended" in r.getMessage()]
+    assert "sf 22" in line and "at 128 tokens 22 without extension" in line
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="athanor.distill.sinklora.method"):
+        SinkLoRA().compare_arms(compare, {key: 90.0}, {key: 40.0}, {key: 22.0}, arms)
+    assert not [r for r in caplog.records if "unextended" in r.getMessage()]  # every arm beats it: no line
+
+
+def lora_weights(student) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in student.named_parameters() if "lora_" in n}
+
+
+def test_every_arm_starts_from_the_main_students_lora_initialisation():
+    """As the job does it: the main student is converted (pretraining its teacher first, which reseeds and draws
+    from the RNG), then each arm from the same RNG states; all must start from identical LoRA weights."""
+    from types import SimpleNamespace
+
+    from athanor.distill.sinklora.config import SinkLoRAStudent
+    from athanor.distill.sinklora.method import CausalTeacher
+
+    tokens = BookTokens({"a": stream(600, seed=1).tolist()}, stream(100, seed=2).tolist(), ["b"])
+    tokenizer = SimpleNamespace(bos_token_id=1, cls_token_id=None, eos_token_id=None)
+    teacher = CausalTeacher(tiny_llama(), tokenizer=tokenizer, original_length=CONTEXT, tokens=tokens)
+    torch.manual_seed(5)  # the job's seed
+    init_rng = torch.get_rng_state()
+    main = SinkLoRA().convert(teacher, SinkLoRAStudent(), args(attention="sf", pretrain_steps=2, pretrain_batch_size=2))
+    assert len(teacher.pretrain_losses) == 2
+    first = lora_weights(main)
+    for arm in ("full", "s2", "s2_segmented"):
+        torch.set_rng_state(init_rng)
+        got = lora_weights(SinkLoRA().convert(teacher, SinkLoRAStudent(), args(attention=arm, pretrain_steps=2)))
+        assert got.keys() == first.keys()
+        for name, weight in got.items():
+            torch.testing.assert_close(weight, first[name], rtol=0, atol=0)
+    torch.manual_seed(6)  # an arm at another seed starts elsewhere
+    other = lora_weights(SinkLoRA().convert(teacher, SinkLoRAStudent(), args(attention="s2")))
+    assert any(not torch.equal(other[n], first[n]) for n in first)
+
+
+def test_longlora_training_settings_by_default():
+    """LongLoRA fine-tunes with weight decay 0 and a constant learning rate after warm-up."""
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    train = TrainSpec(max_steps=100, lr=1e-3, warmup_steps=10)
+    opt = longlora_optimizer(params, train)
+    optimizer, scheduler = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
+    assert optimizer.param_groups[0]["weight_decay"] == 0.0  # not TrainSpec's generic 0.01
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warm-up over 10 steps
+    assert all(lr == pytest.approx(1e-3) for lr in lrs[10:])  # then constant
+    # a recipe that sets train.weight_decay gets it; lr_schedule: linear decays to 0 at max_steps
+    explicit = TrainSpec.model_validate({"max_steps": 100, "lr": 1e-3, "weight_decay": 0.05})
+    assert longlora_optimizer(params, explicit)["optimizer"].param_groups[0]["weight_decay"] == 0.05
+    assert lr_factor(55, 10, 100, "linear") == pytest.approx(0.5) and lr_factor(55, 10, 100, "constant") == 1.0
+    module = SinkLoRA().lightning_module(None, build_student(tiny_llama(), target_length=4 * CONTEXT),
+                                         None, args(lr_schedule="linear"), train)
+    assert module.lr_schedule == "linear"
 
 
 def test_a_rehearsal_original_length_sets_the_interpolation_base_and_cannot_exceed_the_real_context():
