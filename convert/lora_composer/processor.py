@@ -5,7 +5,9 @@ the loading of several concept LoRAs into ONE U-Net as named peft adapters.
 
 Usage: `load_concept_adapters(unet, {"sneaker": Path("loras/sneaker"), ...})`, then inside
 `with composed(unet, Composition(regions, global_embeds, height=32, width=64)):` every U-Net call is composed;
-`composition.active = False` gives the plain base model with adapters off (the unconditional branch).
+`composition.active = False` gives the plain base model with adapters off; `with composition.empty_prompts(empty):`
+gives the unconditional branch of classifier-free guidance as the authors run it (the regional LoRAs on, every
+prompt, global and regional, the empty one).
 
 Adapters live in the peft LoRA layers of the attention projections; `load_concept_adapters` switches their global
 application off (`unet.disable_adapters()`), and `RegionalAttnProcessor` adds each adapter's delta
@@ -18,6 +20,10 @@ base keys/values of `global_embeds`, region i's branch to keys/values of its own
 query inside some box from attending a key inside some box unless they share a box (background is unrestricted).
 With `record`, cross-attention maps (per region, summed over its token indices, mean over heads) and each
 region's self-attention mass on background keys are appended to the composition, with their autograd graph.
+With `global_tokens` (one token group per region, positions in the GLOBAL prompt), the global branch's
+cross-attention maps of those groups are appended to `global_maps` (detached): the attention the global prompt's
+concept words really get, which latent guidance does not optimise (its loss reads the regional maps), so
+leakage can be measured on them the same way as on the `set_adapters` baseline's.
 """
 
 from __future__ import annotations
@@ -69,6 +75,8 @@ class Composition:
         self.height, self.width = height, width
         self.isolate, self.inject, self.record = isolate, inject, record
         self.active, self.maps, self.fg_bg_mass = True, [], []
+        self.global_tokens: list[list[int]] | None = None
+        self.global_maps: list[torch.Tensor] = []
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
 
     @property
@@ -103,6 +111,24 @@ class Composition:
     def reset(self) -> None:
         self.maps.clear()
         self.fg_bg_mass.clear()
+        self.global_maps.clear()
+
+    @contextmanager
+    def empty_prompts(self, empty: torch.Tensor) -> Iterator[Composition]:
+        """While the block runs, the global prompt and every region's prompt are `empty` ([1, L, D], the empty
+        prompt's states) and nothing is recorded: the unconditional branch through the same regional adapters.
+        Why: with the base model as the unconditional branch, CFG would multiply the adapters' whole effect by the
+        guidance scale, while the `set_adapters` baseline keeps its adapters on in both branches."""
+        saved = (self.global_embeds, [r.embeds for r in self.regions], self.record, self.global_tokens)
+        self.global_embeds, self.record, self.global_tokens = empty, False, None
+        for region in self.regions:
+            region.embeds = empty
+        try:
+            yield self
+        finally:
+            self.global_embeds, embeds, self.record, self.global_tokens = saved
+            for region, kept in zip(self.regions, embeds):
+                region.embeds = kept
 
 
 def _check_region(i: int, region: Region, dim: int) -> None:
@@ -240,7 +266,13 @@ class RegionalAttnProcessor:
         adapters = comp.adapters
         q = _regional(attn.to_q, x, weights, adapters)
         glob = self._context(attn, comp.global_embeds, x)
-        out, _ = _attend(attn, q, _base(attn.to_k)(glob), _base(attn.to_v)(glob), None, want_probs=False)
+        groups = comp.global_tokens
+        out, probs = _attend(attn, q, _base(attn.to_k)(glob), _base(attn.to_v)(glob), None,
+                             want_probs=groups is not None)
+        if probs is not None:
+            per_head = probs.mean(1).detach()
+            comp.global_maps.append(torch.stack([per_head[..., g].sum(-1).reshape(-1, h, w) for g in groups])
+                                    if groups else x.new_zeros(0, x.shape[0], h, w))
         if comp.inject or comp.record:
             mixed, maps = (masks.sum(0) == 0).to(x.dtype)[None, :, None] * out, []
             for region, weight in zip(comp.regions, weights):

@@ -10,6 +10,7 @@ Where its pieces live:
 - distill/lora_composer/pipeline.py: teacher, baseline mixer and composer
 - distill/lora_composer/sampling.py, guidance.py: re-initialisation and latent guidance
 - distill/lora_composer/evaluation.py: the judge's metrics
+- distill/lora_composer/arms.py: the `compare` rows (plain base model, ablation ladder)
 - distill/lora_composer/canvas.py, concepts.py, vocab.py, testbed.py, testbed/: the Fashion-MNIST testbed (package
   data)
 - recipes: recipes/lora_composer_fashion.yaml

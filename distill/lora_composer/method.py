@@ -7,7 +7,8 @@ the adapters; `sampling.py`: latent re-initialisation and guidance; `evaluation.
 
 Training-free (`trains = False`): `convert` loads every concept LoRA into the teacher's one U-Net as a
 named adapter. "Before" is diffusers' `set_adapters` mixing of those adapters under each scene's global
-prompt (`Mixer`), "after" is LoRA-Composer on the same U-Net, seeds and noise (`Composer`). The export is
+prompt (`Mixer`), "after" is LoRA-Composer on the same U-Net, seeds and noise (`Composer`); the rows of
+`lora_composer.compare` (the plain base model, the ablation ladder: `arms.py`) come beside them. The export is
 the base pipeline's components, the adapters in the diffusers LoRA format and `composition.json`, from
 which `load_export` rebuilds the composer and reproduces the job's images exactly.
 """
@@ -27,19 +28,13 @@ from athanor.convert.lora_composer import adapter_bytes, load_concept_adapters
 from athanor.distill.fashion_mnist import CLASSES
 from athanor.distill.intervals import PerSample
 from athanor.distill.lora_composer import evaluation as ev
+from athanor.distill.lora_composer.arms import arm_metrics, arm_rows, check_arms, plain_scene
 from athanor.distill.lora_composer.config import MAX_REGIONS, LoraComposerArgs, LoraComposerStudent
 from athanor.distill.lora_composer.pipeline import Composer, ComposerTeacher, Mixer, Scene, load_teacher
 from athanor.distill.lora_composer.sampling import ConceptRegion, word_positions
 from athanor.distill.memory import model_bytes
 from athanor.distill.method_base import MethodBase
-from athanor.distill.spec import (
-    DataSpec,
-    Direction,
-    EvalSpec,
-    MethodData,
-    RecipeError,
-    ResolvedSource,
-)
+from athanor.distill.spec import DataSpec, Direction, EvalSpec, MethodData, RecipeError, ResolvedSource
 
 logger = logging.getLogger(__name__)
 KEY = "lora_composer"
@@ -54,6 +49,7 @@ def declared_metrics() -> dict[str, Direction]:
     metrics.update({f"presence_{ev.class_key(c)}": "higher" for c in CLASSES})
     metrics.update(leakage="lower", peak_mem_mb="neutral", params="neutral", weights_mb="neutral",
                    base_weights_mb="neutral", copies_weights_mb="neutral")
+    metrics.update(arm_metrics())
     return metrics
 
 
@@ -84,6 +80,7 @@ def check_scenes(args: LoraComposerArgs, tokenizer) -> None:
                     logger.warning("%s.scenes[%d]: boxes %d and %d overlap by %.0f%% of the smaller one (over "
                                    "overlap_warn %.0f%%): their concepts will be averaged there", KEY, s, a, b,
                                    100 * share, 100 * args.overlap_warn)
+    check_arms(args, tokenizer)
 
 
 def _word_in(tokenizer, prompt: str, word: str, key: str) -> None:
@@ -153,15 +150,19 @@ class LoraComposer(MethodBase[ComposerTeacher, Composer, LoraComposerArgs, dict[
         size = unet.sample_size if isinstance(unet.sample_size, (list, tuple)) else (unet.sample_size,) * 2
         noise = torch.stack([torch.randn(unet.in_channels, *size, generator=torch.Generator().manual_seed(s))
                              for s in args.seeds])
-        return MethodData(train_dataloader=lambda: [], eval={"scenes": scenes, "labels": labels, "noise": noise})
+        plain = [plain_scene(s, args) for s in args.scenes] if "plain" in args.compare else None
+        return MethodData(train_dataloader=lambda: [], eval={"scenes": scenes, "labels": labels, "noise": noise,
+                                                             "plain_scenes": plain})
 
     def evaluate(self, model: Mixer | Composer, teacher: ComposerTeacher, data: MethodData, eval: EvalSpec,
                  args: LoraComposerArgs, artifact_dir: Path) -> dict[str, float | PerSample]:
         """The judge's per-box scores and the attention leakage (`PerSample` over boxes, the same scenes, seeds,
-        noise and box order for the baseline and LoRA-Composer), peak memory and weight sizes."""
+        noise and box order for the baseline and LoRA-Composer), peak memory and weight sizes, and the
+        `compare` rows (`arm_<name>/<metric>`, sampled once, the same figures on both sides)."""
         payload = data.eval
         metrics = ev.evaluate(model, payload["scenes"], payload["noise"], payload["labels"], teacher.judge,
                               artifact_dir, teacher.judge_classes)
+        metrics.update(arm_rows(teacher, payload, args, artifact_dir.parent))
         base = model_bytes(teacher.unet) + model_bytes(teacher.text_encoder) - adapter_bytes(teacher.unet)
         n = len(args.concepts)
         metrics.update(params=float(sum(p.numel() for p in model.parameters())),

@@ -1,6 +1,7 @@
 """The LoRA-Composer teacher (a text-to-image base: U-Net, text encoder, tokenizer, scheduler, and an
 optional judge classifier) and the two samplers the job compares, both over the SAME U-Net holding every
-concept adapter: `Mixer` (diffusers `set_adapters` mixing, the baseline) and `Composer` (LoRA-Composer).
+concept adapter: `Mixer` (diffusers `set_adapters` mixing, the baseline) and `Composer` (LoRA-Composer); plus
+`PlainBase`, the base model alone (the `plain` comparison row, `arms.py`).
 
     .venv/bin/python -m pytest tests/distill/lora_composer -q
 
@@ -93,6 +94,9 @@ class Scene:
 class Mixer(nn.Module):
     """The baseline: every concept adapter active at once (`set_adapters` with `weights`), global prompt."""
 
+    uses_adapters = True
+    """False for the `plain` arm (`PlainBase`): the scene's adapters stay off."""
+
     def __init__(self, teacher: ComposerTeacher, weights: dict[str, float], steps: int, guidance_scale: float):
         super().__init__()
         self.unet, self.text_encoder, self.teacher = teacher.unet, teacher.text_encoder, teacher
@@ -100,11 +104,22 @@ class Mixer(nn.Module):
 
     def sample(self, scene: Scene, noise: torch.Tensor,
                on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict]:
-        names = [r.adapter for r in scene.regions]
+        names = [r.adapter for r in scene.regions] if self.uses_adapters else []
         images = sample_mixed(self.unet, self.text_encoder, self.teacher.tokenizer, self.teacher.scheduler_config,
                               names, [self.weights.get(n, 1.0) for n in names], scene.prompt, noise, self.steps,
                               self.guidance_scale, self.teacher.max_length, on_step)
         return images, {}
+
+
+class PlainBase(Mixer):
+    """The `plain` comparison arm: the base model, every adapter off, sampled like the baseline (same steps,
+    guidance scale, noise) under a scene whose prompt names the concepts by their class words
+    (`arms.plain_scene`): whether the concepts need LoRAs and composition at all."""
+
+    uses_adapters = False
+
+    def __init__(self, teacher: ComposerTeacher, steps: int, guidance_scale: float):
+        super().__init__(teacher, {}, steps, guidance_scale)
 
 
 class Composer(nn.Module):

@@ -8,8 +8,13 @@
 - `sample_mixed`: the baseline, diffusers' `set_adapters` mixing of the same adapters under the global
   prompt (what a user gets without LoRA-Composer).
 
-Both are DDIM with classifier-free guidance on the same noise. The composed sampler's unconditional
-branch is the base model with the empty prompt (adapters off).
+Both are DDIM with classifier-free guidance on the same noise, and both arms' unconditional branch holds the
+LoRAs the same way: the composer's runs the regional LoRAs with every prompt empty (as the authors' code does),
+the baseline's its mixed adapters with the empty prompt. (With the base model as the composer's unconditional
+branch, CFG would multiply the composer's whole LoRA effect by the guidance scale and the baseline's not.)
+Both return the concept words' cross-attention maps under the global prompt at the middle step
+(`info["global_maps"]`, [R, B, h, w] per layer): the real attention, never the maps latent guidance optimises,
+on which the evaluation measures leakage for every arm.
 
     .venv/bin/python -m pytest tests/distill/lora_composer/test_sampling.py -q
 """
@@ -90,14 +95,17 @@ def sample_composed(unet, text_encoder, tokenizer, scheduler_config: dict, regio
                     global_prompt: str, noise: torch.Tensor, settings: ComposerSettings,
                     max_length: int = 77) -> tuple[torch.Tensor, dict]:
     """LoRA-Composer sampling of `noise` [B, C, H, W]; returns (x₀, info) where info holds the guidance
-    losses per guided step and `maps` (the last step's recorded cross-attention maps, detached)."""
+    losses per guided step, `maps` (the middle step's regional cross-attention maps, detached: what guidance
+    optimises, drawn as the attention picture) and `global_maps` (see the module docstring; absent when a
+    concept word is not in the global prompt)."""
     batch, height, width = noise.shape[0], noise.shape[-2], noise.shape[-1]
     embeds = encode(text_encoder, tokenizer, [global_prompt, ""] + [r.prompt for r in regions], max_length)
     composition = Composition(
         [Region(r.adapter, r.box, embeds[2 + i:3 + i], word_positions(tokenizer, r.prompt, r.word))
          for i, r in enumerate(regions)],
         embeds[:1], height=height, width=width, isolate=settings.isolate, inject=settings.inject, record=True)
-    uncond = embeds[1:2].expand(batch, -1, -1)
+    uncond, empty = embeds[1:2].expand(batch, -1, -1), embeds[1:2]
+    global_tokens = _global_tokens(tokenizer, global_prompt, regions)
     boxes, ddim = [r.box for r in regions], _ddim(scheduler_config, settings.steps)
     guide = LatentGuidance(settings.guidance_steps, settings.eta0, settings.loss_weights or None, top_k=settings.top_k)
     info: dict = {"guidance_loss": []}
@@ -118,15 +126,28 @@ def sample_composed(unet, text_encoder, tokenizer, scheduler_config: dict, regio
                     z = guide.step(z_in, loss, i).detach()
                 info["guidance_loss"].append(loss.item())
             composition.reset()
+            middle = i == len(ddim.timesteps) // 2
+            composition.global_tokens = global_tokens if middle else None  # one step's maps: the cost stays small
             with torch.no_grad():
-                eps_c = unet(z, t, encoder_hidden_states=uncond).sample
-                if i == len(ddim.timesteps) // 2:  # the maps the evaluation measures leakage on
+                eps_c = unet(z, t, encoder_hidden_states=uncond).sample  # the processor reads its own prompts
+                if middle:
                     info["maps"] = [m.detach() for m in composition.maps]
-                composition.active = False
-                eps_u = unet(z, t, encoder_hidden_states=uncond).sample
-                composition.active = True
+                    if global_tokens is not None:
+                        info["global_maps"] = list(composition.global_maps)
+                with composition.empty_prompts(empty):
+                    eps_u = unet(z, t, encoder_hidden_states=uncond).sample
                 z = ddim.step(eps_u + settings.guidance_scale * (eps_c - eps_u), t, z).prev_sample
+            composition.global_tokens = None
     return z, info
+
+
+def _global_tokens(tokenizer, global_prompt: str, regions: list[ConceptRegion]) -> list[list[int]] | None:
+    """Each concept word's token positions in the global prompt, or None when one is missing there (a recipe
+    always has them: `check_scenes`)."""
+    try:
+        return [word_positions(tokenizer, global_prompt, r.word) for r in regions]
+    except ValueError:
+        return None
 
 
 def _mean_map(maps: list[torch.Tensor]) -> torch.Tensor:
@@ -143,12 +164,14 @@ def sample_mixed(unet, text_encoder, tokenizer, scheduler_config: dict, adapters
                  weights: list[float], global_prompt: str, noise: torch.Tensor, steps: int = 20,
                  guidance_scale: float = 3.0, max_length: int = 77,
                  on_step: Callable[[int], None] | None = None) -> torch.Tensor:
-    """The `set_adapters` baseline: every adapter active at once (with `weights`) under the global prompt.
-    `on_step(i)` is called before step i's U-Net call (the evaluation arms its attention recorder)."""
+    """The `set_adapters` baseline: every adapter active at once (with `weights`) under the global prompt, in both
+    CFG branches (the unconditional one: adapters on, empty prompt). With no adapters it is the base model (the
+    `plain` arm). `on_step(i)` is called before step i's U-Net call (the evaluation arms its attention recorder)."""
     embeds = encode(text_encoder, tokenizer, [global_prompt, ""], max_length)
     cond, uncond = embeds[:1].expand(noise.shape[0], -1, -1), embeds[1:].expand(noise.shape[0], -1, -1)
-    unet.enable_adapters()
-    unet.set_adapters(adapters, weights)
+    if adapters:
+        unet.enable_adapters()
+        unet.set_adapters(adapters, weights)
     try:
         ddim, z = _ddim(scheduler_config, steps), noise.clone()
         for i, t in enumerate(ddim.timesteps):
@@ -157,5 +180,8 @@ def sample_mixed(unet, text_encoder, tokenizer, scheduler_config: dict, adapters
             eps_u, eps_c = unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
             z = ddim.step(eps_u + guidance_scale * (eps_c - eps_u), t, z).prev_sample
     finally:
-        unet.disable_adapters()
+        if adapters:
+            # why: set_adapters scales each LoRA layer's `scaling` by its weight, and the composer reads `scaling`
+            unet.set_adapters(adapters, [1.0] * len(adapters))
+            unet.disable_adapters()
     return z

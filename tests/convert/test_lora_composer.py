@@ -282,3 +282,41 @@ def test_missing_file_and_unknown_adapter(tmp_path, unet):
             pass
     with pytest.raises(RecipeError, match=r"lora_composer\.regions\[0\]\.box"):
         Composition([Region(None, (0.5, 0, 0.5, 1), embeds(1), [0])], embeds(0), height=H, width=W)
+
+
+def test_empty_prompts_is_the_adapter_on_model_under_the_empty_prompt_and_restores(unet):
+    """One region over the whole canvas: under `empty_prompts(e)` the composed U-Net is peft's own model with that
+    adapter on and encoder states e (the unconditional branch keeps the LoRA); afterwards, even after an error,
+    the prompts, recording and global-map switch are back."""
+    sample = torch.randn(2, 1, H, W, generator=torch.Generator().manual_seed(11))
+    empty, own = embeds(20), embeds(21)
+    comp = Composition([Region("shirt", (0.0, 0.0, 1.0, 1.0), own, [1])], embeds(0), height=H, width=W, record=True)
+    comp.global_tokens = [[2]]
+    with torch.no_grad():
+        with composed(unet, comp), comp.empty_prompts(empty):
+            out = unet(sample, 10, encoder_hidden_states=embeds(30).expand(2, -1, -1)).sample  # ignored
+        assert comp.maps == [] and comp.global_maps == []  # nothing recorded in the unconditional branch
+        unet.enable_adapters()
+        unet.set_adapters(["shirt"])
+        reference = unet(sample, 10, encoder_hidden_states=empty.expand(2, -1, -1)).sample
+        unet.disable_adapters()
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError), comp.empty_prompts(empty):
+        raise RuntimeError
+    assert comp.regions[0].embeds is own and comp.record and comp.global_tokens == [[2]]
+    assert comp.global_embeds is not empty
+
+
+def test_global_maps_are_the_global_prompts_real_attention(unet):
+    """With `global_tokens`, each cross-attention layer appends [R, B, h, w] maps of those global-prompt tokens,
+    detached; they sum to at most 1 per cell (a share of each query's attention)."""
+    sample = torch.randn(2, 1, H, W, generator=torch.Generator().manual_seed(12))
+    comp = two_regions(record=False)
+    comp.global_tokens = [[1], [2, 3]]
+    with torch.no_grad(), composed(unet, comp):
+        unet(sample, 10, encoder_hidden_states=embeds(0).expand(2, -1, -1))
+    cross = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
+    assert len(comp.global_maps) == len(cross) and comp.maps == []  # one per cross-attention layer
+    for m in comp.global_maps:
+        assert m.shape[:2] == (2, 2) and not m.requires_grad
+        assert (m.sum(0) <= 1 + 1e-6).all() and (m > 0).all()

@@ -1,7 +1,8 @@
 """LoRA-Composer through the job spine: the shipped recipe's bad-input errors at `athanor validate`, and
 `recipes/lora_composer_fashion.yaml` end to end (`athanor submit --wait`): SUCCEEDED, the same keys before
 (set_adapters mixing) and after (LoRA-Composer), one U-Net holding every adapter, sample grids and attention
-maps in MLflow, a registry version whose download rebuilds the composer and reproduces the job's images.
+maps in MLflow, the `plain` comparison row on both sides, a registry version whose download rebuilds the composer
+and reproduces the job's images.
 
     .venv/bin/python -m pytest tests/recipes/test_lora_composer_recipe.py -q              # all (slow: ~10 min)
     .venv/bin/python -m pytest tests/recipes/test_lora_composer_recipe.py -q -m "not slow"
@@ -107,6 +108,10 @@ def test_fashion_recipe_end_to_end(tmp_path):
     # One U-Net holds the four adapters: under 1.2x the base weights, far below four pipeline copies.
     assert after["weights_mb"] < 1.2 * after["base_weights_mb"] < after["copies_weights_mb"] / 3
     assert before["params"] == after["params"]
+    # the plain row (base model, class words, same judge/boxes/seeds): sampled once, the same figures on both sides
+    plain = {k: v for k, v in after.items() if k.startswith("arm_plain/")}
+    assert {f"arm_plain/{k}" for k in ("presence_2", "presence_3", "confusion_2", "leakage")} <= set(plain)
+    assert plain == {k: before[k] for k in plain}
     # per-box samples: paired intervals of after - before; the shipped gate holds on this one-seed run too
     differences = job.result["intervals"]["differences"]["after - before"]
     assert {"presence_2", "presence_sneaker", "leakage"} <= set(differences)
@@ -115,7 +120,7 @@ def test_fashion_recipe_end_to_end(tmp_path):
     client = mlflow_client(tmp_path)
     assert {"baseline", "converted"} <= set(child_runs(client, job.mlflow_run_id))
     files = artifact_files(client, job.mlflow_run_id)
-    for name in ("before/samples.png", "after/samples.png", "after/attention_maps.png"):
+    for name in ("before/samples.png", "after/samples.png", "after/attention_maps.png", "arm_plain/samples.png"):
         assert any(p.endswith(name) for p in files), files
     (version,) = client.search_model_versions("name='lora-composer-fashion'")
     assert str(version.version) == job.model_version

@@ -16,7 +16,7 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from transformers import AutoTokenizer
 
-from athanor.convert.lora_composer import Composition, Region, composed, load_concept_adapters
+from athanor.convert.lora_composer import Composition, Region, RegionalAttnProcessor, composed, load_concept_adapters
 from athanor.distill.lora_composer.guidance import LatentGuidance, injection_loss
 from athanor.distill.lora_composer.pipeline import ComposerTeacher, load_teacher
 from athanor.distill.lora_composer.sampling import (
@@ -209,3 +209,83 @@ def test_sample_mixed_leaves_adapters_disabled(random_loras):
         after = teacher.unet(z, 500, encoder_hidden_states=context).sample
         base = base_unet()(z, 500, encoder_hidden_states=context).sample
     torch.testing.assert_close(after, base, atol=1e-5, rtol=1e-5)
+    # set_adapters' weights are undone: the composer, which reads each layer's `scaling`, sees the LoRAs as loaded
+    assert {m.scaling[n] for m in teacher.unet.modules() if isinstance(m, LoraLayer) for n in NAMES} == {1.0}
+
+
+WHOLE = (0.0, 0.0, 1.0, 1.0)
+
+
+def test_noop_composition_equals_set_adapters_under_guidance(random_loras):
+    """One concept, its box the whole canvas, its prompt the global one, no re-initialisation or guidance: the
+    composition is a no-op, so the composer IS the `set_adapters` baseline with that one adapter, and the two arms'
+    images agree at guidance scale g. They do only when both unconditional branches hold the adapter the same way
+    (the composer's used to be the base model with adapters off: the LoRA's effect multiplied by g)."""
+    teacher, z = teacher_with(random_loras), noise()
+    prompt = "a sks sneaker"
+    region = ConceptRegion("sneaker", WHOLE, prompt, "sks")
+    settings = ComposerSettings(steps=STEPS, guidance_scale=SCALE, isolate=True, inject=True, reinit=False,
+                                guidance_steps=0)
+    composed_images, _ = sample_composed(teacher.unet, teacher.text_encoder, teacher.tokenizer,
+                                         teacher.scheduler_config, [region], prompt, z, settings, teacher.max_length)
+    mixed = sample_mixed(teacher.unet, teacher.text_encoder, teacher.tokenizer, teacher.scheduler_config,
+                         ["sneaker"], [1.0], prompt, z, steps=STEPS, guidance_scale=SCALE,
+                         max_length=teacher.max_length)
+    torch.testing.assert_close(composed_images, mixed, atol=1e-4, rtol=1e-4)
+    assert (mixed - reference_ddim_cfg(teacher, prompt, z)).abs().max() > 1e-2  # the adapter does act
+
+
+def test_unconditional_branch_runs_the_regional_adapters_on_empty_prompts(random_loras):
+    """Every unconditional U-Net call of the composer goes through the regional processor with its adapters on and
+    every prompt (global and regional) the empty one; the conditional calls keep the scene's prompts."""
+    teacher, z = teacher_with(random_loras), noise(1)
+    settings = ComposerSettings(steps=2, guidance_scale=SCALE, reinit=False, guidance_steps=0)
+    seen: list[tuple[bool, bool]] = []  # (global prompt empty, every region prompt empty) per cross-attention call
+    empty = encode(teacher.text_encoder, teacher.tokenizer, [""], teacher.max_length)
+    original, made = Composition.__init__, []
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    cross = RegionalAttnProcessor._cross
+
+    def watch(self, attn, x, grid):
+        comp = self.composition
+        seen.append((torch.equal(comp.global_embeds, empty),
+                     all(torch.equal(r.embeds, empty) for r in comp.regions)))
+        return cross(self, attn, x, grid)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Composition, "__init__", spy)
+        mp.setattr(RegionalAttnProcessor, "_cross", watch)
+        sample_composed(teacher.unet, teacher.text_encoder, teacher.tokenizer, teacher.scheduler_config,
+                        REGIONS, PROMPT, z, settings, teacher.max_length)
+    layers = len(seen) // 4  # 2 steps × (conditional, unconditional)
+    assert seen == ([(False, False)] * layers + [(True, True)] * layers) * 2
+    (comp,) = made
+    assert not torch.equal(comp.global_embeds, empty) and comp.record  # restored after each unconditional call
+
+
+def test_both_arms_measure_leakage_on_the_same_real_attention(zero_loras):
+    """Zero adapters, no injection: the composer and the baseline sample the same images, and their leakage
+    is measured on the same maps (the concept words' attention under the global prompt), not the composer's
+    regional maps under each concept's own prompt (those latent guidance optimises)."""
+    from athanor.distill.lora_composer import evaluation as ev
+    from athanor.distill.lora_composer.pipeline import Composer, Mixer, Scene
+
+    teacher, z = teacher_with(zero_loras), noise()
+    scene = Scene(PROMPT, tuple(REGIONS))
+    settings = ComposerSettings(steps=STEPS, guidance_scale=SCALE, isolate=False, inject=False, reinit=False,
+                                guidance_steps=0)
+    composer, mixer = Composer(teacher, settings), Mixer(teacher, {}, STEPS, SCALE)
+    composed_images, c_info = ev.sample_scene(composer, scene, z)
+    mixed_images, m_info = ev.sample_scene(mixer, scene, z)
+    torch.testing.assert_close(composed_images, mixed_images, atol=1e-5, rtol=1e-5)
+    assert len(c_info["global_maps"]) == len(m_info["global_maps"]) == 7
+    for c, m in zip(c_info["global_maps"], m_info["global_maps"]):
+        torch.testing.assert_close(c, m, atol=1e-5, rtol=1e-5)
+    boxes = [r.box for r in REGIONS]
+    assert ev.leakage(c_info["global_maps"], boxes) == pytest.approx(ev.leakage(m_info["global_maps"], boxes))
+    assert ev.leakage(c_info["maps"], boxes) != pytest.approx(ev.leakage(m_info["global_maps"], boxes), abs=1e-3)
+
