@@ -282,4 +282,4 @@ def add_commands(sub: Any) -> None:
 
 
 def _with_json(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="JSON, as the HTTP API answers (see README, HTTP API)")
+    p.add_argument("--json", action="store_true", help="JSON, as the HTTP API answers (see docs/api.md)")

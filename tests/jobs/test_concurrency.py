@@ -17,11 +17,12 @@ from recipes_toy import TOY, write_toy
 
 from athanor.jobs.store import JobStore
 
-SUBMITS, WORKERS = 8, 2
-"""Four jobs per worker, submitted from 8 threads at once onto a home that does not exist yet: every race the test
+SUBMITS, WORKERS = 6, 2
+"""Three jobs per worker, submitted from 6 threads at once onto a home that does not exist yet: every race the test
 is for (creating the store and the MLflow database, claiming, registering) happens in the first few submits and
-claims, and four jobs per worker still makes each worker claim again while the other runs and registers. (It ran
-50 submits until 2026-12: about 10 minutes of CI for the same races; 12 submits on 3 workers took 2.5.)"""
+claims, and three jobs per worker still make each worker claim again while the other runs and registers. (It ran
+50 submits until 2026-12: about 10 minutes of CI for the same races; 12 submits on 3 workers took 2.5, 8 on 2
+about 2.)"""
 
 
 @pytest.mark.slow
@@ -31,7 +32,7 @@ def test_concurrent_submits_on_a_fresh_home_all_succeed_once(tmp_path, home):
     workers = [subprocess.Popen([*CLI, "worker", "--poll", "0.2"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(WORKERS)]
     try:
-        with ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(SUBMITS) as pool:
             submitted = list(pool.map(lambda i: athanor("submit", str(path), "-o", f"train.seed={i}"), range(SUBMITS)))
         assert all(s.returncode == 0 for s in submitted), [s.stderr[-500:] for s in submitted if s.returncode]
         store = JobStore(home)
