@@ -42,6 +42,9 @@ EvalT = TypeVar("EvalT")
 """The evaluation payload `data()` builds (`MethodData.eval`): a dataclass, or a dict."""
 
 REQUIRED = ("name", "Args", "Student", "metrics")
+REQUIRED_CALLS = ("load_teacher", "convert", "data", "teacher_model", "evaluate", "speed_probe", "export")
+"""Declared below only for their signatures (abstract: `raise NotImplementedError`); a subclass that does not
+implement one is refused when it is defined, so those bodies never run."""
 """Class variables without a default: every method states them."""
 
 
@@ -74,10 +77,11 @@ class MethodBase(Generic[TeacherT, StudentT, ArgsT, EvalT]):
     spine's own `lm_eval/<task>/<metric>` keys (`eval.lm_eval`) are declared by their tasks instead."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Refuse, when the class is defined, a method that misses a required class variable or, training, the
-        training calls (rather than at the first job that reaches them)."""
+        """Refuse, when the class is defined, a method that misses a required class variable, a required call or,
+        training, the training calls (rather than at the first job that reaches them)."""
         super().__init_subclass__(**kwargs)
         missing = [var for var in REQUIRED if not hasattr(cls, var)]
+        missing += [call for call in REQUIRED_CALLS if not overrides(cls, call)]
         if cls.trains:
             missing += [call for call in ("lightning_module", "trained_student") if not overrides(cls, call)]
         if missing:

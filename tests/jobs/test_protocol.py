@@ -11,7 +11,7 @@ import inspect
 
 import pytest
 
-from athanor.distill.method_base import MethodBase, overrides
+from athanor.distill.method_base import REQUIRED_CALLS, MethodBase, overrides
 from athanor.distill.spec import Method, RecipeError, Section, TrainSpec
 from athanor.jobs.methods import METHODS, get_method
 
@@ -71,6 +71,7 @@ class _Bare(MethodBase):
     Student = Section
     trains = False
     metrics = {"params": "neutral"}
+    load_teacher = convert = data = teacher_model = evaluate = speed_probe = export = (lambda self, *a, **k: None)
 
 
 def test_optional_calls_default_to_not_taking_part():
@@ -87,8 +88,12 @@ def test_optional_calls_default_to_not_taking_part():
 def test_a_method_missing_its_declarations_is_refused_when_defined():
     with pytest.raises(TypeError, match="must define Args, Student, metrics"):
         type("NoArgs", (MethodBase,), {"name": "x", "trains": False})
+    calls = {call: (lambda self, *a, **k: None) for call in REQUIRED_CALLS}
     with pytest.raises(TypeError, match="lightning_module, trained_student"):
-        type("Trains", (MethodBase,), {"name": "x", "Args": Section, "Student": Section, "metrics": {}})
+        type("Trains", (MethodBase,), {"name": "x", "Args": Section, "Student": Section, "metrics": {}, **calls})
+    with pytest.raises(TypeError, match="must define evaluate, speed_probe$|must define evaluate, speed_probe \\("):
+        type("NoEval", (MethodBase,), {"name": "x", "Args": Section, "Student": Section, "metrics": {}, "trains": False,
+                                       **{k: v for k, v in calls.items() if k not in ("evaluate", "speed_probe")}})
 
 
 def test_a_registered_class_that_is_not_a_method_base_is_refused_naming_the_fix(monkeypatch):
