@@ -23,6 +23,7 @@ import time
 
 from athanor.jobs.launchers import launcher_for, safe_reconcile, submit
 from athanor.jobs.leases import clean_up, reap_stale
+from athanor.jobs.prefork import ForkedJob, Prefork, spawn_fresh
 from athanor.jobs.recipe import train_section
 from athanor.jobs.store import JobStore, StoreCorrupt, StoreError
 from athanor.jobs.workers import WorkerBeat
@@ -30,13 +31,18 @@ from athanor.jobs.workers import WorkerBeat
 log = logging.getLogger("athanor.worker")
 
 
-def spawn(job_id: str, store: JobStore) -> subprocess.Popen:
+def spawn(job_id: str, store: JobStore, prefork: Prefork | None = None) -> ForkedJob | subprocess.Popen:
+    """Start the claimed job's own process: forked by `prefork` when it can (libraries already imported), else a
+    fresh interpreter. Either way its pid is recorded, and it runs in its own session."""
     job = store.get(job_id)
-    logfile = open(job.log_path, "ab")
     env = {**os.environ, "ATHANOR_HOME": str(store.home), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "athanor.jobs.worker", "--job", job_id], stdout=logfile,
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    argv = ["athanor.jobs.worker", "--job", job_id]
+    proc = prefork.launch(argv, env, job.log_path) if prefork is not None and prefork.alive else None
+    how = "forked from the preloaded server"
+    if proc is None:
+        proc, how = spawn_fresh(argv, env, job.log_path), "a fresh interpreter"
     store.update(job_id, pid=proc.pid)
+    print(f"job {job_id}: process {proc.pid}, {how}", flush=True)
     return proc
 
 
@@ -48,11 +54,16 @@ def work(store: JobStore, *, once: bool = False, poll: float = 2.0, max_jobs: in
     """Run pending jobs one after another; return how many ran. Store failures (read-only home, full
     disk) are reported in one line and retried: the worker stays up. Its heartbeat row (jobs/workers.py) is renewed
     from a thread throughout, so `GET /workers` sees it alive inside a long job too."""
-    with WorkerBeat(store):
-        return _work(store, once=once, poll=poll, max_jobs=max_jobs)
+    prefork = Prefork.start()  # before the heartbeat thread: a fork copies no thread's held lock
+    try:
+        with WorkerBeat(store):
+            return _work(store, prefork, once=once, poll=poll, max_jobs=max_jobs)
+    finally:
+        if prefork is not None:
+            prefork.close()
 
 
-def _work(store: JobStore, *, once: bool, poll: float, max_jobs: int | None) -> int:
+def _work(store: JobStore, prefork: Prefork | None, *, once: bool, poll: float, max_jobs: int | None) -> int:
     ran = 0
     stopping = False
 
@@ -86,14 +97,14 @@ def _work(store: JobStore, *, once: bool, poll: float, max_jobs: int | None) -> 
             time.sleep(poll)
             continue
         try:
-            _run_one(store, job)
+            _run_one(store, job, prefork)
         except StoreError as exc:
             print(f"worker: job {job.id}: {exc}", file=sys.stderr, flush=True)
         ran += 1
     return ran
 
 
-def _run_one(store: JobStore, job) -> None:
+def _run_one(store: JobStore, job, prefork: Prefork | None = None) -> None:
     """Run the attempt `job` was claimed for; if its process died without reporting, re-queue the job (attempts
     left) or finish it. A later claim by this loop (or any worker) runs the next attempt. A job for a cluster
     engine is submitted to it instead."""
@@ -106,7 +117,7 @@ def _run_one(store: JobStore, job) -> None:
         return
     print(f"running job {job.id} ({job.name}, {job.method}), attempt {job.attempts} of {job.max_attempts}; "
           f"log: {job.log_path}", flush=True)
-    proc = spawn(job.id, store)
+    proc = spawn(job.id, store, prefork)
     proc.wait()
     reap_stale(store)
     final = store.get(job.id)

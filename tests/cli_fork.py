@@ -85,42 +85,10 @@ def run(argv: list[str], *, env: dict[str, str], cwd: Path, timeout: float) -> s
 
 def _child(argv: list[str], env: dict[str, str], cwd: str, base_path: list[str], out: str, err: str) -> None:
     """In the forked child: become `python -m athanor.jobs.cli *argv`, then exit with its code."""
-    import atexit
-    import runpy
-    import threading
-    import traceback
-
     for fd, path in ((1, out), (2, err)):  # first: fd 1 is the pytest worker's channel to its controller
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(target, fd)
         os.close(target)
-    os.environ.clear()
-    os.environ.update(env)
-    os.chdir(cwd)
-    sys.argv[:] = ["-m", *argv]  # run_module puts the module's path first, as `python -m` does
-    sys.path[:] = [cwd, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep)), *base_path]
-    if "mlflow" in sys.modules:  # MLflow decides at import whether telemetry is on; decide with this env
-        from mlflow.telemetry import set_telemetry_client
+    from athanor.jobs.prefork import run_module_as_main  # the product's own, for the job processes it forks
 
-        set_telemetry_client()
-    if "torch" in sys.modules and env.get("OMP_NUM_THREADS", "").isdigit():  # read once, when torch loaded OpenMP
-        sys.modules["torch"].set_num_threads(int(env["OMP_NUM_THREADS"]))
-    code: int = 0
-    try:
-        runpy.run_module("athanor.jobs.cli", run_name="__main__", alter_sys=True)
-    except SystemExit as stop:
-        if stop.code is None or isinstance(stop.code, int):
-            code = stop.code or 0
-        else:
-            print(stop.code, file=sys.stderr)
-            code = 1
-    except BaseException:  # what the interpreter does with an uncaught exception
-        traceback.print_exc()
-        code = 1
-    for thread in threading.enumerate():  # what the interpreter does at exit
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(code)
+    os._exit(run_module_as_main("athanor.jobs.cli", argv, env, cwd, base_path))

@@ -176,6 +176,7 @@ def test_worker_runs_queued_jobs_in_their_own_processes(tmp_path, home):
     assert [j.status for j in JobStore(home).list()] == ["PENDING", "PENDING"]
     worker = athanor("worker", "--once", check=True, timeout=300)
     assert worker.stdout.count(": SUCCEEDED") == 2
+    assert worker.stdout.count("forked from the preloaded server") == 2  # jobs/prefork.py: no import per job
     jobs = {j.id: j for j in JobStore(home).list()}
     assert all(jobs[i].status == "SUCCEEDED" for i in ids)
     assert {str(v.version) for v in _versions(home, "toy-student")} == {"1", "2"}

@@ -309,15 +309,17 @@ def test_a_two_rank_job_resumes_on_every_rank_to_the_same_student(tmp_path, home
 
 
 @pytest.mark.slow
-def test_repeated_kills_of_the_tiny_minilm_job_end_where_the_uninterrupted_run_ends(tmp_path):
+def test_repeated_kills_of_the_tiny_minilm_job_end_where_the_uninterrupted_run_ends(tmp_path, monkeypatch):
     """The acceptance measurement (benchmarks/resume_kills.py, run with its default 10 kills for the figure) at 2
     SIGKILLs, to keep CI short: 2 resumes, the same final metrics, weights and training curve as the uninterrupted
-    run (tolerance 0 on CPU), one parent run."""
+    run (tolerance 0 on CPU), one parent run. Its `athanor` calls go through the suite's forked CLI."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("resume_kills", REPO / "benchmarks" / "resume_kills.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "athanor", lambda home, *args, env=None: athanor(*args, home=home, env=env,
+                                                                                check=True, timeout=3600))
     figures = bench.main(["--kills", "2", "--home", str(tmp_path / "home")])
     assert (figures["kills"], figures["resumes"], figures["status"], figures["attempts"]) == (2, 2, "SUCCEEDED", 3)
     assert figures["metric_diff"] == figures["weight_diff"] == figures["loss_diff"] == 0 and figures["same_steps"]
