@@ -133,7 +133,11 @@ def _run_foreground(args, job, loaded) -> int:
     else:
         print(f"running job {job.id} ({job.name}, {job.method}) in the foreground; log: {job.log_path}", file=out,
               flush=True)
-        with foreground(verbose=args.verbose, stream=out), contextlib.redirect_stdout(out):
+        # why: loaded only by this command, so `athanor --help` stays fast
+        from athanor.jobs.trainer import rank_server
+
+        with (rank_server(loaded.recipe.train), foreground(verbose=args.verbose, stream=out),
+              contextlib.redirect_stdout(out)):  # the rank server first: before any thread
             final = run.execute(job.id, store, progress=not args.no_progress)
     if final.status == "SUCCEEDED" and not args.json:
         # why: loaded only by this command, so `athanor --help` stays fast

@@ -76,24 +76,46 @@ def run_module_as_main(module: str, argv: list[str], env: dict[str, str], cwd: s
 
 
 class ForkedJob:
-    """A job process the server forked: `pid`, `wait()` and `returncode`, as a subprocess.Popen's."""
+    """A process the server forked, used as a subprocess.Popen: `pid`, `returncode`, `poll`, `wait`, `terminate`,
+    `kill`."""
 
     def __init__(self, prefork: Prefork, pid: int) -> None:
         self.prefork, self.pid, self.returncode = prefork, pid, None
 
-    def wait(self) -> int:
+    def poll(self) -> int | None:
         if self.returncode is None:
-            self.returncode = self.prefork.wait_for(self.pid)
+            self.returncode = self.prefork.status(self.pid, timeout=0)
         return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = self.prefork.status(self.pid, timeout=timeout)
+            if self.returncode is None:
+                raise subprocess.TimeoutExpired(["python", "-m", "(forked)", str(self.pid)], timeout or 0)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 class Prefork:
-    """The worker's side of the server: `launch` a job, then `ForkedJob.wait` for its exit status."""
+    """The caller's side of the server: `launch` a process, then wait for it through the ForkedJob it returns."""
 
     def __init__(self, server_pid: int, requests: int, replies: int) -> None:
         """Use `Prefork.start()`."""
         self.server_pid, self.requests, self.replies = server_pid, requests, replies
         self._buffer = b""
+        self._exited: dict[int, int] = {}
         self.alive = True
 
     @classmethod
@@ -117,35 +139,43 @@ class Prefork:
         os.close(replies_w)
         return cls(pid, requests_w, replies_r)
 
-    def launch(self, argv: list[str], env: dict[str, str], log_path: Path) -> ForkedJob | None:
+    def launch(self, argv: list[str], env: dict[str, str], log_path: Path, *,
+               new_session: bool = True) -> ForkedJob | None:
         """`python -m *argv` (a module and its arguments), forked by the server with stdout and stderr appended to
-        `log_path`; None if the server is gone (start a fresh interpreter instead)."""
-        request = {"argv": argv, "env": env, "cwd": os.getcwd(), "log": str(log_path), "path": _base_path()}
+        `log_path`, in a session of its own or (`new_session=False`) in the caller's process group; None if the
+        server is gone (start a fresh interpreter instead)."""
+        request = {"argv": argv, "env": env, "cwd": os.getcwd(), "log": str(log_path), "path": _base_path(),
+                   "session": new_session}
         try:
             os.write(self.requests, json.dumps(request).encode() + b"\n")
-            reply = self._read()
         except OSError:
-            reply = None
-        if reply is None or "pid" not in reply:
             self.close()
             return None
-        return ForkedJob(self, reply["pid"])
-
-    def wait_for(self, pid: int) -> int:
-        """The exit status of job process `pid` (negative: the signal that killed it). If the server is gone, wait
-        until the process is, and return -1: its status went with the server."""
         while self.alive:
-            reply = self._read()
-            if reply is None:
-                break
-            if reply.get("exited") == pid:
-                return reply["code"]
-        while _exists(pid):
-            time.sleep(0.5)
-        return -1
+            reply = self._read(None)
+            if reply is not None and "pid" in reply:
+                return ForkedJob(self, reply["pid"])
+        return None
+
+    def status(self, pid: int, timeout: float | None) -> int | None:
+        """The exit status of process `pid` (negative: the signal that killed it) once it has exited, waiting up
+        to `timeout` seconds (None: until it exits); None while it runs. If the server is gone, -1 once the process
+        is: its status went with the server."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pid not in self._exited:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self.alive:
+                self._read(left)  # records every exit it reads
+            elif not _exists(pid):
+                return -1
+            else:
+                time.sleep(0.5 if left is None else min(0.5, left))
+            if left == 0.0 and pid not in self._exited:
+                return None
+        return self._exited[pid]
 
     def close(self) -> None:
-        """Stop the server (a job it forked keeps running in its own session) and reap it."""
+        """Stop the server (what it forked keeps running) and reap it."""
         if not self.alive:
             return
         self.alive = False
@@ -159,8 +189,13 @@ class Prefork:
         except ChildProcessError:
             pass
 
-    def _read(self) -> dict | None:
+    def _read(self, timeout: float | None) -> dict | None:
+        """The server's next message (exits are recorded as they come), or None: none within `timeout`, or the
+        server is gone."""
         while b"\n" not in self._buffer:
+            ready, _, _ = select.select([self.replies], [], [], timeout)
+            if not ready:
+                return None
             try:
                 chunk = os.read(self.replies, 65536)
             except OSError:
@@ -170,7 +205,10 @@ class Prefork:
                 return None
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
-        return json.loads(line)
+        message = json.loads(line)
+        if "exited" in message:
+            self._exited[message["exited"]] = message["code"]
+        return message
 
 
 def _base_path() -> list[str]:
@@ -237,8 +275,9 @@ def _report_exits(children: set[int], replies: int) -> None:
 
 
 def _job_process(request: dict, requests: int, replies: int) -> int:
-    """In the forked job process: its own session, its log, then the job."""
-    os.setsid()
+    """In the forked process: its own session (unless asked not to), its log, then the module."""
+    if request.get("session", True):
+        os.setsid()
     for fd in (requests, replies):
         os.close(fd)
     signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import copy
 import importlib
+import logging
 import os
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from athanor.distill.spec import STEPS_MAX, TrainSpec
 from athanor.jobs.console import step_bar
 from athanor.jobs.launchers import RANKS_LAUNCHED_ENV, slurm_task
+from athanor.jobs.prefork import ForkedJob, Prefork
 from athanor.jobs.resume import AtomicCheckpoint, resumable_loader
 
 CHECKPOINTS = "checkpoints"
@@ -155,9 +157,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+RANK_SERVER: Prefork | None = None
+"""The server (jobs/prefork.py) that `rank_server` forked before the job started any thread: the other ranks of this
+node are forked from it, in the job's process group, without re-importing the libraries."""
+
+
+@contextlib.contextmanager
+def rank_server(train: TrainSpec) -> Iterator[None]:
+    """While open, this node's other ranks are forked from a server forked on entry (RANK_SERVER): enter it before
+    the process starts any thread. Nothing to do for one rank, or under a cluster engine (it starts every rank)."""
+    global RANK_SERVER
+    if train.launcher != "local" or train.devices <= 1 or RANK_SERVER is not None:
+        yield
+        return
+    RANK_SERVER = Prefork.start()
+    try:
+        yield
+    finally:
+        if RANK_SERVER is not None:
+            RANK_SERVER.close()
+        RANK_SERVER = None
+
+
+def _start_rank(job_id: str, env: dict[str, str], log_path: Path) -> ForkedJob | subprocess.Popen:
+    argv = ["athanor.jobs.worker", "--rank", job_id]
+    proc = (RANK_SERVER.launch(argv, env, log_path, new_session=False)
+            if RANK_SERVER is not None and RANK_SERVER.alive else None)
+    how = "forked from the rank server"
+    if proc is None:
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", *argv], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=False)
+        how = "a fresh interpreter"
+    logging.getLogger("athanor.job").info("rank %s: process %d, %s; log: %s", env["RANK"], proc.pid, how, log_path)
+    return proc
+
+
 @contextlib.contextmanager
 def launched_ranks(train: TrainSpec, job_id: str, home: Path, log_dir: Path,
-                   extra_env: dict[str, str] | None = None) -> Iterator[list[subprocess.Popen]]:
+                   extra_env: dict[str, str] | None = None) -> Iterator[list[ForkedJob | subprocess.Popen]]:
     """Start ranks 1..N-1 of this node for `job_id` and set rank 0's environment (torchrun-style);
     `extra_env` goes to the started ranks only.
 
@@ -184,9 +222,7 @@ def launched_ranks(train: TrainSpec, job_id: str, home: Path, log_dir: Path,
         for local in range(1, n_local):
             env = {**os.environ, **base, "LOCAL_RANK": str(local), "RANK": str(node_rank * n_local + local),
                    "ATHANOR_HOME": str(home), **(extra_env or {})}
-            log = open(log_dir / f"rank{local}.log", "ab")
-            procs.append(subprocess.Popen([sys.executable, "-m", "athanor.jobs.worker", "--rank", job_id], env=env,
-                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=False))
+            procs.append(_start_rank(job_id, env, log_dir / f"rank{local}.log"))
         os.environ.update({**base, "LOCAL_RANK": "0", "RANK": str(node_rank * n_local)})
         yield procs
         for proc in procs:

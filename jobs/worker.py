@@ -14,6 +14,7 @@ goes on; the engine's job state settles it (`jobs.launchers.reconcile`, on every
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -192,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         run.run_rank(args.rank, store)
         return 0
-    job = run.execute(args.job, store, progress=False)
+    from athanor.jobs.trainer import rank_server
+
+    train = _train_section(store.get(args.job))
+    with rank_server(train) if train is not None else contextlib.nullcontext():  # before the job starts a thread
+        job = run.execute(args.job, store, progress=False)
     return 0 if job.status == "SUCCEEDED" else 1
 
 

@@ -47,6 +47,17 @@ if mode == "server_gone_before":
     time.sleep(0.5)
     out["launched"] = prefork.launch(["probe", "0"], dict(os.environ), log) is not None
     out["alive"] = prefork.alive
+elif mode == "rank":
+    import subprocess
+    job = prefork.launch(["probe", "sleep"], dict(os.environ), log, new_session=False)
+    time.sleep(2)
+    out["pgid"], out["my_pgid"], out["running"] = os.getpgid(job.pid), os.getpgid(0), job.poll() is None
+    try:
+        job.wait(timeout=0.5)
+    except subprocess.TimeoutExpired:
+        out["timed_out"] = True
+    job.terminate()
+    out["code"] = job.wait(timeout=30)
 else:
     job = prefork.launch(["probe", "sleep" if mode != "exit" else "3"], {**os.environ, "PROBE_VAR": "x"}, log)
     out["pid"] = job.pid
@@ -110,3 +121,10 @@ def test_a_job_outlives_its_server_and_the_worker_still_waits_for_it(tmp_path):
 @pytest.mark.parametrize("mode, env", [("threads", {}), ("switched_off", {"ATHANOR_PREFORK": "0"})])
 def test_no_server_with_threads_running_or_when_switched_off(tmp_path, mode, env):
     assert _drive(tmp_path, mode, env) == {"started": False}
+
+
+def test_a_rank_stays_in_the_callers_process_group_and_is_used_as_a_popen(tmp_path):
+    out = _drive(tmp_path, "rank")
+    assert out["pgid"] == out["my_pgid"]  # killing the job's group kills its ranks too
+    assert out["running"] and out["timed_out"]  # poll() is None while it runs; wait(timeout) raises as Popen's
+    assert out["code"] == -15  # terminate() is SIGTERM
