@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from athanor.jobs.store import process_alive
+
 PRELOAD = ("torch", "lightning.pytorch", "mlflow", "transformers")
 """What every training job imports first; a library missing here is simply imported by the job itself."""
 
@@ -166,7 +168,7 @@ class Prefork:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if self.alive:
                 self._read(left)  # records every exit it reads
-            elif not _exists(pid):
+            elif not process_alive(pid):
                 return -1
             else:
                 time.sleep(0.5 if left is None else min(0.5, left))
@@ -215,16 +217,6 @@ def _base_path() -> list[str]:
     """This interpreter's sys.path less its first entry (the script's or -m's directory) and PYTHONPATH's."""
     own = set(filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)))
     return [entry for entry in sys.path[1:] if entry not in own]
-
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _serve(requests: int, replies: int, preload: tuple[str, ...]) -> None:

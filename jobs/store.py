@@ -308,7 +308,7 @@ class JobStore:
         reaped = []
         for job in self.list(limit=10_000, status=RUNNING):
             stale = time.time() - (job.heartbeat_at or job.started_at or job.updated_at) > limit
-            dead = job.pid is not None and _on_this_host(job.lease_owner) and not _alive(job.pid)
+            dead = job.pid is not None and _on_this_host(job.lease_owner) and not process_alive(job.pid)
             if job.engine or not (stale or dead):  # a cluster engine's job state decides (jobs/launchers)
                 continue
             settled = self.retry_or_finish(
@@ -328,7 +328,8 @@ def _on_this_host(owner: str | None) -> bool:
     return bool(owner) and owner.rsplit(":", 1)[0] == socket.gethostname()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (on this host)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
