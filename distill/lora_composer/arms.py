@@ -67,7 +67,7 @@ def check_arms(args: LoraComposerArgs, tokenizer) -> None:
         if not concept.plain_word():
             raise RecipeError(f"{KEY}.concepts.{name}.class_word", None, "the plain arm prompts the base model "
                               "with each concept's class word: set class_word (or judge_class)")
-    for s, scene in enumerate(args.scenes):
+    for s, scene in enumerate(args.all_scenes()):
         prompt = plain_prompt(scene, args)
         for region in scene.regions:
             word = args.concepts[region.concept].plain_word()

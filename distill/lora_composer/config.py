@@ -6,16 +6,18 @@ settings without importing the method, and a reader finds every recipe key of th
 
 from __future__ import annotations
 
+import itertools
+import random
 from typing import Literal
 
 from pydantic import Field
 
 from athanor.convert.recipe_types import TeacherFile, Text
 from athanor.distill.lora_composer.sampling import ComposerSettings
-from athanor.distill.spec import Section
+from athanor.distill.spec import RecipeError, Section
 
-__all__ = ["ARMS", "MAX_REGIONS", "Arm", "ConceptSpec", "RegionSpec", "SceneSpec", "LoraComposerStudent",
-           "LoraComposerArgs"]
+__all__ = ["ARMS", "MAX_REGIONS", "Arm", "ConceptSpec", "RegionSpec", "SceneSpec", "LayoutSlot", "GeneratedScenes",
+           "LoraComposerStudent", "LoraComposerArgs"]
 
 Arm = Literal["plain", "inject_only", "plus_isolation", "plus_guidance", "plus_reinit"]
 ARMS: tuple[Arm, ...] = ("plain", "inject_only", "plus_isolation", "plus_guidance", "plus_reinit")
@@ -66,6 +68,45 @@ class SceneSpec(Section):
     with every concept word removed, 'a sks sneaker on the left ...' -> 'a sneaker on the left ...')."""
 
 
+class LayoutSlot(Section):
+    box: tuple[float, float, float, float]
+    """(x0, y0, x1, y1) as fractions of the image width and height, as a region's box."""
+    where: Text
+    """How a caption places an item in this box ('on the left')."""
+
+
+class GeneratedScenes(Section):
+    """Scenes drawn by a seeded generator: concept combinations in the given layouts that `scenes` does not list,
+    so the evaluation is not only of hand-picked scenes. Prompts follow the listed scenes' style: each concept's
+    own prompt and its slot's `where`, joined as 'A on the left, B in the middle and C on the right'."""
+
+    count: int = Field(16, ge=1, le=4096)
+    """How many scenes to draw (without replacement) from every layout × ordered choice of distinct concepts."""
+    seed: int = 0
+    """The draw's seed: the same seed, concepts and layouts give the same scenes."""
+    layouts: list[list[LayoutSlot]] = Field(min_length=1)
+    """Arrangements of boxes a scene can use (e.g. two items left and right; three left, middle and right)."""
+
+    def draw(self, concepts: list[str], prompts: dict[str, str], listed: list[SceneSpec]) -> list[SceneSpec]:
+        """`count` scenes, none with the same concepts in the same boxes as a listed scene."""
+        taken = {tuple((r.concept, tuple(r.box)) for r in s.regions) for s in listed}
+        candidates = [(layout, names) for layout in self.layouts
+                      for names in itertools.permutations(sorted(concepts), len(layout))
+                      if tuple((n, tuple(slot.box)) for n, slot in zip(names, layout)) not in taken]
+        if self.count > len(candidates):
+            raise RecipeError("lora_composer.generate_scenes.count", self.count,
+                              f"these concepts and layouts give {len(candidates)} scenes the recipe does not "
+                              f"list: ask for at most {len(candidates)}, or add layouts or concepts")
+        drawn = random.Random(self.seed).sample(candidates, self.count)
+        return [SceneSpec(prompt=_caption([f"{prompts[n]} {slot.where}" for n, slot in zip(names, layout)]),
+                          regions=[RegionSpec(concept=n, box=slot.box) for n, slot in zip(names, layout)])
+                for layout, names in drawn]
+
+
+def _caption(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
 class LoraComposerStudent(Section):
     """Nothing to choose: the composed model is the teacher's U-Net with the concept adapters."""
 
@@ -75,8 +116,11 @@ class LoraComposerArgs(Section):
 
     concepts: dict[str, ConceptSpec] = Field(min_length=1)
     """Adapter name -> its LoRA and prompt; all are held in one U-Net."""
-    scenes: list[SceneSpec] = Field(min_length=1)
-    """The evaluated scenes: before and after sample each with every seed."""
+    scenes: list[SceneSpec] = Field(default_factory=list)
+    """The evaluated scenes: before and after sample each with every seed (with `generate_scenes`, these and the
+    generated ones; at least one scene in all)."""
+    generate_scenes: GeneratedScenes | None = None
+    """More evaluated scenes, drawn by a seeded generator from the concepts and layouts (see GeneratedScenes)."""
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1)
     steps: int = Field(20, ge=1, le=1000)
     """DDIM steps."""
@@ -107,6 +151,14 @@ class LoraComposerArgs(Section):
     """Warn when two boxes of a scene overlap by more than this share of the smaller one."""
     cpu_threads: int | None = Field(None, ge=1, le=1024)
     """Torch intra-op threads for the job (1 on a shared CPU)."""
+
+    def all_scenes(self) -> list[SceneSpec]:
+        """The listed scenes, then the generated ones (RecipeError when there are none, or too few to draw)."""
+        generated = [] if self.generate_scenes is None else self.generate_scenes.draw(
+            list(self.concepts), {name: c.prompt for name, c in self.concepts.items()}, self.scenes)
+        if not self.scenes and not generated:
+            raise RecipeError("lora_composer.scenes", [], "list at least one scene, or set generate_scenes")
+        return [*self.scenes, *generated]
 
     def settings(self) -> ComposerSettings:
         return ComposerSettings(self.steps, self.guidance_scale, self.isolate, self.inject, self.reinit,

@@ -63,7 +63,7 @@ def check_scenes(args: LoraComposerArgs, tokenizer) -> None:
     """Every region names a known concept inside the canvas, and every concept word is in its prompts."""
     for name, concept in args.concepts.items():
         _word_in(tokenizer, concept.prompt, concept.word, f"{KEY}.concepts.{name}.word")
-    for s, scene in enumerate(args.scenes):
+    for s, scene in enumerate(args.all_scenes()):  # generated scenes: indices after the listed ones
         for r, region in enumerate(scene.regions):
             key = f"{KEY}.scenes[{s}].regions[{r}]"
             if region.concept not in args.concepts:
@@ -138,7 +138,7 @@ class LoraComposer(MethodBase[ComposerTeacher, Composer, LoraComposerArgs, dict[
         """No training data; the evaluation payload: scenes, labels for the judge, one noise per seed."""
         scenes = [Scene(s.prompt, tuple(ConceptRegion(r.concept, tuple(r.box), args.concepts[r.concept].prompt,
                                                       args.concepts[r.concept].word) for r in s.regions))
-                  for s in args.scenes]
+                  for s in args.all_scenes()]
         labels = None
         if teacher.judge is not None and all(c.judge_class for c in args.concepts.values()):
             for name, c in args.concepts.items():
@@ -150,7 +150,7 @@ class LoraComposer(MethodBase[ComposerTeacher, Composer, LoraComposerArgs, dict[
         size = unet.sample_size if isinstance(unet.sample_size, (list, tuple)) else (unet.sample_size,) * 2
         noise = torch.stack([torch.randn(unet.in_channels, *size, generator=torch.Generator().manual_seed(s))
                              for s in args.seeds])
-        plain = [plain_scene(s, args) for s in args.scenes] if "plain" in args.compare else None
+        plain = [plain_scene(s, args) for s in args.all_scenes()] if "plain" in args.compare else None
         return MethodData(train_dataloader=lambda: [], eval={"scenes": scenes, "labels": labels, "noise": noise,
                                                              "plain_scenes": plain})
 
