@@ -25,8 +25,6 @@ import threading
 import time
 from pathlib import Path
 
-from athanor.jobs.store import process_alive
-
 PRELOAD = ("torch", "lightning.pytorch", "mlflow", "transformers")
 """What every training job imports first; a library missing here is simply imported by the job itself."""
 
@@ -168,7 +166,7 @@ class Prefork:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if self.alive:
                 self._read(left)  # records every exit it reads
-            elif not process_alive(pid):
+            elif not _alive(pid):
                 return -1
             else:
                 time.sleep(0.5 if left is None else min(0.5, left))
@@ -217,6 +215,14 @@ def _base_path() -> list[str]:
     """This interpreter's sys.path less its first entry (the script's or -m's directory) and PYTHONPATH's."""
     own = set(filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)))
     return [entry for entry in sys.path[1:] if entry not in own]
+
+
+def _alive(pid: int) -> bool:
+    # why: imported here, not at the top: the test harness imports this module before it sets a call's environment,
+    # and the store reads settings (ATHANOR_LEASE_SECONDS) from the environment when it is imported
+    from athanor.jobs.store import process_alive
+
+    return process_alive(pid)
 
 
 def _serve(requests: int, replies: int, preload: tuple[str, ...]) -> None:

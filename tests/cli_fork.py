@@ -17,7 +17,9 @@ one per pytest process, started on the first call.
 
 from __future__ import annotations
 
+import io
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -83,10 +85,65 @@ def run(argv: list[str], *, env: dict[str, str], cwd: Path, timeout: float) -> s
                                            err.read_text(errors="replace"))
 
 
+class ForkedCLI:
+    """A running `athanor ARGS` forked by `start`, used as a text-mode subprocess.Popen: pid, returncode, poll, wait,
+    send_signal, terminate, kill, communicate, and `.stdout.read()` / `.stderr.read()` (what it wrote so far).
+    Its stdout and stderr are files (one file when started with stderr=subprocess.STDOUT)."""
+
+    def __init__(self, child, folder: tempfile.TemporaryDirectory, out: Path, err: Path | None, cmd: list[str]):
+        self._child, self._folder, self._out, self._err, self.args = child, folder, out, err, cmd
+        self.pid, self.returncode = child.pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self._child.exitcode is not None:
+            self.returncode = self._child.exitcode
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._child.join(timeout)
+        if self.poll() is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str | None]:
+        self.wait(timeout)
+        return self.stdout.read(), (self.stderr.read() if self._err is not None else None)
+
+    @property
+    def stdout(self) -> io.StringIO:
+        return io.StringIO(self._out.read_text(errors="replace"))
+
+    @property
+    def stderr(self) -> io.StringIO:
+        return io.StringIO((self._err or self._out).read_text(errors="replace"))
+
+
+def start(argv: list[str], *, env: dict[str, str], cwd: Path, merge_stderr: bool = False) -> ForkedCLI:
+    """`python -m athanor.jobs.cli *argv` forked, not waited for (see ForkedCLI)."""
+    context = _context()
+    folder = tempfile.TemporaryDirectory(prefix="athanor-cli-")
+    out = Path(folder.name) / "stdout"
+    err = out if merge_stderr else Path(folder.name) / "stderr"
+    child = context.Process(target=_child, args=(argv, env, str(cwd), _BASE_PATH, str(out), str(err)), daemon=False)
+    child.start()
+    return ForkedCLI(child, folder, out, None if merge_stderr else err, [sys.executable, "-m", "athanor.jobs.cli",
+                                                                        *argv])
+
+
 def _child(argv: list[str], env: dict[str, str], cwd: str, base_path: list[str], out: str, err: str) -> None:
     """In the forked child: become `python -m athanor.jobs.cli *argv`, then exit with its code."""
     for fd, path in ((1, out), (2, err)):  # first: fd 1 is the pytest worker's channel to its controller
-        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # append: out and err may be one file
         os.dup2(target, fd)
         os.close(target)
     from athanor.jobs.prefork import run_module_as_main  # the product's own, for the job processes it forks

@@ -39,6 +39,18 @@ def athanor(*args: str, home: Path | None = None, env: dict[str, str] | None = N
     return done
 
 
+def athanor_popen(*args: str, env: dict[str, str] | None = None, merge_stderr: bool = False) -> Any:
+    """`athanor ARGS` started and not waited for, as `subprocess.Popen([*CLI, *args], text=True, stdout=PIPE,
+    stderr=PIPE or STDOUT)` would be (the same calls work on what it returns): forked as `athanor` is, or a real
+    Popen under ATHANOR_TEST_FRESH_INTERPRETER=1."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    full_env.update(env or {})
+    if os.environ.get(cli_fork.FRESH) == "1":
+        return subprocess.Popen([*CLI, *args], cwd=REPO, env=full_env, stdout=subprocess.PIPE, text=True,
+                                stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE)
+    return cli_fork.start(list(args), env=full_env, cwd=REPO, merge_stderr=merge_stderr)
+
+
 def mlflow_client(home: Path) -> Any:
     """An MlflowClient (tracking and registry) on the embedded store of athanor home `home`; also makes it
     the process default so `models:/…` URIs resolve."""

@@ -8,8 +8,6 @@ to `athanor serve` (a real uvicorn) that `athanor worker` runs, polling until SU
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -19,7 +17,7 @@ from typing import Any
 import pytest
 import schemathesis
 from api_server import athanor_serve
-from harness import RECIPES, mlflow_client
+from harness import RECIPES, athanor_popen, mlflow_client
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.config import SchemathesisConfig
@@ -78,8 +76,7 @@ def _call(url: str, method: str = "GET", body: bytes | None = None, headers: dic
 def test_client_submits_the_tiny_recipe_over_http_and_it_succeeds(home):
     token = "t0ken-for-the-client-test-0123456789"
     auth = {"Authorization": f"Bearer {token}"}
-    worker = subprocess.Popen([sys.executable, "-m", "athanor.jobs.cli", "worker", "--poll", "0.5"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    worker = athanor_popen("worker", "--poll", "0.5", merge_stderr=True)
     try:
         with athanor_serve(env={"ATHANOR_TOKEN": token}) as url:
             with pytest.raises(urllib.error.HTTPError) as refused:

@@ -7,12 +7,11 @@ job keeps the stage and step it stopped at.
 
 from __future__ import annotations
 
-import subprocess
 import time
 from typing import Any
 
 from fastapi.testclient import TestClient
-from harness import CLI
+from harness import athanor_popen
 from recipes_toy import TOY
 
 from athanor.jobs.api import create_app
@@ -33,8 +32,7 @@ def test_stage_and_progress_while_a_job_trains(home):
     with TestClient(create_app(home, None)) as client:
         job_id = client.post("/jobs", content=SLOW, headers={"content-type": "application/yaml"}).json()["id"]
         assert client.get(f"/jobs/{job_id}").json()["stage"] is None  # no worker took it yet
-        worker = subprocess.Popen([*CLI, "worker", "--once"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  text=True)
+        worker = athanor_popen("worker", "--once")
         try:
             first = _until(client, job_id, lambda j: (j["progress"] or {}).get("step", 0) > 0)
             assert first["status"] == "RUNNING" and first["stage"] == "train", first

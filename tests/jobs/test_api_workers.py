@@ -8,11 +8,10 @@ stale.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 
 from fastapi.testclient import TestClient
-from harness import CLI, athanor
+from harness import athanor, athanor_popen
 from recipes_toy import TOY
 
 from athanor.jobs.api import create_app
@@ -39,7 +38,7 @@ def test_no_worker_ever_while_a_job_is_pending_is_a_warning(home):
 
 def test_a_running_worker_is_alive_and_gone_once_it_stops(home):
     store = JobStore(home)
-    worker = subprocess.Popen([*CLI, "worker", "--poll", "0.5"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = athanor_popen("worker", "--poll", "0.5")
     try:
         deadline = time.time() + 120
         while not seen_workers(store) and time.time() < deadline:

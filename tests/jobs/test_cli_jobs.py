@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import CLI, athanor, child_runs, eval_metrics, mlflow_client
+from harness import athanor, athanor_popen, child_runs, eval_metrics, mlflow_client
 from recipes_toy import TOY, write_toy
 
 from athanor.jobs import cli
@@ -193,7 +193,7 @@ def test_worker_runs_queued_jobs_in_their_own_processes(tmp_path, home):
 def test_cancel_stops_a_running_job_and_its_process_group(tmp_path, home):
     path = write_toy(tmp_path, TOY.replace("max_steps: 30", "max_steps: 100000") + "toy:\n  sleep_s: 0.05\n")
     job_id = athanor("submit", str(path), check=True).stdout.split()[2]
-    worker = subprocess.Popen([*CLI, "worker", "--once"], stdout=subprocess.PIPE, text=True)
+    worker = athanor_popen("worker", "--once")
     store = JobStore(home)
     deadline = time.time() + 120
     while time.time() < deadline:

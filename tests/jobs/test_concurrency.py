@@ -7,12 +7,11 @@ once and registered once (the embedded MLflow store is created once, under a loc
 from __future__ import annotations
 
 import collections
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from harness import CLI, athanor, child_runs, mlflow_client
+from harness import athanor, athanor_popen, child_runs, mlflow_client
 from recipes_toy import TOY, write_toy
 
 from athanor.jobs.store import JobStore
@@ -29,8 +28,7 @@ about 2.)"""
 @pytest.mark.bare_home  # the MLflow store is created by the racing jobs themselves
 def test_concurrent_submits_on_a_fresh_home_all_succeed_once(tmp_path, home):
     path = write_toy(tmp_path, TOY.replace("max_steps: 30", "max_steps: 3"))
-    workers = [subprocess.Popen([*CLI, "worker", "--poll", "0.2"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(WORKERS)]
+    workers = [athanor_popen("worker", "--poll", "0.2") for _ in range(WORKERS)]
     try:
         with ThreadPoolExecutor(SUBMITS) as pool:
             submitted = list(pool.map(lambda i: athanor("submit", str(path), "-o", f"train.seed={i}"), range(SUBMITS)))

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import CLI, athanor, mlflow_client
+from harness import athanor, athanor_popen, mlflow_client
 from recipes_toy import TOY, write_toy
 
 from athanor.jobs import cli
@@ -100,8 +100,7 @@ def _start_slow_job(tmp_path: Path, home: Path, extra: str = "", env: dict | Non
     """A toy job that trains for a long time, run by `athanor worker --once`; returns (job id, worker)."""
     path = write_toy(tmp_path, TOY.replace("max_steps: 30", "max_steps: 100000") + f"toy:\n  sleep_s: 0.05\n{extra}")
     job_id = athanor("submit", str(path), check=True, env=env).stdout.split()[2]
-    worker = subprocess.Popen([*CLI, "worker", "--once"], env={**os.environ, **(env or {})},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    worker = athanor_popen("worker", "--once", env=env)
     store = JobStore(home)
     _wait_for(lambda: "training for" in Path(store.get(job_id).log_path).read_text(errors="replace")
               if Path(store.get(job_id).log_path).exists() else False, 120, "training to start")
@@ -167,8 +166,7 @@ def test_a_read_only_home_is_one_clear_line_and_the_worker_stays_up(tmp_path, ho
             assert "Traceback" not in done.stderr, done.stderr
             errors = [line for line in done.stderr.splitlines() if "cannot be written" in line]
             assert len(errors) >= 1 and str(home) in errors[0], (command, done.stderr)
-        worker = subprocess.Popen([*CLI, "worker", "--poll", "0.5"],
-                                  stderr=subprocess.PIPE, text=True)
+        worker = athanor_popen("worker", "--poll", "0.5")
         time.sleep(4)
         assert worker.poll() is None  # still up, retrying
         worker.terminate()
@@ -206,8 +204,7 @@ def test_a_disk_that_fills_during_a_checkpoint_fails_the_job_in_one_line_and_fre
         big = big.replace("lr: 0.01", "lr: 0.01\n  checkpoint_every_n_steps: 6\n  max_attempts: 3")
         job_id = athanor("submit", str(write_toy(tmp_path, big + "toy:\n  sleep_s: 0.2\n")), env=env,
                          check=True).stdout.split()[2]
-        worker = subprocess.Popen([*CLI, "worker", "--once"], env={**os.environ, **env}, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+        worker = athanor_popen("worker", "--once", env=env)
         log = full / "jobs" / job_id / "job.log"
         _wait_for(lambda: log.exists() and "training for" in log.read_text(), 180, "training to start")
         free = os.statvfs(full).f_bavail * os.statvfs(full).f_frsize

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import CLI, REPO, athanor, child_runs, mlflow_client
+from harness import REPO, athanor, athanor_popen, child_runs, mlflow_client
 from recipes_toy import TOY, write_toy
 from safetensors.torch import load_file
 from test_faults import _wait_for, assert_promises_kept
@@ -257,8 +257,7 @@ def test_a_stale_lease_never_leads_to_two_live_runs_of_one_job(tmp_path, home):
     slow = RESUMABLE.replace("max_steps: 30", "max_steps: 120").replace("lr: 0.01", "lr: 0.01\n  max_attempts: 2")
     job_id = athanor("submit", str(write_toy(tmp_path, slow + "toy:\n  sleep_s: 0.05\n")), check=True).stdout.split()[2]
     store = JobStore(home)
-    first = subprocess.Popen([*CLI, "worker", "--once"], env={**os.environ, **env},
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = athanor_popen("worker", "--once", env=env, merge_stderr=True)
     _wait_for(lambda: list((home / "jobs" / job_id / "checkpoints").glob("step=*.ckpt")), 120, "a checkpoint")
     frozen = store.get(job_id).pid
     _freeze_outside_writes(frozen, [home / "jobs.db", home / "mlflow.db"])
@@ -267,8 +266,7 @@ def test_a_stale_lease_never_leads_to_two_live_runs_of_one_job(tmp_path, home):
         listing = athanor("list", env=env)  # reaps the stale lease: re-queued, not failed
         assert listing.returncode == 0, listing.stderr[-3000:]
         assert store.get(job_id).status == "PENDING"
-        second = subprocess.Popen([*CLI, "worker", "--once"], env={**os.environ, **env},
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        second = athanor_popen("worker", "--once", env=env, merge_stderr=True)
         _wait_for(lambda: store.get(job_id).attempts == 2 and store.get(job_id).pid not in (None, frozen), 60,
                   "attempt 2 to start")
     finally:
