@@ -9,6 +9,8 @@ Where its pieces live:
 - distill/linvideo/data.py: trajectory caches
 - distill/linvideo/train.py: the LightningModule
 - distill/linvideo/loss.py: ADM / velocity objectives
+- distill/linvideo/rollout.py: x̂_t from the student's own sampler (ADM on its rollout)
+- distill/linvideo/arms.py: comparison arms (`linvideo.compare`) and their summary
 - distill/linvideo/sampling.py: clip sampling
 - distill/linvideo/evaluation.py: clip metrics
 - distill/linvideo/moving_fashion.py: testbed clips

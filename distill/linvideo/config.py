@@ -36,6 +36,17 @@ class LinVideoArgs(Section):
     objective: Literal["adm", "velocity"] = "adm"
     """'adm': anytime distribution matching (the student is its own fake score); 'velocity': MSE to the
     teacher's velocity on trajectory points (for comparison)."""
+    adm_source: Literal["rollout", "cached"] = "rollout"
+    """Where ADM's x̂_t comes from. 'rollout' (the paper's "anytime"): the student's own guided sampler runs from
+    fresh noise to each training point's time t, then one Euler step with gradient to t'. 'cached': that one step
+    starts from the teacher's cached trajectory point instead (cheaper; the student never sees its own drift)."""
+    selection: Literal["learned", "even_spread"] = "learned"
+    """'learned': the gates choose the linear layers (L_con + L_reg); 'even_spread': the `target` layers spread
+    evenly over the candidates are fixed from the first step (no selection), the rest trains the same."""
+    compare: list[Literal["even_spread", "velocity_mse", "adm_cached", "adm_rollout"]] = Field(default_factory=list)
+    """Comparison arms, each a fresh student trained on the same budget, data and initialisation with one change:
+    'even_spread' (selection: even_spread: is selection worth it?), 'velocity_mse' (objective: velocity: is ADM
+    worth it?), 'adm_cached' / 'adm_rollout' (adm_source: cached / rollout: does the student's own rollout help?)."""
     log_both: bool = False
     """Also log the objective not trained on (no gradient)."""
     lambda_select: float = Field(0.01, ge=0)
@@ -80,8 +91,9 @@ class LinVideoArgs(Section):
     width: int | None = Field(None, ge=1, le=4096)
     """Latent clip size (default: the teacher's training clips from captions.json)."""
     eval_prompts: list[Text] | None = None
-    """Prompts for the before/after clips (default: the first four training prompts)."""
+    """Prompts for the before/after clips (default: every training prompt, so class_accuracy covers every caption)."""
     eval_seeds: list[int] = Field(default_factory=lambda: [0, 1])
+    """One clip per (seed, prompt); the same noises for the teacher and every student."""
     eval_steps: int = Field(20, ge=1, le=1000)
     heldout_points: int = Field(64, ge=1, le=100_000)
     """Held-out trajectory points (fresh seeds) for velocity_mse."""
@@ -90,6 +102,7 @@ class LinVideoArgs(Section):
     latency_frames: int | None = Field(None, ge=1, le=1024)
     latency_height: int | None = Field(None, ge=1, le=4096)
     latency_width: int | None = Field(None, ge=1, le=4096)
-    """Latent size of the timed step (default: the training clip size). Linear attention pays off with
-    tokens: a testbed trained on short clips is timed at the longer clips it would be deployed on
-    (RoPE positions, so the same weights run at any size)."""
+    """Latent size of the step the spine times (`latency_ms`, the gate's speed-up; default the evaluated clip
+    size). Linear attention pays off with tokens: a testbed trained on short clips is timed at the longer clips
+    it would be deployed on (RoPE positions, so the same weights run at any size). `evaluate` also times the
+    step at the evaluated clip size (`eval_clip_latency_ms`, `eval_clip_speedup`), where quality is measured."""

@@ -8,8 +8,10 @@ data-free with anytime distribution matching against the teacher (`loss.py`, `tr
 The untrained student (`eval.include_untrained`) is the hybrid switched before any training: the
 target count of layers spread evenly over the candidates go linear with their initial feature maps.
 After training the gates are rounded (`choose_linear`): layers at 0 become pure linear attention,
-layers at 1 get their softmax processor back. Evaluation keys: see `evaluation.py`; the spine adds
-`latency_ms` from `speed_probe` (one denoising step) and the speedup.
+layers at 1 get their softmax processor back. Evaluation keys: see `evaluation.py` (class_accuracy over
+every training caption by default); `evaluate` adds the step's latency at the evaluated clip size, the spine
+`latency_ms` from `speed_probe` (one denoising step at linvideo.latency_*) and the speedup. Comparison arms
+(`linvideo.compare`): `arms.py`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import copy
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from athanor.convert import linvideo as lv
 from athanor.convert.module_utils import count_params
 from athanor.distill.fashion_mnist import CLASSES
 from athanor.distill.intervals import PerSample
+from athanor.distill.linvideo import arms as lv_arms
 from athanor.distill.linvideo import evaluation as ev
 from athanor.distill.linvideo.config import LinVideoArgs, LinVideoStudent
 from athanor.distill.linvideo.data import (
@@ -42,6 +45,7 @@ from athanor.distill.linvideo.train import LinVideoModule
 from athanor.distill.loaders import SeededLoader
 from athanor.distill.method_base import MethodBase
 from athanor.distill.spec import DataSpec, Direction, EvalSpec, MethodData, RecipeError, ResolvedSource, TrainSpec
+from athanor.distill.timing import interleaved_latency
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +89,13 @@ class LinVideo(MethodBase[LinVideoTeacher, torch.nn.Module, LinVideoArgs, dict[s
     metrics: dict[str, Direction] = {
         "params": "neutral", "velocity_mse": "lower", "psnr_db": "higher", "frame_mmd": "lower",
         "temporal_jitter": "neutral", "jitter_ratio": "neutral", "class_accuracy": "higher",
-        "linear_layers": "neutral", "attention_gmacs": "neutral"}
+        "linear_layers": "neutral", "attention_gmacs": "neutral", "eval_clip_latency_ms": "neutral",
+        "eval_clip_speedup": "neutral"}
     """Jitter is neither better low nor high (a still clip has none): it should match the teacher's.
-    attention_gmacs is a cost, like params. The teacher's velocity_mse and frame_mmd are 0 and its psnr_db
-    NaN, so a gate can retain none of them: it retains class_accuracy and sets a minimum speed-up."""
+    attention_gmacs is a cost, like params; eval_clip_latency_ms and eval_clip_speedup time the step at the
+    evaluated clip size (the spine's latency_ms and the gate's speed-up are at linvideo.latency_*). The teacher's
+    velocity_mse and frame_mmd are 0 and its psnr_db NaN, so a gate can retain none of them: it retains
+    class_accuracy (over every caption by default) and sets a minimum speed-up."""
 
     def load_teacher(self, source: ResolvedSource, *, meta: bool = False) -> LinVideoTeacher:
         return load_teacher(source, meta=meta)
@@ -99,6 +106,7 @@ class LinVideo(MethodBase[LinVideoTeacher, torch.nn.Module, LinVideoArgs, dict[s
     def convert(self, teacher: LinVideoTeacher, student: LinVideoStudent, args: LinVideoArgs) -> torch.nn.Module:
         candidates = lv.candidate_layers(teacher.transformer, args.candidate_layers)
         _target(args, len(candidates))
+        lv_arms.arm_args(args)  # bad `compare` arms are refused here, at validate time
         model = copy.deepcopy(teacher.transformer)
         lv.install(model, candidates, feature_map=args.feature_map, feature_dim=args.feature_dim)
         return model
@@ -124,7 +132,7 @@ class LinVideo(MethodBase[LinVideoTeacher, torch.nn.Module, LinVideoArgs, dict[s
         prompts = list(args.prompts or teacher.captions)
         if not prompts:
             raise RecipeError("linvideo.prompts", args.prompts, "the teacher ships no captions: list training prompts")
-        eval_prompts = list(args.eval_prompts or prompts[:4])
+        eval_prompts = list(args.eval_prompts or prompts)  # every caption unless the recipe narrows it
         if not args.eval_seeds:
             raise RecipeError("linvideo.eval_seeds", args.eval_seeds, "give at least one eval seed")
         shape = self._shape(teacher, args)
@@ -152,12 +160,17 @@ class LinVideo(MethodBase[LinVideoTeacher, torch.nn.Module, LinVideoArgs, dict[s
 
     def lightning_module(self, teacher: LinVideoTeacher, student: torch.nn.Module, data: MethodData,
                          args: LinVideoArgs, train: TrainSpec) -> LinVideoModule:
-        return LinVideoModule(student, teacher.transformer, train, target=_target(args, len(lv.gate_values(student))),
+        target = _target(args, len(lv.gate_values(student)))  # a fresh student: choose_linear is the even spread
+        return LinVideoModule(student, teacher.transformer, train, target=target,
                               objective=args.objective, log_both=args.log_both, lambda_select=args.lambda_select,
                               alpha=(args.alpha_start, args.alpha_end), lambda_transfer=args.lambda_transfer,
                               eta=args.adm_eta, lr_gate=args.lr_gate, lr_feature_maps=args.lr_feature_maps,
                               train_weights=args.train_weights, uncond_fraction=args.uncond_fraction,
-                              reg_warmup=args.reg_warmup, commit_at=args.commit_at)
+                              reg_warmup=args.reg_warmup, commit_at=args.commit_at,
+                              rollout=dict(steps=args.trajectory_steps, guidance=args.guidance_scale, shift=args.shift)
+                              if args.adm_source == "rollout" else None,
+                              fixed_linear=lv.choose_linear(student, target) if args.selection == "even_spread"
+                              else None)
 
     def trained_student(self, module: LinVideoModule) -> torch.nn.Module:
         model = module.student.eval()
@@ -185,6 +198,7 @@ class LinVideo(MethodBase[LinVideoTeacher, torch.nn.Module, LinVideoArgs, dict[s
         linear = [] if is_teacher else lv.linear_layers(model)
         metrics["linear_layers"] = float(len(linear))
         metrics["attention_gmacs"] = self._attention_gmacs(model, teacher, payload["shape"], len(linear), args) / 1e9
+        metrics.update(self._eval_clip_speed(model, teacher, payload, eval, args))
         artifact_dir = Path(artifact_dir)
         rows = [teacher_clips] if is_teacher else [teacher_clips, clips]
         ev.save_gif(rows, artifact_dir / ("teacher.gif" if is_teacher else "teacher_vs_student.gif"))
@@ -194,6 +208,32 @@ class LinVideo(MethodBase[LinVideoTeacher, torch.nn.Module, LinVideoArgs, dict[s
         elif linear:
             (artifact_dir / "chosen_layers.json").write_text(json.dumps({"linear": linear}, indent=1))
         return metrics
+
+    def _eval_clip_speed(self, model: torch.nn.Module, teacher: LinVideoTeacher, payload: dict, eval: EvalSpec,
+                         args: LinVideoArgs) -> dict[str, float]:
+        """One denoising step at the evaluated clip size, this model and the teacher timed interleaved (the
+        spine times them at linvideo.latency_*, which may be larger): speed beside the quality it goes with."""
+        x = torch.randn((args.latency_batch, *payload["shape"]), generator=torch.Generator().manual_seed(0))
+        cond = payload["cond"][:1].expand(args.latency_batch, -1, -1)
+        t = torch.full((args.latency_batch,), 500.0)
+        models = {"teacher": teacher.transformer.eval(), "model": model.eval()}
+        calls = {side: (lambda m=m: m(x, t, cond).sample) for side, m in models.items()}
+        ms = interleaved_latency(calls, repeats=eval.latency_repeats)
+        return {"eval_clip_latency_ms": ms["model"], "eval_clip_speedup": ms["teacher"] / max(ms["model"], 1e-9)}
+
+    def comparison_arms(self, args: LinVideoArgs, train: TrainSpec) -> dict[str, LinVideoArgs]:
+        """The `compare` arms (`arms.py`): the same budget, data and initialisation, one setting changed."""
+        arms = lv_arms.arm_args(args)
+        if arms and train.num_nodes > 1:
+            raise RecipeError("linvideo.compare", args.compare, "comparison arms run on one node; set "
+                              "train.num_nodes: 1 or compare: []")
+        return arms
+
+    def compare_arms(self, args: LinVideoArgs, before: Mapping[str, float], untrained: Mapping[str, float] | None,
+                     after: Mapping[str, float], arms: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+        """class_accuracy per row, the share of the teacher's each keeps, and whether the converted student beat
+        each arm (`arms.summary`)."""
+        return lv_arms.summary(args, before, untrained, after, arms)
 
     def _attention_gmacs(self, model: torch.nn.Module, teacher: LinVideoTeacher, shape: tuple, linear: int,
                          args: LinVideoArgs) -> float:
@@ -243,8 +283,8 @@ class LinVideo(MethodBase[LinVideoTeacher, torch.nn.Module, LinVideoArgs, dict[s
         """A diffusers directory (`from_pretrained`) + linvideo.json/.safetensors (`load_student`) + the
         conditions it was trained on, so the export samples on its own."""
         out_dir = Path(out_dir)
-        settings = args.model_dump(include={"objective", "feature_map", "lambda_select", "lambda_transfer",
-                                            "train_weights", "target", "target_fraction"})
+        settings = args.model_dump(include={"objective", "adm_source", "selection", "feature_map", "lambda_select",
+                                            "lambda_transfer", "train_weights", "target", "target_fraction"})
         lv.save_student(student, out_dir, extra={"teacher": teacher.description, "settings": settings,
                                                  "load": "athanor.convert.linvideo.load_student(path)"})
         if teacher.conditions is not None:

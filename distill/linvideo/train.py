@@ -5,8 +5,13 @@
 One step on a batch of teacher-trajectory points (x_t, t, t', condition):
 - objective 'adm': the student steps x̂_{t'} = x_t + (t' − t)·u_S(x_t) (gradient flows), then the
   teacher and the student itself (no gradient: its own fake score) give velocities at x̂_{t'}; the
-  ADM surrogate pushes x̂ along the score gap (`loss.py`). 'velocity': MSE(u_S(x_t), u_T(x_t)).
-  With `log_both` the other objective is logged too (no gradient).
+  ADM surrogate pushes x̂ along the score gap (`loss.py`). With `rollout` settings (adm_source 'rollout')
+  x_t is not the teacher's point but where the student's own sampler takes fresh noise by the point's time t
+  (`rollout.py`); the batch then only supplies times and conditions. 'velocity': MSE(u_S(x_t), u_T(x_t)) on
+  the teacher's points. With `log_both` the other objective is logged too (no gradient; under rollout ADM
+  the logged velocity MSE is at the rollout's states).
+- `fixed_linear` (selection 'even_spread'): the selection is committed before the first step to those
+  layers; no selection losses, the gates never move.
 - attention transfer: Σ over hybrid layers of the gap between the linear and the softmax branch,
   weighted by `lambda_transfer` (trains the feature maps toward the softmax output they replace).
 - selection: λ(L_con + L_reg) on the gates, α annealed over the run.
@@ -31,6 +36,7 @@ from athanor.distill.linvideo.loss import (
     selection_reached,
     velocity_mse,
 )
+from athanor.distill.linvideo.rollout import rollout_to
 from athanor.distill.linvideo.sampling import velocity
 from athanor.distill.spec import TrainSpec
 
@@ -75,7 +81,8 @@ class LinVideoModule(L.LightningModule):
                  objective: str = "adm", log_both: bool = False, lambda_select: float = 0.01,
                  alpha: tuple[float, float] = (20.0, 2.0), lambda_transfer: float = 1.0, eta: float = 1.0,
                  lr_gate: float = 0.01, lr_feature_maps: float = 1e-3, train_weights: bool = False,
-                 uncond_fraction: float = 0.1, reg_warmup: float = 0.2, commit_at: float = 0.8) -> None:
+                 uncond_fraction: float = 0.1, reg_warmup: float = 0.2, commit_at: float = 0.8,
+                 rollout: dict[str, Any] | None = None, fixed_linear: list[str] | None = None) -> None:
         super().__init__()
         self.student = student.train()
         self.__dict__["teacher"] = teacher.eval().requires_grad_(False)  # frozen; not a submodule
@@ -87,6 +94,14 @@ class LinVideoModule(L.LightningModule):
         self.committed: dict[str, float] | None = None
         """The gates' final values once the selection is committed (see `_commit`)."""
         self.layer_names = list(lv.gate_values(student))
+        self.rollout = rollout
+        """steps, guidance and shift of the student's sampler for ADM on its own rollout; None: cached points."""
+        if fixed_linear is not None:
+            unknown = sorted(set(fixed_linear) - set(self.layer_names))
+            if unknown or len(fixed_linear) != target:
+                raise ValueError(f"fixed_linear {fixed_linear}: needs {target} of the hybrid layers {self.layer_names}")
+            self.committed = {n: 0.0 if n in fixed_linear else 1.0 for n in self.layer_names}
+            self._hold_gates()
         self.r_history: list[tuple[int, dict[str, float]]] = [(0, lv.gate_values(student))]
 
     def on_fit_start(self) -> None:
@@ -105,6 +120,9 @@ class LinVideoModule(L.LightningModule):
 
     def _objective(self, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
                    cond: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.rollout is not None and self.objective == "adm":
+            # before the student's forward with gradient: the rollout's forwards overwrite the transfer errors
+            x = rollout_to(self.student, torch.randn_like(x), cond, torch.zeros_like(cond[:1]), t, **self.rollout)
         u_student = velocity(self.student, x, t, cond)
         transfer = [g.transfer_error for g in self._gates().values() if g.transfer_error is not None]
         terms = {"transfer": torch.stack(transfer).sum() if transfer else x.new_zeros(())}
@@ -163,14 +181,17 @@ class LinVideoModule(L.LightningModule):
         step = self.trainer.global_step
         if self.committed is None and step >= self.commit_at * self.train_spec.max_steps:
             self._commit()
-        with torch.no_grad():
-            for name, gate in self._gates().items():
-                if self.committed is not None:
-                    gate.r.fill_(self.committed[name])  # held: the optimizer may not move a committed gate
-                else:
-                    gate.r.clamp_(0.0, 1.0)
+        self._hold_gates()
         if step % max(1, self.train_spec.log_every_n_steps) == 0 and step != self.r_history[-1][0]:
             self.r_history.append((step, lv.gate_values(unwrap(self.student))))
+
+    @torch.no_grad()
+    def _hold_gates(self) -> None:
+        for name, gate in self._gates().items():
+            if self.committed is not None:
+                gate.r.fill_(self.committed[name])  # held: the optimizer may not move a committed gate
+            else:
+                gate.r.clamp_(0.0, 1.0)
 
     def configure_optimizers(self) -> dict:
         gates = self._gates()

@@ -55,6 +55,21 @@ def test_bad_input_is_one_clear_error(wan_dir, override, key, words):
     assert report.problems[0].value == value and reason in report.problems[0].message
 
 
+@pytest.mark.parametrize("overrides, key, value, words", [
+    (["linvideo.compare=[sideways]"], "linvideo.compare.0", "sideways", "'even_spread', 'velocity_mse', 'adm_cached'"),
+    (["linvideo.adm_source=cached", "linvideo.compare=[adm_cached]"], "linvideo.compare", ["adm_cached"],
+     "arm 'adm_cached' is the recipe itself (linvideo.adm_source: cached); list only arms that change something"),
+    (["linvideo.objective=velocity", "linvideo.compare=[adm_cached]"], "linvideo.compare", ["adm_cached"],
+     "linvideo.objective is not adm; drop it or set objective: adm"),
+    (["linvideo.adm_source=teacher"], "linvideo.adm_source", "teacher", "'rollout' or 'cached'"),
+    (["linvideo.selection=random"], "linvideo.selection", "random", "'learned' or 'even_spread'"),
+])
+def test_bad_arms_and_sources_are_one_clear_error_at_validate_time(overrides, key, value, words):
+    report = check(TINY, overrides=overrides)
+    assert [(p.path, p.value) for p in report.problems] == [(key, value)]
+    assert words in report.problems[0].message
+
+
 def test_a_non_video_teacher_is_refused(tmp_path):
     unet = json.loads((ROOT / "tests" / "fixtures" / "sdxl_unet_config.json").read_text())
     (tmp_path / "unet").mkdir()
@@ -70,12 +85,18 @@ def test_tiny_recipe_end_to_end(tmp_path):
     from athanor.distill.linvideo.sampling import sample
     from athanor.jobs.store import JobStore
 
-    # The shipped recipe trains 300 steps on 16-step trajectories and evaluates 8 clips (7 minutes here alone; its
-    # figures are in its header). CI runs it on 8-step trajectories for 30 steps, with every check below (60 steps on
-    # one thread: velocity_mse 0.58 untrained -> 0.038, frame_mmd 0.78 -> 0.089); the step is timed at the recipe's
-    # 16 x 64 x 64, where its gate's min_speedup applies (a few seconds).
+    # The shipped recipe trains 100 steps on 8-step trajectories of 40 captions with ADM on the student's own
+    # rollouts and three comparison arms, and evaluates 80 clips (40 minutes; its figures are in its header). CI
+    # runs it on 8 captions (trajectories and evaluation: every one of them), 30 steps of batch 4 with ADM on the
+    # cached points (rollout ADM is checked against a hand-written sampler in tests/distill/linvideo/test_rollout.py)
+    # and one cheap arm, velocity MSE, without logging the objective not trained on; the step is timed at the
+    # recipe's 16 x 64 x 64, where its gate's min_speedup applies, and at the evaluated 8 x 32 x 32 (a few seconds).
+    captions = json.loads((ROOT / "distill" / "linvideo" / "testbed" / "captions.json").read_text())["captions"]
+    eight = captions[::5][:8]
     shorter = ["train.max_steps=30", "linvideo.trajectory_steps=8", "linvideo.eval_steps=8", "linvideo.eval_seeds=[0]",
-               "eval.latency_repeats=1"]
+               "eval.latency_repeats=1", f"linvideo.prompts={json.dumps(eight)}", "linvideo.adm_source=cached",
+               "linvideo.compare=[velocity_mse]", "linvideo.heldout_points=16", "linvideo.log_both=false",
+               "data.batch_size=4"]
     done = athanor("submit", str(TINY), "--wait", "--no-progress", *[a for o in shorter for a in ("-o", o)],
                    home=tmp_path, timeout=1200)
     (job,) = JobStore(tmp_path).list()
@@ -83,14 +104,22 @@ def test_tiny_recipe_end_to_end(tmp_path):
     before, after, untrained = job.result["before"], job.result["after"], job.result["untrained"]
     assert set(before) == set(after) == set(untrained) and "latency_ms" in after
     assert before["velocity_mse"] == 0 and before["linear_layers"] == 0
-    assert after["linear_layers"] == untrained["linear_layers"] == 2
+    assert after["linear_layers"] == untrained["linear_layers"] == 3
+    assert {"eval_clip_latency_ms", "eval_clip_speedup"} <= set(after)  # timed at the evaluated size too
     # Training brought the student closer to the teacher than switching the same number of layers untrained.
     assert after["velocity_mse"] < untrained["velocity_mse"]
     assert after["frame_mmd"] < untrained["frame_mmd"]
     assert after["attention_gmacs"] < before["attention_gmacs"]
-    # Per-clip metrics (4 eval clips) and held-out trajectories come with paired 95% intervals.
+    # Per-clip metrics (one clip per caption: every training caption is evaluated) and held-out trajectories come
+    # with paired 95% intervals, the arm's too.
     intervals = job.result["intervals"]
-    assert intervals["sides"]["after"]["class_accuracy"]["n"] == intervals["sides"]["after"]["psnr_db"]["n"] == 4
+    assert intervals["sides"]["after"]["class_accuracy"]["n"] == intervals["sides"]["after"]["psnr_db"]["n"] == 8
+    assert intervals["sides"]["arm_velocity_mse"]["class_accuracy"]["n"] == 8
+    assert "class_accuracy" in intervals["differences"]["after - arm_velocity_mse"]
+    arm, comparison = job.result["arms"]["velocity_mse"], job.result["comparison"]
+    assert arm["linear_layers"] == 3 and arm["velocity_mse"] < untrained["velocity_mse"]
+    assert comparison["class_accuracy_velocity_mse"] == arm["class_accuracy"]
+    assert comparison["converted_beats_velocity_mse"] == float(after["class_accuracy"] > arm["class_accuracy"])
     assert {"velocity_mse", "class_accuracy", "psnr_db", "temporal_jitter", "jitter_ratio"} == set(
         intervals["differences"]["after - untrained"])
     assert "psnr_db" not in intervals["sides"]["before"]  # NaN for the teacher: a float, not per clip
@@ -110,7 +139,7 @@ def test_tiny_recipe_end_to_end(tmp_path):
 
     uri = f"models:/linvideo-tiny/{job.model_version}"  # by version: the alias is only set when the gate passed
     student = load_student(download_artifacts(uri, dst_path=str(tmp_path / "pulled")))
-    assert len(linear_layers(student)) == 2
+    assert len(linear_layers(student)) == 3
     export = Path(job.result["export"])
     chosen = json.loads((export / "linvideo.json").read_text())["linear_layers"]
     assert sorted(chosen) == sorted(linear_layers(student))
