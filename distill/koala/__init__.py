@@ -6,6 +6,7 @@ Where its pieces live:
 - distill/koala/config.py: recipe sections `student:` (KoalaStudent) and `koala:` (KoalaArgs)
 - distill/koala/method.py: the protocol class `Koala`
 - distill/koala/data.py: teacher loading, image-caption and data-free sets
+- distill/koala/canvases.py: real Fashion-MNIST canvases for the testbed teacher (`train_data: canvases`)
 - distill/koala/train.py: the LightningModule and feature pairs
 - distill/koala/sampling.py: teacher sampling
 - distill/koala/evaluation.py: fidelity, memory and box-accuracy metrics

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from athanor.convert.recipe_types import RecipeCacheDir, Text
 from athanor.distill.spec import Section
@@ -43,12 +43,37 @@ class KoalaStudent(Section):
 class KoalaArgs(Section):
     """KOALA distillation settings (the recipe's `koala:` section)."""
 
+    train_data: Literal["images", "canvases", "data_free"] | None = None
+    """What the student trains on. 'images': the `data:` image-caption dataset, encoded by the teacher's VAE
+    and text encoders. 'canvases': real Fashion-MNIST canvases with their captions, drawn (seeded by
+    `data.seed`) by the testbed's canvas builder (distill/lora_composer/canvas.py) — the data the
+    Fashion-canvas testbed teacher was trained on; it needs that pixel-space 1×32×64 teacher. Both are the
+    paper's training: task loss on real data + output KD + feature KD. 'data_free': the teacher samples
+    `prompts` and only its predictions supervise (no task loss). Default: 'data_free' with the older spelling
+    `data_free: true`, else 'images'."""
+    data_free: bool = False
+    """Older spelling of `train_data: data_free`: train on `prompts` instead of real data: the teacher
+    samples latents for them (once per job, `data_free_steps` sampler steps), the training step noises
+    those at a random t, and only the teacher's predictions supervise (no task loss). After validation it
+    is true exactly when `train_data` is 'data_free'."""
+    canvas_examples: int = Field(4096, ge=1)
+    """Canvases per epoch in 'canvases' mode; canvas i is drawn from its own seed (`data.seed`, i), so an
+    epoch is the same set whatever the loader's order or workers, and a longer run revisits them."""
+    canvas_split: Literal["train", "test"] = "train"
+    """Fashion-MNIST split the canvases' items come from: 'train' is what the testbed teacher saw."""
     lambda_task: float = Field(1.0, ge=0)
-    """Weight of MSE(student prediction, ground-truth ε / v); unused in data-free mode."""
+    """Weight of MSE(student prediction, ground-truth ε / v) on real data (the paper's task loss); unused
+    in data-free mode, where there is no ground truth."""
     lambda_out: float = Field(1.0, ge=0)
     """Weight of MSE(student prediction, teacher prediction)."""
     lambda_feat: float = Field(1.0, ge=0)
     """Weight of the feature KD term (sum of MSEs over feature sites)."""
+    kd_weighting: Literal["uniform", "x0"] = "uniform"
+    """Output KD per training row: 'uniform' (the paper's plain MSE of the predictions) or 'x0': weighted by
+    min((1 − ᾱ_t)/ᾱ_t, `kd_x0_cap`), the squared error of the x₀ estimates two ε predictions imply, which puts
+    the weight on the noisy early sampling steps. ε-prediction teachers only."""
+    kd_x0_cap: float = Field(5.0, gt=0)
+    """Largest per-row weight of 'x0' KD weighting (at t near T, (1 − ᾱ_t)/ᾱ_t grows without bound)."""
     feature_sites: Literal["self_attention", "block"] = "self_attention"
     """'self_attention': attn1 outputs of the kept transformer layers (KOALA); 'block': U-Net
     stage outputs (BK-SDM)."""
@@ -57,10 +82,6 @@ class KoalaArgs(Section):
     kept), the first ones, or the last ones."""
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
     """What the U-Net predicts; 'auto' takes the teacher scheduler's prediction_type."""
-    data_free: bool = False
-    """Train on `prompts` instead of `data:` images: the teacher samples latents for them (once per
-    job, `data_free_steps` sampler steps), the training step noises those at a random t, and only the
-    teacher's predictions supervise (no task loss)."""
     prompts: list[Text] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
     """Training prompts for data-free mode."""
     data_free_examples: int = Field(256, ge=1)
@@ -103,3 +124,37 @@ class KoalaArgs(Section):
     cpu_threads: int | None = Field(None, ge=1)
     """Torch intra-op CPU threads for the whole job (None: torch's default). 1 avoids OpenMP
     oversubscription on a CPU shared with other processes, which can slow CPU runs tenfold."""
+
+    @field_validator("data_free")
+    @classmethod
+    def _one_spelling(cls, value: bool, info: ValidationInfo) -> bool:
+        train_data = info.data.get("train_data")
+        if value and train_data not in (None, "data_free"):
+            raise ValueError(f"contradicts koala.train_data: {train_data!r}; drop data_free (the older spelling "
+                             "of train_data: data_free)")
+        return value
+
+    @field_validator("lambda_feat")
+    @classmethod
+    def _something_supervises(cls, value: float, info: ValidationInfo) -> float:
+        """Refuse loss weights that leave the chosen mode nothing to learn from (the task loss does not exist
+        in data-free mode). Checked on the last weight, when the mode and the other weights are known."""
+        mode = _mode(info.data.get("train_data"), bool(info.data.get("data_free")))
+        used = {"lambda_out": info.data.get("lambda_out"), "lambda_feat": value}
+        if mode != "data_free":
+            used = {"lambda_task": info.data.get("lambda_task"), **used}
+        if not any(used.values()):
+            raise ValueError(f"with train_data {mode!r} every loss weight ({', '.join(used)}) is 0 and nothing trains "
+                             "the student; give one a positive weight, e.g. lambda_out: 1")
+        return value
+
+    @model_validator(mode="after")
+    def _resolve_mode(self) -> KoalaArgs:
+        # After validation the two spellings agree, so code may read either.
+        self.train_data = _mode(self.train_data, self.data_free)
+        self.data_free = self.train_data == "data_free"
+        return self
+
+
+def _mode(train_data: str | None, data_free: bool) -> str:
+    return train_data or ("data_free" if data_free else "images")

@@ -294,9 +294,13 @@ class ImageCaptionSet(Dataset):
 def encode_batch(teacher: KoalaTeacher, batch: dict[str, torch.Tensor],
                  generator: torch.Generator | None = None) -> dict:
     """Replace pixels and token ids by scaled VAE latents (one sample of the posterior) and text
-    embeddings; other entries pass through. Runs on the VAE's / text encoders' device."""
+    embeddings; other entries pass through. Runs on the VAE's / text encoders' device. Rows that are
+    already latents (pixel-space canvases, `distill/koala/canvases.py`) only have their ids encoded."""
     if "pixels" not in batch:
-        return batch
+        if "input_ids_0" not in batch:
+            return batch
+        out = {k: v for k, v in batch.items() if not k.startswith("input_ids_")}
+        return {**out, **encode_tokens(teacher, batch)}
     vae = teacher.vae
     dist = vae.encode(batch["pixels"].to(vae.device, vae.dtype)).latent_dist
     device = generator.device if generator else dist.mean.device

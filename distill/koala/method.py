@@ -31,6 +31,7 @@ from athanor.convert.koala import block_map, build_student
 from athanor.convert.module_utils import count_params
 from athanor.distill.intervals import PerSample
 from athanor.distill.koala import evaluation as koala_eval
+from athanor.distill.koala.canvases import CanvasRows, check_canvas_teacher
 from athanor.distill.koala.config import KoalaArgs, KoalaStudent
 from athanor.distill.koala.data import (
     KoalaTeacher,
@@ -111,8 +112,11 @@ class Koala(MethodBase[KoalaTeacher, UNet2DConditionModel, KoalaArgs, dict[str, 
         resolution = self._resolution(teacher, args)
         _to_accelerator(teacher.vae, *teacher.text_encoders)
         payload = self._eval_payload(teacher, args, resolution)
-        if args.data_free:
+        if args.train_data == "data_free":
             train = self._data_free_set(teacher, data, args, resolution)
+        elif args.train_data == "canvases":
+            check_canvas_teacher(teacher, resolution)
+            train = CanvasRows(teacher, args.canvas_examples, data.seed, args.canvas_split)
         else:
             if resolution[0] != resolution[1]:
                 raise RecipeError("koala.resolution", args.resolution, "image-caption training crops square "
@@ -155,11 +159,16 @@ class Koala(MethodBase[KoalaTeacher, UNet2DConditionModel, KoalaArgs, dict[str, 
             raise RecipeError("koala.ema", True, "EMA needs whole parameters; use strategy ddp or deepspeed_stage_2")
         bmap = block_map(dict(teacher.unet.config), dict(student.config), args.layer_selection)
         pairs = feature_pairs(bmap, dict(student.config), args.feature_sites)
-        return KoalaModule(student, teacher, pairs, self._scheduler_config(teacher, args), train,
+        scheduler = self._scheduler_config(teacher, args)
+        if args.kd_weighting == "x0" and scheduler.get("prediction_type", "epsilon") != "epsilon":
+            raise RecipeError("koala.kd_weighting", "x0", f"x0 weights are for ε-prediction, this U-Net predicts "
+                              f"{scheduler.get('prediction_type')!r}: use kd_weighting uniform")
+        return KoalaModule(student, teacher, pairs, scheduler, train,
                            weights=(args.lambda_task, args.lambda_out, args.lambda_feat),
                            gradient_checkpointing=args.gradient_checkpointing,
                            ema_decay=args.ema_decay if args.ema else None,
-                           uncond=data.eval["uncond"] if args.uncond_prob > 0 else None, uncond_prob=args.uncond_prob)
+                           uncond=data.eval["uncond"] if args.uncond_prob > 0 else None, uncond_prob=args.uncond_prob,
+                           kd_x0_cap=args.kd_x0_cap if args.kd_weighting == "x0" else None)
 
     def trained_student(self, module: KoalaModule) -> UNet2DConditionModel:
         model = module.trained()
@@ -214,7 +223,8 @@ class Koala(MethodBase[KoalaTeacher, UNet2DConditionModel, KoalaArgs, dict[str, 
         bmap = block_map(dict(teacher.unet.config), dict(student.config), args.layer_selection)
         (out_dir / "koala_block_map.json").write_text(bmap.to_json())
         settings = args.model_dump(include={"feature_sites", "layer_selection", "lambda_task", "lambda_out",
-                                            "lambda_feat", "data_free", "uncond_prob", "ema"})
+                                            "lambda_feat", "train_data", "kd_weighting", "kd_x0_cap", "uncond_prob",
+                                            "ema"})
         (out_dir / "koala.json").write_text(json.dumps({"teacher": teacher.description, **settings}, indent=1))
         return out_dir
 

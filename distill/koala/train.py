@@ -5,7 +5,9 @@
 Feature sites are `self_attention` (the output of `attn1` in every student transformer layer,
 paired with the teacher layer it was copied from — KOALA's finding) or `block` (every U-Net stage
 output, as in BK-SDM). The feature term sums over sites, as the KOALA and BK-SDM losses do.
-Image latents are noised with their ground-truth noise as the task target; data-free batches carry
+Image latents (VAE-encoded images, or the testbed's real canvases, which are their own latents) are noised with
+their ground-truth noise as the task target; `kd_weighting: x0` weighs each row's output KD by the x₀ error its
+ε error implies (`kd_timestep_weights`). Data-free batches carry
 `teacher_latents` (teacher samples, see sampling.py), noised the same way but supervised by the
 teacher only. With `uncond_prob`, rows are conditioned on the empty prompt instead (caption dropout),
 so the student also learns the unconditional prediction that classifier-free guidance uses. The
@@ -92,11 +94,17 @@ def koala_losses(
     teacher_features: dict[str, torch.Tensor],
     pairs: list[tuple[str, str]],
     weights: tuple[float, float, float],
+    out_weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The KOALA loss terms (all MSE, computed in fp32) and their weighted sum. `target` is None in
-    data-free mode: there is no ground truth, only the teacher."""
+    data-free mode: there is no ground truth, only the teacher. `out_weights` [B] weighs each row's output
+    KD (`kd_timestep_weights`); None: the plain MSE."""
     w_task, w_out, w_feat = weights
-    out = F.mse_loss(student_pred.float(), teacher_pred.float())
+    if out_weights is None:
+        out = F.mse_loss(student_pred.float(), teacher_pred.float())
+    else:
+        per_row = (student_pred.float() - teacher_pred.float()).pow(2).flatten(1).mean(1)
+        out = (per_row * out_weights.float()).mean()
     feat = sum(
         (F.mse_loss(student_features[s].float(), teacher_features[t].float()) for s, t in pairs),
         start=torch.zeros((), device=out.device),
@@ -121,6 +129,14 @@ def training_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torc
     if kind == "sample":
         return latents
     raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+def kd_timestep_weights(scheduler: DDPMScheduler, t: torch.Tensor, cap: float) -> torch.Tensor:
+    """min((1 − ᾱ_t)/ᾱ_t, cap) per row: an ε error e moves the sampler's estimate of x₀ by √((1 − ᾱ_t)/ᾱ_t)·e, so
+    with these weights the output KD is the squared x₀ error (capped), not the ε error. Plain ε-MSE weighs the
+    early, noisy steps — where a guided sampler settles which item it draws — as little as the last ones."""
+    alpha_bar = scheduler.alphas_cumprod.to(t.device)[t].float()
+    return ((1 - alpha_bar) / alpha_bar).clamp(max=cap)
 
 
 class Fp32Ema:
@@ -160,8 +176,10 @@ class KoalaModule(L.LightningModule):
     def __init__(self, student: UNet2DConditionModel, teacher: KoalaTeacher, pairs: list[tuple[str, str]],
                  scheduler_config: dict, train: TrainSpec, *, weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
                  gradient_checkpointing: bool = False, ema_decay: float | None = None,
-                 uncond: dict[str, torch.Tensor] | None = None, uncond_prob: float = 0.0) -> None:
+                 uncond: dict[str, torch.Tensor] | None = None, uncond_prob: float = 0.0,
+                 kd_x0_cap: float | None = None) -> None:
         super().__init__()
+        self.kd_x0_cap = kd_x0_cap
         if uncond_prob > 0 and uncond is None:
             raise ValueError("uncond_prob > 0 needs the empty prompt's conditioning (uncond)")
         self.student = student.train()
@@ -204,8 +222,9 @@ class KoalaModule(L.LightningModule):
         teacher_features = self.teacher_taps.pop()
         student_pred = self.student(noisy, t, **kwargs).sample
         student_features = self.student_taps.pop()
+        out_weights = None if self.kd_x0_cap is None else kd_timestep_weights(self.scheduler, t, self.kd_x0_cap)
         terms = koala_losses(student_pred, teacher_pred, target, student_features, teacher_features,
-                             self.pairs, self.weights)
+                             self.pairs, self.weights, out_weights)
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, on_step=True, prog_bar=False)
         return terms["loss"]
 

@@ -43,9 +43,14 @@ def test_tiny_recipe_end_to_end(tmp_path):
 
     from athanor.jobs.store import JobStore
 
-    # The shipped recipe draws 52 teacher samples, trains 200 steps and samples 16 canvases per side (5 minutes
-    # here; its figures are in its header). CI runs it smaller, with every check below.
-    shorter = ["koala.data_free_samples=2", "train.max_steps=80", "koala.eval_seeds=[0]", "eval.latency_repeats=1"]
+    # The shipped recipe trains 500 steps on real canvases and judges 64 canvases per side (its figures are in its
+    # header; ~20 min on a shared CPU). CI runs it smaller, with every check below: 40 steps (a shorter warm-up and
+    # EMA to match), one seed of half the eval prompts.
+    shorter = ["train.max_steps=40", "train.warmup_steps=5", "koala.ema_decay=0.9", "koala.eval_seeds=[0]",
+               "eval.latency_repeats=1",
+               'koala.eval_prompts=["a coat on the left", "a sneaker on the left and a dress on the right", '
+               '"a sandal on the left and a trouser on the right", '
+               '"a bag on the left, a sandal in the middle and a trouser on the right"]']
     done = athanor("submit", str(RECIPES / "koala_tiny.yaml"), "--wait", "--no-progress",
                    *[a for o in shorter for a in ("-o", o)], home=tmp_path, timeout=900)
     (job,) = JobStore(tmp_path).list()
@@ -53,11 +58,10 @@ def test_tiny_recipe_end_to_end(tmp_path):
     before, after, untrained = job.result["before"], job.result["after"], job.result["untrained"]
     assert set(before) == set(after) == set(untrained) and "latency_ms" in after  # latency: the spine's
     # Distillation brought the student's predictions on the teacher's trajectories closer to the teacher's than
-    # the copied initialisation was (0.53x in a 200-step CPU run). Its sampled canvases did not follow: with the
-    # testbed's unclipped DDIM sampler (guidance 5, 10 steps) latent_mse went 0.380 -> 0.417 (0.283 -> 0.322 at guidance
-    # 3; more steps or a larger lr made it worse), because a student's sample often settles on another canvas
-    # and such samples dominate the mean (recipes/koala_tiny.yaml). Only that it is measured is asserted here.
-    assert after["noise_mse"] < 0.8 * untrained["noise_mse"]  # 0.65x after these 80 steps, 0.53x after 200
+    # the copied initialisation (the teacher minus its mid block) was: 0.44x after the shipped recipe's 500 steps,
+    # 0.86x after these 40 steps (0.91x after 80: with the task loss a short run does not approach the teacher
+    # monotonically; the recipe's header has the box accuracy, the headline, which needs the full run).
+    assert after["noise_mse"] < 0.95 * untrained["noise_mse"]
     assert 0 < after["latent_mse"] < float("inf") and 0 < untrained["latent_mse"] < float("inf")
     teacher = UNet2DConditionModel.from_pretrained(TESTBED / "unet")
     assert before["noise_mse"] == 0 and before["params"] == count_params(teacher)
@@ -75,6 +79,9 @@ def test_tiny_recipe_end_to_end(tmp_path):
     assert [c["text"].split(" ")[0] for c in job.result["gate"]["conditions"]] == ["box_accuracy"]
 
     client = mlflow_client(tmp_path)
+    # The paper's training: the task loss on real canvases beside output and self-attention feature KD.
+    logged = client.get_run(job.mlflow_run_id).data.metrics
+    assert {"train/loss_task", "train/loss_out", "train/loss_feat"} <= set(logged)
     (version,) = client.search_model_versions("name='koala-tiny'")
     assert str(version.version) == job.model_version and version.run_id == job.mlflow_run_id
     grids = [p for p in artifact_files(client, job.mlflow_run_id) if p.endswith(".png")]

@@ -41,7 +41,9 @@ def make_student(tiny) -> Callable:
     return build
 
 
-FASHION_SMALL = ["koala.eval_steps=2", "koala.eval_seeds=[0]", "eval.latency_repeats=1", "data.batch_size=2",
+# The data-free mode (the tiny recipe trains on real canvases: test_canvas_training.py builds that mode itself).
+FASHION_SMALL = ["koala.train_data=data_free", "koala.eval_steps=2", "koala.eval_seeds=[0]", "eval.latency_repeats=1",
+                 "data.batch_size=2",
                  "koala.data_free_steps=2", "koala.data_free_samples=1",
                  'koala.prompts=["a sneaker on the left", "a dress on the left, an ankle boot in the middle '
                  'and a shirt on the right"]',
@@ -55,3 +57,16 @@ def fashion():
     method = Koala()
     teacher = method.load_teacher(resolve_source(loaded.recipe.teacher, "teacher"))
     return method, loaded, teacher
+
+
+CANVASES = [o for o in FASHION_SMALL if not o.startswith("koala.train_data")] + [
+    "koala.train_data=canvases", "koala.canvas_examples=16", "koala.uncond_prob=0", "data.seed=7"]
+
+
+@pytest.fixture(scope="module")
+def canvas_job(fashion):
+    """(method, loaded recipe, teacher, MethodData) of recipes/koala_tiny.yaml in its real-data mode (canvases),
+    shrunk: 16 canvases, no caption dropout (so a test can recompute the conditioning), data seed 7."""
+    method, _, teacher = fashion
+    loaded = load_recipe(ROOT / "recipes" / "koala_tiny.yaml", overrides=CANVASES)
+    return method, loaded, teacher, method.data(teacher, loaded.recipe.data, loaded.args)

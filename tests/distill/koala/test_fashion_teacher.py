@@ -36,7 +36,8 @@ def test_the_testbed_loads_as_a_pixel_space_pipeline(fashion):
     assert set(data.eval["cond"]) == {"prompt_embeds"} and data.eval["cond"]["prompt_embeds"].shape == (2, 32, 64)
     assert [n.shape for n in data.eval["noises"]] == [(2, 1, 32, 64)]
     with pytest.raises(RecipeError) as info:  # image-caption training crops squares: the side must be given
-        method.data(teacher, loaded.recipe.data, loaded.args.model_copy(update={"data_free": False}))
+        images = loaded.args.model_copy(update={"train_data": "images", "data_free": False})
+        method.data(teacher, loaded.recipe.data, images)
     assert info.value.key == "koala.resolution"
 
 

@@ -182,7 +182,7 @@ def test_image_caption_data_encodes_and_caches(tiny, make_student, tmp_path):
     again = image_caption_set(teacher, spec, "image", 64, str(tmp_path / "cache"))
     assert torch.equal(again[1]["latents"], cached[1]["latents"])
     # Uncached batches carry pixels and token ids; the training step encodes them with the teacher.
-    args = loaded.args.model_copy(update={"data_free": False})
+    args = loaded.args.model_copy(update={"train_data": "images", "data_free": False})
     data = method.data(teacher, spec, args)
     module = method.lightning_module(teacher, make_student("koala-700m"), data, args, TrainSpec())
     logged = {}
