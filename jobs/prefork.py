@@ -119,8 +119,12 @@ class Prefork:
         self.alive = True
 
     @classmethod
-    def start(cls, preload: tuple[str, ...] = PRELOAD) -> Prefork | None:
-        """The server, forked now, importing `preload`; None when it must not be (threads running, switched off)."""
+    def start(cls, preload: tuple[str, ...] = PRELOAD, *, fresh_athanor: bool = True) -> Prefork | None:
+        """The server, forked now, importing `preload`; None when it must not be (threads running, switched off).
+        `fresh_athanor`: the server drops the athanor modules it inherited, so each process it forks imports athanor
+        anew (a worker's jobs run the code installed when they start). A job's rank server keeps them: its ranks
+        must run the job's own code, and a method the job already imported from outside athanor (ATHANOR_METHODS)
+        subclasses the athanor classes the job has, not new copies."""
         if os.environ.get(SWITCH) == "0" or threading.active_count() > 1 or not hasattr(os, "fork"):
             return None
         requests_r, requests_w = os.pipe()
@@ -132,7 +136,7 @@ class Prefork:
             os.close(requests_w)
             os.close(replies_r)
             try:
-                _serve(requests_r, replies_w, preload)
+                _serve(requests_r, replies_w, preload, fresh_athanor)
             finally:
                 os._exit(0)
         os.close(requests_r)
@@ -225,7 +229,7 @@ def _alive(pid: int) -> bool:
     return process_alive(pid)
 
 
-def _serve(requests: int, replies: int, preload: tuple[str, ...]) -> None:
+def _serve(requests: int, replies: int, preload: tuple[str, ...], fresh_athanor: bool) -> None:
     """The server: preload, then fork one job process per request line and report each one's exit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the worker's to handle; it then closes our pipe
     null = os.open(os.devnull, os.O_RDWR)  # what the libraries print at import is nobody's; and a caller reading
@@ -233,7 +237,7 @@ def _serve(requests: int, replies: int, preload: tuple[str, ...]) -> None:
         os.dup2(null, fd)
     os.close(null)
     athanor = [name for name in sys.modules if name == "athanor" or name.startswith("athanor.")]
-    for name in athanor:  # each job imports athanor afresh, as a fresh interpreter would
+    for name in athanor if fresh_athanor else ():  # each job imports athanor afresh, as a fresh interpreter would
         del sys.modules[name]
     for name in preload:
         try:

@@ -170,7 +170,7 @@ def rank_server(train: TrainSpec) -> Iterator[None]:
     if train.launcher != "local" or train.devices <= 1 or RANK_SERVER is not None:
         yield
         return
-    RANK_SERVER = Prefork.start()
+    RANK_SERVER = Prefork.start(fresh_athanor=False)  # the ranks run the job's own modules
     try:
         yield
     finally:
