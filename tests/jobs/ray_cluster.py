@@ -268,24 +268,33 @@ def _cancel(home: Path, ray_opts: list[str], client: Any) -> dict[str, Any]:
 def _lose_node(root: Path, ray_opts: list[str], worker_ns: str, client: Any) -> dict[str, Any]:
     """Two 2-node jobs (one with an attempt left) training when the worker node is lost: every process of its
     namespace killed, as a machine that loses power. The retried job's two attempts are also the scenario's 2-node
-    training: its first Ray job placed one rank per node and checkpointed, its second trained to success."""
+    training: its first Ray job placed one rank per node and checkpointed, its second trained to success.
+
+    No race decides the outcome: the job without attempts left has no reachable end (it can only fail with the
+    node) and checkpoints before the retried one is submitted, so when the retried one has checkpointed both are
+    training. (Submitted together, a slow start of one let the other train its 150 steps to SUCCEEDED first.)"""
     from harness import CLI, REPO, mlflow_client
 
     from athanor.jobs.store import JobStore
 
     t0 = time.monotonic()
-    opts = [*ray_opts, *TWO_NODES, "-o", "train.max_steps=150", "-o", "train.checkpoint_every_n_steps=5"]
+    opts = [*ray_opts, *TWO_NODES, "-o", "train.checkpoint_every_n_steps=5"]
+    steps = {"last": ["-o", "train.max_steps=100000"], "retried": ["-o", "train.max_steps=150",
+                                                                      "-o", "train.max_attempts=2"]}
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    homes = {"retried": root / "retried", "last": root / "last"}
-    procs = {key: subprocess.Popen(
-        [*CLI, "submit", str(TINY), "--wait", "--no-progress", *opts,
-         *(["-o", "train.max_attempts=2"] if key == "retried" else [])], cwd=REPO, env={**env, "ATHANOR_HOME": str(h)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for key, h in homes.items()}
+    homes = {"last": root / "last", "retried": root / "retried"}
+    procs: dict[str, subprocess.Popen[str]] = {}
     result: dict[str, Any] = {}
     try:
-        logs = [_wait_for(lambda h=h: next(iter((h / "jobs").glob("*/job.log")), None), 300) for h in homes.values()]
-        result["checkpointed"] = all(log and _wait_for(lambda log=log: list(
-            (log.parent / "checkpoints").glob("step=*.ckpt")), 300) for log in logs)
+        checkpointed = []
+        for key, home in homes.items():
+            procs[key] = subprocess.Popen(
+                [*CLI, "submit", str(TINY), "--wait", "--no-progress", *opts, *steps[key]], cwd=REPO,
+                env={**env, "ATHANOR_HOME": str(home)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            log = _wait_for(lambda h=home: next(iter((h / "jobs").glob("*/job.log")), None), 300)
+            checkpointed.append(bool(log and _wait_for(lambda log=log: list(
+                (log.parent / "checkpoints").glob("step=*.ckpt")), 300)))
+        result["checkpointed"] = all(checkpointed)
         pids = [int(p) for p in subprocess.run(["ip", "netns", "pids", worker_ns], capture_output=True, text=True,
                                                timeout=30).stdout.split()]
         for pid in pids:
