@@ -187,16 +187,19 @@ def test_the_time_limit_warning_checkpoints_requeues_and_the_next_run_resumes_as
 def test_a_lost_node_requeues_a_job_with_attempts_left_and_fails_one_without_naming_the_node(cluster, tmp_path):
     # Two 2-node jobs at once, so that one lost node shows both outcomes: the Slurm job of each ends NODE_FAIL; with
     # an attempt left athanor submits the next attempt, which resumes from the last checkpoint; without, the job
-    # FAILS naming the node.
-    steps = _opts("train.max_steps=150", "train.checkpoint_every_n_steps=5", "train.log_every_n_steps=5")
-    homes = {"retried": tmp_path / "retried", "last": tmp_path / "last"}
-    procs = {"retried": _submit_waiting(cluster, homes["retried"], *TWO_NODES, *steps, *_opts("train.max_attempts=2")),
-             "last": _submit_waiting(cluster, homes["last"], *TWO_NODES, *steps)}
+    # FAILS naming the node. No race decides which: the job without attempts left has no reachable end and has
+    # checkpointed before the retried one (150 steps) is submitted, so both are training when the node goes.
+    steps = _opts("train.checkpoint_every_n_steps=5", "train.log_every_n_steps=5")
+    homes = {"last": tmp_path / "last", "retried": tmp_path / "retried"}
+    extra = {"last": _opts("train.max_steps=100000"), "retried": _opts("train.max_steps=150", "train.max_attempts=2")}
+    procs: dict[str, subprocess.Popen] = {}
+    logs: dict[str, Path] = {}
     try:
-        logs = {k: _wait_for(lambda h=h: next(iter((h / "jobs").glob("*/job.log")), None), 300, f"{k}'s log")
-                for k, h in homes.items()}
-        for key, log in logs.items():  # both training, each with a checkpoint to resume from
-            _wait_for(lambda log=log: list((log.parent / "checkpoints").glob("step=*.ckpt")), 300, f"{key} checkpoint")
+        for key, home in homes.items():  # each training, with a checkpoint to resume from, before the next starts
+            procs[key] = _submit_waiting(cluster, home, *TWO_NODES, *steps, *extra[key])
+            logs[key] = _wait_for(lambda h=home: next(iter((h / "jobs").glob("*/job.log")), None), 300, f"{key}'s log")
+            _wait_for(lambda log=logs[key]: list((log.parent / "checkpoints").glob("step=*.ckpt")), 300,
+                      f"{key} checkpoint")
         first = JobStore(homes["retried"]).get(logs["retried"].parent.name).engine_id
         cluster.kill_node(1)
         _wait_for(lambda: cluster.node_states().get("node1", "").startswith("down"), 120, "node1 DOWN")
