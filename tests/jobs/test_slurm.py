@@ -154,7 +154,8 @@ def _wait_for(predicate, seconds: float, what: str):
 def test_the_time_limit_warning_checkpoints_requeues_and_the_next_run_resumes_as_attempt_two(cluster, tmp_path):
     home = tmp_path / "home"
     # No periodic checkpoints: the only one is the one the warning makes.
-    opts = _opts("train.max_steps=100", "train.max_attempts=2", "train.log_every_n_steps=5")
+    # 300 steps: the warning must land mid-training, 3 s after it starts, on a faster machine too.
+    opts = _opts("train.max_steps=300", "train.max_attempts=2", "train.log_every_n_steps=5")
     proc = _submit_waiting(cluster, home, *DDP, *opts)
     log = _wait_for(lambda: next(iter((home / "jobs").glob("*/job.log")), None), 300, "the job's log")
     _wait_for(lambda: "training for" in log.read_text(errors="replace"), 300, "training to start")
@@ -174,7 +175,7 @@ def test_the_time_limit_warning_checkpoints_requeues_and_the_next_run_resumes_as
     assert "checkpoint written; requeueing" in text, text[-3000:]
     resumed = text.split("attempt 2: resuming from ")[1].split()[0]
     step = int(Path(resumed).stem.split("=")[1])
-    assert 0 < step < 100, resumed  # the warning's own checkpoint, mid-training
+    assert 0 < step < 300, resumed  # the warning's own checkpoint, mid-training
     client = mlflow_client(home)
     parents = [r for r in client.search_runs([client.get_run(job.mlflow_run_id).info.experiment_id])
                if "mlflow.parentRunId" not in r.data.tags]
