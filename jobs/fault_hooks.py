@@ -20,7 +20,8 @@ from lightning.pytorch.callbacks import Callback
 
 TEST_HOOK = "ATHANOR_TEST_HOOK"
 """'cancel:STAGE', 'fail:STAGE' or 'kill:STAGE' (comma-separated) acts when the job reaches STAGE (prepare,
-tracking, before, train, after, arms, timing, track, export, register, registered, finish); 'kill:step:N' kills
+tracking, before, train, after, arms, timing, track, export, register, registered, finish; `rank`: as a training
+rank that rank 0 started begins, in that rank only); 'kill:step:N' kills
 the job's processes at optimizer step N (once per job, see jobs/resume.py)."""
 
 log = logging.getLogger("athanor.job")

@@ -118,7 +118,7 @@ def _train(p: Prepared, job: Job, store: JobStore, *, logger: Any, progress: boo
     from athanor.jobs.fault_hooks import fault_callbacks
     from athanor.jobs.progress import progress_callback
     from athanor.jobs.resume import RESUME_ENV, resume_from, set_rng_states
-    from athanor.jobs.trainer import CHECKPOINTS, fit, guard_callback, launched_ranks
+    from athanor.jobs.trainer import CHECKPOINTS, LocalRanks, fit, guard_callback, launched_ranks
 
     recipe, train = p.loaded.recipe, p.loaded.recipe.train
     args, student = p.loaded.args, p.student
@@ -137,20 +137,23 @@ def _train(p: Prepared, job: Job, store: JobStore, *, logger: Any, progress: boo
     ckpt = resume_from(job_dir / CHECKPOINTS, train.keep_checkpoints, job.attempts, rank0=launch)
     ranks = (launched_ranks(train, job.id, store.home, job_dir,
                             extra_env={ARM_ENV: arm, RESUME_ENV: str(ckpt or "")}) if launch
-             else contextlib.nullcontext())
+             else contextlib.nullcontext(LocalRanks()))
     callbacks = [guard_callback(lambda: bool(lease and lease.cancelled) or store.cancel_requested(job.id),
                                 **interrupt_hooks()), SIGTERM_NOTED.callback(),
                  *([progress_callback(store, job.id, job.attempts), *fault_callbacks(store.job_dir(job.id))]
                    if launch else [])]  # rank 0: the step count for status, and the test faults (none in normal use)
-    with ranks:
+    with ranks as started:
         return fit(p.method, module, student, p.data, train, recipe.data.batch_size, job_dir=job_dir,
                    logger=logger, progress=progress, callbacks=callbacks, ckpt_path=ckpt,
-                   fence=lease.holds if lease else None)
+                   fence=lease.holds if lease else None, before_fit=started.wait_ready)
 
 
 def run_rank(job_id: str, store: JobStore) -> None:
     """A non-zero training rank: same preparation, training only (rank 0 evaluates and tracks)."""
+    from athanor.jobs.fault_hooks import fault_hook
+
     job = store.get(job_id)
+    fault_hook("rank")  # a test's 'fail:rank': this rank dies before it joins the others
     _train(prepare(job), job, store, logger=False, progress=False, launch=False, arm=os.environ.get(ARM_ENV, ""))
 
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -193,18 +194,51 @@ def _start_rank(job_id: str, env: dict[str, str], log_path: Path) -> ForkedJob |
     return proc
 
 
+RANK_READY_ENV = "ATHANOR_RANK_READY"
+"""Set by rank 0 for each rank it starts: the file that rank creates just before it joins the process group."""
+
+
+@dataclass
+class LocalRanks:
+    """The ranks this node's rank 0 started (local ranks 1..N-1): global rank, process, log, and the file each
+    creates once it is about to join the process group."""
+
+    ranks: list[int] = field(default_factory=list)
+    procs: list[ForkedJob | subprocess.Popen] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+    ready: list[Path] = field(default_factory=list)
+
+    def wait_ready(self, poll_seconds: float = 0.2) -> None:
+        """Rank 0, before it joins the process group: return once every started rank is about to join it too, and
+        raise at once, naming the rank, when one exited first. Why: a rank that dies before the rendezvous (an
+        import error, a missing file on its side, out of memory) would leave rank 0 waiting there until the
+        process group's timeout (30 minutes) instead of failing the job now."""
+        while not all(path.exists() for path in self.ready):
+            for rank, proc, log_path, path in zip(self.ranks, self.procs, self.logs, self.ready):
+                if not path.exists() and (code := proc.poll()) is not None:
+                    raise RuntimeError(f"training rank {rank} exited with code {code} before joining the other "
+                                       f"ranks; see {log_path}")
+            time.sleep(poll_seconds)
+
+
+def mark_rank_ready() -> None:
+    """A started rank, just before it joins the process group: tell rank 0 it got there (see LocalRanks)."""
+    if path := os.environ.get(RANK_READY_ENV):
+        Path(path).touch()
+
+
 @contextlib.contextmanager
 def launched_ranks(train: TrainSpec, job_id: str, home: Path, log_dir: Path,
-                   extra_env: dict[str, str] | None = None) -> Iterator[list[ForkedJob | subprocess.Popen]]:
+                   extra_env: dict[str, str] | None = None) -> Iterator[LocalRanks]:
     """Start ranks 1..N-1 of this node for `job_id` and set rank 0's environment (torchrun-style);
-    `extra_env` goes to the started ranks only.
+    `extra_env` goes to the started ranks only. Rank 0 calls the yielded `wait_ready()` before it joins them.
 
     Multi-node: every node runs `athanor worker --rank` itself; here NODE_RANK, MASTER_ADDR and
     MASTER_PORT are taken from the environment when set.
     """
     n_local = train.devices
     if world_size(train) == 1 or os.environ.get(RANKS_LAUNCHED_ENV):  # a cluster engine started every rank
-        yield []
+        yield LocalRanks()
         return
     env_keys = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "DS_ACCELERATOR")
     saved = {k: os.environ.get(k) for k in env_keys}
@@ -217,21 +251,29 @@ def launched_ranks(train: TrainSpec, job_id: str, home: Path, log_dir: Path,
     }
     if not use_gpu(train) and train.strategy.startswith("deepspeed"):
         base["DS_ACCELERATOR"] = "cpu"
-    procs = []
+    ranks = LocalRanks()
     try:
         for local in range(1, n_local):
-            env = {**os.environ, **base, "LOCAL_RANK": str(local), "RANK": str(node_rank * n_local + local),
-                   "ATHANOR_HOME": str(home), **(extra_env or {})}
-            procs.append(_start_rank(job_id, env, log_dir / f"rank{local}.log"))
+            rank = node_rank * n_local + local
+            ready = log_dir / f"rank{rank}.ready"
+            ready.unlink(missing_ok=True)  # an earlier attempt's
+            env = {**os.environ, **base, "LOCAL_RANK": str(local), "RANK": str(rank), "ATHANOR_HOME": str(home),
+                   RANK_READY_ENV: str(ready), **(extra_env or {})}
+            ranks.ranks.append(rank)
+            ranks.logs.append(log_dir / f"rank{local}.log")
+            ranks.ready.append(ready)
+            ranks.procs.append(_start_rank(job_id, env, ranks.logs[-1]))
         os.environ.update({**base, "LOCAL_RANK": "0", "RANK": str(node_rank * n_local)})
-        yield procs
-        for proc in procs:
+        yield ranks
+        for proc in ranks.procs:
             if proc.wait(timeout=600) != 0:
                 raise RuntimeError(f"training rank exited with code {proc.returncode}; see {log_dir}/rank*.log")
     finally:
-        for proc in procs:
+        for proc in ranks.procs:
             if proc.poll() is None:
                 proc.terminate()
+        for path in ranks.ready:
+            path.unlink(missing_ok=True)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -283,14 +325,19 @@ def guard_callback(should_stop: Callable[[], bool], poll_seconds: float = 1.0, *
 
 def fit(method: Any, module: Any, student: Any, data: Any, train: TrainSpec, micro_batch_size: int, *,
         job_dir: Path, logger: Any = False, progress: bool = True, callbacks: list | None = None,
-        ckpt_path: Path | None = None, fence: Callable[[], bool] | None = None) -> Any:
+        ckpt_path: Path | None = None, fence: Callable[[], bool] | None = None,
+        before_fit: Callable[[], None] | None = None) -> Any:
     """Train (from step 0, or resumed from `ckpt_path`: weights, optimizer, schedule, step, data position, RNG)
-    and return the trained student, consolidated on every rank (ZeRO-3 included)."""
+    and return the trained student, consolidated on every rank (ZeRO-3 included). `before_fit` runs just before
+    this rank joins the process group (rank 0: `LocalRanks.wait_ready`)."""
     zero3 = train.strategy == "deepspeed_stage_3"
     blueprint = copy.deepcopy(student) if zero3 else None
     loader, position = resumable_loader(data.train_dataloader())
     trainer = build_trainer(train, job_dir=job_dir, micro_batch_size=micro_batch_size, logger=logger,
                             progress=progress, callbacks=[*(callbacks or []), position], fence=fence)
+    mark_rank_ready()
+    if before_fit is not None:
+        before_fit()
     trainer.fit(module, train_dataloaders=loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
     trained = method.trained_student(module)
     if zero3:

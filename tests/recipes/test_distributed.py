@@ -6,6 +6,7 @@ Both see the same data shards and seeds, so they must train the same student.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,27 @@ def test_ddp_and_deepspeed_zero2_train_the_same_student(home):
     # Both really trained: each beats the same untrained student.
     assert untrained["ddp"]["similarity_agreement"] == untrained["deepspeed_stage_2"]["similarity_agreement"]
     assert all(a > untrained["ddp"]["similarity_agreement"] + 0.01 for a in agreement.values()), (agreement, untrained)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_rank_that_dies_before_joining_fails_the_job_at_once_in_one_line(home, tmp_path):
+    """Rank 1 fails as it starts (test hook `fail:rank`): rank 0 stops waiting for it before the rendezvous and the
+    job FAILS naming the rank and its log, registering nothing. Before, rank 0 waited in the rendezvous until the
+    process group's 30-minute timeout (the call's own timeout here)."""
+    from recipes_toy import TOY, write_toy
+    from test_faults import assert_promises_kept
+
+    path = write_toy(tmp_path, TOY)
+    done = athanor("submit", str(path), "--wait", "--no-progress", "-o", "train.strategy=ddp", "-o", "train.devices=2",
+                   "-o", "train.accelerator=cpu", env={"ATHANOR_TEST_HOOK": "fail:rank"}, timeout=300)
+    (job,) = JobStore(home).list()
+    assert done.returncode != 0 and job.status == "FAILED" and "\n" not in job.error, job.error
+    found = re.search(r"training rank 1 exited with code \d+ before joining the other ranks; see (\S+)", job.error)
+    assert found, job.error
+    assert "test hook failure at rank" in Path(found.group(1)).read_text()  # the named log holds rank 1's error
+    assert not list(Path(job.log_path).parent.glob("**/rank*.ready"))
+    assert_promises_kept(home)
 
 
 @pytest.mark.slow
