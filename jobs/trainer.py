@@ -194,6 +194,8 @@ def _start_rank(job_id: str, env: dict[str, str], log_path: Path) -> ForkedJob |
     return proc
 
 
+RENDEZVOUS_SECONDS = 1800.0
+"""How long rank 0 waits for the ranks it started to reach training: torch's default process-group timeout."""
 RANK_READY_ENV = "ATHANOR_RANK_READY"
 """Set by rank 0 for each rank it starts: the file that rank creates just before it joins the process group."""
 
@@ -208,16 +210,23 @@ class LocalRanks:
     logs: list[Path] = field(default_factory=list)
     ready: list[Path] = field(default_factory=list)
 
-    def wait_ready(self, poll_seconds: float = 0.2) -> None:
+    def wait_ready(self, poll_seconds: float = 0.2, timeout_seconds: float = RENDEZVOUS_SECONDS) -> None:
         """Rank 0, before it joins the process group: return once every started rank is about to join it too, and
         raise at once, naming the rank, when one exited first. Why: a rank that dies before the rendezvous (an
         import error, a missing file on its side, out of memory) would leave rank 0 waiting there until the
-        process group's timeout (30 minutes) instead of failing the job now."""
+        process group's timeout instead of failing the job now. A rank still preparing after `timeout_seconds`
+        (the process group's own timeout) fails the job too."""
+        deadline = time.monotonic() + timeout_seconds
         while not all(path.exists() for path in self.ready):
             for rank, proc, log_path, path in zip(self.ranks, self.procs, self.logs, self.ready):
-                if not path.exists() and (code := proc.poll()) is not None:
+                if path.exists():
+                    continue
+                if (code := proc.poll()) is not None:
                     raise RuntimeError(f"training rank {rank} exited with code {code} before joining the other "
                                        f"ranks; see {log_path}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"training rank {rank} did not reach training within {timeout_seconds:.0f} s; "
+                                       f"see {log_path}")
             time.sleep(poll_seconds)
 
 

@@ -160,3 +160,35 @@ def test_an_engine_with_accelerator_auto_is_refused_at_validation_naming_the_key
     assert problem.path == "train.launcher" and "set train.accelerator to 'gpu' or 'cpu'" in problem.message
     assert check(RECIPES / "minilm_tiny.yaml", overrides=[f"train.launcher={launcher}", "train.accelerator=cpu"]
                  ).problems == []
+
+
+class _Rank:
+    """A started rank as LocalRanks sees it: poll() is None while it runs, then its exit code."""
+
+    def __init__(self, exits_after_polls: int | None = None, code: int = 1) -> None:
+        self.polls, self.exits_after_polls, self.code = 0, exits_after_polls, code
+
+    def poll(self) -> int | None:
+        self.polls += 1
+        return self.code if self.exits_after_polls is not None and self.polls > self.exits_after_polls else None
+
+
+def test_rank_zero_waits_for_every_started_rank_and_fails_at_once_when_one_exits_first(tmp_path):
+    from athanor.jobs.trainer import LocalRanks
+
+    ready = [tmp_path / "rank1.ready", tmp_path / "rank2.ready"]
+    logs = [tmp_path / "rank1.log", tmp_path / "rank2.log"]
+    for path in ready:
+        path.touch()
+    LocalRanks([1, 2], [_Rank(), _Rank()], logs, ready).wait_ready(poll_seconds=0)  # both there: returns
+    LocalRanks().wait_ready(poll_seconds=0)  # no started ranks (one process, or a cluster engine's): returns
+    ready[1].unlink()
+    dying = LocalRanks([1, 2], [_Rank(), _Rank(exits_after_polls=3, code=7)], logs, ready)
+    with pytest.raises(RuntimeError, match=r"^training rank 2 exited with code 7 before joining the other ranks; "
+                                           r"see .*rank2\.log$"):
+        dying.wait_ready(poll_seconds=0)
+    ready[1].touch()
+    LocalRanks([1, 2], [_Rank(), _Rank(exits_after_polls=0)], logs, ready).wait_ready(poll_seconds=0)  # exited after
+    ready[0].unlink()
+    with pytest.raises(RuntimeError, match=r"^training rank 1 did not reach training within 0 s; see .*rank1\.log$"):
+        LocalRanks([1, 2], [_Rank(), _Rank()], logs, ready).wait_ready(poll_seconds=0, timeout_seconds=0)
