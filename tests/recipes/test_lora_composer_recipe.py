@@ -92,11 +92,12 @@ def test_fashion_recipe_end_to_end(tmp_path):
     from athanor.distill.lora_composer.method import load_export
     from athanor.jobs.store import JobStore
 
-    # The shipped recipe samples 7 listed + 16 generated scenes x 4 seeds x 20 steps on each side (its figures are
-    # in its header). Nothing below depends on how many scenes, seeds or steps: CI samples each listed scene once,
-    # in 10 steps (tests/distill/lora_composer/test_scenes.py checks the generated ones).
+    # The shipped recipe samples 7 listed + 16 generated scenes x 4 seeds x 20 steps on each side, with the ablation
+    # ladder (its figures are in its header). Nothing below depends on how many scenes, seeds, steps or rungs: CI
+    # samples each listed scene once, in 10 steps, with the plain row (tests/distill/lora_composer/test_scenes.py
+    # checks the generated scenes, test_arms.py the ladder).
     shorter = ["lora_composer.seeds=[0]", "lora_composer.generate_scenes=null", "lora_composer.steps=10",
-               "lora_composer.guidance_steps=5", "eval.latency_repeats=1"]
+               "lora_composer.guidance_steps=5", "eval.latency_repeats=1", "lora_composer.compare=[plain]"]
     done = athanor("submit", str(RECIPE), "--wait", "--no-progress", *[a for o in shorter for a in ("-o", o)],
                    home=tmp_path, timeout=1500)
     (job,) = JobStore(tmp_path).list()
