@@ -74,6 +74,12 @@ class KoalaArgs(Section):
     the weight on the noisy early sampling steps. ε-prediction teachers only."""
     kd_x0_cap: float = Field(5.0, gt=0)
     """Largest per-row weight of 'x0' KD weighting (at t near T, (1 − ᾱ_t)/ᾱ_t grows without bound)."""
+    kd_guidance: float | None = Field(None, ge=1.0)
+    """Output KD on the guided prediction the sampler uses: every row runs with its caption and with the empty
+    prompt (teacher and student), and the output KD compares ε_u + w·(ε_c − ε_u) at this w (set it to
+    `guidance_scale`); the task loss stays on the captioned branch. Why: guided sampling multiplies the student's
+    error in ε_c − ε_u by w (5 here), which plain KD of each branch weighs like any other error. Twice the U-Net
+    work per step; caption dropout (`uncond_prob`) is then unneeded. None: plain output KD."""
     feature_sites: Literal["self_attention", "block"] = "self_attention"
     """'self_attention': attn1 outputs of the kept transformer layers (KOALA); 'block': U-Net
     stage outputs (BK-SDM)."""

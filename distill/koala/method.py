@@ -167,7 +167,8 @@ class Koala(MethodBase[KoalaTeacher, UNet2DConditionModel, KoalaArgs, dict[str, 
                            weights=(args.lambda_task, args.lambda_out, args.lambda_feat),
                            gradient_checkpointing=args.gradient_checkpointing,
                            ema_decay=args.ema_decay if args.ema else None,
-                           uncond=data.eval["uncond"] if args.uncond_prob > 0 else None, uncond_prob=args.uncond_prob,
+                           uncond=data.eval["uncond"] if args.uncond_prob > 0 or args.kd_guidance else None,
+                           uncond_prob=args.uncond_prob, kd_guidance=args.kd_guidance,
                            kd_x0_cap=args.kd_x0_cap if args.kd_weighting == "x0" else None)
 
     def trained_student(self, module: KoalaModule) -> UNet2DConditionModel:
@@ -223,8 +224,8 @@ class Koala(MethodBase[KoalaTeacher, UNet2DConditionModel, KoalaArgs, dict[str, 
         bmap = block_map(dict(teacher.unet.config), dict(student.config), args.layer_selection)
         (out_dir / "koala_block_map.json").write_text(bmap.to_json())
         settings = args.model_dump(include={"feature_sites", "layer_selection", "lambda_task", "lambda_out",
-                                            "lambda_feat", "train_data", "kd_weighting", "kd_x0_cap", "uncond_prob",
-                                            "ema"})
+                                            "lambda_feat", "train_data", "kd_weighting", "kd_x0_cap", "kd_guidance",
+                                            "uncond_prob", "ema"})
         (out_dir / "koala.json").write_text(json.dumps({"teacher": teacher.description, **settings}, indent=1))
         return out_dir
 

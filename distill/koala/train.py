@@ -95,10 +95,12 @@ def koala_losses(
     pairs: list[tuple[str, str]],
     weights: tuple[float, float, float],
     out_weights: torch.Tensor | None = None,
+    task_pred: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The KOALA loss terms (all MSE, computed in fp32) and their weighted sum. `target` is None in
     data-free mode: there is no ground truth, only the teacher. `out_weights` [B] weighs each row's output
-    KD (`kd_timestep_weights`); None: the plain MSE."""
+    KD (`kd_timestep_weights`); None: the plain MSE. `task_pred`: what the task loss compares with `target`
+    when it is not `student_pred` (guided KD: the captioned branch)."""
     w_task, w_out, w_feat = weights
     if out_weights is None:
         out = F.mse_loss(student_pred.float(), teacher_pred.float())
@@ -112,7 +114,8 @@ def koala_losses(
     terms = {"loss_out": out, "loss_feat": feat}
     total = w_out * out + w_feat * feat
     if target is not None:
-        terms["loss_task"] = F.mse_loss(student_pred.float(), target.float())
+        predicted = student_pred if task_pred is None else task_pred
+        terms["loss_task"] = F.mse_loss(predicted.float(), target.float())
         total = total + w_task * terms["loss_task"]
     terms["loss"] = total
     return terms
@@ -129,6 +132,25 @@ def training_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torc
     if kind == "sample":
         return latents
     raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+def guided(pred: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance of a [captioned; empty-prompt] stacked prediction: ε_u + w·(ε_c − ε_u)."""
+    cond, uncond = pred.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+def with_unconditional(noisy: torch.Tensor, t: torch.Tensor, kwargs: dict,
+                       uncond: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The batch stacked with itself under the empty prompt: inputs for one U-Net call giving [ε_c; ε_u]."""
+    cond = kwargs["encoder_hidden_states"]
+    out = {"encoder_hidden_states": torch.cat([cond, uncond["prompt_embeds"].to(cond).expand_as(cond)])}
+    if "added_cond_kwargs" in kwargs:
+        added = kwargs["added_cond_kwargs"]
+        empty = uncond["text_embeds"].to(added["text_embeds"]).expand_as(added["text_embeds"])
+        out["added_cond_kwargs"] = {"text_embeds": torch.cat([added["text_embeds"], empty]),
+                                    "time_ids": torch.cat([added["time_ids"], added["time_ids"]])}
+    return torch.cat([noisy, noisy]), torch.cat([t, t]), out
 
 
 def kd_timestep_weights(scheduler: DDPMScheduler, t: torch.Tensor, cap: float) -> torch.Tensor:
@@ -177,11 +199,11 @@ class KoalaModule(L.LightningModule):
                  scheduler_config: dict, train: TrainSpec, *, weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
                  gradient_checkpointing: bool = False, ema_decay: float | None = None,
                  uncond: dict[str, torch.Tensor] | None = None, uncond_prob: float = 0.0,
-                 kd_x0_cap: float | None = None) -> None:
+                 kd_x0_cap: float | None = None, kd_guidance: float | None = None) -> None:
         super().__init__()
-        self.kd_x0_cap = kd_x0_cap
-        if uncond_prob > 0 and uncond is None:
-            raise ValueError("uncond_prob > 0 needs the empty prompt's conditioning (uncond)")
+        self.kd_x0_cap, self.kd_guidance = kd_x0_cap, kd_guidance
+        if (uncond_prob > 0 or kd_guidance is not None) and uncond is None:
+            raise ValueError("uncond_prob > 0 and kd_guidance need the empty prompt's conditioning (uncond)")
         self.student = student.train()
         self.uncond, self.uncond_prob = uncond, uncond_prob
         # Not registered submodules: frozen, never optimised, never in checkpoints or DDP buckets.
@@ -217,14 +239,20 @@ class KoalaModule(L.LightningModule):
         target = training_target(self.scheduler, clean, noise, t) if "latents" in batch else None
         dtype = next(self.student.parameters()).dtype
         noisy, kwargs = noisy.to(dtype), unet_kwargs(batch, self.device, dtype)
+        if self.kd_guidance is not None:
+            noisy, t, kwargs = with_unconditional(noisy, t, kwargs, self.uncond)
         with torch.no_grad():
             teacher_pred = self.teacher(noisy, t, **kwargs).sample
         teacher_features = self.teacher_taps.pop()
         student_pred = self.student(noisy, t, **kwargs).sample
         student_features = self.student_taps.pop()
+        task_pred = None
+        if self.kd_guidance is not None:  # compare what the sampler uses; the task loss on the captioned rows
+            task_pred, t = student_pred.chunk(2)[0], t.chunk(2)[0]
+            teacher_pred, student_pred = guided(teacher_pred, self.kd_guidance), guided(student_pred, self.kd_guidance)
         out_weights = None if self.kd_x0_cap is None else kd_timestep_weights(self.scheduler, t, self.kd_x0_cap)
         terms = koala_losses(student_pred, teacher_pred, target, student_features, teacher_features,
-                             self.pairs, self.weights, out_weights)
+                             self.pairs, self.weights, out_weights, task_pred)
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, on_step=True, prog_bar=False)
         return terms["loss"]
 

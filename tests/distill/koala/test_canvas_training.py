@@ -85,6 +85,11 @@ def _recorded_step(method, loaded, teacher, data, args) -> tuple[dict, dict, tor
         text = teacher.text_encoders[0](batch["input_ids_0"]).last_hidden_state
         pred = student(x_t, seen["t"], encoder_hidden_states=text).sample
         teacher_pred = teacher.unet(x_t, seen["t"], encoder_hidden_states=text).sample
+        # The same under the empty caption (guidance's unconditional branch), kept in `seen`.
+        ids = teacher.tokenizers[0]("", padding="max_length", max_length=32, truncation=True).input_ids
+        empty = teacher.text_encoders[0](torch.tensor([ids])).last_hidden_state.expand_as(text)
+        seen["pred_u"] = student(x_t, seen["t"], encoder_hidden_states=empty).sample
+        seen["teacher_pred_u"] = teacher.unet(x_t, seen["t"], encoder_hidden_states=empty).sample
     return logged, seen, loss, pred, teacher_pred
 
 
@@ -112,6 +117,21 @@ def test_x0_weighting_makes_output_kd_the_x0_error(canvas_job):
             x0_error = torch.minimum(x0_error, cap * (pred - teacher_pred).pow(2).flatten(1).mean(1))
         assert logged["train/loss_out"] == pytest.approx(x0_error.mean().item(), rel=1e-3)
         assert logged["train/loss_task"] == pytest.approx(F.mse_loss(pred, seen["eps"]).item(), rel=1e-4)
+
+
+def test_guided_kd_compares_the_predictions_the_guided_sampler_uses(canvas_job):
+    """kd_guidance w: the output term is the MSE of ε̂_u + w·(ε̂_c − ε̂_u) between student and teacher, each branch
+    recomputed here (the empty caption through the text encoder directly); the task loss stays the captioned
+    branch's ε-MSE. At w = 1 it is plain output KD of the captioned branch."""
+    method, loaded, teacher, data = canvas_job
+    for w in (3.0, 1.0):
+        args = loaded.args.model_copy(update={"kd_guidance": w})
+        logged, seen, _, pred, teacher_pred = _recorded_step(method, loaded, teacher, data, args)
+        student_guided = seen["pred_u"] + w * (pred - seen["pred_u"])
+        teacher_guided = seen["teacher_pred_u"] + w * (teacher_pred - seen["teacher_pred_u"])
+        assert logged["train/loss_out"] == pytest.approx(F.mse_loss(student_guided, teacher_guided).item(), rel=1e-4)
+        assert logged["train/loss_task"] == pytest.approx(F.mse_loss(pred, seen["eps"]).item(), rel=1e-4)
+    assert logged["train/loss_out"] == pytest.approx(F.mse_loss(pred, teacher_pred).item(), rel=1e-4)
 
 
 def test_loss_weights_scale_their_terms(canvas_job):

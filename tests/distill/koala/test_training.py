@@ -98,3 +98,24 @@ def test_data_free_training_noises_teacher_samples(tiny, make_student):
         hook.remove()
     assert torch.equal(seen["x0"], batch["teacher_latents"]) and torch.equal(seen["teacher_input"], seen["xt"])
     assert set(logged) == {"train/loss", "train/loss_out", "train/loss_feat"}  # teacher targets only
+
+
+def test_guided_kd_stacks_each_row_under_its_caption_then_the_empty_prompt():
+    """`with_unconditional` (SDXL kwargs: pooled embeddings swapped too, time ids kept) and `guided`, by hand."""
+    from athanor.distill.koala.train import guided, with_unconditional
+
+    noisy, t = torch.randn(2, 4, 3, 3), torch.tensor([5, 900])
+    kwargs = {"encoder_hidden_states": torch.randn(2, 7, 8),
+              "added_cond_kwargs": {"text_embeds": torch.randn(2, 6), "time_ids": torch.randn(2, 6)}}
+    empty = {"prompt_embeds": torch.randn(1, 7, 8), "text_embeds": torch.randn(1, 6)}
+    x, steps, out = with_unconditional(noisy, t, kwargs, empty)
+    assert torch.equal(x, torch.cat([noisy, noisy])) and steps.tolist() == [5, 900, 5, 900]
+    hidden = out["encoder_hidden_states"]
+    assert torch.equal(hidden[:2], kwargs["encoder_hidden_states"])
+    assert all(torch.equal(hidden[i], empty["prompt_embeds"][0]) for i in (2, 3))
+    added = out["added_cond_kwargs"]
+    assert torch.equal(added["text_embeds"][:2], kwargs["added_cond_kwargs"]["text_embeds"])
+    assert all(torch.equal(added["text_embeds"][i], empty["text_embeds"][0]) for i in (2, 3))
+    assert torch.equal(added["time_ids"], kwargs["added_cond_kwargs"]["time_ids"].repeat(2, 1))
+    cond, uncond = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    assert torch.allclose(guided(torch.cat([cond, uncond]), 5.0), 5 * cond - 4 * uncond, atol=1e-6)
