@@ -80,6 +80,12 @@ class KoalaArgs(Section):
     `guidance_scale`); the task loss stays on the captioned branch. Why: guided sampling multiplies the student's
     error in ε_c − ε_u by w (5 here), which plain KD of each branch weighs like any other error. Twice the U-Net
     work per step; caption dropout (`uncond_prob`) is then unneeded. None: plain output KD."""
+    rollout_prob: float = Field(0.0, ge=0, le=1)
+    """Share of training batches distilled on-policy: at the state the student's own sampler (`eval_steps` DDIM
+    steps at `guidance_scale`) reaches from fresh noise after k steps (k uniform), where only the teacher
+    supervises (no task target). Real-image batches teach the student where the teacher's trajectories pass;
+    these teach it where its own drift leads, which is where guided sampling goes wrong. Each such batch costs
+    up to `eval_steps` extra guided student passes (no gradient). 0: none."""
     feature_sites: Literal["self_attention", "block"] = "self_attention"
     """'self_attention': attn1 outputs of the kept transformer layers (KOALA); 'block': U-Net
     stage outputs (BK-SDM)."""

@@ -42,7 +42,7 @@ from athanor.distill.koala.data import (
     prompt_conditioning,
 )
 from athanor.distill.koala.sampling import teacher_latents
-from athanor.distill.koala.train import KoalaModule, feature_pairs
+from athanor.distill.koala.train import KoalaModule, Rollout, feature_pairs
 from athanor.distill.loaders import SeededLoader
 from athanor.distill.method_base import MethodBase
 from athanor.distill.spec import DataSpec, Direction, EvalSpec, MethodData, RecipeError, ResolvedSource, TrainSpec
@@ -167,9 +167,12 @@ class Koala(MethodBase[KoalaTeacher, UNet2DConditionModel, KoalaArgs, dict[str, 
                            weights=(args.lambda_task, args.lambda_out, args.lambda_feat),
                            gradient_checkpointing=args.gradient_checkpointing,
                            ema_decay=args.ema_decay if args.ema else None,
-                           uncond=data.eval["uncond"] if args.uncond_prob > 0 or args.kd_guidance else None,
+                           uncond=data.eval["uncond"] if args.uncond_prob > 0 or args.kd_guidance
+                           or args.rollout_prob > 0 else None,
                            uncond_prob=args.uncond_prob, kd_guidance=args.kd_guidance,
-                           kd_x0_cap=args.kd_x0_cap if args.kd_weighting == "x0" else None)
+                           kd_x0_cap=args.kd_x0_cap if args.kd_weighting == "x0" else None,
+                           rollout=Rollout(args.rollout_prob, args.eval_steps, args.guidance_scale)
+                           if args.rollout_prob > 0 else None)
 
     def trained_student(self, module: KoalaModule) -> UNet2DConditionModel:
         model = module.trained()
@@ -225,7 +228,7 @@ class Koala(MethodBase[KoalaTeacher, UNet2DConditionModel, KoalaArgs, dict[str, 
         (out_dir / "koala_block_map.json").write_text(bmap.to_json())
         settings = args.model_dump(include={"feature_sites", "layer_selection", "lambda_task", "lambda_out",
                                             "lambda_feat", "train_data", "kd_weighting", "kd_x0_cap", "kd_guidance",
-                                            "uncond_prob", "ema"})
+                                            "uncond_prob", "rollout_prob", "ema"})
         (out_dir / "koala.json").write_text(json.dumps({"teacher": teacher.description, **settings}, indent=1))
         return out_dir
 

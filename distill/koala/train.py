@@ -6,7 +6,9 @@ Feature sites are `self_attention` (the output of `attn1` in every student trans
 paired with the teacher layer it was copied from — KOALA's finding) or `block` (every U-Net stage
 output, as in BK-SDM). The feature term sums over sites, as the KOALA and BK-SDM losses do.
 Image latents (VAE-encoded images, or the testbed's real canvases, which are their own latents) are noised with
-their ground-truth noise as the task target; `kd_weighting: x0` weighs each row's output KD by the x₀ error its
+their ground-truth noise as the task target; with a `Rollout`, some batches instead take the state the student's
+own guided sampler reaches after k of its steps (on-policy KD: the teacher says what to do where the student's
+drift has taken it; no task target there); `kd_weighting: x0` weighs each row's output KD by the x₀ error its
 ε error implies (`kd_timestep_weights`). Data-free batches carry
 `teacher_latents` (teacher samples, see sampling.py), noised the same way but supervised by the
 teacher only. With `uncond_prob`, rows are conditioned on the empty prompt instead (caption dropout),
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -31,6 +34,7 @@ from torch import nn
 from athanor.convert.koala import BlockMap, layout
 from athanor.convert.module_utils import unwrap
 from athanor.distill.koala.data import KoalaTeacher, encode_batch, unet_kwargs
+from athanor.distill.koala.sampling import make_scheduler
 from athanor.distill.optim import adamw_with_schedule
 from athanor.distill.spec import TrainSpec
 
@@ -153,6 +157,32 @@ def with_unconditional(noisy: torch.Tensor, t: torch.Tensor, kwargs: dict,
     return torch.cat([noisy, noisy]), torch.cat([t, t]), out
 
 
+@dataclass(frozen=True)
+class Rollout:
+    """On-policy KD: with probability `prob` a training batch is distilled at the state the student's own sampler
+    (`steps` DDIM steps at classifier-free guidance `guidance`, the evaluation's) reaches from fresh noise after k
+    steps, k uniform in [0, steps), at that step's timestep. Noising real images at a random t trains the student
+    where the teacher's trajectories pass; sampling walks it along its own, whose errors compound step by step."""
+    prob: float
+    steps: int
+    guidance: float
+
+
+@torch.no_grad()
+def rollout_state(unet: nn.Module, scheduler_config: dict, kwargs: dict, uncond: dict[str, torch.Tensor],
+                  noise: torch.Tensor, rollout: Rollout, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, t) after `k` guided sampler steps of `unet` from `noise` under the batch's conditioning `kwargs`;
+    t is the timestep of step k, one per row."""
+    scheduler = make_scheduler(scheduler_config, rollout.steps)
+    x = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps[:k]:
+        rows = t.to(x.device).expand(len(x))
+        x_in, t_in, kw = with_unconditional(scheduler.scale_model_input(x, t), rows, kwargs, uncond)
+        pred = guided(unet(x_in, t_in, **kw).sample.float(), rollout.guidance)
+        x = scheduler.step(pred, t, x.float()).prev_sample.to(noise.dtype)
+    return x, scheduler.timesteps[k].to(x.device).expand(len(x)).clone()
+
+
 def kd_timestep_weights(scheduler: DDPMScheduler, t: torch.Tensor, cap: float) -> torch.Tensor:
     """min((1 − ᾱ_t)/ᾱ_t, cap) per row: an ε error e moves the sampler's estimate of x₀ by √((1 − ᾱ_t)/ᾱ_t)·e, so
     with these weights the output KD is the squared x₀ error (capped), not the ε error. Plain ε-MSE weighs the
@@ -199,11 +229,12 @@ class KoalaModule(L.LightningModule):
                  scheduler_config: dict, train: TrainSpec, *, weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
                  gradient_checkpointing: bool = False, ema_decay: float | None = None,
                  uncond: dict[str, torch.Tensor] | None = None, uncond_prob: float = 0.0,
-                 kd_x0_cap: float | None = None, kd_guidance: float | None = None) -> None:
+                 kd_x0_cap: float | None = None, kd_guidance: float | None = None,
+                 rollout: Rollout | None = None) -> None:
         super().__init__()
-        self.kd_x0_cap, self.kd_guidance = kd_x0_cap, kd_guidance
-        if (uncond_prob > 0 or kd_guidance is not None) and uncond is None:
-            raise ValueError("uncond_prob > 0 and kd_guidance need the empty prompt's conditioning (uncond)")
+        self.kd_x0_cap, self.kd_guidance, self.rollout = kd_x0_cap, kd_guidance, rollout
+        if (uncond_prob > 0 or kd_guidance is not None or rollout is not None) and uncond is None:
+            raise ValueError("uncond_prob > 0, kd_guidance and rollout need the empty prompt's conditioning (uncond)")
         self.student = student.train()
         self.uncond, self.uncond_prob = uncond, uncond_prob
         # Not registered submodules: frozen, never optimised, never in checkpoints or DDP buckets.
@@ -239,6 +270,12 @@ class KoalaModule(L.LightningModule):
         target = training_target(self.scheduler, clean, noise, t) if "latents" in batch else None
         dtype = next(self.student.parameters()).dtype
         noisy, kwargs = noisy.to(dtype), unet_kwargs(batch, self.device, dtype)
+        k = self.rollout_steps()
+        if k is not None:  # on-policy: the student's own sampler state; the teacher is the only supervisor
+            noisy, t = rollout_state(self.student, dict(self.scheduler.config), kwargs, self.uncond,
+                                     noise.to(dtype), self.rollout, k)
+            target = None
+            self.student_taps.pop()
         if self.kd_guidance is not None:
             noisy, t, kwargs = with_unconditional(noisy, t, kwargs, self.uncond)
         with torch.no_grad():
@@ -255,6 +292,16 @@ class KoalaModule(L.LightningModule):
                              self.pairs, self.weights, out_weights, task_pred)
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, on_step=True, prog_bar=False)
         return terms["loss"]
+
+    def rollout_steps(self) -> int | None:
+        """How many student sampler steps precede this batch's KD state, or None (a real-image batch). Drawn from
+        the optimizer step, so every rank of a distributed job agrees (their U-Net calls must match)."""
+        if self.rollout is None or self.rollout.prob <= 0:
+            return None
+        draw = torch.Generator().manual_seed(self.trainer.global_step if self._trainer is not None else 0)
+        if torch.rand((), generator=draw).item() >= self.rollout.prob:
+            return None
+        return int(torch.randint(0, self.rollout.steps, (), generator=draw))
 
     def drop_captions(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each row's text conditioning becomes the empty prompt's with probability `uncond_prob`, for

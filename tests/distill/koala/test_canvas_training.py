@@ -187,3 +187,76 @@ def test_x0_weighting_needs_an_epsilon_teacher(canvas_job):
     with pytest.raises(RecipeError) as info:
         method.lightning_module(teacher, method.convert(teacher, loaded.student, args), data, args, TrainSpec())
     assert info.value.key == "koala.kd_weighting" and "uniform" in info.value.fix
+
+
+def _ddim_by_hand(student, text, empty, noise: torch.Tensor, steps: int, k: int, w: float) -> tuple[torch.Tensor, int]:
+    """The state after k guided DDIM steps (η = 0, 'leading' spacing t_j = (steps − 1 − j)·1000/steps) written out
+    with the cosine schedule: x₀̂ = (x − √(1 − ᾱ_t)·ε̂)/√ᾱ_t, x ← √ᾱ_s·x₀̂ + √(1 − ᾱ_s)·ε̂; and that state's t."""
+    stride = 1000 // steps
+    x = noise.double()
+    with torch.no_grad():
+        for j in range(k):
+            t, s = (steps - 1 - j) * stride, (steps - 2 - j) * stride
+            rows = torch.full((len(x),), t)
+            cond = student(x.float(), rows, encoder_hidden_states=text).sample.double()
+            uncond = student(x.float(), rows, encoder_hidden_states=empty).sample.double()
+            eps = uncond + w * (cond - uncond)
+            a_t, a_s = _cosine_alpha_bar(torch.tensor(t)), _cosine_alpha_bar(torch.tensor(s))
+            x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+            x = a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
+    return x.float(), (steps - 1 - k) * stride
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_rollout_kd_distils_at_the_state_the_students_guided_sampler_reaches(canvas_job, k):
+    """rollout_prob 1: the teacher and student are called at the state k guided DDIM steps of the *student* reach
+    from the step's noise (recomputed here by hand), at step k's timestep; no task loss (no ground truth there)."""
+    method, loaded, teacher, data = canvas_job
+    args = loaded.args.model_copy(update={"rollout_prob": 1.0, "eval_steps": 4, "guidance_scale": 3.0})
+    student = method.convert(teacher, loaded.student, args)
+    module = method.lightning_module(teacher, student, data, args, TrainSpec())
+    module.rollout_steps = lambda: k
+    logged, seen = {}, {}
+    module.log_dict = lambda values, **kw: logged.update(values)
+    add_noise = module.scheduler.add_noise
+    module.scheduler.add_noise = lambda x0, eps, t: (seen.update(eps=eps), add_noise(x0, eps, t))[1]
+    hook = teacher.unet.register_forward_pre_hook(lambda _, inputs: seen.update(x=inputs[0], t=inputs[1]))
+    batch = next(iter(data.train_dataloader()))
+    try:
+        module.training_step(batch, 0)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        text = teacher.text_encoders[0](batch["input_ids_0"]).last_hidden_state
+        ids = teacher.tokenizers[0]("", padding="max_length", max_length=32, truncation=True).input_ids
+        empty = teacher.text_encoders[0](torch.tensor([ids])).last_hidden_state.expand_as(text)
+    x, t = _ddim_by_hand(student, text, empty, seen["eps"], 4, k, 3.0)
+    assert seen["t"].tolist() == [t] * len(x)
+    assert torch.allclose(seen["x"], x, atol=1e-4), (seen["x"] - x).abs().max()
+    assert set(logged) == {"train/loss", "train/loss_out", "train/loss_feat"}
+    with torch.no_grad():
+        pred, teacher_pred = (m(x, seen["t"], encoder_hidden_states=text).sample for m in (student, teacher.unet))
+    assert logged["train/loss_out"] == pytest.approx(F.mse_loss(pred, teacher_pred).item(), rel=1e-4)
+
+
+def test_rollout_batches_follow_the_step_not_the_rank(canvas_job):
+    """Which batches roll out, and how far, is drawn from the optimizer step: two modules (two ranks) agree step by
+    step; about `rollout_prob` of the steps roll out, k covers [0, eval_steps); rollout_prob 0 never does."""
+    method, loaded, teacher, data = canvas_job
+
+    def draws(prob: float) -> list[int | None]:
+        args = loaded.args.model_copy(update={"rollout_prob": prob, "eval_steps": 5})
+        module = method.lightning_module(teacher, method.convert(teacher, loaded.student, args), data, args,
+                                         TrainSpec())
+        module.__dict__["_trainer"] = type("Trainer", (), {"global_step": 0})()
+        out = []
+        for step in range(400):
+            module._trainer.global_step = step
+            out.append(module.rollout_steps())
+        return out
+
+    first = draws(0.5)
+    assert first == draws(0.5)
+    rolled = [k for k in first if k is not None]
+    assert 150 < len(rolled) < 250 and set(rolled) == set(range(5))
+    assert draws(0.0) == [None] * 400
