@@ -43,7 +43,8 @@ def make_student(tiny) -> Callable:
 
 # The data-free mode (the tiny recipe trains on real canvases: test_canvas_training.py builds that mode itself).
 # rollout_prob 0: one training step here is a real-image (or data-free) batch; the rollout tests set it themselves.
-FASHION_SMALL = ["koala.train_data=data_free", "koala.rollout_prob=0", "koala.eval_steps=2", "koala.eval_seeds=[0]", "eval.latency_repeats=1",
+FASHION_SMALL = ["koala.train_data=data_free", "koala.rollout_prob=0", "koala.eval_steps=2", "koala.eval_seeds=[0]",
+                 "eval.latency_repeats=1",
                  "data.batch_size=2",
                  "koala.data_free_steps=2", "koala.data_free_samples=1",
                  'koala.prompts=["a sneaker on the left", "a dress on the left, an ankle boot in the middle '
