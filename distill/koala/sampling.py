@@ -42,17 +42,18 @@ def guided_conditioning(cond: dict[str, torch.Tensor], uncond: dict[str, torch.T
 
 @torch.no_grad()
 def sample(unet: torch.nn.Module, scheduler_config: dict, cond: dict, uncond: dict, noise: torch.Tensor,
-           steps: int, guidance: float) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]],
-                                                 list[torch.Tensor]]:
+           steps: int, guidance: float, stop_after: int | None = None
+           ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
     """Sample latents from `noise` with classifier-free guidance; also return every step's U-Net
-    inputs and raw predictions so another U-Net can be scored on this trajectory."""
+    inputs and raw predictions so another U-Net can be scored on this trajectory. `stop_after` k: return the
+    state after the first k of the `steps` steps instead (an x_t on the way, at the schedule's k-th timestep)."""
     device, dtype = noise.device, next(unet.parameters()).dtype
     scheduler = make_scheduler(scheduler_config, steps)
     guided = guidance > 1.0
     kwargs = unet_kwargs(guided_conditioning(cond, uncond, guidance), device, dtype)
     x = noise * scheduler.init_noise_sigma
     inputs, preds = [], []
-    for t in scheduler.timesteps:
+    for t in scheduler.timesteps[:stop_after]:
         x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
         pred = unet(x_in.to(dtype), t, **kwargs).sample.float()
         inputs.append((x_in, t))

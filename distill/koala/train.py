@@ -34,7 +34,7 @@ from torch import nn
 from athanor.convert.koala import BlockMap, layout
 from athanor.convert.module_utils import unwrap
 from athanor.distill.koala.data import KoalaTeacher, encode_batch, unet_kwargs
-from athanor.distill.koala.sampling import make_scheduler
+from athanor.distill.koala.sampling import make_scheduler, sample
 from athanor.distill.optim import adamw_with_schedule
 from athanor.distill.spec import TrainSpec
 
@@ -168,19 +168,16 @@ class Rollout:
     guidance: float
 
 
-@torch.no_grad()
-def rollout_state(unet: nn.Module, scheduler_config: dict, kwargs: dict, uncond: dict[str, torch.Tensor],
-                  noise: torch.Tensor, rollout: Rollout, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_t, t) after `k` guided sampler steps of `unet` from `noise` under the batch's conditioning `kwargs`;
-    t is the timestep of step k, one per row."""
-    scheduler = make_scheduler(scheduler_config, rollout.steps)
-    x = noise * scheduler.init_noise_sigma
-    for t in scheduler.timesteps[:k]:
-        rows = t.to(x.device).expand(len(x))
-        x_in, t_in, kw = with_unconditional(scheduler.scale_model_input(x, t), rows, kwargs, uncond)
-        pred = guided(unet(x_in, t_in, **kw).sample.float(), rollout.guidance)
-        x = scheduler.step(pred, t, x.float()).prev_sample.to(noise.dtype)
-    return x, scheduler.timesteps[k].to(x.device).expand(len(x)).clone()
+def rollout_state(unet: nn.Module, scheduler_config: dict, batch: dict[str, torch.Tensor],
+                  uncond: dict[str, torch.Tensor], noise: torch.Tensor, rollout: Rollout,
+                  k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, t) after `k` steps of the evaluation's guided sampler (`sampling.sample`) run by `unet` from `noise`
+    under the batch's conditioning; t is the timestep of step k, one per row."""
+    cond = {key: batch[key].to(noise.device) for key in uncond}
+    x, _, _ = sample(unet, scheduler_config, cond, {key: v.to(noise.device) for key, v in uncond.items()}, noise,
+                     rollout.steps, rollout.guidance, stop_after=k)
+    t = make_scheduler(scheduler_config, rollout.steps).timesteps[k]
+    return x.to(noise.dtype), t.to(noise.device).expand(len(x)).clone()
 
 
 def kd_timestep_weights(scheduler: DDPMScheduler, t: torch.Tensor, cap: float) -> torch.Tensor:
@@ -272,7 +269,7 @@ class KoalaModule(L.LightningModule):
         noisy, kwargs = noisy.to(dtype), unet_kwargs(batch, self.device, dtype)
         k = self.rollout_steps()
         if k is not None:  # on-policy: the student's own sampler state; the teacher is the only supervisor
-            noisy, t = rollout_state(self.student, dict(self.scheduler.config), kwargs, self.uncond,
+            noisy, t = rollout_state(self.student, dict(self.scheduler.config), batch, self.uncond,
                                      noise.to(dtype), self.rollout, k)
             target = None
             self.student_taps.pop()
