@@ -13,6 +13,9 @@ Presets, derived from the teacher's config so they also apply to SD1.x/2.x and t
               last stage's: 6 for SDXL).
   koala-700m: as koala-1b but keeping 50% (SDXL -> [0, 2, 5]) and no mid block.
   custom:     per-stage counts given by the recipe (`student_config(..., layers_per_block=...)`).
+              A decoder transformer depth of 0 where the teacher has attention drops that decoder stage's
+              transformer stacks (CrossAttnUpBlock2D -> UpBlock2D): KOALA's decoder depth reduction taken to
+              its end, for U-Nets whose stacks are already one layer deep (nothing else left to cut).
 """
 
 from __future__ import annotations
@@ -56,6 +59,13 @@ class Layout:
     up_depth: list[int]
     """Transformer layers per stack in each decoder stage (decoder order)."""
     mid_block: bool
+    up_attention: list[bool] | None = None
+    """Per decoder stage (decoder order): transformer stacks? None: mirrors `attention`. A student may drop a
+    decoder stage's stacks; it never adds one the teacher lacks."""
+
+    @property
+    def decoder_attention(self) -> list[bool]:
+        return list(self.attention[::-1]) if self.up_attention is None else list(self.up_attention)
 
 
 def _per_stage(config: dict, key: str, default: Any, n: int) -> list[int]:
@@ -84,7 +94,9 @@ def layout(config: dict) -> Layout:
     if len(up) != len(down) or bad:
         raise UnsupportedLayout(f"up_block_types={up!r}: need {len(down)} blocks of {sorted(_UP_TYPES)}")
     attention = [_DOWN_TYPES[t] for t in down]
-    if [_UP_TYPES[t] for t in up] != attention[::-1]:
+    up_attention = [_UP_TYPES[t] for t in up]
+    # A decoder stage without the attention its encoder stage has is a KOALA student's (depth 0 there).
+    if any(u and not d for u, d in zip(up_attention, attention[::-1])):
         raise UnsupportedLayout(f"up_block_types={up!r} does not mirror down_block_types={down!r}")
     mid = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
     if mid not in _MID_TYPES:
@@ -97,7 +109,8 @@ def layout(config: dict) -> Layout:
     down_depth = _per_stage(config, "transformer_layers_per_block", 1, n)
     reverse = config.get("reverse_transformer_layers_per_block")
     up_depth = down_depth[::-1] if reverse is None else _per_stage(config, "reverse_transformer_layers_per_block", 1, n)
-    return Layout(attention, layers, down_depth, up_depth, mid is not None)
+    return Layout(attention, layers, down_depth, up_depth, mid is not None,
+                  None if up_attention == attention[::-1] else up_attention)
 
 
 def _reduce(depth: int, fraction: float) -> int:
@@ -129,20 +142,24 @@ def student_layout(teacher: Layout, preset: str, **custom: Any) -> Layout:
     # teacher's value, except in the last encoder stage, whose value diffusers uses for the mid block.
     down = [d if att or i == n - 1 else t
             for i, (d, t, att) in enumerate(zip(down, teacher.down_depth, teacher.attention))]
-    up = [d if att else t for d, t, att in zip(up, teacher.up_depth, teacher.attention[::-1])]
-    for key, counts, limit in (
-        ("layers_per_block", layers, teacher.layers_per_block),
-        ("transformer_depth", down, teacher.down_depth),
-        ("decoder_transformer_depth", up, teacher.up_depth),
+    up = [d if att else t for d, t, att in zip(up, teacher.up_depth, teacher.decoder_attention)]
+    for key, counts, limit, least in (
+        ("layers_per_block", layers, teacher.layers_per_block, 1),
+        ("transformer_depth", down, teacher.down_depth, 1),
+        ("decoder_transformer_depth", up, teacher.up_depth, 0),
     ):
         for i, (c, t) in enumerate(zip(counts, limit)):
-            if not 1 <= c <= t:
-                raise RecipeError(f"student.{key}", counts, f"stage {i} must be between 1 and the teacher's {t}")
+            if not least <= c <= t:
+                raise RecipeError(f"student.{key}", counts, f"stage {i} must be between {least} and the teacher's {t}")
+    up_attention = [att and d > 0 for att, d in zip(teacher.decoder_attention, up)]
+    # A dropped stage keeps a depth entry diffusers ignores (UpBlock2D has no stacks to size).
+    up = [d if d > 0 else t for d, t in zip(up, teacher.up_depth)]
     mid = custom.get("mid_block")
     mid = teacher.mid_block if mid is None else bool(mid)
     if mid and not teacher.mid_block:
         raise RecipeError("student.mid_block", True, "the teacher has no mid block to copy; set false")
-    return Layout(teacher.attention, layers, down, up, mid)
+    return Layout(teacher.attention, layers, down, up, mid,
+                  None if up_attention == teacher.attention[::-1] else up_attention)
 
 
 def _custom_list(value: Any, default: list[int], key: str, n: int) -> list[int]:
@@ -157,7 +174,8 @@ def _custom_list(value: Any, default: list[int], key: str, n: int) -> list[int]:
 def student_config(teacher_config: dict, preset: str, **custom: Any) -> dict:
     """A diffusers U-Net config for the student. `custom` (preset 'custom' only): `layers_per_block`,
     `transformer_depth` (per encoder stage; the last also sets the mid block's depth),
-    `decoder_transformer_depth` (decoder order; default: the encoder's reversed) and `mid_block`."""
+    `decoder_transformer_depth` (decoder order; default: the encoder's reversed; 0 drops a stage's stacks) and
+    `mid_block`."""
     teacher = layout(teacher_config)
     student = student_layout(teacher, preset, **custom)
     config = {k: v for k, v in teacher_config.items() if not k.startswith("_") or k == "_class_name"}
@@ -170,6 +188,7 @@ def student_config(teacher_config: dict, preset: str, **custom: Any) -> dict:
         None if student.up_depth == student.down_depth[::-1] else student.up_depth
     )
     config["mid_block_type"] = config.get("mid_block_type", "UNetMidBlock2DCrossAttn") if student.mid_block else None
+    config["up_block_types"] = ["CrossAttnUpBlock2D" if att else "UpBlock2D" for att in student.decoder_attention]
     return config
 
 
@@ -243,7 +262,7 @@ def block_map(teacher_config: dict, config: dict, selection: str = "even") -> Bl
         for j in range(2):
             bmap.add(f"mid_block.resnets.{j}", f"mid_block.resnets.{j}", "resnet")
         stack("mid_block.attentions.0", "mid_block.attentions.0", s.down_depth[-1], t.down_depth[-1])
-    for i, attn in enumerate(s.attention[::-1]):
+    for i, attn in enumerate(s.decoder_attention):
         stage = len(s.attention) - 1 - i
         n_t, n_s = t.layers_per_block[stage] + 1, s.layers_per_block[stage] + 1
         for j, tj in enumerate(even_subset(n_t, n_s)):

@@ -38,10 +38,11 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_latency(calls: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1,
-                        threads: int | None = None) -> dict[str, float]:
-    """Median milliseconds per call of each entry, from `repeats` rounds that call every entry once
-    (in rotating order, so no entry always runs first), after `warmup` untimed rounds."""
+def interleaved_samples(calls: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1,
+                        threads: int | None = None) -> dict[str, list[float]]:
+    """Milliseconds of every call of each entry, round by round: `repeats` rounds that call every entry once
+    (in rotating order, so no entry always runs first), after `warmup` untimed rounds. Sample i of every entry
+    comes from round i, so per-round ratios pair calls made under the same load."""
     if repeats < 1:
         raise ValueError(f"repeats={repeats}: must be >= 1")
     names = list(calls)
@@ -58,4 +59,11 @@ def interleaved_latency(calls: dict[str, Callable[[], Any]], *, repeats: int, wa
                 calls[name]()
                 _synchronize()
                 samples[name].append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def interleaved_latency(calls: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1,
+                        threads: int | None = None) -> dict[str, float]:
+    """Median milliseconds per call of each entry, from `interleaved_samples`."""
+    samples = interleaved_samples(calls, repeats=repeats, warmup=warmup, threads=threads)
     return {name: statistics.median(values) for name, values in samples.items()}

@@ -35,7 +35,8 @@ class KoalaStudent(Section):
     """custom: transformer layers per encoder stage (≤ the teacher's; the last also sets the mid
     block's depth; ignored for stages without attention)."""
     decoder_transformer_depth: list[int] | None = None
-    """custom: transformer layers per decoder stage, decoder order (default: encoder's reversed)."""
+    """custom: transformer layers per decoder stage, decoder order (default: encoder's reversed). 0 where the teacher
+    has attention drops that decoder stage's transformer stacks (its ResBlocks stay)."""
     mid_block: bool | None = None
     """custom: keep the mid block (default: as the teacher)."""
 

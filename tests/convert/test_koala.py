@@ -132,6 +132,26 @@ def test_custom_counts_shape_the_config():
     assert len(model.down_blocks[2].attentions[0].transformer_blocks) == 4
 
 
+def test_decoder_depth_zero_drops_that_stages_stacks_and_nothing_else():
+    # Independent reference: the teacher's config with that decoder block's type edited by hand, loaded with the
+    # teacher's weights minus the dropped stacks (strict): the student must be exactly that network.
+    teacher = random_unet(tiny_sdxl())
+    student, bmap = build_student(teacher, "custom", decoder_transformer_depth=[10, 0, 0])
+    reference = UNet2DConditionModel.from_config({**tiny_sdxl(), "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D",
+                                                                                     "UpBlock2D"]})
+    dropped = "up_blocks.1.attentions."
+    reference.load_state_dict({k: v for k, v in teacher.state_dict().items() if not k.startswith(dropped)}, strict=True)
+    assert not any(name.startswith(dropped) for name in student.state_dict())
+    assert not any(name.startswith(dropped[:-1]) for name in bmap.entries)
+    sample, text = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 64)
+    added = {"text_embeds": torch.randn(1, 32), "time_ids": torch.randn(1, 6)}
+    with torch.no_grad():
+        out = student(sample, 10, encoder_hidden_states=text, added_cond_kwargs=added).sample
+        assert torch.equal(out, reference(sample, 10, encoder_hidden_states=text, added_cond_kwargs=added).sample)
+        assert not torch.allclose(out, teacher(sample, 10, encoder_hidden_states=text, added_cond_kwargs=added).sample)
+    assert count_params(student) < count_params(teacher)
+
+
 def test_custom_accepts_the_papers_notation():
     # The paper writes [0, 2, 6] (no transformer in SDXL's first stage); it means koala-1b's stacks.
     paper = student_config(SDXL, "custom", layers_per_block=1, transformer_depth=[0, 2, 6],
@@ -160,7 +180,7 @@ def test_meta_teacher_builds_a_meta_student():
 
 @pytest.mark.parametrize("change,named", [
     ({"down_block_types": ["DownBlock2D", "SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D"]}, "down_block_types"),
-    ({"up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"]}, "up_block_types"),
+    ({"up_block_types": ["CrossAttnUpBlock2D"] * 3}, "up_block_types"),  # attention the encoder stage lacks
     ({"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}, "mid_block_type"),
     ({"transformer_layers_per_block": [1, 2]}, "transformer_layers_per_block"),
     ({"dual_cross_attention": True}, "dual_cross_attention"),
@@ -175,7 +195,8 @@ def test_unsupported_layouts_name_what_differs(change, named):
     ("koala-1b", {"transformer_depth": [1, 2, 3]}, "student.preset"),
     ("custom", {"transformer_depth": [1, 2, 11]}, "student.transformer_depth"),
     ("custom", {"layers_per_block": [1, 1]}, "student.layers_per_block"),
-    ("custom", {"decoder_transformer_depth": [0, 2, 1]}, "student.decoder_transformer_depth"),
+    ("custom", {"decoder_transformer_depth": [-1, 2, 1]}, "student.decoder_transformer_depth"),
+    ("custom", {"transformer_depth": [1, 0, 10]}, "student.transformer_depth"),  # encoder stacks stay
 ])
 def test_bad_student_settings_are_recipe_errors(preset, custom, key):
     with pytest.raises(RecipeError) as info:
