@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import socket
 import sqlite3
 import time
@@ -308,9 +309,15 @@ class JobStore:
         reaped = []
         for job in self.list(limit=10_000, status=RUNNING):
             stale = time.time() - (job.heartbeat_at or job.started_at or job.updated_at) > limit
-            dead = job.pid is not None and _on_this_host(job.lease_owner) and not process_alive(job.pid)
+            local = job.pid is not None and _on_this_host(job.lease_owner)
+            dead = local and not process_alive(job.pid)
             if job.engine or not (stale or dead):  # a cluster engine's job state decides (jobs/launchers)
                 continue
+            if local and not dead:
+                # Alive but silent (frozen, hung): kill it before taking its lease. It must not wake to run beside
+                # a re-queued attempt, and a process stopped inside a write transaction holds this store's lock,
+                # which only its death releases.
+                kill_process_group(job.pid)
             settled = self.retry_or_finish(
                 job.id, job.attempts, "the job process stopped reporting (killed, crashed or its machine lost); "
                 "see its log")
@@ -326,6 +333,21 @@ def lease_owner() -> str:
 
 def _on_this_host(owner: str | None) -> bool:
     return bool(owner) and owner.rsplit(":", 1)[0] == socket.gethostname()
+
+
+def kill_process_group(pid: int, wait_seconds: float = 10.0) -> None:
+    """SIGKILL process `pid` and, when it leads its own process group (a job's ranks), the whole group; wait up to
+    `wait_seconds` for it to die. Gone already, or not ours to kill: nothing to do."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + wait_seconds
+    while process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def process_alive(pid: int) -> bool:

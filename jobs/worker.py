@@ -26,7 +26,7 @@ from athanor.jobs.launchers import launcher_for, safe_reconcile, submit
 from athanor.jobs.leases import clean_up, reap_stale
 from athanor.jobs.prefork import ForkedJob, Prefork, spawn_fresh
 from athanor.jobs.recipe import train_section
-from athanor.jobs.store import JobStore, StoreCorrupt, StoreError
+from athanor.jobs.store import JobStore, StoreCorrupt, StoreError, kill_process_group
 from athanor.jobs.workers import WorkerBeat
 
 log = logging.getLogger("athanor.worker")
@@ -160,14 +160,7 @@ def cancel(store: JobStore, job_id: str, *, force: bool = False) -> str:
     status = store.request_cancel(job_id)
     job = store.get(job_id)
     if force and status == "RUNNING" and job.pid and not job.engine:
-        try:
-            if os.getpgid(job.pid) == job.pid:  # the job's own process group: its ranks go too
-                os.killpg(job.pid, signal.SIGKILL)
-            else:
-                os.kill(job.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        time.sleep(0.2)
+        kill_process_group(job.pid)  # its own process group: its ranks go too
         reap_stale(store)
     return store.get(job_id).status
 

@@ -9,6 +9,7 @@ job that did not succeed; never an MLflow run left RUNNING.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -141,11 +142,47 @@ def test_a_lease_that_goes_stale_is_reaped_by_any_cli_call(tmp_path, home):
         assert "FAILED" in listing.stdout
         assert mlflow_client(home).get_run(job.mlflow_run_id).info.status == "KILLED"
     finally:
-        os.killpg(job.pid, signal.SIGKILL)
-        os.killpg(job.pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):  # the reaper kills a stale job's process group itself
+            os.killpg(job.pid, signal.SIGKILL)
+            os.killpg(job.pid, signal.SIGCONT)
         worker.wait(timeout=60)
     assert JobStore(home).get(job_id).status == "FAILED"  # the worker does not overwrite the reaped status
     assert_promises_kept(home)
+
+
+# A job process frozen inside a write transaction on the store (SIGSTOP between BEGIN and COMMIT): its lock is held
+# until it dies, so a reaper that only writes would wait out the busy timeout and fail with "database is locked".
+FROZEN_IN_A_TRANSACTION = """
+import os, signal, sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+sys.stdin.readline()
+db.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def test_a_stale_job_frozen_holding_the_store_lock_is_killed_and_reaped(tmp_path, home):
+    path = write_toy(tmp_path, TOY)
+    job_id = athanor("submit", str(path), check=True).stdout.split()[2]
+    store = JobStore(home)
+    frozen = subprocess.Popen([sys.executable, "-c", FROZEN_IN_A_TRANSACTION, str(store.path)], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        store.claim(job_id, owner=f"{socket.gethostname()}:{frozen.pid}")
+        store.update(job_id, pid=frozen.pid, heartbeat_at=time.time() - 60)
+        frozen.stdin.write("go\n")
+        frozen.stdin.flush()
+        assert frozen.stdout.readline().strip() == "locked"
+        with pytest.raises(sqlite3.OperationalError, match="locked"):  # the store really is locked
+            sqlite3.connect(store.path, timeout=0.2, isolation_level=None).execute("BEGIN IMMEDIATE")
+        listing = athanor("list", env={"ATHANOR_LEASE_SECONDS": "2"}, check=True)  # not "database is locked"
+        assert "FAILED" in listing.stdout and frozen.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if frozen.poll() is None:
+            frozen.kill()
+    job = store.get(job_id)
+    assert job.status == "FAILED" and "stopped reporting" in job.error
 
 
 def _mount(*args: str) -> None:
