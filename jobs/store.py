@@ -42,6 +42,9 @@ __all__ = ["FINAL", "STATUSES", "Job", "JobStatus", "JobStore", "StoreCorrupt", 
 
 PROGRESS = ("stage", "progress_step", "progress_total")
 
+LOCK_PROBE_SECONDS = 2.0
+"""How long the reaper waits for the store's write lock before deciding a silent job process holds it (writes
+last milliseconds)."""
 LEASE_SECONDS = float(os.environ.get("ATHANOR_LEASE_SECONDS", "60"))
 """A RUNNING job whose heartbeat is older than this is reaped (its process renews it every LEASE_SECONDS / 6)."""
 
@@ -301,6 +304,9 @@ class JobStore:
             row = db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row["cancel_requested"])
 
+    def _write_locked(self) -> bool:
+        return _write_locked_at(self.path, LOCK_PROBE_SECONDS)
+
     def reap(self, lease_seconds: float | None = None) -> list[Job]:
         """Settle RUNNING jobs whose lease went stale (no heartbeat for `lease_seconds`), or whose process on this
         host is gone (`retry_or_finish`): re-queued (PENDING) while attempts remain, else STOPPED when a cancel was
@@ -313,10 +319,10 @@ class JobStore:
             dead = local and not process_alive(job.pid)
             if job.engine or not (stale or dead):  # a cluster engine's job state decides (jobs/launchers)
                 continue
-            if local and not dead:
-                # Alive but silent (frozen, hung): kill it before taking its lease. It must not wake to run beside
-                # a re-queued attempt, and a process stopped inside a write transaction holds this store's lock,
-                # which only its death releases.
+            if local and not dead and self._write_locked():
+                # Alive but silent (frozen, hung) and the store is locked: a process stopped inside a write
+                # transaction holds the lock until it dies. Kill it, or no call could settle anything. Otherwise the
+                # silent attempt is left alone: woken, it finds its lease gone and stops without writing (leases.py).
                 kill_process_group(job.pid)
             settled = self.retry_or_finish(
                 job.id, job.attempts, "the job process stopped reporting (killed, crashed or its machine lost); "
@@ -333,6 +339,19 @@ def lease_owner() -> str:
 
 def _on_this_host(owner: str | None) -> bool:
     return bool(owner) and owner.rsplit(":", 1)[0] == socket.gethostname()
+
+
+def _write_locked_at(path: Path, wait_seconds: float) -> bool:
+    """Whether another connection holds the write lock of the store at `path` for longer than `wait_seconds`."""
+    db = sqlite3.connect(path, timeout=wait_seconds, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("ROLLBACK")
+        return False
+    except sqlite3.OperationalError as exc:
+        return "locked" in str(exc)  # other failures (read-only, full disk) surface where the store writes
+    finally:
+        db.close()
 
 
 def kill_process_group(pid: int, wait_seconds: float = 10.0) -> None:
