@@ -53,7 +53,7 @@ def probes(recipe: Path, overrides: list[str]) -> tuple[dict[str, torch.nn.Modul
     teacher = method.load_teacher(resolve_source(loaded.recipe.teacher, "teacher"))
     student = method.convert(teacher, loaded.student, args)
     models = {"teacher": teacher.unet.eval(), "student": student.eval()}
-    payload = method._eval_payload(teacher, args, method._resolution(teacher, args))
+    payload = method.data(teacher, loaded.recipe.data, args).eval  # the evaluation's prompts, noise and sizes
     scheduler = method._scheduler_config(teacher, args)
     inputs, kwargs = step_inputs(models["teacher"], payload, args.latency_batch, torch.device("cpu"))
     calls = {
