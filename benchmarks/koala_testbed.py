@@ -10,7 +10,7 @@ Two measurements, each timed round by round in rotating order (`distill.timing.i
   (every eval prompt at once, the unconditional rows stacked for guidance, the recipe's steps and guidance).
 The speed-up is the median of the per-round ratios teacher / student (the two calls of a round ran under the
 same load), with a 95% bootstrap interval over rounds. Weights do not change the timing, so the student is
-the untrained conversion of the recipe (the teacher without its mid block); nothing is trained or downloaded.
+the untrained conversion of the recipe (its `student:` section, or `-o` overrides); nothing is trained or downloaded.
 """
 
 from __future__ import annotations
